@@ -1,0 +1,3 @@
+from kdcode.cli import main
+
+main()

@@ -1,0 +1,434 @@
+"""The `kdcode` command line: a thin Typer layer over library functions.
+
+Each command parses flags, calls one library function, and prints a rich table (or JSON). Errors the
+user can fix are one line on stderr and a non-zero exit; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kdcode import __version__
+from kdcode.errors import KdcodeError
+
+app = typer.Typer(
+    name="kdcode",
+    help="Distil code-completion language models into small, fast students, and measure them honestly.",
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+EXIT_USAGE = 2
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"kdcode {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+) -> None:
+    """Distil code-completion language models into small, fast students, and measure them honestly."""
+    ctx.obj = {"debug": debug}
+
+
+def out_console() -> Console:
+    return Console()
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> None:
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code=code)
+
+
+def write_json(path: Path | None, data: Any) -> None:
+    if path is None:
+        return
+    text = json.dumps(data, indent=2, default=str) + "\n"
+    if str(path) == "-":
+        sys.stdout.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a KdcodeError into one line on stderr and exit code 2 (the traceback only with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context(silent=True)
+        debug = bool(ctx and (ctx.find_root().obj or {}).get("debug"))
+        try:
+            return fn(*args, **kwargs)
+        except KdcodeError as exc:
+            if debug:
+                raise
+            fail(str(exc))
+        except KeyboardInterrupt:
+            fail("interrupted; no output folder was written", code=130)
+
+    return wrapper
+
+
+def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
+    if value is None:
+        return
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        d = d.setdefault(p, {})
+    d[leaf] = value
+
+
+# ---------------------------------------------------------------------------------------- distil
+@app.command()
+@handle_errors
+def distil(
+    spec: Annotated[Path | None, typer.Option("--spec", help="Run spec (YAML/JSON); flags override it.")] = None,
+    teacher: Annotated[str | None, typer.Option(help="Teacher: 'bundled', a HF id or a local folder.")] = None,
+    layers: Annotated[int | None, typer.Option(help="Student depth (transformer blocks).")] = None,
+    strategy: Annotated[str | None, typer.Option(help="KD strategy (see `kdcode list`).")] = None,
+    init: Annotated[str | None, typer.Option(help="Student init scheme (see `kdcode list`).")] = None,
+    data: Annotated[
+        str | None, typer.Option(help="Folder of source files, .jsonl, HF dataset id, or 'stdlib'.")
+    ] = None,
+    glob: Annotated[str | None, typer.Option(help="File pattern inside a data folder.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimiser steps.")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Stop after this many passes over the train split.")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="Wall-clock budget; the LR schedule follows it.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Blocks per step.")] = None,
+    block_size: Annotated[int | None, typer.Option(help="Tokens per block.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Softmax temperature of the soft loss.")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto, fp32 or bf16.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    out: Annotated[str | None, typer.Option(help="Student folder to write.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out folder.")] = False,
+    print_spec: Annotated[bool, typer.Option("--print-spec", help="Print the resolved spec as YAML and exit.")] = False,
+    validate: Annotated[
+        bool, typer.Option("--validate", help="Check the spec and plugin params, load nothing.")
+    ] = False,
+) -> None:
+    """Distil a teacher into a smaller student (default: the bundled teacher into 6 layers on the stdlib)."""
+    from kdcode.spec import dump_yaml, read_spec_file, resolve_run_spec
+
+    overrides: dict[str, Any] = {}
+    for key, value in {
+        "teacher.name": teacher,
+        "student.layers": layers,
+        "student.init": init,
+        "strategy.name": strategy,
+        "strategy.params.temperature": temperature,
+        "data.source": data,
+        "data.glob": glob,
+        "train.max_steps": max_steps,
+        "train.epochs": epochs,
+        "train.max_minutes": max_minutes,
+        "train.lr": lr,
+        "train.batch_size": batch_size,
+        "train.block_size": block_size,
+        "train.precision": precision,
+        "train.seed": seed,
+        "out": out,
+    }.items():
+        _set(overrides, key, value)
+    file_data = read_spec_file(spec) if spec else {}
+    run = resolve_run_spec(file_data, overrides, str(spec) if spec else "flags")
+    if print_spec:
+        typer.echo(dump_yaml(run), nl=False)
+        return
+    if validate:
+        from kdcode.plugins import validate_plugins
+
+        validate_plugins(run)
+        typer.echo(f"spec is valid: strategy {run.strategy.name!r}, init {run.student.init!r}")
+        return
+    from kdcode.distil import run_distil
+
+    folder, manifest = run_distil(run, overwrite=overwrite)
+    console = out_console()
+    tr = manifest["training"]
+    console.print(
+        f"[green]student written to[/] {folder}  ({manifest['model']['n_layer']} layers, "
+        f"{manifest['model']['params_m']}M params, {tr['steps']} steps in {tr['wall_time_s']:.0f} s, "
+        f"valid loss {tr['final'].get('valid_loss', float('nan')):.3f})"
+    )
+    console.print("next:")
+    console.print(f"  kdcode eval {folder}")
+    console.print(f"  kdcode bench {folder} --compare {run.teacher.name}")
+
+
+# -------------------------------------------------------------------------------------- pretrain
+@app.command()
+@handle_errors
+def pretrain(
+    data: Annotated[str, typer.Option(help="Folder of source files, .jsonl, HF dataset id, or 'stdlib'.")] = "stdlib",
+    glob: Annotated[str, typer.Option(help="File pattern inside a data folder.")] = "**/*.py",
+    layers: Annotated[int, typer.Option(help="Transformer blocks.")] = 12,
+    hidden: Annotated[int, typer.Option(help="Model width.")] = 128,
+    heads: Annotated[int, typer.Option(help="Attention heads.")] = 4,
+    vocab_size: Annotated[int, typer.Option(help="BPE vocabulary size.")] = 8192,
+    block_size: Annotated[int, typer.Option(help="Tokens per block (= the model's positions).")] = 256,
+    tokenizer: Annotated[str | None, typer.Option(help="Reuse this tokenizer folder instead of training one.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Stop after this many passes.")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="Wall-clock budget; the LR schedule follows it.")] = None,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps.")] = 100,
+    batch_size: Annotated[int, typer.Option(help="Blocks per step.")] = 16,
+    eval_every: Annotated[int, typer.Option(help="Held-out loss every N steps.")] = 200,
+    precision: Annotated[str, typer.Option(help="auto, fp32 or bf16.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    out: Annotated[str, typer.Option(help="Model folder to write.")] = "pretrained",
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out folder.")] = False,
+) -> None:
+    """Train a byte-level BPE tokenizer and a GPT-2 from scratch on code (how the bundled teacher was made)."""
+    from kdcode.distil import run_pretrain
+    from kdcode.spec import PretrainSpec, build_spec
+
+    train: dict[str, Any] = {
+        "lr": lr,
+        "warmup_steps": warmup_steps,
+        "batch_size": batch_size,
+        "block_size": block_size,
+        "eval_every": eval_every,
+        "precision": precision,
+        "seed": seed,
+    }
+    for k, v in {"max_steps": max_steps, "epochs": epochs, "max_minutes": max_minutes}.items():
+        _set(train, k, v)
+    if not any(k in train for k in ("max_steps", "epochs", "max_minutes")):
+        train["max_steps"] = 1000
+    spec = build_spec(
+        PretrainSpec,
+        {
+            "model": {"layers": layers, "hidden": hidden, "heads": heads, "vocab_size": vocab_size},
+            "tokenizer": tokenizer,
+            "data": {"source": data, "glob": glob},
+            "train": train,
+            "out": out,
+        },
+        "flags",
+    )
+    folder, manifest = run_pretrain(spec, overwrite=overwrite)
+    tr = manifest["training"]
+    out_console().print(
+        f"[green]model written to[/] {folder}  ({manifest['model']['params_m']}M params, {tr['steps']} steps, "
+        f"{tr['tokens_seen']} tokens in {tr['wall_time_s']:.0f} s, valid loss {tr['final'].get('valid_loss', float('nan')):.3f})"
+    )
+
+
+# ------------------------------------------------------------------------------------------ eval
+def _data_overrides(data: str | None, glob: str | None, fmt: str | None) -> dict[str, Any]:
+    d: dict[str, Any] = {}
+    _set(d, "source", data)
+    _set(d, "glob", glob)
+    _set(d, "format", fmt)
+    return d
+
+
+def _metrics_table(title: str, rows: list[tuple[str, dict[str, Any]]], columns: list[tuple[str, str]]) -> Table:
+    table = Table(title=title)
+    table.add_column("model")
+    for _, header in columns:
+        table.add_column(header, justify="right")
+    for label, row in rows:
+        table.add_row(label, *("" if row.get(k) is None else str(row.get(k)) for k, _ in columns))
+    return table
+
+
+@app.command("eval")
+@handle_errors
+def eval_cmd(
+    model: Annotated[str, typer.Argument(help="Model folder, 'bundled', or a HF id.")],
+    data: Annotated[str | None, typer.Option(help="Evaluate on this corpus (default: the stdlib).")] = None,
+    glob: Annotated[str | None, typer.Option(help="File pattern inside a data folder.")] = None,
+    data_format: Annotated[str | None, typer.Option("--format", help="raw or py150.")] = None,
+    split: Annotated[str, typer.Option(help="test, valid, train, or all (every file of --data).")] = "test",
+    lines: Annotated[
+        Path | None, typer.Option(help="A {id,input,gt} .jsonl completion set (e.g. CodeXGLUE's).")
+    ] = None,
+    samples: Annotated[int, typer.Option(help="Completions to score.")] = 500,
+    seed: Annotated[int, typer.Option(help="Seed of the sample draw.")] = 0,
+    beams: Annotated[int, typer.Option(help="1 = greedy; >1 = beam search.")] = 1,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest completion in tokens.")] = 48,
+    batch_size: Annotated[int, typer.Option(help="Prompts decoded together (greedy).")] = 8,
+    ppl_blocks: Annotated[int, typer.Option(help="Held-out blocks for perplexity (0 skips it).")] = 64,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
+    predictions: Annotated[
+        Path | None, typer.Option(help="Write predictions, one per line (CodeXGLUE format).")
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics as JSON ('-' for stdout).")] = None,
+    record: Annotated[bool, typer.Option(help="Store the metrics in the model's manifest.")] = False,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the weights' sha256 check.")] = False,
+) -> None:
+    """Line-level code completion (ES, EM as CodeXGLUE defines them) and perplexity on held-out code."""
+    from kdcode.evaluate import run_eval
+    from kdcode.spec import EvalSpec, build_spec
+
+    spec = build_spec(
+        EvalSpec,
+        {
+            "data": _data_overrides(data, glob, data_format),
+            "split": split,
+            "lines": str(lines) if lines else None,
+            "samples": samples,
+            "seed": seed,
+            "beams": beams,
+            "max_new_tokens": max_new_tokens,
+            "batch_size": batch_size,
+            "ppl_blocks": ppl_blocks,
+            "threads": threads,
+        },
+        "flags",
+    )
+    result = run_eval(model, spec, verify=not no_verify, predictions=predictions)
+    rows = [(model, result)]
+    if result.get("baseline"):
+        rows.append(("baseline: " + result["baseline"]["name"], result["baseline"]))
+    cols = [("es", "ES"), ("em", "EM %"), ("perplexity", "perplexity"), ("samples", "samples")]
+    if str(json_out) != "-":
+        out_console().print(_metrics_table(f"line completion, {spec.split} split, seed {seed}", rows, cols))
+        if result.get("verified") is None:
+            out_console().print("[yellow]note:[/] no kdcode.json manifest: weights unverified")
+    write_json(json_out, result)
+    if record:
+        from kdcode.artifacts import update_metrics
+        from kdcode.models import resolve_path
+
+        path = resolve_path(model)
+        if path is None:
+            fail("--record needs a local model folder")
+        update_metrics(
+            path,
+            "eval",
+            {k: result[k] for k in ("es", "em", "perplexity", "samples", "baseline", "decoding", "split", "seed")},
+        )
+
+
+# ----------------------------------------------------------------------------------------- bench
+@app.command()
+@handle_errors
+def bench(
+    model: Annotated[str, typer.Argument(help="Model folder, 'bundled', or a HF id.")],
+    compare: Annotated[str | None, typer.Option(help="Measure this model too (e.g. the teacher) and compare.")] = None,
+    data: Annotated[str | None, typer.Option(help="Corpus for the prompts (default: the stdlib test split).")] = None,
+    prompts: Annotated[int, typer.Option(help="Timed completions.")] = 32,
+    new_tokens: Annotated[int, typer.Option(help="Tokens generated per completion (no early stop).")] = 16,
+    batch_size: Annotated[int, typer.Option(help="Prompts decoded together.")] = 1,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of the prompt draw.")] = 0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures as JSON ('-' for stdout).")] = None,
+    record: Annotated[bool, typer.Option(help="Store the figures in the model's manifest.")] = False,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the weights' sha256 check.")] = False,
+) -> None:
+    """Params, size on disk, peak memory, throughput and latency, side by side with --compare."""
+    from kdcode.bench import run_bench
+    from kdcode.spec import BenchSpec, build_spec
+
+    spec = build_spec(
+        BenchSpec,
+        {
+            "data": _data_overrides(data, None, None),
+            "prompts": prompts,
+            "new_tokens": new_tokens,
+            "batch_size": batch_size,
+            "threads": threads,
+            "device": device,
+            "seed": seed,
+        },
+        "flags",
+    )
+    result = run_bench(model, spec, compare=compare, verify=not no_verify)
+    rows = [(model, result)] + ([(compare, result["compare"])] if compare else [])
+    cols = [
+        ("params_m", "params (M)"),
+        ("size_mb", "size (MB)"),
+        ("peak_memory_mb", "peak mem (MB)"),
+        ("samples_per_s", "samples/s"),
+        ("ms_per_token_p50", "ms/token p50"),
+        ("ms_per_token_p95", "ms/token p95"),
+        ("ms_first_token_p50", "first token (ms)"),
+    ]
+    if str(json_out) != "-":
+        console = out_console()
+        console.print(
+            _metrics_table(
+                f"bench: {result['device']} ({result['cpu']}), {result['dtype']}, {result['threads']} threads, "
+                f"batch {spec.batch_size}, {spec.new_tokens} new tokens x {result['prompts']} prompts",
+                rows,
+                cols,
+            )
+        )
+        if compare:
+            r = result["ratios"]
+            console.print(f"vs {compare}: {r['speedup']}x throughput, size x{r['size']}, params x{r['params']}")
+    write_json(json_out, result)
+    if record:
+        from kdcode.artifacts import update_metrics
+        from kdcode.models import resolve_path
+
+        path = resolve_path(model)
+        if path is None:
+            fail("--record needs a local model folder")
+        update_metrics(path, "bench", {k: v for k, v in result.items() if k != "compare"})
+
+
+# ------------------------------------------------------------------------------------------ list
+@app.command("list")
+@handle_errors
+def list_cmd(
+    name: Annotated[str | None, typer.Argument(help="A strategy or init: print its params schema.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Every KD strategy and student-init scheme, with its summary and params."""
+    from kdcode.inits import INITS
+    from kdcode.strategies import STRATEGIES
+
+    entries = []
+    for kind, reg in (("strategy", STRATEGIES), ("init", INITS)):
+        for n in reg.names():
+            if name and n != name:
+                continue
+            cls = reg.get(n)
+            schema = cls.Params.model_json_schema()
+            entries.append({"kind": kind, "name": n, "summary": cls.summary, "source": reg.source(n), "params": schema})
+    if name and not entries:
+        from kdcode.registry import did_you_mean
+
+        fail(f"no strategy or init named {name!r}.{did_you_mean(name, STRATEGIES.names() + INITS.names())}")
+    if json_out:
+        typer.echo(json.dumps(entries if not name else entries[0], indent=2))
+        return
+    table = Table(title="kdcode methods")
+    for col in ("kind", "name", "summary", "params (name: type = default)"):
+        table.add_column(col)
+    for e in entries:
+        props = e["params"].get("properties", {})
+        params = ", ".join(f"{k}: {v.get('type', 'any')} = {v.get('default')}" for k, v in props.items())
+        table.add_row(e["kind"], e["name"], e["summary"], params)
+    out_console().print(table)
+
+
+def main() -> None:
+    """Console entry point."""
+    app()

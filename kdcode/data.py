@@ -1,0 +1,226 @@
+"""Corpora, deterministic file-level splits, and tokenisation into training blocks.
+
+A corpus is a list of documents (one per source file or record), each with a stable key (its path
+relative to the corpus root, or its record id). The split of a document is a function of a hash of
+its key alone, so test files never enter training whatever else changes. This is the only module that
+imports ``datasets``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sysconfig
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kdcode.errors import KdcodeError
+from kdcode.spec import DataSpec
+
+SPLITS = ("train", "valid", "test")
+STDLIB = "stdlib"
+TEST_DIRS = {"test", "tests", "idle_test"}
+
+
+@dataclass(frozen=True)
+class Document:
+    key: str
+    text: str
+
+
+@dataclass
+class Corpus:
+    source: str
+    splits: dict[str, list[Document]]
+    skipped: Counter = field(default_factory=Counter)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "files": {s: len(d) for s, d in self.splits.items()},
+            "chars": {s: sum(len(x.text) for x in d) for s, d in self.splits.items()},
+            "skipped": dict(self.skipped),
+        }
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def split_of(key: str, valid_fraction: float, test_fraction: float) -> str:
+    """train/valid/test from the first 8 bytes of sha256(key): stable across machines and runs."""
+    u = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2**64
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + valid_fraction:
+        return "valid"
+    return "train"
+
+
+def _read_text(path: Path, skipped: Counter) -> str | None:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        skipped["non_utf8"] += 1
+        return None
+    except OSError:
+        skipped["unreadable"] += 1
+        return None
+    if not text.strip():
+        skipped["empty"] += 1
+        return None
+    return text
+
+
+def _folder_docs(root: Path, spec: DataSpec, skipped: Counter) -> list[Document]:
+    is_stdlib = spec.source == STDLIB
+    docs = []
+    for path in sorted(root.glob(spec.glob)):
+        if not path.is_file():
+            continue
+        rel = path.relative_to(root)
+        if is_stdlib and ("site-packages" in rel.parts or (spec.exclude_tests and TEST_DIRS & set(rel.parts))):
+            continue
+        text = _read_text(path, skipped)
+        if text is not None:
+            docs.append(Document(rel.as_posix(), text))
+    if not docs:
+        detail = f" ({', '.join(f'{v} {k}' for k, v in skipped.items())} skipped)" if skipped else ""
+        raise KdcodeError(
+            f"no usable files matching {spec.glob!r} under {root}{detail}; check --data or set the glob "
+            "(data.glob in the spec)"
+        )
+    return docs
+
+
+def _record_text(record: dict[str, Any], spec: DataSpec) -> str | None:
+    value = record.get(spec.field)
+    if isinstance(value, list):  # CodeXGLUE token-level layout: a list of code tokens
+        value = " ".join(str(v) for v in value)
+    return value if isinstance(value, str) else None
+
+
+def _jsonl_docs(path: Path, spec: DataSpec, skipped: Counter) -> list[Document]:
+    docs = []
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                skipped["bad_json"] += 1
+                continue
+            text = _record_text(record, spec) if isinstance(record, dict) else None
+            if text is None:
+                skipped[f"no_{spec.field}_field"] += 1
+                continue
+            if not text.strip():
+                skipped["empty"] += 1
+                continue
+            key = str(record.get("path") or record.get("id") or f"{path.name}:{lineno}")
+            docs.append(Document(key, text))
+    if not docs:
+        raise KdcodeError(
+            f"{path} holds no records with a text field {spec.field!r}; set data.field to the field holding code"
+        )
+    return docs
+
+
+def _hf_docs(name: str, spec: DataSpec, skipped: Counter) -> dict[str, list[Document]] | list[Document]:
+    try:
+        import datasets
+    except ImportError as exc:  # pragma: no cover - datasets is a dependency
+        raise KdcodeError("the 'datasets' package is needed for Hugging Face datasets: pip install datasets") from exc
+    try:
+        ds = datasets.load_dataset(name)
+    except Exception as exc:
+        raise KdcodeError(
+            f"--data {name!r} is neither a local file/folder nor a loadable Hugging Face dataset "
+            f"({type(exc).__name__}); check the path, or download the dataset where the hub is reachable"
+        ) from exc
+    aliases = {"train": "train", "validation": "valid", "valid": "valid", "dev": "valid", "test": "test"}
+    out: dict[str, list[Document]] = {s: [] for s in SPLITS}
+    flat: list[Document] = []
+    own_splits = set(ds.keys()) <= set(aliases)
+    for split_name, rows in ds.items():
+        for i, record in enumerate(rows):
+            text = _record_text(record, spec)
+            if not text or not text.strip():
+                skipped["empty"] += 1
+                continue
+            doc = Document(str(record.get("path") or record.get("id") or f"{split_name}:{i}"), text)
+            (out[aliases[split_name]] if own_splits else flat).append(doc)
+    return out if own_splits else flat
+
+
+def load_corpus(spec: DataSpec) -> Corpus:
+    """Read the corpus ``spec.source`` and split it by file (see ``split_of``)."""
+    skipped: Counter = Counter()
+    source = spec.source
+    if source == STDLIB:
+        docs: Any = _folder_docs(stdlib_root(), spec, skipped)
+    else:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            docs = _folder_docs(path, spec, skipped)
+        elif path.is_file() and path.suffix == ".jsonl":
+            docs = _jsonl_docs(path, spec, skipped)
+        elif path.is_file():
+            text = _read_text(path, skipped)
+            if text is None:
+                raise KdcodeError(f"--data {path} is empty or not UTF-8 text")
+            docs = [Document(path.name, text)]
+        elif path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
+            raise KdcodeError(f"--data {source!r} does not exist; pass a folder, a .jsonl file or a dataset id")
+        else:
+            docs = _hf_docs(source, spec, skipped)
+    if isinstance(docs, dict):
+        splits = docs
+    else:
+        if spec.max_files is not None:
+            docs = sorted(docs, key=lambda d: hashlib.sha256(d.key.encode()).hexdigest())[: spec.max_files]
+        splits = {s: [] for s in SPLITS}
+        for doc in docs:
+            splits[split_of(doc.key, spec.valid_fraction, spec.test_fraction)].append(doc)
+    if spec.format == "py150":
+        from kdcode.py150 import normalise_documents
+
+        splits = {s: normalise_documents(d, skipped) for s, d in splits.items()}
+    return Corpus(source=source, splits=splits, skipped=skipped)
+
+
+def fingerprint(docs: list[Document]) -> str:
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(d.key.encode())
+        h.update(b"\0")
+        h.update(hashlib.sha256(d.text.encode()).digest())
+    return h.hexdigest()
+
+
+def encode_documents(docs: list[Document], tokenizer: Any) -> list[int]:
+    """One token stream: each document's tokens followed by the end-of-sequence token."""
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    batch = 256
+    for i in range(0, len(docs), batch):
+        chunk = [d.text for d in docs[i : i + batch]]
+        for ids in tokenizer(chunk, add_special_tokens=False)["input_ids"]:
+            stream.extend(ids)
+            if eos is not None:
+                stream.append(eos)
+    return stream
+
+
+def to_blocks(stream: list[int], block_size: int) -> Any:
+    """Non-overlapping blocks of ``block_size`` tokens (the ragged tail is dropped)."""
+    import torch
+
+    n = len(stream) // block_size
+    if n == 0:
+        raise KdcodeError(
+            f"the data holds {len(stream)} tokens, fewer than one block of {block_size}; "
+            "add files or lower --block-size"
+        )
+    return torch.tensor(stream[: n * block_size], dtype=torch.long).view(n, block_size)

@@ -1,0 +1,110 @@
+"""The contract of a student-initialisation scheme, and the weight surgery they share.
+
+A scheme builds a student with ``layers`` transformer blocks from a teacher and returns the layer
+map it used (student block i <- teacher block map[i]; None where nothing was copied). Works for any
+Hugging Face causal LM whose blocks sit in one ModuleList (GPT-2 ``transformer.h``, Llama-style
+``model.layers``, GPT-NeoX ``gpt_neox.layers``, ...).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from kdcode.errors import KdcodeError
+
+BLOCK_PATHS = ("transformer.h", "model.layers", "gpt_neox.layers", "model.decoder.layers", "transformer.blocks")
+
+
+class InitParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    copy_embeddings: bool = True
+
+
+def block_path(model: torch.nn.Module) -> str:
+    """Dotted path of the ModuleList that holds the transformer blocks."""
+    for path in BLOCK_PATHS:
+        obj: Any = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, torch.nn.ModuleList):
+            return path
+    raise KdcodeError(
+        f"cannot find the transformer blocks of {type(model).__name__} (looked for {', '.join(BLOCK_PATHS)}); "
+        "this architecture is not supported for layer-copy inits yet, use --init random"
+    )
+
+
+def n_layers(model: torch.nn.Module) -> int:
+    return int(model.config.num_hidden_layers)
+
+
+def student_config(teacher: torch.nn.Module, layers: int) -> Any:
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = layers
+    return config
+
+
+def new_model(config: Any) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(config)
+
+
+def copy_weights(
+    student: torch.nn.Module, teacher: torch.nn.Module, layer_map: list[int | None], copy_embeddings: bool
+) -> None:
+    """Copy teacher block layer_map[i] into student block i, and (optionally) every non-block weight."""
+    path = block_path(teacher)
+    pattern = re.compile(rf"^{re.escape(path)}\.(\d+)\.(.*)$")
+    t_state = teacher.state_dict()
+    s_state = student.state_dict()
+    new_state = {}
+    for key, value in s_state.items():
+        m = pattern.match(key)
+        if m:
+            src_layer = layer_map[int(m.group(1))]
+            if src_layer is None:
+                continue
+            src = f"{path}.{src_layer}.{m.group(2)}"
+        elif copy_embeddings:
+            src = key
+        else:
+            continue
+        if src in t_state and t_state[src].shape == value.shape:
+            new_state[key] = t_state[src].clone()
+    student.load_state_dict(new_state, strict=False)
+    if getattr(student.config, "tie_word_embeddings", False):
+        student.tie_weights()
+
+
+class Init:
+    """A student-init scheme: ``build(teacher, layers) -> (student, layer_map)``."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    Params: ClassVar[type[InitParams]] = InitParams
+
+    def __init__(self, params: InitParams | None = None, **kwargs: Any) -> None:
+        self.params = params if params is not None else self.Params(**kwargs)
+
+    def select(self, n_teacher: int, layers: int) -> list[int | None]:
+        raise NotImplementedError
+
+    def check(self, n_teacher: int, layers: int) -> None:
+        if not 1 <= layers <= n_teacher:
+            raise KdcodeError(
+                f"student.layers={layers} is outside 1..{n_teacher} (the teacher's depth); pick a smaller --layers"
+            )
+
+    def build(self, teacher: torch.nn.Module, layers: int) -> tuple[torch.nn.Module, list[int | None]]:
+        n_teacher = n_layers(teacher)
+        self.check(n_teacher, layers)
+        layer_map = self.select(n_teacher, layers)
+        student = new_model(student_config(teacher, layers))
+        copy_weights(student, teacher, layer_map, self.params.copy_embeddings)
+        return student, layer_map

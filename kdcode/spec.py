@@ -1,0 +1,216 @@
+"""Run specifications: pydantic models, every one ``extra="forbid"``.
+
+A RunSpec is read from YAML/JSON, overridden by CLI flags, validated here before anything heavy is
+loaded, and stored whole in the student's manifest. Strategy and init params are free-form here and
+validated against the plugin's own ``Params`` model by ``kdcode.plugins.validate_plugins``.
+This module imports neither torch nor any plugin.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kdcode.errors import KdcodeError
+
+BUNDLED = "bundled"
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TeacherSpec(_Spec):
+    """Which model teaches: ``bundled``, a Hugging Face id, or a local folder."""
+
+    name: str = BUNDLED
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+class StudentSpec(_Spec):
+    """Shape of the student and how its weights start."""
+
+    layers: int = Field(6, ge=1, description="number of transformer blocks")
+    init: str = Field("spread", description="student-init scheme (see `kdcode list`)")
+    init_params: dict[str, Any] = Field(default_factory=dict)
+
+
+class StrategySpec(_Spec):
+    """KD strategy by registry name, with its own params."""
+
+    name: str = "pretraining"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataSpec(_Spec):
+    """Where the code comes from and how it is split (by a hash of each file's path)."""
+
+    source: str = Field("stdlib", description="'stdlib', a folder, a .jsonl file, or a HF dataset id")
+    glob: str = "**/*.py"
+    format: Literal["raw", "py150"] = "raw"
+    field: str = Field("code", description="text field of .jsonl / HF dataset records")
+    valid_fraction: float = Field(0.02, ge=0.0, lt=0.5)
+    test_fraction: float = Field(0.05, ge=0.0, lt=0.5)
+    max_files: int | None = Field(None, ge=1)
+    exclude_tests: bool = Field(True, description="skip test/ and tests/ folders of the stdlib corpus")
+
+
+class TrainSpec(_Spec):
+    """Optimisation budget and settings for the training loop."""
+
+    max_steps: int | None = Field(None, ge=1)
+    epochs: float | None = Field(None, gt=0)
+    max_minutes: float | None = Field(None, gt=0, description="wall-clock budget; the LR schedule follows it")
+    lr: float = Field(5e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(50, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    batch_size: int = Field(16, ge=1)
+    block_size: int = Field(256, ge=8)
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    threads: int | None = Field(None, ge=1)
+    eval_every: int = Field(200, ge=1)
+    eval_batches: int = Field(20, ge=1)
+    teacher_lr: float | None = Field(None, gt=0, description="in-training KD: teacher LR (default: lr / 10)")
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> TrainSpec:
+        if self.max_steps is None and self.epochs is None and self.max_minutes is None:
+            raise ValueError("set a budget: max_steps, epochs or max_minutes")
+        return self
+
+
+class RunSpec(_Spec):
+    """Everything one `kdcode distil` run needs; stored whole in the student's manifest."""
+
+    teacher: TeacherSpec = Field(default_factory=TeacherSpec)
+    student: StudentSpec = Field(default_factory=StudentSpec)
+    strategy: StrategySpec = Field(default_factory=StrategySpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    train: TrainSpec = Field(default_factory=lambda: TrainSpec(**DEFAULT_DISTIL_BUDGET))
+    out: str = "student"
+
+
+# The default distillation must finish in under 10 minutes on a 2-core laptop-class CPU (issue 3).
+DEFAULT_DISTIL_BUDGET: dict[str, Any] = {"max_steps": 600, "max_minutes": 8.0}
+BUDGET_KEYS = ("max_steps", "epochs", "max_minutes")
+
+
+def resolve_run_spec(file_data: dict[str, Any], overrides: dict[str, Any], where: str) -> RunSpec:
+    """File, then CLI flags on top; the default budget applies only when no budget key was given."""
+    data = deep_merge(file_data, overrides)
+    train = dict(data.get("train") or {})
+    if not any(train.get(k) is not None for k in BUDGET_KEYS):
+        train = {**DEFAULT_DISTIL_BUDGET, **train}
+    data["train"] = train
+    return build_spec(RunSpec, data, where)
+
+
+class ModelShape(_Spec):
+    """A GPT-2 built from scratch by `kdcode pretrain`."""
+
+    layers: int = Field(12, ge=1)
+    hidden: int = Field(128, ge=8)
+    heads: int = Field(4, ge=1)
+    vocab_size: int = Field(8192, ge=300)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelShape:
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
+        return self
+
+
+class PretrainSpec(_Spec):
+    """`kdcode pretrain`: a BPE tokenizer and a GPT-2 trained from scratch (the hard-only loop)."""
+
+    model: ModelShape = Field(default_factory=ModelShape)
+    tokenizer: str | None = Field(None, description="reuse this tokenizer folder instead of training one")
+    data: DataSpec = Field(default_factory=DataSpec)
+    train: TrainSpec = Field(default_factory=lambda: TrainSpec(max_steps=1000, lr=1e-3, warmup_steps=100))
+    out: str = "pretrained"
+
+
+def format_validation_error(exc: ValidationError, where: str) -> str:
+    """One line per problem: the dotted field, what is wrong."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (not a field of this section)"
+        parts.append(f"{loc}: {msg}")
+    return f"invalid spec in {where}: " + "; ".join(parts)
+
+
+def read_spec_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise KdcodeError(f"spec file {path} does not exist; pass an existing .yaml or .json file")
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise KdcodeError(f"spec file {path} is not valid YAML/JSON: {exc}".splitlines()[0]) from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise KdcodeError(f"spec file {path} must hold a mapping of sections (teacher, student, ...)")
+    return data
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def build_spec(model: type[_Spec], data: dict[str, Any], where: str) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise KdcodeError(format_validation_error(exc, where)) from exc
+
+
+def dump_yaml(spec: BaseModel) -> str:
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+
+
+class EvalSpec(_Spec):
+    """`kdcode eval`: line-level completion on held-out files, and perplexity on held-out blocks."""
+
+    data: DataSpec = Field(default_factory=DataSpec)
+    split: Literal["test", "valid", "train", "all"] = "test"
+    lines: str | None = Field(None, description="a {id,input,gt} .jsonl completion set (e.g. CodeXGLUE's)")
+    samples: int = Field(500, ge=1)
+    seed: int = 0
+    beams: int = Field(1, ge=1)
+    max_new_tokens: int = Field(48, ge=1, le=1000)
+    context_tokens: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+    heal: bool | None = Field(None, description="token healing (default: on for raw code, off for py150)")
+    ppl_blocks: int = Field(64, ge=0, description="held-out blocks for perplexity (0 skips it)")
+    threads: int | None = Field(None, ge=1)
+
+
+class BenchSpec(_Spec):
+    """`kdcode bench`: size, memory and speed of a model on a fixed completion set."""
+
+    data: DataSpec = Field(default_factory=DataSpec)
+    prompts: int = Field(32, ge=1)
+    warmup: int = Field(2, ge=0)
+    new_tokens: int = Field(16, ge=1, description="tokens generated per prompt (no early stop)")
+    batch_size: int = Field(1, ge=1)
+    seed: int = 0
+    threads: int | None = Field(None, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
