@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -31,6 +30,9 @@ app = typer.Typer(
 )
 
 EXIT_USAGE = 2
+# Set by the root callback on every invocation. (Typer >= 0.29 vendors its own click, so
+# click.get_current_context() does not see Typer's context; a module flag works with any version.)
+_STATE: dict[str, bool] = {"debug": False}
 
 
 def _version(value: bool) -> None:
@@ -49,6 +51,7 @@ def root(
 ) -> None:
     """Distil code-completion language models into small, fast students, and measure them honestly."""
     ctx.obj = {"debug": debug}
+    _STATE["debug"] = debug
 
 
 def out_console() -> Console:
@@ -75,14 +78,16 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        ctx = click.get_current_context(silent=True)
-        debug = bool(ctx and (ctx.find_root().obj or {}).get("debug"))
         try:
             return fn(*args, **kwargs)
         except KdcodeError as exc:
-            if debug:
+            if _STATE["debug"]:
                 raise
             fail(str(exc))
+        except OSError as exc:  # disk full, permissions...: the system's own words, on one line
+            if _STATE["debug"]:
+                raise
+            fail(f"{exc} (--debug shows the traceback)")
         except KeyboardInterrupt:
             fail("interrupted; no output folder was written", code=130)
 
@@ -118,10 +123,19 @@ def distil(
     batch_size: Annotated[int | None, typer.Option(help="Blocks per step.")] = None,
     block_size: Annotated[int | None, typer.Option(help="Tokens per block.")] = None,
     temperature: Annotated[float | None, typer.Option(help="Softmax temperature of the soft loss.")] = None,
+    hidden_size: Annotated[int | None, typer.Option(help="Narrower student width (random/pretrained init).")] = None,
+    heads: Annotated[int | None, typer.Option(help="Attention heads of a narrower student.")] = None,
+    teacher_cache: Annotated[str | None, typer.Option(help="Train from a teacher-logit cache (cache-teacher).")] = None,
     precision: Annotated[str | None, typer.Option(help="auto, fp32 or bf16.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     out: Annotated[str | None, typer.Option(help="Student folder to write.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out folder.")] = False,
+    trust_remote_code: Annotated[
+        bool, typer.Option("--trust-remote-code", help="Run the model repo's own Python code (only if you trust it).")
+    ] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option("--allow-pickle", help="Load pickle weights (pytorch_model.bin), which can run code.")
+    ] = False,
     print_spec: Annotated[bool, typer.Option("--print-spec", help="Print the resolved spec as YAML and exit.")] = False,
     validate: Annotated[
         bool, typer.Option("--validate", help="Check the spec and plugin params, load nothing.")
@@ -133,10 +147,15 @@ def distil(
     overrides: dict[str, Any] = {}
     for key, value in {
         "teacher.name": teacher,
+        "teacher.trust_remote_code": trust_remote_code or None,
+        "teacher.allow_pickle": allow_pickle or None,
         "student.layers": layers,
         "student.init": init,
         "strategy.name": strategy,
         "strategy.params.temperature": temperature,
+        "student.hidden_size": hidden_size,
+        "student.heads": heads,
+        "teacher_cache": teacher_cache,
         "data.source": data,
         "data.glob": glob,
         "train.max_steps": max_steps,
@@ -236,6 +255,33 @@ def pretrain(
     )
 
 
+# --------------------------------------------------------------------------------- cache-teacher
+@app.command("cache-teacher")
+@handle_errors
+def cache_teacher(
+    out: Annotated[Path, typer.Option(help="Cache folder to write.")],
+    teacher: Annotated[str, typer.Option(help="Teacher: 'bundled', a HF id or a local folder.")] = "bundled",
+    data: Annotated[str, typer.Option(help="Corpus whose train split is cached.")] = "stdlib",
+    glob: Annotated[str, typer.Option(help="File pattern inside a data folder.")] = "**/*.py",
+    data_format: Annotated[str, typer.Option("--format", help="raw or py150.")] = "raw",
+    block_size: Annotated[int, typer.Option(help="Tokens per block (must match the distil runs).")] = 256,
+    top_k: Annotated[int, typer.Option(help="Teacher logits kept per position.")] = 64,
+    temperature: Annotated[float, typer.Option(help="Temperature of the stored soft targets.")] = 2.0,
+    batch_size: Annotated[int, typer.Option(help="Blocks per teacher forward pass.")] = 8,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out folder.")] = False,
+) -> None:
+    """Run a frozen teacher once over the training blocks and store its top-k soft targets for reuse."""
+    from kdcode.distil import run_cache_teacher
+    from kdcode.spec import DataSpec, build_spec
+
+    spec = build_spec(DataSpec, {"source": data, "glob": glob, "format": data_format}, "flags")
+    m = run_cache_teacher(teacher, spec, block_size, top_k, temperature, out, batch_size, overwrite)
+    out_console().print(
+        f"[green]teacher cache written to[/] {out}  ({m['blocks']} blocks of {m['block_size']} tokens, "
+        f"top-{m['top_k']} at T={m['temperature']}); use: kdcode distil --teacher {teacher} --teacher-cache {out}"
+    )
+
+
 # ------------------------------------------------------------------------------------------ eval
 def _data_overrides(data: str | None, glob: str | None, fmt: str | None) -> dict[str, Any]:
     d: dict[str, Any] = {}
@@ -264,7 +310,10 @@ def eval_cmd(
     data_format: Annotated[str | None, typer.Option("--format", help="raw or py150.")] = None,
     split: Annotated[str, typer.Option(help="test, valid, train, or all (every file of --data).")] = "test",
     lines: Annotated[
-        Path | None, typer.Option(help="A {id,input,gt} .jsonl completion set (e.g. CodeXGLUE's).")
+        Path | None,
+        typer.Option(
+            help="A completion set: {id,input,gt} or {code} .jsonl/.json, or a CodeXGLUE completion dataset id."
+        ),
     ] = None,
     samples: Annotated[int, typer.Option(help="Completions to score.")] = 500,
     seed: Annotated[int, typer.Option(help="Seed of the sample draw.")] = 0,
@@ -279,6 +328,12 @@ def eval_cmd(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics as JSON ('-' for stdout).")] = None,
     record: Annotated[bool, typer.Option(help="Store the metrics in the model's manifest.")] = False,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the weights' sha256 check.")] = False,
+    trust_remote_code: Annotated[
+        bool, typer.Option("--trust-remote-code", help="Run the model repo's own Python code (only if you trust it).")
+    ] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option("--allow-pickle", help="Load pickle weights (pytorch_model.bin), which can run code.")
+    ] = False,
 ) -> None:
     """Line-level code completion (ES, EM as CodeXGLUE defines them) and perplexity on held-out code."""
     from kdcode.evaluate import run_eval
@@ -300,11 +355,19 @@ def eval_cmd(
         },
         "flags",
     )
-    result = run_eval(model, spec, verify=not no_verify, predictions=predictions)
+    result = run_eval(
+        model,
+        spec,
+        verify=not no_verify,
+        predictions=predictions,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+    )
     rows = [(model, result)]
     if result.get("baseline"):
         rows.append(("baseline: " + result["baseline"]["name"], result["baseline"]))
-    cols = [("es", "ES"), ("em", "EM %"), ("perplexity", "perplexity"), ("samples", "samples")]
+    cols = [("es", "ES"), ("em", "EM %"), ("token_accuracy", "token acc %"), ("perplexity", "perplexity"),
+            ("samples", "samples")]
     if str(json_out) != "-":
         out_console().print(_metrics_table(f"line completion, {spec.split} split, seed {seed}", rows, cols))
         if result.get("verified") is None:
@@ -320,7 +383,8 @@ def eval_cmd(
         update_metrics(
             path,
             "eval",
-            {k: result[k] for k in ("es", "em", "perplexity", "samples", "baseline", "decoding", "split", "seed")},
+            {k: result.get(k) for k in ("es", "em", "token_accuracy", "perplexity", "samples", "baseline", "decoding",
+                                        "split", "seed")},
         )
 
 
@@ -340,6 +404,12 @@ def bench(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures as JSON ('-' for stdout).")] = None,
     record: Annotated[bool, typer.Option(help="Store the figures in the model's manifest.")] = False,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the weights' sha256 check.")] = False,
+    trust_remote_code: Annotated[
+        bool, typer.Option("--trust-remote-code", help="Run the model repo's own Python code (only if you trust it).")
+    ] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option("--allow-pickle", help="Load pickle weights (pytorch_model.bin), which can run code.")
+    ] = False,
 ) -> None:
     """Params, size on disk, peak memory, throughput and latency, side by side with --compare."""
     from kdcode.bench import run_bench
@@ -358,7 +428,14 @@ def bench(
         },
         "flags",
     )
-    result = run_bench(model, spec, compare=compare, verify=not no_verify)
+    result = run_bench(
+        model,
+        spec,
+        compare=compare,
+        verify=not no_verify,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+    )
     rows = [(model, result)] + ([(compare, result["compare"])] if compare else [])
     cols = [
         ("params_m", "params (M)"),
@@ -427,6 +504,36 @@ def list_cmd(
         params = ", ".join(f"{k}: {v.get('type', 'any')} = {v.get('default')}" for k, v in props.items())
         table.add_row(e["kind"], e["name"], e["summary"], params)
     out_console().print(table)
+
+
+# ---------------------------------------------------------------------------------------- doctor
+@app.command()
+@handle_errors
+def doctor(
+    folder: Annotated[
+        str | None, typer.Argument(help="A model folder to check (verified / unverified / refused).")
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON ('-' for stdout).")] = None,
+) -> None:
+    """Versions, device, threads, bf16, hub reachability, bundled teacher, HF cache; exit 1 if FOLDER is refused."""
+    from kdcode.doctor import collect, rows
+
+    report = collect(folder)
+    if str(json_out) != "-":
+        table = Table(title=f"kdcode doctor ({report['executable']})", show_header=False)
+        table.add_column("what")
+        table.add_column("value")
+        for label, value in rows(report):
+            table.add_row(label, value)
+        out_console().print(table)
+    write_json(json_out, report)
+    if report.get("folder", {}).get("status") == "refused":
+        raise typer.Exit(code=1)
+
+
+from kdcode.cli_data import data_app  # noqa: E402
+
+app.add_typer(data_app, name="data")
 
 
 def main() -> None:

@@ -116,7 +116,10 @@ def train_loop(
     teacher: torch.nn.Module | None = None,
     description: str = "distil",
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    layer_map: list[int | None] | None = None,
+    cache: Any = None,
 ) -> TrainResult:
+    """Train ``student`` with ``strategy`` on ``train_blocks`` (or the cached teacher targets of ``cache``)."""
     # ---- setup -------------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
     if cfg.threads:
@@ -133,9 +136,14 @@ def train_loop(
     max_seconds = cfg.max_minutes * 60 if cfg.max_minutes else None
 
     student.to(device).train()
-    optimizer = make_optimizer(student, cfg.lr, cfg.weight_decay)
     teacher_opt = None
-    if strategy.needs_teacher:
+    if cache is not None:
+        if not strategy.supports_cache:
+            raise KdcodeError(f"strategy {strategy.name!r} cannot train from a teacher cache; drop --teacher-cache")
+        train_blocks = cache.input_ids
+        n_blocks = len(train_blocks)
+        teacher = None
+    elif strategy.needs_teacher:
         if teacher is None:
             raise KdcodeError(f"strategy {strategy.name!r} needs a teacher")
         teacher.to(device)
@@ -144,7 +152,10 @@ def train_loop(
             teacher_opt = make_optimizer(teacher, cfg.teacher_lr or cfg.lr / 10, cfg.weight_decay)
         else:
             teacher.eval().requires_grad_(False)
-    hidden = strategy.needs_hidden_states
+    extra = strategy.setup(student, teacher, layer_map) if teacher is not None else []
+    trainable = torch.nn.ModuleList([student, *extra])
+    optimizer = make_optimizer(trainable, cfg.lr, cfg.weight_decay)
+    fwd = strategy.forward_kwargs()
     gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(n_blocks, generator=gen)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -153,6 +164,7 @@ def train_loop(
     last: dict[str, float] = {}
     tokens = 0
     step = 0
+    cursor = 0
     start = time.perf_counter()
     # ---- loop --------------------------------------------------------------------------------
     with make_progress() as progress:
@@ -165,20 +177,23 @@ def train_loop(
             lr = lr_at(frac, step, cfg)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            pos = (step * batch) % n_blocks
-            if pos + batch > n_blocks:  # new epoch: reshuffle
+            if cursor + batch > n_blocks:  # new epoch: reshuffle
                 order = torch.randperm(n_blocks, generator=gen)
-                pos = 0
-            x = train_blocks[order[pos : pos + batch]].to(device)
+                cursor = 0
+            index = order[cursor : cursor + batch]
+            cursor += batch
+            x = train_blocks[index].to(device)
 
             with autocast:
-                s_out = student(x, output_hidden_states=hidden)
-                t_out = None
-                if strategy.needs_teacher and teacher_opt is not None:
-                    t_out = teacher(x, output_hidden_states=hidden)
+                s_out = student(x, **fwd)
+                t_out: Any = None
+                if cache is not None:
+                    t_out = cache.targets(index).to(device)
+                elif strategy.needs_teacher and teacher_opt is not None:
+                    t_out = teacher(x, **fwd)
                 elif strategy.needs_teacher:
                     with torch.no_grad():
-                        t_out = teacher(x, output_hidden_states=hidden)
+                        t_out = teacher(x, **fwd)
                 terms = strategy.loss(s_out, t_out, x, progress=frac)
                 t_loss = strategy.teacher_loss(t_out, x) if teacher_opt is not None else None
             loss = terms["loss"]
@@ -187,7 +202,7 @@ def train_loop(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(trainable.parameters(), cfg.grad_clip)
             optimizer.step()
             if teacher_opt is not None and t_loss is not None:
                 teacher_opt.zero_grad(set_to_none=True)
@@ -277,34 +292,112 @@ def check_block_size(model: torch.nn.Module, block_size: int, what: str) -> None
         raise KdcodeError(f"--block-size {block_size} exceeds {what}'s {n_pos} positions; use --block-size {n_pos}")
 
 
+# Activation memory of one training step, per token, per unit of width, per layer, in bytes. A GPT-2
+# block keeps about 34 bytes per token per hidden unit for the backward pass in 16-bit training
+# (Korthikanti et al. 2022, "Reducing Activation Recomputation", without the attention-score term);
+# fp32 keeps about twice that. Taking the lower figure and leaving out weights, optimiser state and
+# attention scores keeps the estimate an underestimate: the guard only fires on runs that cannot fit.
+ACTIVATION_BYTES_PER_TOKEN_HIDDEN_LAYER = 34
+# Logits are fp32 (4 bytes) and held about three times: the logits, their (log-)softmax, the gradient.
+LOGIT_COPIES = 3
+
+
+def estimate_step_bytes(batch: int, block: int, hidden: int, layers: int, vocab: int) -> int:
+    """A conservative estimate of one training step's activation memory (see the constants above)."""
+    tokens = batch * block
+    return tokens * hidden * layers * ACTIVATION_BYTES_PER_TOKEN_HIDDEN_LAYER + tokens * vocab * 4 * LOGIT_COPIES
+
+
+def available_memory(device: torch.device) -> int:
+    """Free bytes where training runs: free CUDA memory on a GPU, available RAM on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def check_memory(batch: int, block: int, hidden: int, layers: int, vocab: int, device: torch.device) -> int:
+    """Fail before training when one step's estimated activations exceed the available memory.
+
+    Returns the estimate in bytes. The message gives both numbers and the largest batch that would fit.
+    """
+    need = estimate_step_bytes(batch, block, hidden, layers, vocab)
+    have = available_memory(device)
+    if need > have:
+        fits = have // max(estimate_step_bytes(1, block, hidden, layers, vocab), 1)
+        hint = f"use --batch-size {fits} or lower --block-size" if fits >= 1 else "lower --block-size"
+        raise KdcodeError(
+            f"one training step needs about {need / 2**30:.1f} GiB of activation memory (batch {batch} x block "
+            f"{block}, {layers} layers of width {hidden}, vocab {vocab}), but only {have / 2**30:.1f} GiB is "
+            f"free on {device.type}; {hint}"
+        )
+    return need
+
+
 def run_distil(spec: RunSpec, overwrite: bool = False) -> tuple[Path, dict[str, Any]]:
     """Distil ``spec.teacher`` into a smaller student; returns (student folder, manifest)."""
+    from kdcode.cache import check_cache, load_cache
     from kdcode.models import load_model
     from kdcode.plugins import validate_plugins
 
     out = Path(spec.out)
     check_out_dir(out, overwrite)
     strategy, init = validate_plugins(spec)
+    if spec.teacher_cache and not strategy.supports_cache:
+        raise KdcodeError(f"strategy {spec.strategy.name!r} cannot train from a teacher cache; drop teacher_cache")
     teacher = load_model(
-        spec.teacher.name, revision=spec.teacher.revision, trust_remote_code=spec.teacher.trust_remote_code
+        spec.teacher.name,
+        revision=spec.teacher.revision,
+        trust_remote_code=spec.teacher.trust_remote_code,
+        allow_pickle=spec.teacher.allow_pickle,
     )
     check_block_size(teacher.model, spec.train.block_size, "the teacher")
-    if spec.data.format == "py150" and teacher.tokenizer.convert_tokens_to_ids("<EOL>") in (
-        None,
-        teacher.tokenizer.unk_token_id,
-    ):
+    check_memory(
+        spec.train.batch_size,
+        spec.train.block_size,
+        spec.student.hidden_size or teacher.model.config.hidden_size,
+        spec.student.layers + (teacher.n_layer if strategy.needs_teacher_grad else 0),
+        len(teacher.tokenizer),
+        pick_device(),
+    )
+    eol = teacher.tokenizer.convert_tokens_to_ids("<EOL>")
+    if spec.data.format == "py150" and eol in (None, teacher.tokenizer.unk_token_id):
         raise KdcodeError("data.format py150 needs a tokenizer with the <EOL> token (CodeGPT-style)")
     corpus = load_corpus(spec.data)
-    train_blocks, valid_blocks = _blocks(corpus, teacher.tokenizer, spec.train.block_size)
-    student, layer_map = init.build(teacher.model, spec.student.layers)
+    cache = None
+    if spec.teacher_cache:
+        # The cache replaces the teacher's forward passes; the teacher's weights are still read once
+        # for the init (layer-copy inits copy its blocks), then dropped.
+        cache = load_cache(Path(spec.teacher_cache))
+        wanted_t = getattr(strategy.params, "temperature", None)
+        if wanted_t is not None and getattr(strategy.params, "temperature_schedule", "constant") != "constant":
+            raise KdcodeError("a teacher cache holds soft targets at one temperature; use a constant temperature")
+        if wanted_t is not None and abs(wanted_t - cache.manifest["temperature"]) > 1e-9:
+            raise KdcodeError(
+                f"teacher cache {spec.teacher_cache} holds soft targets at T={cache.manifest['temperature']}, the "
+                f"strategy asks for T={wanted_t}; pass --temperature {cache.manifest['temperature']} or rebuild the cache"
+            )
+        check_cache(cache, cache_key(teacher, corpus, spec.data.format, spec.train.block_size), Path(spec.teacher_cache))
+        train_blocks = cache.input_ids
+        valid_stream = encode_documents(corpus.splits["valid"], teacher.tokenizer)
+        bs = spec.train.block_size
+        valid_blocks = to_blocks(valid_stream, bs) if len(valid_stream) >= bs else train_blocks[:0]
+    else:
+        train_blocks, valid_blocks = _blocks(corpus, teacher.tokenizer, spec.train.block_size)
+    student, layer_map = init.build(
+        teacher.model, spec.student.layers, spec.student.hidden_size, spec.student.heads, tokenizer=teacher.tokenizer
+    )
     result = train_loop(
         student,
         strategy,
         train_blocks,
         valid_blocks,
         spec.train,
-        teacher=teacher.model,
+        teacher=None if cache is not None else teacher.model,
         description=f"distil {teacher.n_layer}->{spec.student.layers} layers",
+        layer_map=layer_map,
+        cache=cache,
     )
     manifest = {
         "kind": "student",
@@ -315,13 +408,45 @@ def run_distil(spec: RunSpec, overwrite: bool = False) -> tuple[Path, dict[str, 
         "layer_map": layer_map,
         "model": {
             "n_layer": student.config.num_hidden_layers,
+            "hidden_size": student.config.hidden_size,
             "params_m": round(sum(p.numel() for p in student.parameters()) / 1e6, 3),
         },
         "data": _data_section(corpus, train_blocks, valid_blocks, spec.data.format),
+        "teacher_cache": {"path": spec.teacher_cache, "top_k": cache.manifest["top_k"]} if cache else None,
         "training": result.summary(),
     }
     save_model(out, student, teacher.tokenizer, manifest, overwrite, extra=_write_log(result.log))
     return out, manifest
+
+
+def cache_key(teacher: Any, corpus: Corpus, fmt: str, block_size: int) -> dict[str, Any]:
+    """What a teacher cache must match to be reused: teacher, tokenizer, training data, block size."""
+    from kdcode.cache import tokenizer_hash
+
+    return {
+        "teacher_fingerprint": teacher.fingerprint,
+        "tokenizer_hash": tokenizer_hash(teacher.tokenizer),
+        "data_fingerprint": f"{fmt}:{fingerprint(corpus.splits['train'])}",
+        "block_size": block_size,
+    }
+
+
+def run_cache_teacher(
+    teacher_name: str, data: Any, block_size: int, top_k: int, temperature: float, out: Path,
+    batch_size: int = 8, overwrite: bool = False, allow_pickle: bool = False,
+) -> dict[str, Any]:
+    """One teacher pass over the training blocks of ``data``, stored as top-k soft targets."""
+    from kdcode.cache import build_cache
+    from kdcode.models import load_model
+
+    check_out_dir(out, overwrite)
+    teacher = load_model(teacher_name, allow_pickle=allow_pickle)
+    check_block_size(teacher.model, block_size, "the teacher")
+    corpus = load_corpus(data)
+    blocks = to_blocks(encode_documents(corpus.splits["train"], teacher.tokenizer), block_size)
+    teacher.model.to(pick_device())
+    meta = {"teacher": teacher_name, **cache_key(teacher, corpus, data.format, block_size), "data": corpus.summary()}
+    return build_cache(teacher.model, blocks, out, top_k, temperature, meta, batch_size, overwrite)
 
 
 def run_pretrain(spec: PretrainSpec, overwrite: bool = False) -> tuple[Path, dict[str, Any]]:
@@ -334,6 +459,8 @@ def run_pretrain(spec: PretrainSpec, overwrite: bool = False) -> tuple[Path, dic
 
     out = Path(spec.out)
     check_out_dir(out, overwrite)
+    m = spec.model
+    check_memory(spec.train.batch_size, spec.train.block_size, m.hidden, m.layers, m.vocab_size, pick_device())
     torch.manual_seed(spec.train.seed)
     corpus = load_corpus(spec.data)
     t0 = time.perf_counter()

@@ -17,7 +17,7 @@ def make_strategy(name: str, params: dict[str, Any]) -> Any:
     try:
         return cls(cls.Params(**params))
     except ValidationError as exc:
-        raise KdcodeError(format_validation_error(exc, f"strategy {name!r} params")) from exc
+        raise KdcodeError(format_validation_error(exc, f"strategy {name!r} params", cls.Params)) from exc
 
 
 def make_init(name: str, params: dict[str, Any]) -> Any:
@@ -27,7 +27,7 @@ def make_init(name: str, params: dict[str, Any]) -> Any:
     try:
         return cls(cls.Params(**params))
     except ValidationError as exc:
-        raise KdcodeError(format_validation_error(exc, f"init {name!r} params")) from exc
+        raise KdcodeError(format_validation_error(exc, f"init {name!r} params", cls.Params)) from exc
 
 
 def validate_plugins(spec: RunSpec) -> tuple[Any, Any]:

@@ -30,6 +30,7 @@ class TeacherSpec(_Spec):
     name: str = BUNDLED
     revision: str | None = None
     trust_remote_code: bool = False
+    allow_pickle: bool = Field(False, description="load pickle weights (pytorch_model.bin); they can run code")
 
 
 class StudentSpec(_Spec):
@@ -38,6 +39,8 @@ class StudentSpec(_Spec):
     layers: int = Field(6, ge=1, description="number of transformer blocks")
     init: str = Field("spread", description="student-init scheme (see `kdcode list`)")
     init_params: dict[str, Any] = Field(default_factory=dict)
+    hidden_size: int | None = Field(None, ge=8, description="narrower student (random/pretrained init only)")
+    heads: int | None = Field(None, ge=1, description="attention heads of a narrower student")
 
 
 class StrategySpec(_Spec):
@@ -95,6 +98,7 @@ class RunSpec(_Spec):
     strategy: StrategySpec = Field(default_factory=StrategySpec)
     data: DataSpec = Field(default_factory=DataSpec)
     train: TrainSpec = Field(default_factory=lambda: TrainSpec(**DEFAULT_DISTIL_BUDGET))
+    teacher_cache: str | None = Field(None, description="train from this teacher-logit cache (kdcode cache-teacher)")
     out: str = "student"
 
 
@@ -138,14 +142,30 @@ class PretrainSpec(_Spec):
     out: str = "pretrained"
 
 
-def format_validation_error(exc: ValidationError, where: str) -> str:
-    """One line per problem: the dotted field, what is wrong."""
+def _known_keys(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the section that ``loc`` (minus its last part) points at inside ``model``."""
+    cls: Any = model
+    for part in loc[:-1]:
+        fields = getattr(cls, "model_fields", None) if isinstance(cls, type) else None
+        if not fields or part not in fields:
+            return []
+        cls = fields[part].annotation
+    return list(cls.model_fields) if isinstance(cls, type) and issubclass(cls, BaseModel) else []
+
+
+def format_validation_error(exc: ValidationError, where: str, model: type[BaseModel] | None = None) -> str:
+    """One line per problem: the dotted field, what is wrong (with a did-you-mean for unknown keys)."""
+    import difflib
+
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key (not a field of this section)"
+            close = difflib.get_close_matches(str(err["loc"][-1]), _known_keys(model, err["loc"]), n=2, cutoff=0.6)
+            if close:
+                msg += ", did you mean " + " or ".join(repr(c) for c in close) + "?"
         parts.append(f"{loc}: {msg}")
     return f"invalid spec in {where}: " + "; ".join(parts)
 
@@ -179,7 +199,7 @@ def build_spec(model: type[_Spec], data: dict[str, Any], where: str) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise KdcodeError(format_validation_error(exc, where)) from exc
+        raise KdcodeError(format_validation_error(exc, where, model)) from exc
 
 
 def dump_yaml(spec: BaseModel) -> str:
@@ -191,7 +211,11 @@ class EvalSpec(_Spec):
 
     data: DataSpec = Field(default_factory=DataSpec)
     split: Literal["test", "valid", "train", "all"] = "test"
-    lines: str | None = Field(None, description="a {id,input,gt} .jsonl completion set (e.g. CodeXGLUE's)")
+    lines: str | None = Field(
+        None,
+        description="a completion set: a {id,input,gt} or {code} .jsonl/.json file, or a CodeXGLUE "
+        "code-completion dataset id (NAME[:CONFIG])",
+    )
     samples: int = Field(500, ge=1)
     seed: int = 0
     beams: int = Field(1, ge=1)
@@ -200,6 +224,10 @@ class EvalSpec(_Spec):
     batch_size: int = Field(8, ge=1)
     heal: bool | None = Field(None, description="token healing (default: on for raw code, off for py150)")
     ppl_blocks: int = Field(64, ge=0, description="held-out blocks for perplexity (0 skips it)")
+    token_level: bool | None = Field(
+        None, description="token-level accuracy (CodeXGLUE CodeCompletion-token; default: on for py150 data)"
+    )
+    token_blocks: int = Field(64, ge=1, description="held-out blocks scored for token-level accuracy")
     threads: int | None = Field(None, ge=1)
 
 

@@ -43,9 +43,20 @@ def n_layers(model: torch.nn.Module) -> int:
     return int(model.config.num_hidden_layers)
 
 
-def student_config(teacher: torch.nn.Module, layers: int) -> Any:
+def student_config(teacher: torch.nn.Module, layers: int, hidden_size: int | None = None,
+                   heads: int | None = None) -> Any:
+    """The teacher's config with ``layers`` blocks (and optionally another width / head count)."""
     config = copy.deepcopy(teacher.config)
     config.num_hidden_layers = layers
+    if hidden_size is not None:
+        config.hidden_size = hidden_size
+    if heads is not None:
+        config.num_attention_heads = heads
+    if config.hidden_size % config.num_attention_heads:
+        raise KdcodeError(
+            f"student hidden size {config.hidden_size} is not a multiple of its {config.num_attention_heads} heads; "
+            "set --hidden-size and --heads to fit"
+        )
     return config
 
 
@@ -95,16 +106,34 @@ class Init:
     def select(self, n_teacher: int, layers: int) -> list[int | None]:
         raise NotImplementedError
 
+    #: False for inits that copy teacher blocks (they need the teacher's width)
+    allows_width_change: ClassVar[bool] = False
+
     def check(self, n_teacher: int, layers: int) -> None:
         if not 1 <= layers <= n_teacher:
             raise KdcodeError(
                 f"student.layers={layers} is outside 1..{n_teacher} (the teacher's depth); pick a smaller --layers"
             )
 
-    def build(self, teacher: torch.nn.Module, layers: int) -> tuple[torch.nn.Module, list[int | None]]:
+    def build(
+        self,
+        teacher: torch.nn.Module,
+        layers: int,
+        hidden_size: int | None = None,
+        heads: int | None = None,
+        tokenizer: Any = None,
+    ) -> tuple[torch.nn.Module, list[int | None]]:
+        """A student with ``layers`` blocks and the map of the teacher blocks it was copied from."""
         n_teacher = n_layers(teacher)
         self.check(n_teacher, layers)
+        narrower = (hidden_size not in (None, teacher.config.hidden_size)) or (
+            heads not in (None, teacher.config.num_attention_heads))
+        if narrower and not self.allows_width_change:
+            raise KdcodeError(
+                f"init {self.name!r} copies teacher blocks, so the student keeps the teacher's width and heads; "
+                "use --init random (or pretrained) for a narrower student"
+            )
         layer_map = self.select(n_teacher, layers)
-        student = new_model(student_config(teacher, layers))
-        copy_weights(student, teacher, layer_map, self.params.copy_embeddings)
+        student = new_model(student_config(teacher, layers, hidden_size, heads))
+        copy_weights(student, teacher, layer_map, self.params.copy_embeddings and not narrower)
         return student, layer_map

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 
-from kdcode.inits.base import Init
+from pydantic import Field
+
+from kdcode.errors import KdcodeError
+from kdcode.inits.base import Init, InitParams
 
 
 class Alternate(Init):
@@ -27,3 +30,45 @@ class Spread(Init):
         if layers == 1:
             return [0]
         return [math.floor(i * (n_teacher - 1) / (layers - 1) + 0.5) for i in range(layers)]
+
+
+class First(Init):
+    """The first k teacher blocks: 12->6 gives [0, 1, 2, 3, 4, 5]."""
+
+    name = "first"
+    summary = "teacher blocks 0..k-1 (the bottom of the teacher)"
+
+    def select(self, n_teacher: int, layers: int) -> list[int | None]:
+        return list(range(layers))
+
+
+class Last(Init):
+    """The last k teacher blocks: 12->6 gives [6, 7, 8, 9, 10, 11]."""
+
+    name = "last"
+    summary = "teacher blocks n-k..n-1 (the top of the teacher)"
+
+    def select(self, n_teacher: int, layers: int) -> list[int | None]:
+        return list(range(n_teacher - layers, n_teacher))
+
+
+class LayersParams(InitParams):
+    layers: list[int] = Field(description="teacher block for each student block, e.g. [0, 3, 7, 11]")
+
+
+class Explicit(Init):
+    """An explicit teacher->student layer list, validated against the teacher's depth."""
+
+    name = "layers"
+    summary = "an explicit list of teacher blocks (init_params: {layers: [0, 3, 7, 11]})"
+    Params = LayersParams
+    params: LayersParams
+
+    def select(self, n_teacher: int, layers: int) -> list[int | None]:
+        chosen = self.params.layers
+        if len(chosen) != layers:
+            raise KdcodeError(f"init 'layers' lists {len(chosen)} blocks for a {layers}-layer student; make them match")
+        bad = [j for j in chosen if not 0 <= j < n_teacher]
+        if bad:
+            raise KdcodeError(f"init 'layers' names blocks {bad} outside the teacher's 0..{n_teacher - 1}")
+        return list(chosen)

@@ -15,6 +15,7 @@ class RandomInit(Init):
     name = "random"
     summary = "fresh random weights (optionally the teacher's embeddings); no teacher block copied"
     Params = RandomParams
+    allows_width_change = True
 
     def select(self, n_teacher: int, layers: int) -> list[int | None]:
         return [None] * layers

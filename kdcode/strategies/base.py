@@ -6,17 +6,37 @@ ignored. Each term is a mean over the predicted (unmasked) positions.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 IGNORE = -100
 
 
 class StrategyParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class TemperatureParams(StrategyParams):
+    """Softmax temperature of a soft loss, constant or moving linearly from T0 to T1 over training."""
+
+    temperature: float = Field(2.0, gt=0, description="softmax temperature T of the soft loss (T0 of a schedule)")
+    temperature_schedule: Literal["constant", "linear"] = Field("constant", description="constant or linear T0->T1")
+    temperature_end: float | None = Field(None, gt=0, description="T1, the temperature at the end of training")
+
+    @model_validator(mode="after")
+    def _schedule_complete(self) -> TemperatureParams:
+        if self.temperature_schedule == "linear" and self.temperature_end is None:
+            raise ValueError("temperature_schedule 'linear' needs temperature_end")
+        return self
+
+    def temperature_at(self, progress: float) -> float:
+        if self.temperature_schedule == "constant" or self.temperature_end is None:
+            return self.temperature
+        progress = min(max(progress, 0.0), 1.0)
+        return self.temperature + (self.temperature_end - self.temperature) * progress
 
 
 class Strategy:
@@ -31,6 +51,7 @@ class Strategy:
     Params: ClassVar[type[StrategyParams]] = StrategyParams
     needs_teacher: ClassVar[bool] = True
     needs_teacher_grad: ClassVar[bool] = False
+    supports_cache: ClassVar[bool] = False  # can train from a teacher-logit cache (top-k soft targets)
 
     def __init__(self, params: StrategyParams | None = None, **kwargs: Any) -> None:
         self.params = params if params is not None else self.Params(**kwargs)
@@ -38,6 +59,23 @@ class Strategy:
     @property
     def needs_hidden_states(self) -> bool:
         return False
+
+    @property
+    def needs_attentions(self) -> bool:
+        return False
+
+    def forward_kwargs(self) -> dict[str, bool]:
+        """Extra outputs the loss needs from both models' forward passes."""
+        kwargs = {}
+        if self.needs_hidden_states:
+            kwargs["output_hidden_states"] = True
+        if self.needs_attentions:
+            kwargs["output_attentions"] = True
+        return kwargs
+
+    def setup(self, student: Any, teacher: Any | None, layer_map: list[int | None] | None) -> list[torch.nn.Module]:
+        """Called once before training; returns extra trainable modules (e.g. projections) to optimise."""
+        return []
 
     def loss(
         self,

@@ -18,3 +18,4 @@ class InTrainingKD(PretrainingKD):
     summary = "the study's KD: student loss as pretraining, teacher also trained on its hard loss"
     Params = DistilParams
     needs_teacher_grad = True
+    supports_cache = False  # the teacher changes every step

@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from pydantic import Field, model_validator
 
-from kdcode.strategies.base import Strategy, StrategyParams, causal_ce, cosine_hidden, soft_kl
+from kdcode.errors import KdcodeError
+from kdcode.strategies.base import Strategy, TemperatureParams, causal_ce, cosine_hidden, soft_kl
 
 
-class DistilParams(StrategyParams):
-    temperature: float = Field(2.0, gt=0, description="softmax temperature T of the soft loss")
+class DistilParams(TemperatureParams):
     alpha_ce: float = Field(0.5, ge=0, description="weight of the soft (KL) loss")
     alpha_clm: float = Field(0.5, ge=0, description="weight of the hard causal-LM loss")
     alpha_cos: float = Field(0.0, ge=0, description="weight of the hidden-state cosine loss")
@@ -34,6 +34,7 @@ class PretrainingKD(Strategy):
     summary = "DistilBERT/DistilGPT2 KD: soft KL (T^2-scaled) + hard CE (+ cosine); frozen teacher"
     Params = DistilParams
     params: DistilParams
+    supports_cache = True
 
     @property
     def needs_hidden_states(self) -> bool:
@@ -43,12 +44,23 @@ class PretrainingKD(Strategy):
         p = self.params
         assert teacher is not None, "pretraining KD needs teacher outputs"
         terms: dict[str, torch.Tensor] = {
-            "soft": soft_kl(student.logits, teacher.logits.detach(), labels, p.temperature),
+            "soft": soft_term(student.logits, teacher, labels, p.temperature_at(progress)),
             "hard": causal_ce(student.logits, labels),
         }
         total = p.alpha_ce * terms["soft"] + p.alpha_clm * terms["hard"]
         if p.alpha_cos > 0:
+            if not hasattr(teacher, "hidden_states"):
+                raise KdcodeError("alpha_cos needs the live teacher's hidden states; a teacher cache has none")
             terms["cos"] = cosine_hidden(student.hidden_states[-1], teacher.hidden_states[-1].detach(), labels)
             total = total + p.alpha_cos * terms["cos"]
         terms["loss"] = total
         return terms
+
+
+def soft_term(s_logits: torch.Tensor, teacher: Any, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The soft KL against a live teacher's logits, or against cached top-k soft targets."""
+    from kdcode.cache import SparseTargets, sparse_kl
+
+    if isinstance(teacher, SparseTargets):
+        return sparse_kl(s_logits, teacher, labels, temperature)
+    return soft_kl(s_logits, teacher.logits.detach(), labels, temperature)

@@ -1,0 +1,186 @@
+"""Teacher-logit cache: one teacher pass over the training blocks, reused by every frozen-teacher run.
+
+Per training block the cache stores the token ids, the teacher's top-k logits and their vocabulary
+ids, and ``lse`` = logsumexp(logits / T) over the whole vocabulary at the cache temperature T. From
+these the teacher's soft targets at T are exact on the top k, and the rest of the probability mass is
+one extra bucket: ``rest = 1 - sum_k softmax(t/T)_k``. The sparse KL compares K+1 buckets:
+
+    KL_sparse = sum_k p_k (log p_k - log q_k) + p_rest (log p_rest - log q_rest),   times T^2
+
+where q is the student's softmax(s/T) gathered on the teacher's top-k ids and q_rest its remaining
+mass. With k = vocabulary size it equals the full KL. Shards are safetensors files; ``cache.json``
+records the teacher, tokenizer and data fingerprints, block size, k and T, and a cache that does not
+match a run is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdcode.errors import KdcodeError
+
+CACHE_MANIFEST = "cache.json"
+SHARD_BLOCKS = 512
+
+
+@dataclass
+class SparseTargets:
+    """Cached teacher soft targets for a batch: [B, T, K] logits and ids, [B, T] logsumexp at T."""
+
+    topk_logits: torch.Tensor
+    topk_ids: torch.Tensor
+    lse: torch.Tensor
+    temperature: float
+
+    def to(self, device: torch.device) -> SparseTargets:
+        return SparseTargets(
+            self.topk_logits.to(device), self.topk_ids.to(device), self.lse.to(device), self.temperature
+        )
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()
+
+
+def sparse_kl(s_logits: torch.Tensor, targets: SparseTargets, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL over the teacher's top-k buckets plus one 'rest' bucket, mean over counted positions."""
+    if not math.isclose(temperature, targets.temperature, rel_tol=1e-6):
+        raise KdcodeError(
+            f"the teacher cache holds soft targets at T={targets.temperature}, the strategy asks for "
+            f"T={temperature}; pass --temperature {targets.temperature} or rebuild the cache"
+        )
+    t = temperature
+    s = s_logits[:, :-1].float() / t
+    top_logits = targets.topk_logits[:, :-1].float() / t
+    top_ids = targets.topk_ids[:, :-1].long()
+    lse = targets.lse[:, :-1].float()
+    mask = labels[:, 1:] != -100
+    log_p = top_logits - lse[..., None]  # teacher log-probs on its top k
+    p = log_p.exp()
+    p_rest = (1 - p.sum(-1)).clamp(min=0)
+    log_q_all = torch.log_softmax(s, dim=-1)
+    log_q = log_q_all.gather(-1, top_ids)
+    q_rest = (1 - log_q.exp().sum(-1)).clamp(min=1e-12)
+    kl = (p * (log_p - log_q)).sum(-1)
+    kl = kl + torch.where(p_rest > 0, p_rest * (torch.log(p_rest.clamp(min=1e-12)) - torch.log(q_rest)), 0.0)
+    return (kl * mask).sum() / mask.sum().clamp(min=1) * t**2
+
+
+@torch.no_grad()
+def teacher_targets(teacher: Any, x: torch.Tensor, top_k: int, temperature: float) -> tuple[torch.Tensor, ...]:
+    logits = teacher(x).logits.float()
+    top = logits.topk(top_k, dim=-1)
+    lse = torch.logsumexp(logits / temperature, dim=-1)
+    return top.values, top.indices, lse
+
+
+def id_dtype(vocab_size: int) -> torch.dtype:
+    return torch.int16 if vocab_size <= 32767 else torch.int32
+
+
+def build_cache(
+    teacher: Any,
+    blocks: torch.Tensor,
+    out: Path,
+    top_k: int,
+    temperature: float,
+    meta: dict[str, Any],
+    batch_size: int = 8,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Run the teacher over ``blocks`` and write the cache folder atomically."""
+    from safetensors.torch import save_file
+
+    from kdcode.artifacts import atomic_dir, write_json
+    from kdcode.progress import make_progress
+
+    vocab = int(teacher.config.vocab_size)
+    if not 1 <= top_k <= vocab:
+        raise KdcodeError(f"--top-k {top_k} must be between 1 and the vocabulary size {vocab}")
+    device = next(teacher.parameters()).device
+    teacher.eval()
+    shards = []
+    with atomic_dir(out, overwrite) as tmp, make_progress() as progress:
+        task = progress.add_task("cache teacher", total=len(blocks), info=f"top-{top_k}, T={temperature}")
+        for s0 in range(0, len(blocks), SHARD_BLOCKS):
+            chunk = blocks[s0 : s0 + SHARD_BLOCKS]
+            vals, ids, lses = [], [], []
+            for b0 in range(0, len(chunk), batch_size):
+                v, i, lse = teacher_targets(teacher, chunk[b0 : b0 + batch_size].to(device), top_k, temperature)
+                vals.append(v.to(torch.float16).cpu())
+                ids.append(i.to(id_dtype(vocab)).cpu())
+                lses.append(lse.cpu())
+                progress.update(task, advance=len(v))
+            name = f"shard-{len(shards):05d}.safetensors"
+            save_file(
+                {
+                    "input_ids": chunk.contiguous(),
+                    "topk_logits": torch.cat(vals),
+                    "topk_ids": torch.cat(ids),
+                    "lse": torch.cat(lses),
+                },
+                str(tmp / name),
+            )
+            shards.append(name)
+        manifest = {
+            **meta,
+            "top_k": top_k,
+            "temperature": temperature,
+            "blocks": len(blocks),
+            "block_size": int(blocks.size(1)),
+            "shards": shards,
+        }
+        write_json(tmp / CACHE_MANIFEST, manifest)
+    return manifest
+
+
+@dataclass
+class TeacherCache:
+    manifest: dict[str, Any]
+    input_ids: torch.Tensor
+    topk_logits: torch.Tensor
+    topk_ids: torch.Tensor
+    lse: torch.Tensor
+
+    def targets(self, index: torch.Tensor) -> SparseTargets:
+        return SparseTargets(
+            self.topk_logits[index], self.topk_ids[index], self.lse[index], float(self.manifest["temperature"])
+        )
+
+
+def load_cache(folder: Path) -> TeacherCache:
+    from safetensors.torch import load_file
+
+    path = folder / CACHE_MANIFEST
+    if not path.is_file():
+        raise KdcodeError(f"{folder} is not a teacher cache (no {CACHE_MANIFEST}); make one with kdcode cache-teacher")
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    parts: dict[str, list[torch.Tensor]] = {"input_ids": [], "topk_logits": [], "topk_ids": [], "lse": []}
+    for shard in manifest["shards"]:
+        tensors = load_file(str(folder / shard))
+        for k in parts:
+            parts[k].append(tensors[k])
+    return TeacherCache(manifest, *(torch.cat(parts[k]) for k in ("input_ids", "topk_logits", "topk_ids", "lse")))
+
+
+def check_cache(cache: TeacherCache, expected: dict[str, Any], folder: Path) -> None:
+    """Refuse a cache made from another teacher, tokenizer, data or block size, naming the mismatch."""
+    for key, what in (
+        ("teacher_fingerprint", "teacher"),
+        ("tokenizer_hash", "tokenizer"),
+        ("data_fingerprint", "training data"),
+        ("block_size", "block size"),
+    ):
+        if key in expected and cache.manifest.get(key) != expected[key]:
+            raise KdcodeError(
+                f"teacher cache {folder} was made for another {what} ({key} {str(cache.manifest.get(key))[:16]} "
+                f"!= {str(expected[key])[:16]}); rebuild it with kdcode cache-teacher for this run"
+            )

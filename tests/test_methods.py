@@ -1,0 +1,259 @@
+"""The method registry beyond the foundation: jsd, intermediate, temperature schedules, more inits,
+narrower students, the teacher-logit cache and third-party plugins by entry point."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import make_gpt2
+from typer.testing import CliRunner
+
+from kdcode.cache import SparseTargets, sparse_kl
+from kdcode.cli import app
+from kdcode.errors import KdcodeError
+from kdcode.plugins import make_init, make_strategy
+from kdcode.registry import Registry
+from kdcode.strategies.base import soft_kl
+from kdcode.strategies.jsd import generalised_jsd
+
+runner = CliRunner(env={"COLUMNS": "120"})
+LN3 = math.log(3.0)
+LABELS = torch.tensor([[1, 0]])
+S = torch.tensor([[[0.0, 0.0], [5.0, -5.0]]])
+T = torch.tensor([[[LN3, 0.0], [-5.0, 5.0]]])
+
+
+def test_jsd_endpoints_are_forward_and_reverse_kl():
+    fwd = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)  # KL(P||Q), P=[3/4,1/4], Q=[1/2,1/2]
+    rev = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)  # KL(Q||P)
+    assert generalised_jsd(S, T, LABELS, 0.0, 1.0).item() == pytest.approx(fwd, abs=1e-6)
+    assert generalised_jsd(S, T, LABELS, 1.0, 1.0).item() == pytest.approx(rev, abs=1e-6)
+
+
+def test_jsd_half_is_the_jensen_shannon_divergence():
+    p, q = [0.75, 0.25], [0.5, 0.5]
+    m = [(a + b) / 2 for a, b in zip(p, q)]
+    js = 0.5 * sum(a * math.log(a / c) for a, c in zip(p, m)) + 0.5 * sum(b * math.log(b / c) for b, c in zip(q, m))
+    assert generalised_jsd(S, T, LABELS, 0.5, 1.0).item() == pytest.approx(js, abs=1e-6)
+    assert js == pytest.approx(0.0338221, abs=1e-6)
+
+
+def test_jsd_strategy_weights():
+    s = make_strategy("jsd", {"beta": 0.0, "alpha_kd": 2.0, "alpha_clm": 1.0})
+    out = SimpleNamespace(logits=S)
+    terms = s.loss(out, SimpleNamespace(logits=T), LABELS)
+    assert terms["loss"].item() == pytest.approx(2 * 0.130812 + math.log(2), abs=1e-5)
+
+
+def test_linear_temperature_schedule():
+    s = make_strategy("pretraining", {"temperature": 4.0, "temperature_schedule": "linear", "temperature_end": 1.0})
+    assert [s.params.temperature_at(x) for x in (0.0, 0.5, 1.0, 2.0)] == [4.0, 2.5, 1.0, 1.0]
+    early = s.loss(SimpleNamespace(logits=S), SimpleNamespace(logits=T), LABELS, progress=1.0)["soft"]
+    assert early.item() == pytest.approx(soft_kl(S, T, LABELS, 1.0).item(), abs=1e-6)
+    with pytest.raises(KdcodeError, match="temperature_end"):
+        make_strategy("pretraining", {"temperature_schedule": "linear"})
+
+
+def test_sparse_kl_with_full_vocab_equals_full_kl():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    labels = torch.randint(0, 11, (2, 5))
+    for temp in (1.0, 2.0):
+        top = t.topk(11, dim=-1)
+        targets = SparseTargets(top.values, top.indices, torch.logsumexp(t / temp, -1), temp)
+        assert sparse_kl(s, targets, labels, temp).item() == pytest.approx(soft_kl(s, t, labels, temp).item(), abs=1e-5)
+
+
+def test_sparse_kl_top1_golden():
+    # teacher [ln3, 0] at T=1: p_top = 3/4 on id 0, rest 1/4; student uniform: q_top = 1/2, rest 1/2
+    targets = SparseTargets(torch.tensor([[[LN3], [0.0]]]), torch.tensor([[[0], [1]]]), torch.logsumexp(T, -1), 1.0)
+    expected = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    assert sparse_kl(S, targets, LABELS, 1.0).item() == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(KdcodeError, match="T=1.0"):
+        sparse_kl(S, targets, LABELS, 2.0)
+
+
+@pytest.fixture(scope="module")
+def teacher(tokenizer):
+    return make_gpt2(tokenizer, n_layer=6, n_embd=32, n_head=2)
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "expected"),
+    [("first", {}, [0, 1, 2]), ("last", {}, [3, 4, 5]), ("layers", {"layers": [5, 0, 2]}, [5, 0, 2])],
+)
+def test_more_layer_copy_inits(teacher, name, params, expected):
+    student, layer_map = make_init(name, params).build(teacher, 3)
+    assert layer_map == expected
+    for i, j in enumerate(expected):
+        assert torch.equal(student.transformer.h[i].mlp.c_fc.weight, teacher.transformer.h[j].mlp.c_fc.weight)
+
+
+@pytest.mark.parametrize(
+    ("params", "match"), [({"layers": [0, 1]}, "lists 2 blocks"), ({"layers": [0, 1, 9]}, "\\[9\\]")]
+)
+def test_explicit_layers_validated(teacher, params, match):
+    with pytest.raises(KdcodeError, match=match):
+        make_init("layers", params).build(teacher, 3)
+
+
+def test_narrower_student_needs_random_or_pretrained(teacher):
+    student, _ = make_init("random", {}).build(teacher, 2, hidden_size=16, heads=2)
+    assert student.config.n_embd == 16 and student.config.n_layer == 2
+    with pytest.raises(KdcodeError, match="narrower student"):
+        make_init("spread", {}).build(teacher, 2, hidden_size=16)
+    with pytest.raises(KdcodeError, match="multiple of"):
+        make_init("random", {}).build(teacher, 2, hidden_size=18, heads=4)
+
+
+def test_pretrained_init_checks_shape(tmp_path, tokenizer, teacher):
+    start = make_gpt2(tokenizer, n_layer=2, n_embd=16, n_head=2, seed=5)
+    start.save_pretrained(tmp_path / "start")
+    tokenizer.save_pretrained(tmp_path / "start")
+    init = make_init("pretrained", {"path": str(tmp_path / "start")})
+    student, layer_map = init.build(teacher, 2, tokenizer=tokenizer)
+    assert layer_map == [None, None]
+    assert torch.equal(student.transformer.wte.weight, start.transformer.wte.weight)
+    with pytest.raises(KdcodeError, match="has layers 2, the student asks for 3"):
+        init.build(teacher, 3)
+
+
+def test_intermediate_projection_and_golden_mse(teacher, tokenizer):
+    s = make_strategy("intermediate", {"alpha_ce": 0, "alpha_clm": 0, "alpha_hid": 1})
+    student = make_gpt2(tokenizer, n_layer=2, n_embd=16, n_head=2)
+    extra = s.setup(student, teacher, [None, None])
+    assert s.layer_map == [0, 5] and len(extra) == 1 and len(extra[0]) == 2
+    # golden: identity widths, hidden states chosen by hand
+    same = make_strategy("intermediate", {"alpha_ce": 0, "alpha_clm": 0, "alpha_hid": 2, "layer_map": [1]})
+    same.setup(make_gpt2(tokenizer, n_layer=1, n_embd=32), teacher, [0])
+    h = torch.zeros(1, 2, 32)
+    hs = SimpleNamespace(logits=S, hidden_states=(h, torch.ones(1, 2, 32)))
+    ht = SimpleNamespace(logits=T, hidden_states=(h, h, torch.full((1, 2, 32), 3.0)))
+    terms = same.loss(hs, ht, LABELS)
+    assert terms["hid"].item() == pytest.approx(4.0)  # (1 - 3)^2 on every counted position
+    assert terms["loss"].item() == pytest.approx(8.0)
+
+
+def _distil(tmp, teacher_dir, corpus_dir, *extra):
+    return runner.invoke(
+        app,
+        [
+            str(a)
+            for a in (
+                "distil",
+                "--teacher",
+                teacher_dir,
+                "--data",
+                corpus_dir,
+                "--layers",
+                2,
+                "--max-steps",
+                2,
+                "--batch-size",
+                2,
+                "--block-size",
+                64,
+                "--precision",
+                "fp32",
+                *extra,
+            )
+        ],
+    )
+
+
+def test_teacher_cache_round_trip_and_refusal(tmp_path, teacher_dir, corpus_dir, tokenizer):
+    cache = tmp_path / "cache"
+    r = runner.invoke(
+        app,
+        [
+            "cache-teacher",
+            "--teacher",
+            str(teacher_dir),
+            "--data",
+            str(corpus_dir),
+            "--block-size",
+            "64",
+            "--top-k",
+            "8",
+            "--out",
+            str(cache),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((cache / "cache.json").read_text())
+    assert manifest["top_k"] == 8 and manifest["block_size"] == 64 and manifest["temperature"] == 2.0
+    r = _distil(tmp_path, teacher_dir, corpus_dir, "--teacher-cache", cache, "--out", tmp_path / "s")
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "s" / "kdcode.json").read_text())
+    assert m["teacher_cache"]["top_k"] == 8 and m["training"]["final"]["soft"] >= 0
+    # another block size, another temperature, a strategy that needs the live teacher: refused
+    r = _distil(
+        tmp_path, teacher_dir, corpus_dir, "--teacher-cache", cache, "--out", tmp_path / "x", "--temperature", 1
+    )
+    assert r.exit_code == 2 and "T=2.0" in r.output
+    r = _distil(
+        tmp_path,
+        teacher_dir,
+        corpus_dir,
+        "--teacher-cache",
+        cache,
+        "--out",
+        tmp_path / "x",
+        "--strategy",
+        "in-training",
+    )
+    assert r.exit_code == 2 and "cannot train from a teacher cache" in r.output
+    other = tmp_path / "other_teacher"
+    make_gpt2(tokenizer, seed=11).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    r = _distil(tmp_path, other, corpus_dir, "--teacher-cache", cache, "--out", tmp_path / "x")
+    assert r.exit_code == 2 and "another teacher" in r.output
+    assert not (tmp_path / "x").exists()
+
+
+PLUGIN_SRC = Path(__file__).resolve().parents[1] / "examples" / "plugin" / "src"
+
+
+def test_plugin_by_entry_point(tmp_path, monkeypatch, teacher_dir, corpus_dir):
+    # A fake installed distribution: a dist-info folder on sys.path, found by importlib.metadata.
+    site = tmp_path / "site"
+    dist = site / "kdcode_topk-0.1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: kdcode-topk\nVersion: 0.1.0\n")
+    (dist / "entry_points.txt").write_text("[kdcode.strategies]\ntopk-kl = kdcode_topk:TopKKL\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.syspath_prepend(str(PLUGIN_SRC))
+    monkeypatch.delenv("KDCODE_DISABLE_PLUGINS", raising=False)
+    fresh: Registry = Registry("strategy", group="kdcode.strategies")
+    for name in ("pretraining", "hard-only"):
+        fresh.register(
+            name,
+            f"kdcode.strategies.{name.replace('-', '_')}:"
+            + {"pretraining": "PretrainingKD", "hard-only": "HardOnly"}[name],
+        )
+    monkeypatch.setattr("kdcode.strategies.STRATEGIES", fresh)
+    assert "topk-kl" in fresh.names() and fresh.source("topk-kl") == "package 'kdcode-topk'"
+    spec = tmp_path / "run.yaml"
+    spec.write_text("strategy:\n  name: topk-kl\n  params: {k: 4}\n")
+    r = _distil(tmp_path, teacher_dir, corpus_dir, "--spec", spec, "--out", tmp_path / "s")
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "s" / "kdcode.json").read_text())
+    assert m["strategy"]["name"] == "topk-kl" and m["strategy"]["params"]["k"] == 4
+    assert "topk_kl" in m["training"]["final"]
+    sys.modules.pop("kdcode_topk", None)
+
+
+def test_plugin_collision_names_both_packages(monkeypatch):
+    fresh: Registry = Registry("strategy", group="kdcode.strategies")
+    fresh.register("pretraining", "kdcode.strategies.pretraining:PretrainingKD")
+    ep = SimpleNamespace(name="pretraining", value="evil:Thing", dist=SimpleNamespace(name="evil-kd"))
+    monkeypatch.setattr("kdcode.registry.entry_points", lambda group: [ep])
+    monkeypatch.delenv("KDCODE_DISABLE_PLUGINS", raising=False)
+    with pytest.raises(KdcodeError, match="by kdcode and by package 'evil-kd'"):
+        fresh.names()
