@@ -12,23 +12,30 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
-from rapidfuzz import fuzz
+from rapidfuzz.distance import Indel
 
 _LIT = re.compile(r"<(STR|NUM|CHAR)_LIT:(.*?)>", re.S)
 
 
 def post_process(code: str) -> str:
     code = code.replace("<NUM_LIT>", "0").replace("<STR_LIT>", "").replace("<CHAR_LIT>", "")
-    return _LIT.sub(lambda m: m.group(2), code)
+    # Replace each found literal in turn, as CodeXGLUE does (one replacement can expose another).
+    for kind, value in _LIT.findall(code):
+        code = code.replace(f"<{kind}_LIT:{value}>", value)
+    return code
 
 
 def fuzzy_ratio(a: str, b: str) -> int:
-    """fuzzywuzzy's ``fuzz.ratio`` (with python-Levenshtein), on rapidfuzz."""
+    """fuzzywuzzy's ``fuzz.ratio`` with python-Levenshtein: ``(lensum - indel distance) / lensum``.
+
+    Computed in that order (not as 1 - d/lensum) so that exact .5 scores round as the original does.
+    """
     if a == b:
         return 100
     if not a or not b:
         return 0
-    return int(round(fuzz.ratio(a, b)))
+    lensum = len(a) + len(b)
+    return int(round(100 * ((lensum - Indel.distance(a, b)) / lensum)))
 
 
 def sample_scores(pred: str, gt: str) -> tuple[int, bool]:

@@ -61,13 +61,19 @@ class Registry(Generic[T]):
     def _load_plugins(self) -> None:
         if self._plugins_loaded:
             return
-        self._plugins_loaded = True
         if self.group is None or os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+            self._plugins_loaded = True
             return
+        found = []
         for ep in entry_points(group=self.group):
             dist = getattr(ep, "dist", None)
             source = f"package {dist.name!r}" if dist is not None else f"entry point {ep.value!r}"
-            self.register(ep.name, ep.value, source=source)
+            if ep.name in self._targets:  # fail every time, not only on the first lookup
+                self.register(ep.name, ep.value, source=source)
+            found.append((ep.name, ep.value, source))
+        for name, value, source in found:
+            self.register(name, value, source=source)
+        self._plugins_loaded = True
 
     def names(self) -> list[str]:
         self._load_plugins()
