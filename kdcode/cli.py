@@ -83,7 +83,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KdcodeError as exc:
             if _STATE["debug"]:
                 raise
-            fail(str(exc))
+            fail(str(exc), code=exc.exit_code)
         except OSError as exc:  # disk full, permissions...: the system's own words, on one line
             if _STATE["debug"]:
                 raise
@@ -126,6 +126,10 @@ def distil(
     hidden_size: Annotated[int | None, typer.Option(help="Narrower student width (random/pretrained init).")] = None,
     heads: Annotated[int | None, typer.Option(help="Attention heads of a narrower student.")] = None,
     teacher_cache: Annotated[str | None, typer.Option(help="Train from a teacher-logit cache (cache-teacher).")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimiser step.")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint into OUT.ckpt every N steps.")] = None,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also log to OUT.tensorboard.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in OUT.ckpt.")] = False,
     precision: Annotated[str | None, typer.Option(help="auto, fp32 or bf16.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     out: Annotated[str | None, typer.Option(help="Student folder to write.")] = None,
@@ -156,6 +160,9 @@ def distil(
         "student.hidden_size": hidden_size,
         "student.heads": heads,
         "teacher_cache": teacher_cache,
+        "train.grad_accum": grad_accum,
+        "train.checkpoint_every": checkpoint_every,
+        "train.tensorboard": tensorboard or None,
         "data.source": data,
         "data.glob": glob,
         "train.max_steps": max_steps,
@@ -182,7 +189,9 @@ def distil(
         return
     from kdcode.distil import run_distil
 
-    folder, manifest = run_distil(run, overwrite=overwrite)
+    folder, manifest = run_distil(run, overwrite=overwrite, resume=resume)
+    if not manifest:  # a data-parallel worker process: the main process reports
+        return
     console = out_console()
     tr = manifest["training"]
     console.print(
@@ -440,6 +449,7 @@ def bench(
     cols = [
         ("params_m", "params (M)"),
         ("size_mb", "size (MB)"),
+        ("weights_memory_mb", "weights in mem (MB)"),
         ("peak_memory_mb", "peak mem (MB)"),
         ("samples_per_s", "samples/s"),
         ("ms_per_token_p50", "ms/token p50"),
@@ -534,6 +544,56 @@ def doctor(
 from kdcode.cli_data import data_app  # noqa: E402
 
 app.add_typer(data_app, name="data")
+
+
+# -------------------------------------------------------------------------------------- compress
+@app.command()
+@handle_errors
+def compress(
+    model: Annotated[str, typer.Argument(help="Model folder (or 'bundled') to compress.")],
+    out: Annotated[Path, typer.Option(help="Folder to write.")],
+    dtype: Annotated[str | None, typer.Option(help="Store the weights as fp16, bf16 (or fp32).")] = None,
+    int8: Annotated[
+        bool, typer.Option("--int8", help="Dynamic int8 quantization of Linear/Conv1D weights, for CPU inference.")
+    ] = False,
+    prune_heads: Annotated[float, typer.Option(help="Fraction of attention heads removed per layer.")] = 0.0,
+    prune_ffn: Annotated[float, typer.Option(help="Fraction of MLP neurons removed per layer.")] = 0.0,
+    data: Annotated[str | None, typer.Option(help="Calibration corpus for pruning (its train split).")] = None,
+    glob: Annotated[str | None, typer.Option(help="File pattern inside a data folder.")] = None,
+    calib_batches: Annotated[int, typer.Option(help="Calibration batches that score heads/neurons.")] = 8,
+    calib_batch_size: Annotated[int, typer.Option(help="Blocks per calibration batch.")] = 8,
+    calib_block_size: Annotated[int | None, typer.Option(help="Tokens per calibration block (default 256).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out folder.")] = False,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the weights' sha256 check.")] = False,
+) -> None:
+    """Prune (heads, MLP neurons), then store as fp16/bf16 or int8; the manifest keeps the parent chain."""
+    from kdcode.compress import CompressSpec, run_compress
+    from kdcode.spec import build_spec
+
+    spec = build_spec(
+        CompressSpec,
+        {
+            "dtype": dtype,
+            "int8": int8,
+            "prune_heads": prune_heads,
+            "prune_ffn": prune_ffn,
+            "data": _data_overrides(data, glob, None),
+            "calib_batches": calib_batches,
+            "calib_batch_size": calib_batch_size,
+            "calib_block_size": calib_block_size,
+        },
+        "flags",
+    )
+    folder, manifest = run_compress(model, spec, out, overwrite=overwrite, verify=not no_verify)
+    from kdcode.artifacts import weights_size
+
+    comp, m = manifest["compression"], manifest["model"]
+    out_console().print(
+        f"[green]compressed model written to[/] {folder}  ({', '.join(s['step'] for s in comp['steps'])}; "
+        f"{m['params_m_before']}M -> {m['params_m']}M params, {weights_size(folder) / 1e6:.2f} MB on disk; "
+        f"loads with {comp['loading']})"
+    )
+    out_console().print(f"next:\n  kdcode eval {folder}\n  kdcode bench {folder} --compare {model} --device cpu")
 
 
 def main() -> None:

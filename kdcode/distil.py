@@ -7,9 +7,15 @@ periodic held-out loss, result. It writes nothing itself; the recipes save throu
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
+import os
 import platform
+import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,9 +42,14 @@ class TrainResult:
     threads: int
     final: dict[str, float]
     log: list[dict[str, Any]] = field(default_factory=list)
+    world_size: int = 1
+    launcher: str = "none"
+    global_batch: int = 0
+    grad_accum: int = 1
+    is_main: bool = True
 
     def summary(self) -> dict[str, Any]:
-        out = {k: v for k, v in self.__dict__.items() if k != "log"}
+        out = {k: v for k, v in self.__dict__.items() if k not in ("log", "is_main")}
         out["valid_curve"] = [r for r in self.log if "valid_loss" in r]
         return out
 
@@ -65,11 +76,12 @@ def pick_precision(requested: str, device: torch.device) -> str:
 
 
 def lr_at(progress: float, step: int, cfg: TrainSpec) -> float:
-    """Linear warmup over ``warmup_steps``, then cosine decay to ``min_lr_ratio * lr`` at progress 1."""
+    """Linear warmup over ``warmup_steps``, then cosine (or linear) decay to ``min_lr_ratio * lr`` at progress 1."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+    progress = min(progress, 1.0)
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay)
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -107,6 +119,38 @@ def held_out_loss(
     return total / max(count, 1)
 
 
+class Interrupted(KdcodeError):
+    """SIGINT/SIGTERM during training: a checkpoint was saved; the run can be resumed."""
+
+    exit_code = 130
+
+
+@dataclass
+class RunContext:
+    """Where a run keeps its working state: checkpoints, the live log, TensorBoard events."""
+
+    checkpoint_dir: Path | None = None
+    resume: bool = False
+    fingerprint: str = ""  # hash of the run spec; a checkpoint of another spec is refused
+    tensorboard_dir: Path | None = None
+
+
+def launcher() -> str:
+    if os.environ.get("ACCELERATE_MIXED_PRECISION") is not None or os.environ.get("ACCELERATE_USE_CPU"):
+        return "accelerate"
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        return "torchrun"
+    return "none" if int(os.environ.get("WORLD_SIZE", "1")) == 1 else "distributed"
+
+
+def memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
 def train_loop(
     student: torch.nn.Module,
     strategy: Any,
@@ -118,18 +162,40 @@ def train_loop(
     on_step: Callable[[dict[str, Any]], None] | None = None,
     layer_map: list[int | None] | None = None,
     cache: Any = None,
+    run: RunContext | None = None,
 ) -> TrainResult:
-    """Train ``student`` with ``strategy`` on ``train_blocks`` (or the cached teacher targets of ``cache``)."""
+    """Train ``student`` with ``strategy`` on ``train_blocks`` (or the cached teacher targets of ``cache``).
+
+    Data-parallel under ``accelerate launch`` / ``torchrun`` (each process takes its slice of every
+    global batch of ``batch_size`` blocks); single process otherwise.
+    """
+    from accelerate import Accelerator
+
+    run = run or RunContext()
     # ---- setup -------------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = pick_device()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    main = accelerator.is_main_process
     precision = pick_precision(cfg.precision, device)
     if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16():
         raise KdcodeError("precision bf16 was asked for, but this CPU has no native bf16; use fp32")
+    if precision == "fp16" and device.type != "cuda":
+        raise KdcodeError("precision fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
+    if cache is not None:
+        if not strategy.supports_cache:
+            raise KdcodeError(f"strategy {strategy.name!r} cannot train from a teacher cache; drop --teacher-cache")
+        train_blocks, teacher = cache.input_ids, None
     n_blocks = len(train_blocks)
     batch = min(cfg.batch_size, n_blocks)
+    shards = world * cfg.grad_accum
+    if batch % shards:
+        raise KdcodeError(
+            f"batch_size {batch} must split evenly over {world} process(es) x {cfg.grad_accum} accumulation steps"
+        )
+    micro = batch // shards  # blocks per forward pass on each process
     steps_per_epoch = math.ceil(n_blocks / batch)
     budgets = [s for s in (cfg.max_steps, cfg.epochs and math.ceil(cfg.epochs * steps_per_epoch)) if s]
     total_steps = min(budgets) if budgets else None
@@ -137,13 +203,7 @@ def train_loop(
 
     student.to(device).train()
     teacher_opt = None
-    if cache is not None:
-        if not strategy.supports_cache:
-            raise KdcodeError(f"strategy {strategy.name!r} cannot train from a teacher cache; drop --teacher-cache")
-        train_blocks = cache.input_ids
-        n_blocks = len(train_blocks)
-        teacher = None
-    elif strategy.needs_teacher:
+    if strategy.needs_teacher and cache is None:
         if teacher is None:
             raise KdcodeError(f"strategy {strategy.name!r} needs a teacher")
         teacher.to(device)
@@ -155,90 +215,191 @@ def train_loop(
     extra = strategy.setup(student, teacher, layer_map) if teacher is not None else []
     trainable = torch.nn.ModuleList([student, *extra])
     optimizer = make_optimizer(trainable, cfg.lr, cfg.weight_decay)
+    # Data parallel: wrap what learns; a frozen teacher is just a replica on every process.
+    s_model = accelerator.prepare_model(student) if world > 1 else student
+    t_model = accelerator.prepare_model(teacher) if world > 1 and teacher_opt is not None else teacher
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     fwd = strategy.forward_kwargs()
     gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(n_blocks, generator=gen)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    amp_dtype = torch.float16 if precision == "fp16" else torch.bfloat16
 
     log: list[dict[str, Any]] = []
     last: dict[str, float] = {}
-    tokens = 0
-    step = 0
-    cursor = 0
+    tokens = step = cursor = 0
+    elapsed0 = 0.0
+    modules = {"trainable": trainable, **({"teacher": teacher} if teacher_opt is not None else {})}
+    optimizers = {"student": optimizer, **({"teacher": teacher_opt} if teacher_opt is not None else {})}
+    ckpt = run.checkpoint_dir
+    if ckpt is not None and run.resume:
+        from kdcode.checkpoint import has_checkpoint, load_checkpoint
+
+        if not has_checkpoint(ckpt):
+            raise KdcodeError(f"--resume: no checkpoint in {ckpt}; start the run without --resume")
+        state = load_checkpoint(ckpt, modules)
+        if state["fingerprint"] != run.fingerprint:
+            raise KdcodeError(f"--resume: {ckpt} belongs to a run with another spec; use the same flags or another --out")
+        for name, opt in optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+        scaler.load_state_dict(state["scaler"]) if state.get("scaler") else None
+        torch.set_rng_state(state["rng"])
+        gen.set_state(state["data_rng"])
+        order, cursor, step, tokens = state["order"], state["cursor"], state["step"], state["tokens"]
+        elapsed0, log = state["elapsed"], state["log"]
+        last = log[-1] if log else {}
+
+    def save(reason: str) -> None:
+        if ckpt is None or not main:
+            return
+        from kdcode.checkpoint import save_checkpoint
+
+        state = {
+            "fingerprint": run.fingerprint, "reason": reason, "step": step, "tokens": tokens, "cursor": cursor,
+            "order": order, "elapsed": elapsed0 + time.perf_counter() - start, "log": log,
+            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "rng": torch.get_rng_state(), "data_rng": gen.get_state(),
+        }
+        save_checkpoint(ckpt, modules, state)
+
+    stop = {"signal": None}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop["signal"] = signal.Signals(signum).name
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handlers[sig] = signal.signal(sig, on_signal)
+    writer = None
+    if run.tensorboard_dir is not None and main:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise KdcodeError("--tensorboard needs the tensorboard package: pip install tensorboard") from exc
+        writer = SummaryWriter(str(run.tensorboard_dir))
+    live_log = (ckpt / "train_log.jsonl") if ckpt is not None and main else None
+
     start = time.perf_counter()
     # ---- loop --------------------------------------------------------------------------------
-    with make_progress() as progress:
-        task = progress.add_task(description, total=total_steps, info="")
-        while True:
-            elapsed = time.perf_counter() - start
-            if (total_steps is not None and step >= total_steps) or (max_seconds and elapsed >= max_seconds):
-                break
-            frac = max(step / total_steps if total_steps else 0.0, elapsed / max_seconds if max_seconds else 0.0)
-            lr = lr_at(frac, step, cfg)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            if cursor + batch > n_blocks:  # new epoch: reshuffle
-                order = torch.randperm(n_blocks, generator=gen)
-                cursor = 0
-            index = order[cursor : cursor + batch]
-            cursor += batch
-            x = train_blocks[index].to(device)
+    try:
+        with make_progress(disable=not main) as progress:
+            task = progress.add_task(description, total=total_steps, completed=step, info="")
+            while True:
+                elapsed = elapsed0 + time.perf_counter() - start
+                if (total_steps is not None and step >= total_steps) or (max_seconds and elapsed >= max_seconds):
+                    break
+                frac = max(step / total_steps if total_steps else 0.0, elapsed / max_seconds if max_seconds else 0.0)
+                lr = lr_at(frac, step, cfg)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                if cursor + batch > n_blocks:  # new epoch: reshuffle
+                    order = torch.randperm(n_blocks, generator=gen)
+                    cursor = 0
+                    save("epoch")
+                index = order[cursor : cursor + batch]
+                cursor += batch
 
-            with autocast:
-                s_out = student(x, **fwd)
-                t_out: Any = None
-                if cache is not None:
-                    t_out = cache.targets(index).to(device)
-                elif strategy.needs_teacher and teacher_opt is not None:
-                    t_out = teacher(x, **fwd)
-                elif strategy.needs_teacher:
-                    with torch.no_grad():
-                        t_out = teacher(x, **fwd)
-                terms = strategy.loss(s_out, t_out, x, progress=frac)
-                t_loss = strategy.teacher_loss(t_out, x) if teacher_opt is not None else None
-            loss = terms["loss"]
-            if not torch.isfinite(loss):
-                raise KdcodeError(f"the loss became {loss.item()} at step {step}; lower --lr or use --precision fp32")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(trainable.parameters(), cfg.grad_clip)
-            optimizer.step()
-            if teacher_opt is not None and t_loss is not None:
-                teacher_opt.zero_grad(set_to_none=True)
-                t_loss.backward()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(teacher.parameters(), cfg.grad_clip)  # type: ignore[union-attr]
-                teacher_opt.step()
-                terms["teacher_hard"] = t_loss
+                sums: dict[str, float] = {}
+                for a in range(cfg.grad_accum):  # this process's slice of each micro-batch
+                    part = index[(a * world + rank) * micro : (a * world + rank + 1) * micro]
+                    x = train_blocks[part].to(device)
+                    sync = a == cfg.grad_accum - 1
+                    with contextlib.ExitStack() as stack:
+                        if world > 1 and not sync:
+                            stack.enter_context(accelerator.no_sync(s_model))
+                            if t_model is not teacher:
+                                stack.enter_context(accelerator.no_sync(t_model))
+                        with torch.autocast(device.type, dtype=amp_dtype, enabled=precision in ("bf16", "fp16")):
+                            s_out = s_model(x, **fwd)
+                            t_out: Any = None
+                            if cache is not None:
+                                t_out = cache.targets(part).to(device)
+                            elif strategy.needs_teacher and teacher_opt is not None:
+                                t_out = t_model(x, **fwd)
+                            elif strategy.needs_teacher:
+                                with torch.no_grad():
+                                    t_out = t_model(x, **fwd)
+                            terms = strategy.loss(s_out, t_out, x, progress=frac)
+                            if teacher_opt is not None:
+                                terms["teacher_hard"] = strategy.teacher_loss(t_out, x)
+                        loss = terms["loss"]
+                        if not torch.isfinite(loss):
+                            where = f"; the last good checkpoint is {ckpt}" if ckpt and (ckpt / "state.json").exists() else ""
+                            raise KdcodeError(
+                                f"the loss became {loss.item()} at step {step}{where}; lower --lr or use --precision fp32"
+                            )
+                        scaler.scale(loss / cfg.grad_accum).backward()
+                        if teacher_opt is not None:
+                            scaler.scale(terms["teacher_hard"] / cfg.grad_accum).backward()
+                    for k, v in terms.items():
+                        sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+                if world > 1 and extra:  # modules outside the DDP wrapper: average their gradients by hand
+                    for p in (p for m in extra for p in m.parameters() if p.grad is not None):
+                        torch.distributed.all_reduce(p.grad)
+                        p.grad /= world
+                for opt, params in ((optimizer, trainable.parameters()),
+                                    *(((teacher_opt, teacher.parameters()),) if teacher_opt is not None else ())):
+                    if cfg.grad_clip:
+                        scaler.unscale_(opt)
+                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    scaler.step(opt)
+                    opt.zero_grad(set_to_none=True)
+                scaler.update()
 
-            step += 1
-            tokens += x.numel()
-            last = {k: round(float(v.detach()), 5) for k, v in terms.items()}
-            record: dict[str, Any] = {"step": step, "lr": lr, "tokens": tokens, **last}
-            if valid_blocks is not None and len(valid_blocks) and (step % cfg.eval_every == 0):
-                record["valid_loss"] = held_out_loss(student, valid_blocks, batch, cfg.eval_batches, device, precision)
-            record["elapsed_s"] = round(time.perf_counter() - start, 2)
-            log.append(record)
-            if on_step:
-                on_step(record)
-            info = f"loss {last['loss']:.3f}"
-            if "valid_loss" in record:
-                info += f" valid {record['valid_loss']:.3f}"
-                progress.console.print(
-                    f"step {step}: loss {last['loss']:.4f}, valid {record['valid_loss']:.4f}, lr {lr:.2e}, "
-                    f"{tokens / record['elapsed_s']:.0f} tokens/s, {record['elapsed_s']:.0f} s",
-                    highlight=False,
-                )
-            progress.update(task, advance=1, info=info)
+                step += 1
+                tokens += batch * train_blocks.size(1)
+                if world > 1:  # log the mean over processes
+                    packed = torch.tensor(list(sums.values()), device=device)
+                    sums = dict(zip(sums, (accelerator.reduce(packed, "mean")).tolist()))
+                last = {k: round(v, 5) for k, v in sums.items()}
+                now = elapsed0 + time.perf_counter() - start
+                record: dict[str, Any] = {"step": step, "lr": lr, "tokens": tokens, **last}
+                if main and valid_blocks is not None and len(valid_blocks) and step % cfg.eval_every == 0:
+                    record["valid_loss"] = held_out_loss(student, valid_blocks, max(micro, 1) * cfg.grad_accum,
+                                                         cfg.eval_batches, device, precision)
+                record.update(elapsed_s=round(now, 2), tokens_per_s=round(tokens / max(now, 1e-9), 1),
+                              memory_mb=round(memory_mb(device), 1))
+                log.append(record)
+                if live_log is not None:
+                    live_log.parent.mkdir(parents=True, exist_ok=True)
+                    with live_log.open("a", encoding="utf-8") as fh:
+                        fh.write(json.dumps(record) + "\n")
+                if writer is not None:
+                    for k, v in record.items():
+                        if k != "step" and isinstance(v, (int, float)):
+                            writer.add_scalar(k, v, step)
+                if on_step:
+                    on_step(record)
+                info = f"loss {last['loss']:.3f}"
+                if "valid_loss" in record:
+                    info += f" valid {record['valid_loss']:.3f}"
+                    progress.console.print(
+                        f"step {step}: loss {last['loss']:.4f}, valid {record['valid_loss']:.4f}, lr {lr:.2e}, "
+                        f"{record['tokens_per_s']:.0f} tokens/s, {now:.0f} s", highlight=False)
+                progress.update(task, advance=1, info=info)
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    save("periodic")
+                if stop["signal"]:
+                    save(stop["signal"])
+                    where = f"a checkpoint is in {ckpt}; continue with the same command and --resume" if ckpt else (
+                        "no checkpoint was kept")
+                    raise Interrupted(f"{stop['signal']} at step {step}: {where}")
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        if writer is not None:
+            writer.close()
 
     if step == 0:
         raise KdcodeError("training ran no step: the budget (max_steps / epochs / max_minutes) is too small")
     final = dict(last)
-    if valid_blocks is not None and len(valid_blocks):
-        final["valid_loss"] = held_out_loss(student, valid_blocks, batch, cfg.eval_batches, device, precision)
+    final.pop("step", None)
+    if main and valid_blocks is not None and len(valid_blocks):
+        final["valid_loss"] = held_out_loss(student, valid_blocks, max(micro, 1) * cfg.grad_accum,
+                                            cfg.eval_batches, device, precision)
         final["valid_ppl"] = math.exp(min(final["valid_loss"], 50))
-    wall = time.perf_counter() - start
+    wall = elapsed0 + time.perf_counter() - start
     student.eval()
     return TrainResult(
         steps=step,
@@ -250,6 +411,11 @@ def train_loop(
         threads=torch.get_num_threads(),
         final=final,
         log=log,
+        world_size=world,
+        launcher=launcher(),
+        global_batch=batch,
+        grad_accum=cfg.grad_accum,
+        is_main=main,
     )
 
 
@@ -317,6 +483,10 @@ def available_memory(device: torch.device) -> int:
     return int(psutil.virtual_memory().available)
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def check_memory(batch: int, block: int, hidden: int, layers: int, vocab: int, device: torch.device) -> int:
     """Fail before training when one step's estimated activations exceed the available memory.
 
@@ -328,21 +498,45 @@ def check_memory(batch: int, block: int, hidden: int, layers: int, vocab: int, d
         fits = have // max(estimate_step_bytes(1, block, hidden, layers, vocab), 1)
         hint = f"use --batch-size {fits} or lower --block-size" if fits >= 1 else "lower --block-size"
         raise KdcodeError(
-            f"one training step needs about {need / 2**30:.1f} GiB of activation memory (batch {batch} x block "
-            f"{block}, {layers} layers of width {hidden}, vocab {vocab}), but only {have / 2**30:.1f} GiB is "
-            f"free on {device.type}; {hint}"
+            f"one training step needs about {_size(need)} of activation memory (batch {batch} x block {block}, "
+            f"{layers} layers of width {hidden}, vocab {vocab}), but only {_size(have)} is free on {device.type}; "
+            f"{hint}"
         )
     return need
 
 
-def run_distil(spec: RunSpec, overwrite: bool = False) -> tuple[Path, dict[str, Any]]:
-    """Distil ``spec.teacher`` into a smaller student; returns (student folder, manifest)."""
+def spec_fingerprint(spec: RunSpec) -> str:
+    """Identity of a run for --resume: the resolved spec without its output folder."""
+    data = spec.model_dump(mode="json")
+    data.pop("out", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def run_context(spec: RunSpec, resume: bool) -> RunContext:
+    from kdcode.checkpoint import has_checkpoint
+
+    out = Path(spec.out)
+    ckpt = out.with_name(out.name + ".ckpt")
+    if has_checkpoint(ckpt) and not resume:
+        raise KdcodeError(
+            f"{ckpt} holds a checkpoint of an interrupted run; add --resume to continue it, or delete that folder"
+        )
+    tb = out.with_name(out.name + ".tensorboard") if spec.train.tensorboard else None
+    return RunContext(checkpoint_dir=ckpt, resume=resume, fingerprint=spec_fingerprint(spec), tensorboard_dir=tb)
+
+
+def run_distil(spec: RunSpec, overwrite: bool = False, resume: bool = False) -> tuple[Path, dict[str, Any]]:
+    """Distil ``spec.teacher`` into a smaller student; returns (student folder, manifest).
+
+    Interrupted runs (SIGINT/SIGTERM) leave a checkpoint in ``OUT.ckpt``; ``resume=True`` continues it.
+    """
     from kdcode.cache import check_cache, load_cache
     from kdcode.models import load_model
     from kdcode.plugins import validate_plugins
 
     out = Path(spec.out)
     check_out_dir(out, overwrite)
+    run = run_context(spec, resume)
     strategy, init = validate_plugins(spec)
     if spec.teacher_cache and not strategy.supports_cache:
         raise KdcodeError(f"strategy {spec.strategy.name!r} cannot train from a teacher cache; drop teacher_cache")
@@ -398,7 +592,10 @@ def run_distil(spec: RunSpec, overwrite: bool = False) -> tuple[Path, dict[str, 
         description=f"distil {teacher.n_layer}->{spec.student.layers} layers",
         layer_map=layer_map,
         cache=cache,
+        run=run,
     )
+    if not result.is_main:  # data-parallel workers: the main process writes the student
+        return out, {}
     manifest = {
         "kind": "student",
         "spec": spec.model_dump(mode="json"),
@@ -416,6 +613,8 @@ def run_distil(spec: RunSpec, overwrite: bool = False) -> tuple[Path, dict[str, 
         "training": result.summary(),
     }
     save_model(out, student, teacher.tokenizer, manifest, overwrite, extra=_write_log(result.log))
+    if run.checkpoint_dir is not None:
+        shutil.rmtree(run.checkpoint_dir, ignore_errors=True)  # the student is complete; the checkpoint is spent
     return out, manifest
 
 

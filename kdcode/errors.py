@@ -3,3 +3,5 @@
 
 class KdcodeError(Exception):
     """Bad input or a fault the user can fix. The message says what, where, and how to fix it."""
+
+    exit_code = 2

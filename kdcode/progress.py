@@ -17,7 +17,7 @@ def stderr_console() -> Console:
     return Console(stderr=True)
 
 
-def make_progress(console: Console | None = None) -> Progress:
+def make_progress(console: Console | None = None, disable: bool = False) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -27,4 +27,5 @@ def make_progress(console: Console | None = None) -> Progress:
         TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"),
         console=console or stderr_console(),
+        disable=disable,
     )

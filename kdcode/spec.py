@@ -77,10 +77,14 @@ class TrainSpec(_Spec):
     batch_size: int = Field(16, ge=1)
     block_size: int = Field(256, ge=8)
     seed: int = 0
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="autocast dtype (fp16: CUDA)")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step (batch_size is the global batch)")
+    schedule: Literal["cosine", "linear"] = Field("cosine", description="LR decay after warmup")
     threads: int | None = Field(None, ge=1)
     eval_every: int = Field(200, ge=1)
     eval_batches: int = Field(20, ge=1)
+    checkpoint_every: int | None = Field(None, ge=1, description="checkpoint into OUT.ckpt every N steps")
+    tensorboard: bool = Field(False, description="also log to OUT.tensorboard (needs the tensorboard package)")
     teacher_lr: float | None = Field(None, gt=0, description="in-training KD: teacher LR (default: lr / 10)")
 
     @model_validator(mode="after")
@@ -242,3 +246,33 @@ class BenchSpec(_Spec):
     seed: int = 0
     threads: int | None = Field(None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class SweepSpec(_Spec):
+    """`kdcode sweep`: one run spec swept over a grid of overrides and/or a list of named points.
+
+    Every point is ``base`` with its overrides on top (dotted keys such as ``student.layers``, or nested
+    mappings). ``grid`` points (the cartesian product of its lists, in key order) come first, then
+    ``points`` in order; each is distilled, evaluated with ``eval`` and benchmarked with ``bench``.
+    The string ``{out}`` in any value stands for the sweep folder ``out``. An override that changes
+    ``strategy.name`` (``student.init``) without giving ``strategy.params`` (``student.init_params``)
+    starts from that plugin's defaults, since one plugin's params rarely fit another.
+    """
+
+    base: dict[str, Any] = Field(default_factory=dict, description="a RunSpec-shaped mapping shared by all points")
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="dotted key -> values (cartesian product)")
+    points: list[dict[str, Any]] = Field(default_factory=list, description="named override sets ({name, key: value})")
+    eval: dict[str, Any] = Field(default_factory=dict, description="an EvalSpec-shaped mapping (data: the point's)")
+    bench: dict[str, Any] = Field(default_factory=dict, description="a BenchSpec-shaped mapping (data: the point's)")
+    teacher_cache: bool = Field(True, description="frozen-teacher points share one teacher-logit cache")
+    teacher_cache_top_k: int = Field(64, ge=1, description="teacher logits kept per position in that cache")
+    out: str = "sweep"
+
+    @model_validator(mode="after")
+    def _something_to_sweep(self) -> SweepSpec:
+        if not self.grid and not self.points:
+            raise ValueError("a sweep needs a grid (dotted key -> list of values) or a list of points")
+        for key, values in self.grid.items():
+            if not key or not values:
+                raise ValueError(f"grid key {key!r} needs a non-empty list of values")
+        return self
