@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -65,12 +66,61 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
         raise KdcodeError(f"--out {out} exists and is not empty; choose another folder or pass --overwrite")
 
 
+def _temp_owner(path: Path, out: Path) -> int | None:
+    """The pid in a temp folder name ``.{out.name}.tmp-{pid}-{random}`` (None for other layouts)."""
+    head = path.name[len(f".{out.name}.tmp-") :].split("-", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+# When this process started (near enough: kdcode.artifacts is imported before any work is done).
+# psutil's process create_time is not used: it can be a second early (boot time is whole seconds).
+_STARTED = time.time()
+# Temp folders without a pid in their name (kdcode <= 0.1.0) must also be this old to be removed.
+LEGACY_TEMP_AGE_S = 3600
+
+
+def clean_stale_temps(out: Path) -> list[Path]:
+    """Remove temp folders that killed runs left beside ``out``; returns what was removed.
+
+    Only folders named ``.{out.name}.tmp-*`` are considered, and only those last modified before this
+    process started whose owner (the pid in the name) is no longer running; a name without a pid must
+    also be an hour old. A concurrent writer's temp folder is never touched.
+    """
+    import glob
+
+    import psutil
+
+    removed = []
+    for path in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
+        try:
+            if path.is_symlink() or not path.is_dir():
+                continue
+            mtime = path.stat().st_mtime
+        except OSError:
+            continue
+        if mtime >= _STARTED:
+            continue
+        owner = _temp_owner(path, out)
+        if owner is None and time.time() - mtime < LEGACY_TEMP_AGE_S:
+            continue
+        if owner is not None and (owner == os.getpid() or psutil.pid_exists(owner)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
 @contextmanager
 def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp folder beside ``out``; on success it replaces ``out`` in one rename."""
+    """Yield a temp folder beside ``out``; on success it replaces ``out`` in one rename.
+
+    A run killed at any moment leaves either no ``out`` (or the old one) or the complete new one; its
+    temp folder ``.{out.name}.tmp-{pid}-*`` is removed by the next run writing to ``out``.
+    """
     check_out_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    clean_stale_temps(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
         old = None
@@ -101,6 +151,19 @@ def model_card(manifest: dict[str, Any]) -> str:
         "```",
         "",
     ]
+    compression = manifest.get("compression") or {}
+    if (compression.get("layout") or {}).get("loader") == "kdcode":  # head-pruned or int8 folders
+        lines[4:11] = [
+            f"Load it with kdcode ({compression.get('loading')}):",
+            "",
+            "```python",
+            "from kdcode.models import load_model",
+            'lm = load_model("PATH")  # lm.model, lm.tokenizer',
+            "```",
+        ]
+    if compression:
+        steps = ", ".join(s.get("step", "?") for s in compression.get("steps", []))
+        lines.append(f"- Compressed ({steps}) from `{(compression.get('parent') or {}).get('path')}`")
     teacher = manifest.get("teacher")
     if teacher:
         lines += [

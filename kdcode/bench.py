@@ -41,7 +41,14 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
-def measure(name: str, spec: BenchSpec, verify: bool = True, show_progress: bool = True) -> dict[str, Any]:
+def measure(
+    name: str,
+    spec: BenchSpec,
+    verify: bool = True,
+    show_progress: bool = True,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
     """Measure one model in this process (use ``run_bench`` for a clean peak-memory figure)."""
     import torch
 
@@ -64,7 +71,7 @@ def measure(name: str, spec: BenchSpec, verify: bool = True, show_progress: bool
     base_rss = _rss_mb()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    lm = load_model(name, check=verify)
+    lm = load_model(name, check=verify, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     model = lm.model.to(device)
     completer = Completer(model, lm.tokenizer, max_new_tokens=spec.new_tokens, heal=spec.data.format == "raw")
     warm, timed = prompts[: spec.warmup], prompts[spec.warmup :]
@@ -85,13 +92,19 @@ def measure(name: str, spec: BenchSpec, verify: bool = True, show_progress: bool
         if device == "cuda":
             torch.cuda.synchronize()
         wall = time.perf_counter() - start
-    params = sum(p.numel() for p in model.parameters())
+    from kdcode.compress import memory_bytes
+
+    params = lm.params  # int8 weights counted too
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    layout = ((lm.manifest or {}).get("compression") or {}).get("layout") or {}
+    if layout.get("int8"):
+        dtype = f"int8 dynamic (Linear/Conv1D), rest {dtype}"
     out: dict[str, Any] = {
         "model": name,
         "params_m": round(params / 1e6, 3),
         "n_layer": lm.n_layer,
         "size_mb": round(weights_size(lm.path) / 1e6, 3) if lm.path else None,
+        "weights_memory_mb": round(memory_bytes(model) / 1e6, 3),
         "samples_per_s": round(len(timed) / wall, 3),
         "tokens_per_s": round(sum(gen.token_counts) / wall, 1),
         "ms_per_token_p50": round(1000 * _percentile(gen.step_s, 0.5), 3),
@@ -117,9 +130,9 @@ def measure(name: str, spec: BenchSpec, verify: bool = True, show_progress: bool
     return out
 
 
-def _child(name: str, spec_json: str, verify: bool, queue: Any) -> None:
+def _child(name: str, spec_json: str, verify: bool, queue: Any, load: dict[str, bool] | None = None) -> None:
     try:
-        queue.put(("ok", measure(name, BenchSpec.model_validate_json(spec_json), verify)))
+        queue.put(("ok", measure(name, BenchSpec.model_validate_json(spec_json), verify, **(load or {}))))
     except KdcodeError as exc:
         queue.put(("error", str(exc)))
     except Exception as exc:  # reported to the parent as one line
@@ -127,16 +140,23 @@ def _child(name: str, spec_json: str, verify: bool, queue: Any) -> None:
 
 
 def run_bench(
-    name: str, spec: BenchSpec, compare: str | None = None, verify: bool = True, isolate: bool = True
+    name: str,
+    spec: BenchSpec,
+    compare: str | None = None,
+    verify: bool = True,
+    isolate: bool = True,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Measure ``name`` (and ``compare``), each in its own process when ``isolate``."""
+    load = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
 
     def one(target: str) -> dict[str, Any]:
         if not isolate:
-            return measure(target, spec, verify)
+            return measure(target, spec, verify, **load)
         ctx = mp.get_context("spawn")
         queue = ctx.Queue()
-        proc = ctx.Process(target=_child, args=(target, spec.model_dump_json(), verify, queue))
+        proc = ctx.Process(target=_child, args=(target, spec.model_dump_json(), verify, queue, load))
         proc.start()
         while True:
             try:

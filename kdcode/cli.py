@@ -596,6 +596,220 @@ def compress(
     out_console().print(f"next:\n  kdcode eval {folder}\n  kdcode bench {folder} --compare {model} --device cpu")
 
 
+# ----------------------------------------------------------------------------------- sweep, report
+def _print_report(written: dict[str, Any], records: list[dict[str, Any]]) -> None:
+    from kdcode.report import table
+
+    headers, rows = table(records)
+    t = Table(title="sweep results (ratio: model / teacher)")
+    for h in headers:
+        t.add_column(h, justify="left" if h == "Model" else "right")
+    for row in rows:
+        t.add_row(*row)
+    console = out_console()
+    console.print(t)
+    png = f" and {written['pareto_png']}" if written["pareto_png"] else ""
+    console.print(f"[green]wrote[/] {written['results_md']}{png}")
+    if written["note"]:
+        console.print(f"[yellow]note:[/] {written['note']}")
+
+
+@app.command()
+@handle_errors
+def sweep(
+    spec: Annotated[
+        Path | None, typer.Argument(help="Sweep spec (YAML/JSON). Without it: sweep --layers, all else fixed.")
+    ] = None,
+    teacher: Annotated[str | None, typer.Option(help="Teacher: 'bundled', a HF id or a local folder.")] = None,
+    data: Annotated[
+        str | None, typer.Option(help="Folder of source files, .jsonl, HF dataset id, or 'stdlib'.")
+    ] = None,
+    layers: Annotated[str | None, typer.Option(help="Student depths to sweep, e.g. 4,6,8.")] = None,
+    strategy: Annotated[str | None, typer.Option(help="KD strategy (see `kdcode list`).")] = None,
+    init: Annotated[str | None, typer.Option(help="Student init scheme (see `kdcode list`).")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Steps per point.")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="Wall-clock budget per point.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Blocks per step.")] = None,
+    block_size: Annotated[int | None, typer.Option(help="Tokens per block.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Softmax temperature of the soft loss.")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto, fp32 or bf16.")] = None,
+    samples: Annotated[int | None, typer.Option(help="Line completions scored per model (eval).")] = None,
+    prompts: Annotated[int | None, typer.Option(help="Timed completions per model (bench).")] = None,
+    new_tokens: Annotated[int | None, typer.Option(help="Longest eval completion and bench tokens per prompt.")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (train, eval, bench).")] = None,
+    out: Annotated[str | None, typer.Option(help="Sweep folder (default: the spec's out, or 'sweep').")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip the points done in OUT/results.jsonl.")] = False,
+    validate: Annotated[
+        bool, typer.Option("--validate", help="Expand and check every point (plugin params too), load nothing.")
+    ] = False,
+) -> None:
+    """Distil, evaluate and benchmark every point of a sweep (teacher first); results.jsonl, results.md, pareto.png."""
+    from kdcode.spec import read_spec_file
+    from kdcode.sweep import build_sweep, plan_sweep, read_records, run_sweep
+
+    if spec is None and layers is None:
+        fail("pass a sweep spec file, or --layers (e.g. 4,6,8) for the quick form")
+    depths = None
+    if layers is not None:
+        try:
+            depths = [int(x) for x in layers.split(",") if x.strip()]
+        except ValueError:
+            fail(f"--layers {layers!r}: give student depths separated by commas, e.g. 4,6,8")
+        if not depths:
+            fail("--layers needs at least one depth, e.g. 4,6,8")
+    base: dict[str, Any] = {}
+    for key, value in {
+        "teacher.name": teacher,
+        "data.source": data,
+        "strategy.name": strategy,
+        "strategy.params.temperature": temperature,
+        "student.init": init,
+        "train.max_steps": max_steps,
+        "train.max_minutes": max_minutes,
+        "train.batch_size": batch_size,
+        "train.block_size": block_size,
+        "train.precision": precision,
+        "train.threads": threads,
+    }.items():
+        _set(base, key, value)
+    ev: dict[str, Any] = {}
+    bn: dict[str, Any] = {}
+    for d, key, v in ((ev, "samples", samples), (ev, "max_new_tokens", new_tokens), (ev, "threads", threads),
+                      (bn, "prompts", prompts), (bn, "new_tokens", new_tokens), (bn, "threads", threads)):
+        _set(d, key, v)
+    where = str(spec) if spec else "flags"
+    sweep_spec = build_sweep(read_spec_file(spec) if spec else {}, base, depths, ev, bn, out, where)
+    if validate:
+        plan = plan_sweep(sweep_spec, where)
+        cached = sum(len(c.points) for c in plan.caches)
+        typer.echo(
+            f"sweep is valid: {len(plan.points)} points ({', '.join(p.name for p in plan.points)}), "
+            f"{len(plan.caches)} teacher cache(s) for {cached} frozen-teacher points, out {plan.out}"
+        )
+        return
+    console = out_console()
+    try:
+        run_sweep(sweep_spec, resume=resume, where=where, log=lambda m: console.print(m, highlight=False))
+    except KeyboardInterrupt:
+        fail(f"interrupted; finished points are in {sweep_spec.out}/results.jsonl: rerun with --resume", code=130)
+    from kdcode.report import latest, write_report
+
+    records = read_records(Path(sweep_spec.out) / "results.jsonl")
+    _print_report(write_report(records, Path(sweep_spec.out)), records)
+    failed = [r["name"] for r in latest(records) if r.get("status") != "ok"]
+    if failed:
+        fail(f"{len(failed)} point(s) failed ({', '.join(failed)}); see results.md, fix, and rerun with --resume",
+             code=1)
+
+
+@app.command()
+@handle_errors
+def report(
+    results: Annotated[Path, typer.Argument(help="A sweep's results.jsonl.")],
+    out: Annotated[Path | None, typer.Option(help="Folder for results.md and pareto.png (default: beside it).")] = None,
+) -> None:
+    """Rebuild results.md and pareto.png from a sweep's results.jsonl alone."""
+    from kdcode.report import write_report
+    from kdcode.sweep import read_records
+
+    records = read_records(results)
+    _print_report(write_report(records, out or results.parent), records)
+
+
+# ------------------------------------------------------------------------------- complete, serve
+@app.command()
+@handle_errors
+def complete(
+    model: Annotated[str, typer.Argument(help="Model folder, 'bundled', or a HF id.")],
+    file: Annotated[Path | None, typer.Option("--file", help="Source file (default: the text on stdin).")] = None,
+    line: Annotated[
+        int | None, typer.Option(help="Cursor line, 1-based (default: the end of the text: it is all prefix).")
+    ] = None,
+    col: Annotated[
+        int | None, typer.Option(help="Cursor column, 1-based characters (default: after the line's indentation).")
+    ] = None,
+    beams: Annotated[int, typer.Option(help="1 = greedy; >1 = beam search.")] = 1,
+    n: Annotated[int, typer.Option("--n", help="Alternatives to print: the n best distinct beams.")] = 1,
+    max_tokens: Annotated[int, typer.Option(help="Longest completion in tokens.")] = 48,
+    temperature: Annotated[float, typer.Option(help="0 = greedy / beams; >0 samples.")] = 0.0,
+    seed: Annotated[int | None, typer.Option(help="Seed of the sampling.")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "cpu",
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print JSON: completions, finish reasons, token counts, timings.")
+    ] = False,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the weights' sha256 check.")] = False,
+) -> None:
+    """Complete the line at a cursor (--file/--line/--col, or the prefix on stdin) up to its end or --max-tokens."""
+    from kdcode.complete import load_engine, prefix_at
+
+    if file is not None:
+        text = file.read_text(encoding="utf-8")
+    elif sys.stdin is None or sys.stdin.isatty():
+        fail("give --file FILE, or pipe the text before the cursor on stdin")
+    else:
+        text = sys.stdin.read()
+    prefix = prefix_at(text, line, col) if line is not None else text
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # stderr stays clean for editors that read it
+    engine = load_engine(model, device=device, threads=threads, verify=not no_verify, warm_up=False)
+    result = engine.complete(prefix, max_tokens, n=n, beams=beams, temperature=temperature, seed=seed)
+    if json_out:
+        typer.echo(
+            json.dumps(
+                {
+                    "model": model,
+                    "prompt_tokens": result.prompt_tokens,
+                    "completions": [vars(c) for c in result.choices],
+                    "first_token_ms": None if result.first_token_s is None else round(1000 * result.first_token_s, 1),
+                    "total_ms": round(1000 * result.total_s, 1),
+                },
+                indent=2,
+            )
+        )
+        return
+    for choice in result.choices:
+        typer.echo(choice.text)
+
+
+@app.command()
+@handle_errors
+def serve(
+    model: Annotated[str, typer.Argument(help="Model folder, 'bundled', or a HF id.")],
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback: only this machine).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_prompt_tokens: Annotated[
+        int | None, typer.Option(help="Longest prompt accepted, in tokens (default: the model's context).")
+    ] = None,
+    max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 128,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the weights' sha256 check.")] = False,
+) -> None:
+    """An OpenAI-compatible completion server (POST /v1/completions, GET /v1/models, GET /health)."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        fail("kdcode serve needs FastAPI and uvicorn: pip install 'kdcode[serve]'")
+    from kdcode.serve import create_app
+
+    app_ = create_app(
+        model,
+        max_prompt_tokens=max_prompt_tokens,
+        max_tokens_limit=max_tokens_limit,
+        threads=threads,
+        device=device,
+        verify=not no_verify,
+    )
+    console = Console(stderr=True, highlight=False)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]warning:[/] listening on {host}: anyone who can reach it can use the model (no auth)")
+    console.print(f"serving {model} on http://{host}:{port}/v1 (OpenAI completions API); Ctrl-C stops")
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
 def main() -> None:
     """Console entry point."""
     app()

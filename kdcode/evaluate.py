@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,9 @@ from kdcode.errors import KdcodeError
 from kdcode.metrics import line_metrics
 from kdcode.progress import make_progress
 from kdcode.spec import EvalSpec
+
+# Whatever a reader of the predictions file could take for a line break (str.splitlines' set).
+_LINE_BREAKS = re.compile("[\n\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,188 @@ def write_lines_file(path: Path, samples: list[LineSample]) -> None:
             fh.write(json.dumps({"id": s.id, "input": s.input, "gt": s.gt}) + "\n")
 
 
+def read_completion_set(source: str, split: str = "test") -> tuple[list[LineSample], list[Document]]:
+    """A completion set in one of CodeXGLUE's layouts: a local .jsonl/.json file or a hub dataset id.
+
+    Line-level records (``code_x_glue_cc_code_completion_line``: ``{"id"?, "input", "gt"}``) give the samples
+    as they are, and no documents. Token-level records (``code_x_glue_cc_code_completion_token``: ``{"code":
+    [tokens]}``, or ``code`` as one string) give py150 documents, and no samples: cut lines from them with
+    :func:`build_line_samples` (``fmt="py150"``). A ``code`` string that is not normalised yet is normalised.
+    """
+    from collections import Counter
+
+    from kdcode.data import load_records, to_py150
+
+    records = load_records(source, split)
+    if all("input" in r and "gt" in r for r in records):
+        samples = []
+        for i, r in enumerate(records):
+            if not isinstance(r["input"], str) or not isinstance(r["gt"], str):
+                raise KdcodeError(f"{source}: record {i} has a non-string 'input' or 'gt'")
+            samples.append(LineSample(str(r.get("id", i)), r["input"], r["gt"]))
+        return samples, []
+    if all("code" in r for r in records):
+        raw = []
+        for i, r in enumerate(records):
+            code = r["code"]
+            text = " ".join(str(t) for t in code) if isinstance(code, list) else str(code)
+            raw.append(Document(str(r.get("id", i)), text))
+        docs = to_py150(raw, Counter())
+        if not docs:
+            raise KdcodeError(f"{source}: no record's 'code' is normalisable py150 code")
+        return [], docs
+    raise KdcodeError(
+        f"{source}: every record needs 'input' and 'gt' (CodeXGLUE line-level layout) or 'code' (token-level layout)"
+    )
+
+
+def write_completion_set(spec: EvalSpec, out: Path) -> dict[str, Any]:
+    """Draw line-completion samples from ``spec.split`` of ``spec.data`` and write them as {id, input, gt} lines."""
+    docs, summary = eval_docs(spec)
+    samples = [s for s in build_line_samples(docs, spec.samples, spec.seed, spec.data.format) if s.gt.strip()]
+    if not samples:
+        raise KdcodeError(f"the {spec.split} split of {spec.data.source} has no line to complete")
+    write_lines_file(out, samples)
+    return {
+        "samples": len(samples),
+        "files": len(docs),
+        "split": spec.split,
+        "format": spec.data.format,
+        "data": summary,
+        "out": str(out),
+    }
+
+
+# Code tokens CodeXGLUE's eval_acc leaves out of token-level accuracy.
+NOT_COUNTED = frozenset({"<s>", "</s>", "<EOL>", "<pad>"})
+_WORD_START = ("\u0120", "\u2581")  # byte-level BPE's 'Ġ' (a leading space), SentencePiece's '▁'
+
+
+def _boundary_ids(tokenizer: Any) -> set[int]:
+    """Ids that are code tokens of their own: bos, eos, sep, pad and ``<EOL>`` (CodeGPT's sep token)."""
+    ids = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id}
+    eol = tokenizer.convert_tokens_to_ids("<EOL>")
+    if eol != tokenizer.unk_token_id:
+        ids.add(eol)
+    return {i for i in ids if i is not None}
+
+
+def _eval_blocks(stream: list[int], block_size: int, starts: list[bool], boundary: set[int], bos: int | None):
+    """CodeXGLUE's EvalDataset.split: blocks of at most ``block_size`` tokens, each full one cut back so that
+    it ends at a code-token boundary (before the last word-start token or bos, after the last eos/sep)."""
+    blocks: list[list[int]] = []
+    i = 0
+    while i < len(stream):
+        block = stream[i : i + block_size]
+        if len(block) == block_size:
+            for k in range(block_size - 1, 0, -1):
+                tok = block[k]
+                if starts[tok]:
+                    block = block[:k]
+                    break
+                if tok in boundary:
+                    block = block[: k if tok == bos else k + 1]
+                    break
+        blocks.append(block)
+        i += len(block)
+    return blocks
+
+
+def _code_tokens(block: list[int], preds: list[int], starts: list[bool], boundary: set[int]):
+    """(ground-truth ids, predicted ids) per code token; ``preds[i]`` is the argmax at position ``i``.
+
+    A code token starts at a word-start sub-token, at a boundary token (which is a code token alone) and after
+    one. The block's first sub-token has no prediction (``None``), as in CodeXGLUE, where it is never right.
+    """
+    groups: list[tuple[list[int], list[int | None]]] = []
+    gt: list[int] = []
+    pred: list[int | None] = []
+    for i, y in enumerate(block):
+        p = preds[i - 1] if i else None
+        if y in boundary:
+            if gt:
+                groups.append((gt, pred))
+            groups.append(([y], [p]))
+            gt, pred = [], []
+            continue
+        if gt and starts[y]:
+            groups.append((gt, pred))
+            gt, pred = [], []
+        gt.append(y)
+        pred.append(p)
+    if gt:
+        groups.append((gt, pred))
+    return groups
+
+
+@torch.no_grad()
+def token_accuracy(model: Any, tokenizer: Any, docs: list[Document], max_blocks: int, block_size: int) -> dict:
+    """Token-level completion accuracy as CodeXGLUE's CodeCompletion-token ``eval_acc`` computes it, on py150 text.
+
+    The documents (``<s> ... </s>`` lines; others are wrapped so) are tokenized into one stream, cut into
+    blocks that end at code-token boundaries (CodeXGLUE's ``EvalDataset.split``), and the model predicts every
+    sub-token teacher-forced (argmax). The sub-tokens are grouped into code tokens: a new code token starts at a
+    sub-token beginning with 'Ġ' (byte-level BPE's space), and bos/eos/sep/pad/``<EOL>`` are code tokens alone.
+    A code token is right when the decoded predicted sub-tokens, stripped, give the ground truth as their first
+    whitespace-separated word; so it counts only if all its sub-tokens are predicted right (up to sub-token
+    splits that decode to the same text). ``<s>``, ``</s>``, ``<EOL>`` and ``<pad>`` are not counted, and
+    neither are whitespace-only pieces (CodeXGLUE counts them, always wrong). The first code token of each block
+    has no context and counts as wrong, as in CodeXGLUE. Returns accuracy in percent (2 decimals).
+    """
+    bos = tokenizer.bos_token_id
+    boundary = _boundary_ids(tokenizer)
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    starts = [bool(p) and p.startswith(_WORD_START) for p in pieces]
+    texts = [d.text.strip() for d in docs]
+    texts = [t if t.startswith("<s>") and t.endswith("</s>") else f"<s> {t} </s>" for t in texts]
+    stream: list[int] = []
+    for i in range(0, len(texts), 256):
+        for ids in tokenizer(texts[i : i + 256], add_special_tokens=False)["input_ids"]:
+            stream.extend(ids)
+    blocks = _eval_blocks(stream, block_size, starts, boundary, bos)[:max_blocks]
+    device = next(model.parameters()).device
+    vocab = int(getattr(model.config, "vocab_size", len(tokenizer)) or len(tokenizer))
+    batch = max(1, min(8, 2**25 // max(1, block_size * vocab)))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    decoded: dict[tuple[int, ...], str] = {}
+
+    def decode(ids: list[int]) -> str:
+        key = tuple(ids)
+        if key not in decoded:
+            decoded[key] = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return decoded[key]
+
+    correct = total = 0
+    for b in range(0, len(blocks), batch):
+        chunk = blocks[b : b + batch]
+        width = max(len(x) for x in chunk)
+        x = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, ids in enumerate(chunk):
+            x[row, : len(ids)] = torch.tensor(ids)
+            mask[row, : len(ids)] = 1
+        preds = model(x.to(device), attention_mask=mask.to(device)).logits.argmax(-1).tolist()
+        for ids, pred in zip(chunk, preds):
+            for gt_ids, pred_ids in _code_tokens(ids, pred, starts, boundary):
+                gt = decode(gt_ids).strip()
+                if not gt or gt in NOT_COUNTED:
+                    continue
+                total += 1
+                if None in pred_ids:
+                    continue
+                if pred_ids == gt_ids:
+                    correct += 1
+                else:
+                    words = decode(pred_ids).strip().split()  # type: ignore[arg-type]
+                    correct += bool(words) and words[0] == gt
+    return {
+        "token_accuracy": round(100 * correct / total, 2) if total else None,
+        "token_correct": correct,
+        "token_total": total,
+        "token_blocks": len(blocks),
+    }
+
+
 def eval_docs(spec: EvalSpec) -> tuple[list[Document], dict[str, Any]]:
     corpus = load_corpus(spec.data)
     splits = list(corpus.splits) if spec.split == "all" else [spec.split]
@@ -141,7 +327,13 @@ def perplexity(model: Any, tokenizer: Any, docs: list[Document], max_blocks: int
 
 
 def run_eval(
-    name: str, spec: EvalSpec, verify: bool = True, predictions: Path | None = None, loaded: Any = None
+    name: str,
+    spec: EvalSpec,
+    verify: bool = True,
+    predictions: Path | None = None,
+    loaded: Any = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a model folder / id on line completion and perplexity; returns the metrics dict."""
     from kdcode.generate import Completer
@@ -149,13 +341,19 @@ def run_eval(
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    lm = loaded or load_model(name, check=verify)
+    lm = loaded or load_model(name, check=verify, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     fmt = spec.data.format
     docs: list[Document] = []
     data_summary: dict[str, Any] = {}
     if spec.lines:
-        samples = read_lines_file(Path(spec.lines))[: spec.samples]
-        fmt = "py150" if any("<EOL>" in s.input for s in samples[:20]) else fmt
+        samples, docs = read_completion_set(spec.lines, spec.split)
+        if samples:
+            samples = samples[: spec.samples]
+            fmt = "py150" if any("<EOL>" in s.input for s in samples[:20]) else fmt
+        else:  # token-level layout: cut lines from its py150 files
+            fmt = "py150"
+            samples = build_line_samples(docs, spec.samples, spec.seed, fmt)
+            data_summary = {"lines": spec.lines, "files": len(docs)}
     else:
         docs, data_summary = eval_docs(spec)
         samples = build_line_samples(docs, spec.samples, spec.seed, fmt)
@@ -172,16 +370,21 @@ def run_eval(
             gen = completer.greedy(prompts, spec.batch_size, on_batch=advance)
     gen_time = time.perf_counter() - start
     metrics = line_metrics(gen.texts, [s.gt for s in samples])
-    baseline = line_metrics([s.prev for s in samples], [s.gt for s in samples]) if not spec.lines else None
+    baseline = line_metrics([s.prev for s in samples], [s.gt for s in samples]) if docs else None
     if predictions is not None:
-        predictions.write_text("".join(t.replace("\n", " ") + "\n" for t in gen.texts), encoding="utf-8")
+        predictions.write_text("".join(_LINE_BREAKS.sub(" ", t) + "\n" for t in gen.texts), encoding="utf-8")
     ppl: dict[str, Any] = {"perplexity": None}
     if docs and spec.ppl_blocks:
         ppl = perplexity(lm.model, lm.tokenizer, docs, spec.ppl_blocks, completer.context_tokens + spec.max_new_tokens)
+    acc: dict[str, Any] = {"token_accuracy": None}
+    if docs and (spec.token_level if spec.token_level is not None else fmt == "py150"):
+        block = completer.context_tokens + spec.max_new_tokens
+        acc = token_accuracy(lm.model, lm.tokenizer, docs, spec.token_blocks, block)
     return {
         "model": name,
         **metrics,
         **ppl,
+        **acc,
         "baseline": {"name": "repeat previous line", **baseline} if baseline else None,
         "decoding": {
             "beams": spec.beams,

@@ -36,7 +36,9 @@ class Loaded:
 
     @property
     def params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        from kdcode.compress import int8_param_count  # int8 weights are buffers, not parameters
+
+        return sum(p.numel() for p in self.model.parameters()) + int8_param_count(self.model)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -79,7 +81,10 @@ def _check_local(path: Path, allow_pickle: bool) -> None:
                     "convert them to safetensors, or pass --allow-pickle if you trust the source"
                 )
         else:
-            raise KdcodeError(f"{path} has no weight files (*.safetensors)")
+            raise KdcodeError(
+                f"{path} has no weight files (*.safetensors); the folder is incomplete: re-create it, "
+                "or point at the folder that holds the weights"
+            )
 
 
 def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
@@ -95,7 +100,7 @@ def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bo
 
 
 def _load_error(name: str, path: Path | None, exc: Exception) -> KdcodeError:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    first = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
     if path is not None:
         return KdcodeError(f"cannot load the model in {path}: {first}")
     return KdcodeError(
@@ -128,8 +133,14 @@ def load_model(
         kwargs["use_safetensors"] = True
     if dtype is not None:
         kwargs["dtype"] = dtype
+    layout = ((manifest or {}).get("compression") or {}).get("layout") or {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path) if path else name, **kwargs)
+        if path is not None and layout.get("loader") == "kdcode":  # head-pruned or int8: see kdcode.compress
+            from kdcode.compress import load_compressed
+
+            model = load_compressed(path, manifest or {})
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(path) if path else name, **kwargs)
     except (OSError, ValueError) as exc:
         if path is None and not allow_pickle and "safetensors" in str(exc).lower():
             raise KdcodeError(

@@ -116,7 +116,7 @@ def test_several_problems_are_all_listed() -> None:
         ({"train": {"max_steps": -5}}, "train.max_steps: Input should be greater than or equal to 1"),
         ({"train": {"max_minutes": 0}}, "train.max_minutes: Input should be greater than 0"),
         ({"train": {"lr": -1e-3, "max_steps": 5}}, "train.lr: Input should be greater than 0"),
-        ({"train": {"precision": "fp16", "max_steps": 5}}, "train.precision: Input should be 'auto', 'fp32' or 'bf16'"),
+        ({"train": {"precision": "fp8", "max_steps": 5}}, "train.precision: Input should be 'auto', 'fp32', 'bf16' or 'fp16'"),
         ({"data": {"test_fraction": 0.5}}, "data.test_fraction: Input should be less than 0.5"),
         ({"data": {"format": "csv"}}, "data.format: Input should be 'raw' or 'py150'"),
         ({"teacher": {"trust_remote_code": "maybe"}}, "teacher.trust_remote_code: Input should be a valid boolean"),

@@ -1,0 +1,163 @@
+"""Atomicity: a run killed at any moment leaves no ``--out`` folder or a complete, verified one; temp
+folders left by a SIGKILL are cleaned by the next run; ``eval --record`` never half-writes the manifest."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from conftest import make_gpt2
+from typer.testing import CliRunner
+
+import kdcode.artifacts
+from kdcode.artifacts import MANIFEST, atomic_dir, clean_stale_temps, save_model, verify
+from kdcode.cli import app
+
+runner = CliRunner(env={"COLUMNS": "200", "TERM": "dumb"})
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _temps(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f".{out.name}.tmp-*"))
+
+
+def _distil(teacher_dir: Path, corpus_dir: Path, out: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "kdcode", "distil", "--teacher", str(teacher_dir), "--data", str(corpus_dir),
+           "--layers", "2", "--max-steps", "30", "--batch-size", "2", "--block-size", "64", "--precision", "fp32",
+           "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "KDCODE_DISABLE_PLUGINS": "1"}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _kill_when(proc: subprocess.Popen, ready, timeout: float = 120.0) -> bool:
+    """SIGKILL ``proc`` as soon as ``ready()`` holds; False when it finished first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        if ready():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    raise AssertionError("the distil run neither finished nor reached the kill point")
+
+
+def _absent_or_complete(out: Path) -> None:
+    assert not out.exists() or verify(out) is True, sorted(p.name for p in out.iterdir())
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_moment_leaves_nothing_or_a_verified_folder(tmp_path, teacher_dir, corpus_dir):
+    out = tmp_path / "student"
+    killed_in_save = False
+    for delay in (0.5, 2.0, 4.0, 8.0):
+        proc = _distil(teacher_dir, corpus_dir, out)
+        start = time.monotonic()
+        if _kill_when(proc, lambda s=start, d=delay: time.monotonic() - s >= d):
+            _absent_or_complete(out)
+        else:
+            assert proc.returncode == 0, proc.stderr.read().decode()
+            assert verify(out) is True
+            shutil.rmtree(out)
+    # the most dangerous moment: while the student is being written
+    proc = _distil(teacher_dir, corpus_dir, out)
+    killed_in_save = _kill_when(proc, lambda: bool(_temps(out)))
+    _absent_or_complete(out)
+    if killed_in_save:
+        assert not out.exists()
+        assert _temps(out), "a SIGKILL inside the save leaves its temp folder behind"
+    # the next run ignores the strays, writes a complete folder, and removes them
+    proc = _distil(teacher_dir, corpus_dir, out)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()
+    assert verify(out) is True
+    assert _temps(out) == []
+    # and a SIGKILL after it finished changes nothing
+    assert _kill_when(proc, lambda: True) is False
+    assert verify(out) is True
+
+
+def test_clean_stale_temps_touches_only_dead_runs_older_than_this_process(tmp_path):
+    out = tmp_path / "student"
+    past = time.time() - 7200
+
+    def make(name: str, old: bool = True, file: bool = False) -> Path:
+        p = tmp_path / name
+        if file:
+            p.write_text("x")
+        else:
+            p.mkdir()
+            (p / "model.safetensors").write_text("half")
+        if old:
+            os.utime(p, (past, past))
+        return p
+
+    dead = make(".student.tmp-999999999-abc")  # a pid that cannot be running
+    legacy = make(".student.tmp-xyz")  # no pid in the name
+    mine = make(f".student.tmp-{os.getpid()}-abc")  # this process's own
+    alive = make(".student.tmp-1-abc")  # pid 1 is always running
+    fresh = make(".student.tmp-999999998-abc", old=False)  # newer than this process
+    other = make(".studentx.tmp-999999999-abc")  # another output's temp
+    a_file = make(".student.tmp-999999997-file", file=True)
+    removed = clean_stale_temps(out)
+    assert sorted(removed) == sorted([dead, legacy])
+    for kept in (mine, alive, fresh, other, a_file):
+        assert kept.exists()
+    # an output name with glob characters matches only itself
+    lookalike = make(".sxudent.tmp-999999999-abc")
+    assert clean_stale_temps(tmp_path / "s[xyz]udent") == [] and lookalike.exists()
+
+
+def test_atomic_dir_cleans_stale_temps_and_names_its_own_with_the_pid(tmp_path):
+    out = tmp_path / "student"
+    stale = tmp_path / ".student.tmp-999999999-old"
+    stale.mkdir()
+    past = time.time() - 7200
+    os.utime(stale, (past, past))
+    with atomic_dir(out) as tmp:
+        assert tmp.name.startswith(f".student.tmp-{os.getpid()}-")
+        assert not stale.exists()
+        (tmp / "a.txt").write_text("a")
+    assert (out / "a.txt").read_text() == "a"
+    assert _temps(out) == []
+
+
+@pytest.fixture()
+def student(tmp_path, tokenizer) -> Path:
+    return save_model(tmp_path / "student", make_gpt2(tokenizer, n_layer=2, seed=2), tokenizer, {"kind": "student"})
+
+
+def test_eval_record_failing_midway_keeps_the_old_manifest(student, corpus_dir, monkeypatch):
+    before = (student / MANIFEST).read_bytes()
+
+    def dump_half_then_fail(data, fh, **kwargs):
+        fh.write(json.dumps(data, **kwargs)[:50])
+        raise OSError(28, "No space left on device")
+
+    fake_json = SimpleNamespace(dump=dump_half_then_fail, dumps=json.dumps, loads=json.loads,
+                                JSONDecodeError=json.JSONDecodeError)  # fmt: skip
+    monkeypatch.setattr(kdcode.artifacts, "json", fake_json)
+    r = runner.invoke(app, ["eval", str(student), "--data", str(corpus_dir), "--samples", "2", "--max-new-tokens",
+                            "2", "--ppl-blocks", "0", "--record"])  # fmt: skip
+    assert r.exit_code == 2, r.output
+    assert "error: [Errno 28] No space left on device (--debug shows the traceback)" in r.output
+    assert "Traceback" not in r.output
+    assert (student / MANIFEST).read_bytes() == before
+    assert sorted(p.name for p in student.iterdir() if p.name.startswith(".")) == []
+    monkeypatch.undo()
+    assert verify(student) is True
+    r = runner.invoke(app, ["eval", str(student), "--data", str(corpus_dir), "--samples", "2", "--max-new-tokens",
+                            "2", "--ppl-blocks", "0", "--record"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert json.loads((student / MANIFEST).read_text())["metrics"]["eval"]["samples"] == 2
+    assert verify(student) is True

@@ -1,0 +1,72 @@
+"""Resource guards: block size against the model's positions, one step's memory against what is free."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_gpt2
+
+import kdcode.distil
+from kdcode.distil import (
+    ACTIVATION_BYTES_PER_TOKEN_HIDDEN_LAYER,
+    available_memory,
+    check_block_size,
+    check_memory,
+    estimate_step_bytes,
+)
+from kdcode.errors import KdcodeError
+
+CPU = torch.device("cpu")
+
+
+def test_block_size_within_positions_passes(tokenizer):
+    model = make_gpt2(tokenizer, n_layer=1, n_positions=64)
+    check_block_size(model, 64, "the teacher")
+    check_block_size(model, 8, "the teacher")
+
+
+def test_block_size_above_positions_names_both_numbers(tokenizer):
+    model = make_gpt2(tokenizer, n_layer=1, n_positions=64)
+    with pytest.raises(KdcodeError, match=r"--block-size 65 exceeds the teacher's 64 positions; use --block-size 64"):
+        check_block_size(model, 65, "the teacher")
+
+
+def test_estimate_formula():
+    batch, block, hidden, layers, vocab = 16, 256, 768, 12, 50_000
+    tokens = batch * block
+    expected = tokens * hidden * layers * ACTIVATION_BYTES_PER_TOKEN_HIDDEN_LAYER + tokens * vocab * 4 * 3
+    assert estimate_step_bytes(batch, block, hidden, layers, vocab) == expected
+    # linear in the batch, so the largest batch that fits is available // per-sample estimate
+    assert estimate_step_bytes(2 * batch, block, hidden, layers, vocab) == 2 * expected
+
+
+def test_available_memory_on_cpu_is_positive():
+    assert available_memory(CPU) > 0
+
+
+def test_fits_returns_the_estimate(monkeypatch):
+    monkeypatch.setattr(kdcode.distil, "available_memory", lambda device: 64 * 2**30)
+    assert check_memory(16, 256, 128, 6, 8192, CPU) == estimate_step_bytes(16, 256, 128, 6, 8192)
+
+
+def test_exactly_available_is_allowed(monkeypatch):
+    need = estimate_step_bytes(4, 64, 32, 2, 512)
+    monkeypatch.setattr(kdcode.distil, "available_memory", lambda device: need)
+    assert check_memory(4, 64, 32, 2, 512, CPU) == need
+
+
+def test_over_available_fails_with_numbers_and_a_batch_that_fits(monkeypatch):
+    per_sample = estimate_step_bytes(1, 1024, 768, 12, 50_257)
+    monkeypatch.setattr(kdcode.distil, "available_memory", lambda device: 5 * per_sample + 1)
+    with pytest.raises(KdcodeError) as info:
+        check_memory(64, 1024, 768, 12, 50_257, CPU)
+    message = str(info.value)
+    assert "one training step needs about 55.9 GiB of activation memory" in message
+    assert "(batch 64 x block 1024, 12 layers of width 768, vocab 50257)" in message
+    assert "but only 4.4 GiB is free on cpu; use --batch-size 5 or lower --block-size" in message
+
+
+def test_even_one_sample_too_big_suggests_the_block_size(monkeypatch):
+    monkeypatch.setattr(kdcode.distil, "available_memory", lambda device: 2**20)
+    with pytest.raises(KdcodeError, match=r"but only 1\.0 MiB is free on cpu; lower --block-size$"):
+        check_memory(1, 1024, 768, 12, 50_257, CPU)
