@@ -687,11 +687,14 @@ def sweep(
             f"{len(plan.caches)} teacher cache(s) for {cached} frozen-teacher points, out {plan.out}"
         )
         return
+    from kdcode.distil import Interrupted
+
     console = out_console()
     try:
         run_sweep(sweep_spec, resume=resume, where=where, log=lambda m: console.print(m, highlight=False))
-    except KeyboardInterrupt:
-        fail(f"interrupted; finished points are in {sweep_spec.out}/results.jsonl: rerun with --resume", code=130)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        fail(f"{exc or 'interrupted'}; finished points are in {sweep_spec.out}/results.jsonl: rerun the sweep with "
+             "--resume", code=130)
     from kdcode.report import latest, write_report
 
     records = read_records(Path(sweep_spec.out) / "results.jsonl")
@@ -792,7 +795,7 @@ def serve(
         import fastapi  # noqa: F401
         import uvicorn
     except ImportError:
-        fail("kdcode serve needs FastAPI and uvicorn: pip install 'kdcode[serve]'")
+        fail("kdcode serve needs FastAPI and uvicorn: pip install 'kdcode\\[serve]'")  # \\[: not rich markup
     from kdcode.serve import create_app
 
     app_ = create_app(

@@ -133,7 +133,7 @@ def _hf_docs(name: str, spec: DataSpec, skipped: Counter) -> dict[str, list[Docu
     except ImportError as exc:  # pragma: no cover - datasets is a dependency
         raise KdcodeError("the 'datasets' package is needed for Hugging Face datasets: pip install datasets") from exc
     try:
-        ds = datasets.load_dataset(name)
+        ds = _load_dataset(datasets, name)
     except Exception as exc:
         raise KdcodeError(
             f"--data {name!r} is neither a local file/folder nor a loadable Hugging Face dataset "
@@ -154,6 +154,132 @@ def _hf_docs(name: str, spec: DataSpec, skipped: Counter) -> dict[str, list[Docu
     return out if own_splits else flat
 
 
+# CodeXGLUE's py150 layout: one normalised file ("<s> ... </s>") per line, in these files.
+PY150_SPLIT_FILES = {"train": "train.txt", "valid": "dev.txt", "test": "test.txt"}
+
+
+def is_py150_dir(path: Path) -> bool:
+    """True when ``path`` holds CodeXGLUE-layout split files (``kdcode data prepare`` output)."""
+    found = False
+    for name in PY150_SPLIT_FILES.values():
+        file = path / name
+        if file.is_file():
+            with file.open("rb") as fh:
+                first = fh.readline().strip()
+            if first and not first.startswith(b"<s>"):
+                return False
+            found = True
+    return found
+
+
+def _py150_dir_docs(root: Path, spec: DataSpec) -> dict[str, list[Document]]:
+    """The split files of a py150 folder as documents, one per line, keyed ``file:line``; the folder's own split."""
+    if spec.format != "py150":
+        raise KdcodeError(f"{root} holds CodeXGLUE py150 split files (normalised code); pass --format py150")
+    out: dict[str, list[Document]] = {s: [] for s in SPLITS}
+    for split, name in PY150_SPLIT_FILES.items():
+        file = root / name
+        if not file.is_file():
+            continue
+        for lineno, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+            text = line.strip()
+            if not text:
+                continue
+            if not (text.startswith("<s>") and text.endswith("</s>")):
+                text = f"<s> {text} </s>"  # as CodeXGLUE's run_lm.py reads such a line
+            out[split].append(Document(f"{name}:{lineno}", text))
+    return out
+
+
+def to_py150(docs: list[Document], skipped: Counter) -> list[Document]:
+    """Normalise source files; documents that already are py150 lines (CodeXGLUE data) pass unchanged."""
+    from kdcode.py150 import is_normalised, normalise_documents
+
+    out: list[Document] = []
+    for doc in docs:
+        out.extend([doc] if is_normalised(doc.text) else normalise_documents([doc], skipped))
+    return out
+
+
+def _json_records(path: Path) -> list[dict[str, Any]]:
+    """Records of a .jsonl file, or of a .json file holding a list (or, as CodeXGLUE's test.json, JSON lines)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KdcodeError(f"cannot read {path}: {exc}") from exc
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise KdcodeError(f"{path} is not valid JSON ({exc})") from exc
+        if not all(isinstance(r, dict) for r in records):
+            raise KdcodeError(f"{path} must hold a list of JSON objects")
+        return records
+    records = []
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise KdcodeError(f"{path}:{lineno} is not a JSON object ({exc})") from exc
+        if not isinstance(record, dict):
+            raise KdcodeError(f"{path}:{lineno} is not a JSON object")
+        records.append(record)
+    return records
+
+
+# The CodeXGLUE code-completion datasets on the hub need a language config; Python is the py150 one.
+_CODEXGLUE_COMPLETION = ("code_x_glue_cc_code_completion_line", "code_x_glue_cc_code_completion_token")
+
+
+def _load_dataset(datasets: Any, source: str) -> Any:
+    """``datasets.load_dataset`` of ``NAME[:CONFIG]``; CodeXGLUE's completion sets default to their Python config."""
+    name, _, config = source.partition(":")
+    if not config and name.rsplit("/", 1)[-1] in _CODEXGLUE_COMPLETION:
+        config = "python"
+    return datasets.load_dataset(name, config) if config else datasets.load_dataset(name)
+
+
+def _hf_records(source: str, split: str) -> list[dict[str, Any]]:
+    try:
+        import datasets
+    except ImportError as exc:  # pragma: no cover - datasets is a dependency
+        raise KdcodeError("the 'datasets' package is needed for Hugging Face datasets: pip install datasets") from exc
+    try:
+        ds = _load_dataset(datasets, source)
+    except Exception as exc:
+        raise KdcodeError(
+            f"{source!r} is neither a local .jsonl/.json file nor a loadable Hugging Face dataset "
+            f"({type(exc).__name__}); download it where the hub is reachable and pass the file"
+        ) from exc
+    names = {"test": ("test",), "valid": ("validation", "valid", "dev"), "train": ("train",)}
+    keys = list(ds.keys())
+    if split == "all":
+        chosen = keys
+    else:
+        chosen = [k for k in names.get(split, (split,)) if k in keys][:1]
+        if not chosen and len(keys) == 1:
+            chosen = keys  # e.g. CodeXGLUE's line-level set: its one split ("train") is the test set
+    if not chosen:
+        raise KdcodeError(f"{source!r} has no {split} split (it has {', '.join(keys)}); pass --split")
+    return [dict(record) for k in chosen for record in ds[k]]
+
+
+def load_records(source: str, split: str = "test") -> list[dict[str, Any]]:
+    """JSON records of a local .jsonl/.json file, or of one split of a Hugging Face dataset ``NAME[:CONFIG]``."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        records = _json_records(path)
+    elif path.exists() or source.startswith((".", "/", "~")) or path.suffix in (".json", ".jsonl"):
+        raise KdcodeError(f"{source} does not exist (or is not a file); pass a .jsonl/.json file or a dataset id")
+    else:
+        records = _hf_records(source, split)
+    if not records:
+        raise KdcodeError(f"{source} holds no records")
+    return records
+
+
 def load_corpus(spec: DataSpec) -> Corpus:
     """Read the corpus ``spec.source`` and split it by file (see ``split_of``)."""
     skipped: Counter = Counter()
@@ -162,7 +288,9 @@ def load_corpus(spec: DataSpec) -> Corpus:
         docs: Any = _folder_docs(stdlib_root(), spec, skipped)
     else:
         path = Path(source).expanduser()
-        if path.is_dir():
+        if path.is_dir() and is_py150_dir(path):
+            docs = _py150_dir_docs(path, spec)
+        elif path.is_dir():
             docs = _folder_docs(path, spec, skipped)
         elif path.is_file() and path.suffix == ".jsonl":
             docs = _jsonl_docs(path, spec, skipped)
@@ -184,9 +312,7 @@ def load_corpus(spec: DataSpec) -> Corpus:
         for doc in docs:
             splits[split_of(doc.key, spec.valid_fraction, spec.test_fraction)].append(doc)
     if spec.format == "py150":
-        from kdcode.py150 import normalise_documents
-
-        splits = {s: normalise_documents(d, skipped) for s, d in splits.items()}
+        splits = {s: to_py150(d, skipped) for s, d in splits.items()}
     return Corpus(source=source, splits=splits, skipped=skipped)
 
 

@@ -13,6 +13,7 @@ text; the healed prefix is then cut from the completion.
 from __future__ import annotations
 
 import inspect
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ class Generation:
     token_counts: list[int]
     prefill_s: list[float] = field(default_factory=list)  # per batch
     step_s: list[float] = field(default_factory=list)  # per decode step (one token for every live row)
+    stopped: list[bool] = field(default_factory=list)  # per text: ended at a stop (False: ran out of tokens)
 
 
 def _forward_kwargs(model: Any) -> tuple[str, bool]:
@@ -38,6 +40,10 @@ def _forward_kwargs(model: Any) -> tuple[str, bool]:
 def _out_cache(out: Any) -> Any:
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
+
+
+_WHITESPACE = re.compile(r"\s")
+_SLACK_TOKENS = 32
 
 
 class Completer:
@@ -68,6 +74,16 @@ class Completer:
         self.special_ids = set(tokenizer.all_special_ids)
         self._texts: list[str] | None = None
         self._allowed: dict[str, torch.Tensor] = {}
+        # Per-call settings (kdcode.complete sets them on a copy): the strings that end a completion, the
+        # sampling temperature (0 = greedy) and its generator, a hook called with (row, token id) for every
+        # generated token (streaming), and healing back over the prompt's trailing whitespace (editor prompts
+        # end inside indentation), whose text may then take several tokens to produce.
+        self.stop_strings: tuple[str, ...] = ("\n",)
+        self.temperature = 0.0
+        self.generator: torch.Generator | None = None
+        self.on_token: Callable[[int, int], None] | None = None
+        self.heal_space = False
+        self._partial: dict[str, torch.Tensor] = {}
 
     # -- vocabulary tables ------------------------------------------------------------------------
     def token_texts(self) -> list[str]:
@@ -86,10 +102,47 @@ class Completer:
             self._allowed[prefix] = mask
         return self._allowed[prefix]
 
+    def _heal_mask(self, gen_ids: list[int], prefix: str) -> torch.Tensor | None:
+        """Tokens that may come next while the healed ``prefix`` is not produced yet (None once it is)."""
+        done = self.tok.decode(gen_ids) if gen_ids else ""
+        if len(done) >= len(prefix):
+            return None
+        rest = prefix[len(done) :]
+        if not self.heal_space:
+            return self.allowed_after(rest)
+        if rest not in self._partial:
+            mask = self.allowed_after(rest).clone()
+            for i, text in enumerate(self.token_texts()[: mask.numel()]):
+                if text and rest.startswith(text) and i not in self.special_ids:
+                    mask[i] = True
+            self._partial[rest] = mask
+        return self._partial[rest]
+
     # -- prompts ----------------------------------------------------------------------------------
+    def tail_ids(self, prompt: str) -> list[int]:
+        """The prompt's last ``context_tokens + 1`` token ids (all of them for a shorter prompt), as tokenizing the
+        whole prompt gives them; a long prompt is tokenized from a whitespace near its end, with slack tokens
+        to spare, since a cut only changes the first token or two after it."""
+        keep = self.context_tokens + 1
+        window = 16 * (keep + _SLACK_TOKENS)
+        while window < len(prompt):
+            cut = _WHITESPACE.search(prompt, len(prompt) - window)
+            if cut is None:
+                break
+            ids = self.tok(prompt[cut.start() :], add_special_tokens=False)["input_ids"]
+            if len(ids) >= keep + _SLACK_TOKENS:
+                return ids[-keep:]
+            window *= 4
+        return self.tok(prompt, add_special_tokens=False)["input_ids"]
+
     def encode(self, prompt: str) -> tuple[list[int], str]:
         """Prompt ids cut to the context window, and the healed prefix ('' when not healed)."""
-        ids = self.tok(prompt, add_special_tokens=False)["input_ids"]
+        body = prompt.rstrip()
+        if self.heal and self.heal_space and body and len(body) < len(prompt):
+            # Pre-tokenizers split trailing whitespace from the code after it ("\n    return" is "\n   " +
+            # " return"), so the prompt stops before it and the model produces it, in as many tokens as it likes.
+            return self.tail_ids(body)[-self.context_tokens :], prompt[len(body) :]
+        ids = self.tail_ids(prompt)
         prefix = ""
         if self.heal and len(ids) > 1 and ids[-1] not in self.special_ids:
             prefix = self.tok.decode(ids[-1:])
@@ -98,12 +151,20 @@ class Completer:
 
     def finish(self, gen_ids: list[int], prefix: str) -> str:
         text = self.tok.decode([i for i in gen_ids if i not in self.stop_ids], skip_special_tokens=False)
-        return text[len(prefix) :].split("\n", 1)[0]
+        text = text[len(prefix) :]
+        return text[: min((i for s in self.stop_strings if (i := text.find(s)) >= 0), default=len(text))]
 
     def _ended(self, gen_ids: list[int], prefix: str) -> bool:
         if gen_ids and gen_ids[-1] in self.stop_ids:
             return True
-        return "\n" in self.tok.decode(gen_ids)[len(prefix) :]
+        text = self.tok.decode(gen_ids)[len(prefix) :]
+        return any(s in text for s in self.stop_strings)
+
+    def _pick(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.temperature <= 0:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits / self.temperature, dim=-1).cpu()
+        return torch.multinomial(probs, 1, generator=self.generator)[:, 0].to(logits.device)
 
     def _step(
         self, input_ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any
@@ -133,6 +194,7 @@ class Completer:
             for (_, prefix), gen in zip(chunk, gens):
                 result.texts.append(self.finish(gen, prefix))
                 result.token_counts.append(len(gen))
+                result.stopped.append(self._ended(gen, prefix))
             if on_batch:
                 on_batch(len(chunk))
         return result
@@ -155,18 +217,23 @@ class Completer:
         gens: list[list[int]] = [[] for _ in range(n)]
         done = [False] * n
         last_pos = pos[:, -1:]
+        healing = [bool(prefix) for _, prefix in chunk]
         for step in range(self.max_new_tokens):
-            if step == 0:
-                for row, (_, prefix) in enumerate(chunk):
-                    if prefix:
-                        allowed = self.allowed_after(prefix).to(self.device)
+            for row, (_, prefix) in enumerate(chunk):
+                if healing[row] and not done[row] and (step == 0 or self.heal_space):
+                    allowed = self._heal_mask(gens[row], prefix)
+                    healing[row] = allowed is not None
+                    if allowed is not None:
+                        allowed = allowed.to(self.device)
                         logits[row, : allowed.numel()] = logits[row, : allowed.numel()].masked_fill(
                             ~allowed, float("-inf")
                         )
-            next_ids = logits.argmax(-1)
+            next_ids = self._pick(logits)
             for row in range(n):
                 if not done[row]:
                     gens[row].append(int(next_ids[row]))
+                    if self.on_token:
+                        self.on_token(row, gens[row][-1])
                     if not fixed_length and self._ended(gens[row], chunk[row][1]):
                         done[row] = True
             now = time.perf_counter()
@@ -193,7 +260,25 @@ class Completer:
                 on_batch(1)
         return result
 
+    @torch.inference_mode()
+    def beam_n(self, prompt: str, beams: int, n: int) -> list[tuple[str, int, bool]]:
+        """The ``n`` best distinct completions of one prompt by beam search with ``max(beams, n)`` beams, as
+        (text, generated tokens, ended at a stop), finished hypotheses first, best first."""
+        ids, prefix = self.encode(prompt)
+        out: list[tuple[str, int, bool]] = []
+        for _, hyp, stopped in self._beam_hyps(ids, prefix, max(beams, n)):
+            text = self.finish(hyp, prefix)
+            if all(text != t for t, _, _ in out):
+                out.append((text, len(hyp), stopped))
+            if len(out) == n:
+                break
+        return out
+
     def _beam_one(self, ids: list[int], prefix: str, beams: int) -> list[int]:
+        return self._beam_hyps(ids, prefix, beams)[0][1]
+
+    def _beam_hyps(self, ids: list[int], prefix: str, beams: int) -> list[tuple[float, list[int], bool]]:
+        """Every hypothesis kept, as (summed log-probability, ids, finished): finished ones first, best first."""
         x = torch.tensor([ids or [self.pad_id]], device=self.device)
         mask = torch.ones_like(x)
         pos = torch.arange(x.size(1), device=self.device)[None]
@@ -204,9 +289,12 @@ class Completer:
         last_pos = pos[:, -1:]
         for step in range(self.max_new_tokens):
             logp = torch.log_softmax(logits, dim=-1)
-            if step == 0 and prefix:
-                allowed = self.allowed_after(prefix).to(self.device)
-                logp[:, : allowed.numel()] = logp[:, : allowed.numel()].masked_fill(~allowed, float("-inf"))
+            if prefix and (step == 0 or self.heal_space):
+                for b, hyp in enumerate(hyps):
+                    allowed = self._heal_mask(hyp, prefix)
+                    if allowed is not None:
+                        allowed = allowed.to(self.device)
+                        logp[b, : allowed.numel()] = logp[b, : allowed.numel()].masked_fill(~allowed, float("-inf"))
             vocab = logp.size(-1)
             cand = (scores[:, None] + logp).view(-1)
             top = cand.topk(min(2 * beams, cand.numel()))
@@ -227,6 +315,8 @@ class Completer:
             # Stop once `beams` hypotheses are finished and none alive can beat the best of them:
             # scores only fall as tokens are added.
             if not new_hyps or (len(finished) >= beams and max(new_scores) <= max(s for s, _ in finished)):
+                if finished:  # the live ones are prefixes of hypotheses already scored: no alternatives
+                    hyps = []
                 break
             hyps, scores = new_hyps, torch.tensor(new_scores, device=self.device)
             index = torch.tensor(src, device=self.device)
@@ -236,5 +326,6 @@ class Completer:
             mask = torch.ones((len(src), mask.size(1) + 1), dtype=mask.dtype, device=self.device)
             next_ids = torch.tensor([h[-1] for h in hyps], device=self.device)[:, None]
             logits, cache = self._step(next_ids, mask, last_pos, cache)
-        pool = finished or [(float(s), h) for s, h in zip(scores.tolist(), hyps)]
-        return max(pool, key=lambda t: t[0])[1]
+        ranked = [(s, h, True) for s, h in sorted(finished, key=lambda t: -t[0])]
+        alive = sorted(zip(scores.tolist(), hyps), key=lambda t: -t[0])
+        return ranked + [(float(s), h, False) for s, h in alive]
