@@ -47,6 +47,7 @@ class TrainResult:
     global_batch: int = 0
     grad_accum: int = 1
     is_main: bool = True
+    peak_memory_mb: float = 0.0  # max CUDA memory allocated, or peak process RSS on CPU
 
     def summary(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items() if k not in ("log", "is_main")}
@@ -149,6 +150,14 @@ def memory_mb(device: torch.device) -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / 2**20
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
 
 
 def train_loop(
@@ -416,6 +425,7 @@ def train_loop(
         global_batch=batch,
         grad_accum=cfg.grad_accum,
         is_main=main,
+        peak_memory_mb=round(peak_memory_mb(device), 1),
     )
 
 
