@@ -632,7 +632,7 @@ def sweep(
     batch_size: Annotated[int | None, typer.Option(help="Blocks per step.")] = None,
     block_size: Annotated[int | None, typer.Option(help="Tokens per block.")] = None,
     temperature: Annotated[float | None, typer.Option(help="Softmax temperature of the soft loss.")] = None,
-    precision: Annotated[str | None, typer.Option(help="auto, fp32 or bf16.")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16 (CUDA).")] = None,
     samples: Annotated[int | None, typer.Option(help="Line completions scored per model (eval).")] = None,
     prompts: Annotated[int | None, typer.Option(help="Timed completions per model (bench).")] = None,
     new_tokens: Annotated[int | None, typer.Option(help="Longest eval completion and bench tokens per prompt.")] = None,
@@ -795,9 +795,12 @@ def serve(
         import fastapi  # noqa: F401
         import uvicorn
     except ImportError:
-        fail("kdcode serve needs FastAPI and uvicorn: pip install 'kdcode\\[serve]'")  # \\[: not rich markup
+        fail("kdcode serve needs FastAPI and uvicorn: pip install 'kdcode\\[serve]'")  # \\[ escapes rich markup
+    from transformers.utils import logging as hf_logging
+
     from kdcode.serve import create_app
 
+    hf_logging.disable_progress_bar()
     app_ = create_app(
         model,
         max_prompt_tokens=max_prompt_tokens,
@@ -806,7 +809,7 @@ def serve(
         device=device,
         verify=not no_verify,
     )
-    console = Console(stderr=True, highlight=False)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/] listening on {host}: anyone who can reach it can use the model (no auth)")
     console.print(f"serving {model} on http://{host}:{port}/v1 (OpenAI completions API); Ctrl-C stops")

@@ -1,0 +1,557 @@
+"""`kdcode sweep`: a study in one command. Every point of a sweep is distilled, evaluated and benchmarked.
+
+A sweep spec (``SweepSpec``) is a base run spec, a grid of dotted-key overrides and/or a list of named
+override sets. Points run in order (a point may start from an earlier point's student, through the
+``{out}`` placeholder), after the teacher itself has been measured as the baseline row. Each result is
+appended to ``OUT/results.jsonl`` as soon as it exists, so an interrupted sweep resumes by skipping the
+points already done; a point that fails is recorded with its error and the sweep goes on. Frozen-teacher
+points that would read the same teacher outputs share one teacher-logit cache, built once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from kdcode import __version__
+from kdcode.bench import run_bench
+from kdcode.distil import Interrupted, run_cache_teacher, run_distil
+from kdcode.errors import KdcodeError
+from kdcode.evaluate import run_eval
+from kdcode.spec import (
+    BenchSpec,
+    EvalSpec,
+    RunSpec,
+    StrategySpec,
+    StudentSpec,
+    SweepSpec,
+    build_spec,
+    deep_merge,
+    read_spec_file,
+    resolve_run_spec,
+)
+
+RESULTS = "results.jsonl"
+CACHE_DIR = "teacher_cache"
+TEACHER = "teacher"
+PLACEHOLDER = "{out}"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
+_RESERVED = {TEACHER, CACHE_DIR, "results", "pareto"}
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Point:
+    """One resolved point of a sweep: its run spec and the eval/bench specs it is measured with."""
+
+    name: str
+    overrides: dict[str, Any]
+    run: RunSpec
+    eval: EvalSpec
+    bench: BenchSpec
+    cache_group: int | None = None  # index into Plan.caches when the point trains from the shared cache
+
+
+@dataclass
+class Baseline:
+    """A teacher measured as it is (the ratio-to-teacher denominators)."""
+
+    name: str
+    run: RunSpec  # the first point that uses this teacher (its teacher and data)
+    eval: EvalSpec
+    bench: BenchSpec
+
+
+@dataclass
+class CacheGroup:
+    folder: Path
+    teacher: str
+    allow_pickle: bool
+    data: Any
+    block_size: int
+    temperature: float
+    points: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    spec: SweepSpec
+    out: Path
+    baselines: list[Baseline]
+    points: list[Point]
+    caches: list[CacheGroup]
+
+
+# ------------------------------------------------------------------------------------ building specs
+def load_sweep(path: Path) -> SweepSpec:
+    return build_spec(SweepSpec, read_spec_file(path), str(path))
+
+
+def build_sweep(
+    file_data: dict[str, Any],
+    base: dict[str, Any],
+    layers: list[int] | None,
+    eval_overrides: dict[str, Any],
+    bench_overrides: dict[str, Any],
+    out: str | None,
+    where: str,
+) -> SweepSpec:
+    """A sweep spec from a file's mapping (or none: the quick form) with command-line flags on top.
+
+    ``base`` overrides go onto the spec's base run spec, ``layers`` replaces the grid's
+    ``student.layers``, ``eval_overrides`` / ``bench_overrides`` go onto its eval / bench sections.
+    """
+    data = dict(file_data)
+    data["base"] = apply_overrides(data.get("base") or {}, base)
+    if layers is not None:
+        data["grid"] = {**(data.get("grid") or {}), "student.layers": layers}
+    data["eval"] = deep_merge(data.get("eval") or {}, eval_overrides)
+    data["bench"] = deep_merge(data.get("bench") or {}, bench_overrides)
+    if out is not None:
+        data["out"] = out
+    return build_spec(SweepSpec, data, where)
+
+
+def expand_placeholders(value: Any, out: str) -> Any:
+    """``{out}`` in every string of ``value`` (nested mappings and lists too) becomes the sweep folder."""
+    if isinstance(value, str):
+        return value.replace(PLACEHOLDER, out)
+    if isinstance(value, dict):
+        return {k: expand_placeholders(v, out) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_placeholders(v, out) for v in value]
+    return value
+
+
+def nest(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Dotted keys (``student.layers``) and nested mappings alike, as one nested mapping."""
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            value = nest(value)
+        *parents, leaf = str(key).split(".")
+        branch: dict[str, Any] = {}
+        node = branch
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+        nested = deep_merge(nested, branch)
+    return nested
+
+
+def apply_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` on top; a new strategy (init) name starts from its own default params."""
+    nested = nest(overrides)
+    merged = deep_merge(base, nested)
+    for section, name_key, params_key, default in (
+        ("strategy", "name", "params", StrategySpec().name),
+        ("student", "init", "init_params", StudentSpec().init),
+    ):
+        new = nested.get(section) or {}
+        old_name = (base.get(section) or {}).get(name_key, default)
+        if name_key in new and params_key not in new and new[name_key] != old_name:
+            merged[section].pop(params_key, None)
+    return merged
+
+
+def auto_name(overrides: dict[str, Any]) -> str:
+    """A short point name from its overrides: ``8L``, ``in-training-8L``, ``temperature=1.0``."""
+    parts = []
+    for key, value in overrides.items():
+        if key == "student.layers":
+            parts.append(f"{value}L")
+        elif key in ("strategy.name", "student.init"):
+            parts.append(str(value))
+        else:
+            parts.append(f"{str(key).rsplit('.', 1)[-1]}={value}")
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", "-".join(parts)) or "point"
+
+
+def _section(sweep_section: dict[str, Any], run: RunSpec) -> dict[str, Any]:
+    """An eval/bench mapping whose data defaults to the point's own (so its test split is the held-out one)."""
+    return {**sweep_section, "data": deep_merge(run.data.model_dump(mode="json"), sweep_section.get("data") or {})}
+
+
+def plan_sweep(spec: SweepSpec, where: str = "sweep spec") -> Plan:
+    """Expand every point and validate its run spec and plugins; loads no model."""
+    from kdcode.plugins import validate_plugins
+
+    out = spec.out
+    base = expand_placeholders(spec.base, out)
+    sections = {"eval": expand_placeholders(spec.eval, out), "bench": expand_placeholders(spec.bench, out)}
+    named: list[tuple[str, dict[str, Any]]] = []
+    grid = expand_placeholders(spec.grid, out)
+    for values in itertools.product(*grid.values()):
+        overrides = dict(zip(grid.keys(), values))
+        named.append((auto_name(overrides), overrides))
+    for i, raw in enumerate(expand_placeholders(spec.points, out)):
+        overrides = {k: v for k, v in raw.items() if k != "name"}
+        name = raw.get("name")
+        if name is not None and (not isinstance(name, str) or not _NAME.match(name)):
+            raise KdcodeError(
+                f"invalid spec in {where}: points.{i}.name {name!r}: use letters, digits and . _ = + - (a folder name)"
+            )
+        named.append((name or auto_name(overrides), overrides))
+    seen: set[str] = set()
+    points: list[Point] = []
+    for name, overrides in named:
+        if name in seen or name in _RESERVED:
+            why = "is reserved" if name in _RESERVED else "is used twice"
+            raise KdcodeError(f"invalid spec in {where}: point name {name!r} {why}; give each point its own name")
+        seen.add(name)
+        data = apply_overrides(base, overrides)
+        if "out" not in nest(overrides):  # each point its own folder, whatever the base says
+            data["out"] = str(Path(out) / name)
+        run = resolve_run_spec(data, {}, f"{where} (point {name})")
+        ev = build_spec(EvalSpec, _section(sections["eval"], run), f"{where} (eval, point {name})")
+        be = build_spec(BenchSpec, _section(sections["bench"], run), f"{where} (bench, point {name})")
+        points.append(Point(name, overrides, run, ev, be))
+
+    # Plugin params, and points that start from a later point's student (they would find no folder).
+    order = {p.name: i for i, p in enumerate(points)}
+    root = Path(out).resolve()
+    strategies = {}
+    for i, p in enumerate(points):
+        strategies[p.name], _ = validate_plugins(p.run)
+        path = p.run.student.init_params.get("path")
+        if isinstance(path, str):
+            try:
+                first = Path(path).resolve().relative_to(root).parts[0]
+            except (ValueError, IndexError):
+                continue
+            if order.get(first, -1) >= i:
+                raise KdcodeError(
+                    f"invalid spec in {where}: point {p.name!r} starts from {path}, the student of point {first!r}, "
+                    f"which runs {'later' if order[first] > i else 'as that same point'}; list {first!r} first"
+                )
+
+    caches: list[CacheGroup] = []
+    if spec.teacher_cache:
+        _plan_caches(points, strategies, Path(out), caches)
+    baselines: list[Baseline] = []
+    for p in points:
+        teacher = p.run.teacher
+        if any(b.run.teacher == teacher for b in baselines):
+            continue
+        name = TEACHER if not baselines else f"{TEACHER}:{teacher.name}"
+        baselines.append(Baseline(name, p.run, p.eval, p.bench))
+    return Plan(spec, Path(out), baselines, points, caches)
+
+
+def _plan_caches(points: list[Point], strategies: dict[str, Any], out: Path, caches: list[CacheGroup]) -> None:
+    """Group the frozen-teacher points that read identical teacher outputs; point each group at one cache."""
+    groups: dict[str, CacheGroup] = {}
+    for p in points:
+        strategy, run = strategies[p.name], p.run
+        temperature = getattr(strategy.params, "temperature", None)
+        if (
+            run.teacher_cache is not None
+            or not strategy.supports_cache
+            or temperature is None
+            or getattr(strategy.params, "temperature_schedule", "constant") != "constant"
+            or run.teacher.revision is not None  # run_cache_teacher loads the default revision only
+            or run.teacher.trust_remote_code
+        ):
+            continue
+        key = json.dumps(
+            [
+                run.teacher.name,
+                run.teacher.allow_pickle,
+                run.data.model_dump(mode="json"),
+                run.train.block_size,
+                temperature,
+            ],
+            sort_keys=True,
+        )
+        if key not in groups:
+            folder = out / (CACHE_DIR if not groups else f"{CACHE_DIR}-{len(groups) + 1}")
+            groups[key] = CacheGroup(
+                folder, run.teacher.name, run.teacher.allow_pickle, run.data, run.train.block_size, temperature
+            )
+            caches.append(groups[key])
+        group = groups[key]
+        group.points.append(p.name)
+        p.cache_group = caches.index(group)
+        p.run = p.run.model_copy(update={"teacher_cache": str(group.folder)})
+
+
+# --------------------------------------------------------------------------------------- results
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Every record of a results.jsonl file, in order (a torn last line from a kill is skipped)."""
+    if not path.is_file():
+        raise KdcodeError(f"{path} does not exist; pass the results.jsonl of a sweep")
+    records = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if i == len(lines):  # interrupted mid-write: that point simply runs again
+                break
+            raise KdcodeError(f"{path}:{i} is not a JSON record ({exc.msg}); fix or remove that line") from exc
+    return records
+
+
+def append_record(path: Path, record: dict[str, Any]) -> None:
+    """One JSON line, flushed to disk before the next point starts."""
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record, default=str) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _identity(run: RunSpec | None, ev: EvalSpec, be: BenchSpec) -> str:
+    """What a record must match to count as done on --resume: the same run, eval and bench specs."""
+    return json.dumps(
+        [run.model_dump(mode="json") if run else None, ev.model_dump(mode="json"), be.model_dump(mode="json")],
+        sort_keys=True,
+    )
+
+
+def _record_identity(record: dict[str, Any]) -> str:
+    return json.dumps([record.get("spec"), record.get("eval_spec"), record.get("bench_spec")], sort_keys=True)
+
+
+def _error(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, KdcodeError) else f"{type(exc).__name__}: {exc}"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _reusable_student(folder: Path, run: RunSpec) -> bool:
+    """A complete student of exactly this run spec (an interrupted point whose distil had finished)."""
+    from kdcode.artifacts import read_manifest
+
+    try:
+        manifest = read_manifest(folder) if folder.is_dir() else None
+    except KdcodeError:
+        return False
+    return bool(manifest) and manifest.get("spec") == run.model_dump(mode="json")
+
+
+# ------------------------------------------------------------------------------------------- run
+def _measure_teacher(b: Baseline) -> dict[str, Any]:
+    from kdcode.models import resolve_path
+
+    t = b.run.teacher
+    load = {"allow_pickle": t.allow_pickle, "trust_remote_code": t.trust_remote_code}
+    record: dict[str, Any] = {
+        "name": b.name,
+        "kind": "teacher",
+        "status": "ok",
+        "error": None,
+        "stage": None,
+        "overrides": {},
+        "spec": None,
+        "teacher": t.name,
+        "baseline": b.name,
+        "folder": None,
+        "eval_spec": b.eval.model_dump(mode="json"),
+        "bench_spec": b.bench.model_dump(mode="json"),
+        "eval": None,
+        "bench": None,
+        "wall_s": {},
+        "started_at": _now(),
+        "kdcode": __version__,
+    }
+    start = time.perf_counter()
+    try:
+        record["stage"] = "load"
+        path = resolve_path(t.name)
+        record["folder"] = str(path) if path else None
+        record["stage"] = "eval"
+        t0 = time.perf_counter()
+        record["eval"] = run_eval(t.name, b.eval, **load)
+        record["wall_s"]["eval"] = round(time.perf_counter() - t0, 2)
+        record["stage"] = "bench"
+        t0 = time.perf_counter()
+        record["bench"] = run_bench(t.name, b.bench, **load)
+        record["wall_s"]["bench"] = round(time.perf_counter() - t0, 2)
+        record["stage"] = None
+    except Exception as exc:  # recorded; the students still run
+        record.update(status="failed", error=_error(exc), traceback=traceback.format_exc(limit=-8))
+    record["wall_s"]["total"] = round(time.perf_counter() - start, 2)
+    record["finished_at"] = _now()
+    return record
+
+
+def _run_point(point: Point, baseline: str, root: Path, resume: bool, cache_note: Any) -> dict[str, Any]:
+    folder = Path(point.run.out)
+    record: dict[str, Any] = {
+        "name": point.name,
+        "kind": "student",
+        "status": "ok",
+        "error": None,
+        "stage": None,
+        "overrides": point.overrides,
+        "spec": point.run.model_dump(mode="json"),
+        "teacher": point.run.teacher.name,
+        "baseline": baseline,
+        "folder": str(folder),
+        "eval_spec": point.eval.model_dump(mode="json"),
+        "bench_spec": point.bench.model_dump(mode="json"),
+        "teacher_cache": cache_note,
+        "reused_student": False,
+        "training": None,
+        "eval": None,
+        "bench": None,
+        "wall_s": {},
+        "started_at": _now(),
+        "kdcode": __version__,
+    }
+    load = {"trust_remote_code": point.run.teacher.trust_remote_code}
+    start = time.perf_counter()
+    try:
+        if isinstance(cache_note, dict) and cache_note.get("error"):
+            record["stage"] = "teacher_cache"
+            raise KdcodeError(f"the shared teacher cache could not be built: {cache_note['error']}")
+        record["stage"] = "distil"
+        t0 = time.perf_counter()
+        if resume and _reusable_student(folder, point.run):
+            record["reused_student"] = True
+        else:
+            from kdcode.checkpoint import has_checkpoint
+
+            # A folder inside the sweep folder is this sweep's own (a leftover of an interrupted point);
+            # a checkpoint left by an interrupted distil is continued on --resume.
+            go_on = resume and has_checkpoint(folder.with_name(folder.name + ".ckpt"))
+            _, manifest = run_distil(point.run, overwrite=_inside(folder, root), resume=go_on)
+            record["training"] = manifest.get("training")
+            record["resumed_checkpoint"] = go_on
+        record["wall_s"]["distil"] = round(time.perf_counter() - t0, 2)
+        record["stage"] = "eval"
+        t0 = time.perf_counter()
+        record["eval"] = run_eval(str(folder), point.eval, **load)
+        record["wall_s"]["eval"] = round(time.perf_counter() - t0, 2)
+        record["stage"] = "bench"
+        t0 = time.perf_counter()
+        record["bench"] = run_bench(str(folder), point.bench, **load)
+        record["wall_s"]["bench"] = round(time.perf_counter() - t0, 2)
+        record["stage"] = None
+    except Interrupted:  # Ctrl-C / SIGTERM in training: the sweep stops (the point's checkpoint is kept)
+        raise
+    except Exception as exc:  # a failed point is recorded with its error; the sweep goes on
+        record.update(status="failed", error=_error(exc), traceback=traceback.format_exc(limit=-8))
+    record["wall_s"]["total"] = round(time.perf_counter() - start, 2)
+    record["finished_at"] = _now()
+    return record
+
+
+def _ensure_cache(group: CacheGroup, top_k: int, batch_size: int, log: Log) -> dict[str, Any]:
+    """Build the group's cache unless a complete one is there; returns what the point records note."""
+    from kdcode.cache import CACHE_MANIFEST
+
+    note: dict[str, Any] = {"path": str(group.folder), "build_s": None}
+    if (group.folder / CACHE_MANIFEST).is_file():
+        return note
+    log(f"teacher cache for {', '.join(group.points)}: one pass of {group.teacher} -> {group.folder}")
+    t0 = time.perf_counter()
+    try:
+        run_cache_teacher(
+            group.teacher,
+            group.data,
+            group.block_size,
+            top_k,
+            group.temperature,
+            group.folder,
+            batch_size=batch_size,
+            overwrite=True,
+            allow_pickle=group.allow_pickle,
+        )
+    except Exception as exc:  # every point of the group fails with this error; the others go on
+        return {**note, "error": _error(exc)}
+    note["build_s"] = round(time.perf_counter() - t0, 2)
+    return note
+
+
+def run_sweep(spec: SweepSpec, resume: bool = False, where: str = "sweep spec", log: Log = print) -> list[dict]:
+    """Run every point of ``spec`` (teacher baseline first); returns the records written by this call.
+
+    Without ``resume`` an existing non-empty results.jsonl is refused; with it, points whose last record
+    is ``ok`` for the same specs are skipped and the others (failed, changed or never run) run again.
+    """
+    plan = plan_sweep(spec, where)
+    out = plan.out
+    results = out / RESULTS
+    previous: dict[str, dict[str, Any]] = {}
+    if results.is_file() and results.stat().st_size > 0:
+        if not resume:
+            raise KdcodeError(
+                f"{results} already holds results; pass --resume to skip the points already done, "
+                "or choose another --out"
+            )
+        previous = {r["name"]: r for r in read_records(results) if "name" in r}
+    out.mkdir(parents=True, exist_ok=True)
+    from kdcode.artifacts import write_json
+
+    write_json(out / "sweep.json", spec.model_dump(mode="json"))
+
+    def done(name: str, identity: str) -> bool:
+        r = previous.get(name)
+        return bool(r) and r.get("status") == "ok" and _record_identity(r) == identity
+
+    written: list[dict[str, Any]] = []
+    for b in plan.baselines:
+        if done(b.name, _identity(None, b.eval, b.bench)):
+            log(f"{b.name}: done before, skipped")
+            continue
+        log(f"{b.name} ({b.run.teacher.name}): eval -> bench")
+        record = _measure_teacher(b)
+        append_record(results, record)
+        written.append(record)
+        log(_summary(record))
+
+    cache_notes: dict[int, Any] = {}
+    total = len(plan.points)
+    for i, point in enumerate(plan.points, 1):
+        if done(point.name, _identity(point.run, point.eval, point.bench)):
+            log(f"[{i}/{total}] {point.name}: done before, skipped")
+            continue
+        if point.cache_group is not None and point.cache_group not in cache_notes:
+            group = plan.caches[point.cache_group]
+            # Forward passes only (no grads, no student): at least the cache-teacher default batch of 8.
+            cache_notes[point.cache_group] = _ensure_cache(
+                group, spec.teacher_cache_top_k, max(8, point.run.train.batch_size), log
+            )
+        note = cache_notes.get(point.cache_group) if point.cache_group is not None else None
+        baseline = next(b.name for b in plan.baselines if b.run.teacher == point.run.teacher)
+        log(f"[{i}/{total}] {point.name}: distil -> eval -> bench")
+        record = _run_point(point, baseline, out, resume, note)
+        if note and note.get("build_s") is not None:
+            cache_notes[point.cache_group] = {**note, "build_s": None}  # the build is counted once
+        append_record(results, record)
+        written.append(record)
+        log(_summary(record))
+    return written
+
+
+def _summary(record: dict[str, Any]) -> str:
+    if record["status"] != "ok":
+        return f"  {record['name']} failed at {record['stage']}: {record['error']}"
+    ev, be = record["eval"], record["bench"]
+    return (
+        f"  {record['name']}: ES {ev.get('es')}, EM {ev.get('em')}, {be.get('params_m')}M params, "
+        f"{be.get('size_mb')} MB, {be.get('samples_per_s')} samples/s ({record['wall_s']['total']:.0f} s)"
+    )
