@@ -732,7 +732,7 @@ def complete(
         int | None, typer.Option(help="Cursor column, 1-based characters (default: after the line's indentation).")
     ] = None,
     beams: Annotated[int, typer.Option(help="1 = greedy; >1 = beam search.")] = 1,
-    n: Annotated[int, typer.Option("--n", help="Alternatives to print: the n best distinct beams.")] = 1,
+    n: Annotated[int, typer.Option("--n", help="Alternatives: the n best distinct beams (fewer if beams agree).")] = 1,
     max_tokens: Annotated[int, typer.Option(help="Longest completion in tokens.")] = 48,
     temperature: Annotated[float, typer.Option(help="0 = greedy / beams; >0 samples.")] = 0.0,
     seed: Annotated[int | None, typer.Option(help="Seed of the sampling.")] = None,

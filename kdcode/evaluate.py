@@ -76,17 +76,39 @@ def _py150_candidates(doc: Document, rng: random.Random) -> list[tuple[str, str,
 def build_line_samples(docs: list[Document], n: int, seed: int, fmt: str = "raw") -> list[LineSample]:
     """Up to ``n`` samples drawn uniformly (seeded) from every candidate line of ``docs``."""
     rng = random.Random(seed)
-    pool: list[LineSample] = []
+    pool: list[LineSample | tuple[Document, int, str, str]] = []
     for doc in docs:
         if fmt == "py150":
             for j, (inp, gt, prev) in enumerate(_py150_candidates(doc, rng)):
                 pool.append(LineSample(f"{doc.key}#{j}", inp, gt, prev))
         else:
-            for offset, gt, prev in _raw_candidates(doc):
-                pool.append(LineSample(f"{doc.key}@{offset}", doc.text[:offset], gt, prev))
+            # the prefix is cut only for drawn samples: one copy per line of every file would take
+            # gigabytes on the stdlib's test split
+            pool += [(doc, offset, gt, prev) for offset, gt, prev in _raw_candidates(doc)]
     if not pool:
         raise KdcodeError("the evaluation files hold no non-blank line after the first; nothing to complete")
-    return rng.sample(pool, min(n, len(pool)))
+    if fmt == "py150":
+        drawn = rng.sample(pool, min(n, len(pool)))
+    else:
+        # Files first, then a line in the file (CodeXGLUE takes one line per file): a uniform draw over
+        # all lines would let one huge file (the stdlib's pydoc_data/topics.py) dominate the set.
+        by_file: dict[str, list] = {}
+        for item in pool:
+            by_file.setdefault(item[0].key, []).append(item)  # type: ignore[index]
+        files = sorted(by_file)
+        for key in files:
+            rng.shuffle(by_file[key])
+        drawn = []
+        while len(drawn) < min(n, len(pool)):
+            key = rng.choice(files)
+            if by_file[key]:
+                drawn.append(by_file[key].pop())
+            else:
+                files.remove(key)
+    return [
+        s if isinstance(s, LineSample) else LineSample(f"{s[0].key}@{s[1]}", s[0].text[: s[1]], s[2], s[3])
+        for s in drawn
+    ]
 
 
 def read_lines_file(path: Path) -> list[LineSample]:

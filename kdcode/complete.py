@@ -1,0 +1,218 @@
+"""Completions for local use: one model loaded once, the prefix an editor sends (the text up to the cursor).
+
+``prefix_at`` cuts a file's text at a cursor (1-based line and column). ``Engine`` completes a prefix with
+greedy decoding, beam search (the n best distinct alternatives) or sampling, with a KV cache, stopping at the
+end of the line (or at the given stop strings) or after ``max_tokens``; ``on_text`` receives the text as it
+is generated (streaming). A prompt that ends inside indentation or after a space is healed back over that
+whitespace (see ``Completer.heal_space``), so the model sees the prompt tokenized as in training.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kdcode.errors import KdcodeError
+
+DEFAULT_STOP: tuple[str, ...] = ("\n",)
+OnText = Callable[[int, str], None]  # (choice index, text delta)
+
+
+def prefix_at(text: str, line: int, col: int | None = None) -> str:
+    """The text before a cursor at ``line`` (1-based) and ``col`` (1-based, in characters: 1 is the line's
+    start, the line's length + 1 its end). Without ``col`` the cursor stands after the line's indentation,
+    which stays in the prefix, as an editor sends it."""
+    lines = text.split("\n")  # a text ending in a newline has an empty last line, as editors show it
+    if not 1 <= line <= len(lines):
+        raise KdcodeError(f"--line {line} is outside the text, which has {len(lines)} lines (the first is 1)")
+    current = lines[line - 1].removesuffix("\r")
+    if col is None:
+        col = len(current) - len(current.lstrip(" \t")) + 1
+    elif not 1 <= col <= len(current) + 1:
+        raise KdcodeError(
+            f"--col {col} is outside line {line}, which has {len(current)} characters (columns 1 to {len(current) + 1})"
+        )
+    offset = sum(len(s) + 1 for s in lines[: line - 1])
+    return text[: offset + col - 1]
+
+
+@dataclass
+class Choice:
+    text: str
+    tokens: int  # generated tokens, the healed whitespace and the stop included
+    finish_reason: str  # "stop": a stop string, the end of the line or of the text; "length": max_tokens
+
+
+@dataclass
+class Completion:
+    choices: list[Choice]
+    prompt_tokens: int  # tokens in the prompt as given; the model sees at most its context minus max_tokens
+    first_token_s: float | None  # from the call to the first generated token (None for beam search)
+    total_s: float
+
+
+def _settled(text: str, stops: Sequence[str]) -> str:
+    """The part of a partial completion that later tokens cannot take back: not a partial UTF-8 character at its
+    end, nor a tail that may be the start of a stop string."""
+    text = text.rstrip("\ufffd")
+    hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return text[: len(text) - hold]
+
+
+class _Stream:
+    """Turns generated tokens into text deltas per row; ``flush`` sends what the final text adds."""
+
+    def __init__(self, completer: Any, prefix: str, on_text: OnText | None, t0: float) -> None:
+        self.c, self.prefix, self.on_text, self.t0 = completer, prefix, on_text, t0
+        self.gens: dict[int, list[int]] = {}
+        self.sent: dict[int, str] = {}
+        self.first_token_s: float | None = None
+
+    def on_token(self, row: int, token: int) -> None:
+        if self.first_token_s is None:
+            self.first_token_s = time.perf_counter() - self.t0
+        if self.on_text is None:
+            return
+        gen = self.gens.setdefault(row, [])
+        gen.append(token)
+        self._send(row, _settled(self.c.finish(gen, self.prefix), self.c.stop_strings))
+
+    def flush(self, row: int, final: str) -> None:
+        if self.on_text is not None:
+            self._send(row, final)
+
+    def _send(self, row: int, text: str) -> None:
+        sent = self.sent.get(row, "")
+        if len(text) > len(sent) and text.startswith(sent):
+            self.sent[row] = text
+            self.on_text(row, text[len(sent) :])  # type: ignore[misc]
+
+
+class Engine:
+    """One model and tokenizer, ready to complete prefixes; not thread-safe (callers queue their calls)."""
+
+    def __init__(self, loaded: Any, device: str = "cpu") -> None:
+        from kdcode.generate import Completer
+
+        self.loaded = loaded
+        self.name = loaded.name
+        model = loaded.model.to(device)
+        config = model.config
+        self.n_positions = int(
+            getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or 1024
+        )
+        self.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+        if (((loaded.manifest or {}).get("compression") or {}).get("layout") or {}).get("int8"):
+            self.dtype = f"int8 ({self.dtype} rest)"  # see kdcode.compress: Linear weights are int8 buffers
+        self.device = str(next(model.parameters()).device)
+        self.base = Completer(model, loaded.tokenizer, max_new_tokens=1)
+        self.base.heal_space = True
+        self.base.token_texts()  # built once here: every per-call copy shares it
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.loaded.tokenizer
+
+    def count_tokens(self, prompt: str) -> int:
+        return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+    def warm_up(self) -> None:
+        """One short completion, so that the first real one does not pay for lazy initialisation."""
+        self.complete("import os\n\n\ndef main():\n    ", max_tokens=4)
+
+    def complete(
+        self,
+        prompt: str,
+        max_tokens: int = 16,
+        *,
+        n: int = 1,
+        beams: int = 1,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        stop: Sequence[str] = DEFAULT_STOP,
+        on_text: OnText | None = None,
+        prompt_tokens: int | None = None,
+    ) -> Completion:
+        """Complete ``prompt``: greedy (``beams=1, n=1``), the ``n`` best distinct beams of beam search
+        (``temperature=0``, ``max(beams, n)`` beams), or ``n`` samples at ``temperature`` (seeded by ``seed``).
+        ``prompt_tokens``, when the caller has counted them, saves tokenizing a long prompt twice."""
+        import torch
+
+        if not 1 <= max_tokens < self.n_positions:
+            raise KdcodeError(
+                f"max_tokens must be 1 to {self.n_positions - 1} (the model has {self.n_positions} positions)"
+            )
+        if n < 1 or beams < 1:
+            raise KdcodeError("n and beams must be at least 1")
+        if temperature < 0:
+            raise KdcodeError("temperature must be >= 0 (0 = greedy)")
+        if temperature > 0 and beams > 1:
+            raise KdcodeError("beam search is deterministic: use temperature 0 with beams, or beams 1 to sample")
+        if any(not s for s in stop):
+            raise KdcodeError("a stop string cannot be empty")
+        t0 = time.perf_counter()
+        if prompt_tokens is None:
+            prompt_tokens = self.count_tokens(prompt)
+        if not prompt.strip():  # nothing to condition on but the start of a file
+            if self.tokenizer.bos_token is None:
+                raise KdcodeError("the prompt is empty and the tokenizer has no start-of-text token to stand for it")
+            prompt = self.tokenizer.bos_token + prompt
+        c = copy.copy(self.base)
+        c.max_new_tokens = max_tokens
+        c.context_tokens = self.n_positions - max_tokens
+        c.stop_strings = tuple(stop)
+        c.heal = "<EOL>" not in prompt  # py150 text is whitespace-separated tokens: not healed, as in eval
+        c.temperature = temperature
+        if temperature > 0:
+            c.generator = torch.Generator()
+            if seed is None:
+                c.generator.seed()  # fresh entropy: a different sample each call
+            else:
+                c.generator.manual_seed(seed)
+        stream = _Stream(c, c.encode(prompt)[1] if on_text else "", on_text, t0)
+        c.on_token = stream.on_token
+        if temperature == 0 and (beams > 1 or n > 1):
+            choices = [Choice(t, k, "stop" if s else "length") for t, k, s in c.beam_n(prompt, beams, n)]
+        else:
+            rows = n if temperature > 0 else 1
+            gen = c.greedy([prompt] * rows, batch_size=rows)
+            choices = [
+                Choice(t, k, "stop" if s else "length") for t, k, s in zip(gen.texts, gen.token_counts, gen.stopped)
+            ]
+        for i, choice in enumerate(choices):
+            stream.flush(i, choice.text)
+        return Completion(choices, prompt_tokens, stream.first_token_s, time.perf_counter() - t0)
+
+
+def load_engine(
+    name: str,
+    *,
+    device: str = "auto",
+    threads: int | None = None,
+    verify: bool = True,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    warm_up: bool = True,
+) -> Engine:
+    """Load a model folder / ``bundled`` / hub id in the dtype its config names, on ``device`` (auto: CUDA when
+    there is one), and warm it up."""
+    import torch
+
+    from kdcode.models import load_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise KdcodeError(f"--device {device!r}: use auto, cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise KdcodeError("--device cuda was asked for, but no CUDA device is available")
+    lm = load_model(name, check=verify, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, dtype="auto")
+    engine = Engine(lm, device)
+    if warm_up:
+        engine.warm_up()
+    return engine

@@ -1,0 +1,220 @@
+"""The OpenAI-compatible server, over real HTTP: a uvicorn server in a background thread on a free loopback port."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+from typer.testing import CliRunner  # noqa: E402
+
+from kdcode.cli import app as cli_app  # noqa: E402
+from kdcode.complete import Engine, load_engine  # noqa: E402
+from kdcode.serve import create_app  # noqa: E402
+
+PROMPTS = [
+    "import os\n\n\ndef main(argv):\n    ",
+    "class A:\n    def __init__(self):\n        self.x = 1\n",
+    "x = ",
+    "for i in range(10):\n    print(",
+    "def f(a, b):\n    return a",
+]
+TIMEOUT = 60.0
+
+
+class ServerThread:
+    """uvicorn on 127.0.0.1, port 0 (the OS picks a free one), in a daemon thread; stopped on exit."""
+
+    def __init__(self, app) -> None:
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+        assert not self.thread.is_alive(), "the server thread did not stop"
+
+
+@pytest.fixture(scope="module")
+def engine(teacher_dir) -> Engine:
+    return load_engine(str(teacher_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server(teacher_dir, engine):
+    with ServerThread(create_app(str(teacher_dir), engine=engine, max_tokens_limit=32)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def name(teacher_dir) -> str:
+    return teacher_dir.name
+
+
+def post(server, body, **kw):
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(
+        f"{server.url}/v1/completions", content=data, headers={"content-type": "application/json"}, timeout=TIMEOUT
+    )
+
+
+def assert_error(r, status: int, needle: str) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and needle in err["message"], err
+    return err
+
+
+def test_health_and_models(server, name):
+    h = httpx.get(f"{server.url}/health", timeout=TIMEOUT)
+    assert h.status_code == 200 and h.json()["status"] == "ok" and h.json()["model"] == name
+    m = httpx.get(f"{server.url}/v1/models", timeout=TIMEOUT).json()
+    assert m["object"] == "list" and [d["id"] for d in m["data"]] == [name]
+    assert_error(httpx.get(f"{server.url}/nope", timeout=TIMEOUT), 404, "Not Found")
+
+
+def test_completion_matches_the_engine(server, engine, name):
+    r = post(server, {"model": name, "prompt": PROMPTS[0], "max_tokens": 12})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and body["model"] == name and body["id"].startswith("cmpl-")
+    want = engine.complete(PROMPTS[0], 12).choices[0]
+    assert body["choices"] == [{"text": want.text, "index": 0, "logprobs": None, "finish_reason": want.finish_reason}]
+    usage = body["usage"]
+    assert usage["prompt_tokens"] == engine.count_tokens(PROMPTS[0])
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_list_prompts_n_beams_and_seeded_sampling(server, engine, name):
+    r = post(server, {"model": name, "prompt": PROMPTS[:2], "max_tokens": 6, "n": 2})
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2, 3]
+    assert choices[0]["text"] == engine.complete(PROMPTS[0], 6, n=2).choices[0].text
+    sample = {"model": name, "prompt": PROMPTS[2], "max_tokens": 6, "n": 3, "temperature": 0.9, "seed": 5}
+    a, b = post(server, sample).json(), post(server, sample).json()
+    assert len(a["choices"]) == 3 and a["choices"] == b["choices"]
+    r = post(server, {"model": name, "prompt": PROMPTS[2], "max_tokens": 8, "stop": ["(", ")"]})
+    assert r.status_code == 200 and not set("()") & set(r.json()["choices"][0]["text"])
+
+
+def sse_events(server, body) -> list[str]:
+    events = []
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=TIMEOUT) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[len("data: ") :])
+            assert len(events) < 1000
+    return events
+
+
+def test_streaming_adds_up_and_ends_with_done(server, engine, name):
+    events = sse_events(
+        server,
+        {
+            "model": name,
+            "prompt": PROMPTS[3],
+            "max_tokens": 12,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+    text = "".join(ch["text"] for c in chunks for ch in c["choices"])
+    want = engine.complete(PROMPTS[3], 12).choices[0]
+    assert text == want.text
+    assert chunks[-2]["choices"][0]["finish_reason"] == want.finish_reason
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (b"[1, 2]", 400, "JSON object"),
+        (b'{"prompt": "' + b"x" * 2**20 + b'"}', 413, "over"),
+        ({"model": "m", "prompt": "x"}, 404, "does not exist"),
+        ({"prompt": "x"}, 400, "model"),
+        ({"model": "NAME", "prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
+        ({"model": "NAME", "prompt": "x", "max_tokens": 33}, 400, "at most 32"),
+        ({"model": "NAME", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": "NAME", "prompt": "x", "temperature": -1}, 400, "temperature"),
+        ({"model": "NAME", "prompt": [1, 2, 3]}, 400, "token ids"),
+        ({"model": "NAME", "prompt": []}, 400, "empty"),
+        ({"model": "NAME", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        ({"model": "NAME", "prompt": "x", "n": 20}, 400, "at most"),
+        ({"model": "NAME", "prompt": "x", "bogus": 1}, 400, "bogus"),
+        ({"model": "NAME", "prompt": "x", "echo": True}, 400, "echo"),
+        ({"model": "NAME", "prompt": "x", "best_of": 2, "temperature": 1}, 400, "temperature 0"),
+    ],
+)
+def test_bad_requests_get_4xx_json_errors(server, name, body, status, needle):
+    if isinstance(body, dict) and body.get("model") == "NAME":
+        body = {**body, "model": name}
+    assert_error(post(server, body), status, needle)
+
+
+def test_oversized_prompt_is_refused(server, name, engine):
+    prompt = PROMPTS[0] * 60
+    assert engine.count_tokens(prompt) > engine.n_positions
+    for stream in (False, True):
+        err = assert_error(post(server, {"model": name, "prompt": prompt, "stream": stream}), 400, "tokens")
+        assert err["code"] == "context_length_exceeded"
+    with ServerThread(create_app("x", engine=engine, model_name="tiny", max_prompt_tokens=5)) as small:
+        assert_error(post(small, {"model": "tiny", "prompt": PROMPTS[1]}), 400, "at most 5")
+        assert post(small, {"model": "tiny", "prompt": "x ="}).status_code == 200
+
+
+def test_concurrent_requests_get_the_sequential_answers(server, name):
+    prompts = [PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)) for i in range(10)]
+    bodies = [{"model": name, "prompt": p, "max_tokens": 10} for p in prompts]
+    sequential = [post(server, b).json()["choices"][0]["text"] for b in bodies]
+    with ThreadPoolExecutor(10) as pool:
+        replies = list(pool.map(lambda b: post(server, b), bodies))
+    assert all(r.status_code == 200 for r in replies)
+    assert [r.json()["choices"][0]["text"] for r in replies] == sequential
+    # streamed and plain at once
+    with ThreadPoolExecutor(4) as pool:
+        streamed = list(pool.map(lambda b: sse_events(server, {**b, "stream": True}), bodies[:4]))
+    for events, want in zip(streamed, sequential):
+        assert "".join(ch["text"] for e in events[:-1] for ch in json.loads(e)["choices"]) == want
+
+
+def test_official_openai_client(server, engine, name):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+    assert [m.id for m in client.models.list()] == [name]
+    want = engine.complete(PROMPTS[4], 10).choices[0]
+    got = client.completions.create(model=name, prompt=PROMPTS[4], max_tokens=10, temperature=0)
+    assert got.choices[0].text == want.text and got.choices[0].finish_reason == want.finish_reason
+    stream = client.completions.create(model=name, prompt=PROMPTS[4], max_tokens=10, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == want.text
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=name, prompt=PROMPTS[4], max_tokens=1000)
+
+
+def test_serve_without_the_extra_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # import fails as if it were not installed
+    r = CliRunner().invoke(cli_app, ["serve", "bundled"])
+    assert r.exit_code == 2 and "pip install 'kdcode[serve]'" in r.output
