@@ -27,6 +27,15 @@ def _rss_mb() -> float:
 
 
 def _peak_rss_mb() -> float:
+    # On Linux ru_maxrss survives exec, so a spawned child would report its parent's peak when that is higher;
+    # VmHWM belongs to this process's own address space.
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10
+    except OSError:
+        pass
     # ru_maxrss is in KiB on Linux, bytes on macOS.
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (2**20 if platform.system() == "Darwin" else 2**10)

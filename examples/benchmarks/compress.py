@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=32, help="timed bench completions per model")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=1, help="bench batch")
+    ap.add_argument("--bench-rounds", type=int, default=3, help="bench each model this often, keep its fastest")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--work-dir", type=Path, default=None, help="where the compressed folders go (default: temp)")
     ap.add_argument("--json", type=Path, default=None)
@@ -71,10 +72,18 @@ def main() -> None:
         threads=args.threads,
         device="cpu",
     )
+    evals = {label: run_eval(folder, eval_spec) for label, folder in rows.items()}
+    # Bench rounds interleave the models and keep each one's fastest round: on a shared CPU the noise is
+    # other work, which only ever slows a round down.
+    benches: dict[str, dict] = {}
+    for _ in range(args.bench_rounds):
+        for label, folder in rows.items():
+            b = run_bench(folder, bench_spec)
+            if label not in benches or b["samples_per_s"] > benches[label]["samples_per_s"]:
+                benches[label] = b
     results = {}
     for label, folder in rows.items():
-        ev = run_eval(folder, eval_spec)
-        b = run_bench(folder, bench_spec)
+        ev, b = evals[label], benches[label]
         results[label] = {
             "folder": folder,
             "es": ev["es"],
@@ -103,16 +112,18 @@ def main() -> None:
 
     print(
         f"{'model':<34}{'ES':>7}{'EM':>7}{'size MB':>10}{'x smaller':>10}{'samples/s':>11}{'x speed':>9}"
-        f"{'dES':>7}{'mem MB':>9}"
+        f"{'dES':>7}{'weights MB':>11}{'peak MB':>9}"
     )
     for label, r in results.items():
         print(
             f"{label:<34}{r['es']:>7.2f}{r['em']:>7.2f}{r['size_mb']:>10.3f}{r['size_ratio']:>10.2f}"
-            f"{r['samples_per_s']:>11.2f}{r['speed_ratio']:>9.2f}{r['es_delta']:>7.2f}{r['peak_memory_mb']:>9.1f}"
+            f"{r['samples_per_s']:>11.2f}{r['speed_ratio']:>9.2f}{r['es_delta']:>7.2f}{r['weights_memory_mb']:>11.2f}"
+            f"{r['peak_memory_mb']:>9.1f}"
         )
     print(
         f"CPU, {base['threads']} threads, eval {args.samples} samples, bench {args.prompts} prompts x "
-        f"{args.new_tokens} tokens, batch {args.batch_size}; goal (student+int8 vs student): {goal}"
+        f"{args.new_tokens} tokens, batch {args.batch_size}, best of {args.bench_rounds} rounds"
+        f"; goal (student+int8 vs student): {goal}"
     )
     out = {"rows": results, "goal": goal, "args": {k: str(v) for k, v in vars(args).items()}}
     if args.json:
