@@ -94,6 +94,27 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+# Flags that `distil` and `sweep` share (None = keep the spec's value).
+TeacherOpt = Annotated[str | None, typer.Option("--teacher", help="Teacher: 'bundled', a HF id or a local folder.")]
+DataOpt = Annotated[
+    str | None, typer.Option("--data", help="Folder of source files, .jsonl, HF dataset id, or 'stdlib'.")
+]
+StrategyOpt = Annotated[str | None, typer.Option("--strategy", help="KD strategy (see `kdcode list`).")]
+InitOpt = Annotated[str | None, typer.Option("--init", help="Student init scheme (see `kdcode list`).")]
+TemperatureOpt = Annotated[float | None, typer.Option("--temperature", help="Softmax temperature of the soft loss.")]
+
+
+def _record(model: str, name: str, metrics: dict[str, Any]) -> None:
+    """--record: store ``metrics`` under manifest["metrics"][name] of a local model folder."""
+    from kdcode.artifacts import update_metrics
+    from kdcode.models import resolve_path
+
+    path = resolve_path(model)
+    if path is None:
+        fail("--record needs a local model folder")
+    update_metrics(path, name, metrics)
+
+
 def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
     if value is None:
         return
@@ -108,13 +129,11 @@ def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
 @handle_errors
 def distil(
     spec: Annotated[Path | None, typer.Option("--spec", help="Run spec (YAML/JSON); flags override it.")] = None,
-    teacher: Annotated[str | None, typer.Option(help="Teacher: 'bundled', a HF id or a local folder.")] = None,
+    teacher: TeacherOpt = None,
     layers: Annotated[int | None, typer.Option(help="Student depth (transformer blocks).")] = None,
-    strategy: Annotated[str | None, typer.Option(help="KD strategy (see `kdcode list`).")] = None,
-    init: Annotated[str | None, typer.Option(help="Student init scheme (see `kdcode list`).")] = None,
-    data: Annotated[
-        str | None, typer.Option(help="Folder of source files, .jsonl, HF dataset id, or 'stdlib'.")
-    ] = None,
+    strategy: StrategyOpt = None,
+    init: InitOpt = None,
+    data: DataOpt = None,
     glob: Annotated[str | None, typer.Option(help="File pattern inside a data folder.")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimiser steps.")] = None,
     epochs: Annotated[float | None, typer.Option(help="Stop after this many passes over the train split.")] = None,
@@ -122,7 +141,7 @@ def distil(
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Blocks per step.")] = None,
     block_size: Annotated[int | None, typer.Option(help="Tokens per block.")] = None,
-    temperature: Annotated[float | None, typer.Option(help="Softmax temperature of the soft loss.")] = None,
+    temperature: TemperatureOpt = None,
     hidden_size: Annotated[int | None, typer.Option(help="Narrower student width (random/pretrained init).")] = None,
     heads: Annotated[int | None, typer.Option(help="Attention heads of a narrower student.")] = None,
     teacher_cache: Annotated[str | None, typer.Option(help="Train from a teacher-logit cache (cache-teacher).")] = None,
@@ -260,7 +279,8 @@ def pretrain(
     tr = manifest["training"]
     out_console().print(
         f"[green]model written to[/] {folder}  ({manifest['model']['params_m']}M params, {tr['steps']} steps, "
-        f"{tr['tokens_seen']} tokens in {tr['wall_time_s']:.0f} s, valid loss {tr['final'].get('valid_loss', float('nan')):.3f})"
+        f"{tr['tokens_seen']} tokens in {tr['wall_time_s']:.0f} s, "
+        f"valid loss {tr['final'].get('valid_loss', float('nan')):.3f})"
     )
 
 
@@ -383,14 +403,8 @@ def eval_cmd(
             out_console().print("[yellow]note:[/] no kdcode.json manifest: weights unverified")
     write_json(json_out, result)
     if record:
-        from kdcode.artifacts import update_metrics
-        from kdcode.models import resolve_path
-
-        path = resolve_path(model)
-        if path is None:
-            fail("--record needs a local model folder")
-        update_metrics(
-            path,
+        _record(
+            model,
             "eval",
             {k: result.get(k) for k in ("es", "em", "token_accuracy", "perplexity", "samples", "baseline", "decoding",
                                         "split", "seed")},
@@ -471,13 +485,7 @@ def bench(
             console.print(f"vs {compare}: {r['speedup']}x throughput, size x{r['size']}, params x{r['params']}")
     write_json(json_out, result)
     if record:
-        from kdcode.artifacts import update_metrics
-        from kdcode.models import resolve_path
-
-        path = resolve_path(model)
-        if path is None:
-            fail("--record needs a local model folder")
-        update_metrics(path, "bench", {k: v for k, v in result.items() if k != "compare"})
+        _record(model, "bench", {k: v for k, v in result.items() if k != "compare"})
 
 
 # ------------------------------------------------------------------------------------------ list
@@ -620,18 +628,16 @@ def sweep(
     spec: Annotated[
         Path | None, typer.Argument(help="Sweep spec (YAML/JSON). Without it: sweep --layers, all else fixed.")
     ] = None,
-    teacher: Annotated[str | None, typer.Option(help="Teacher: 'bundled', a HF id or a local folder.")] = None,
-    data: Annotated[
-        str | None, typer.Option(help="Folder of source files, .jsonl, HF dataset id, or 'stdlib'.")
-    ] = None,
+    teacher: TeacherOpt = None,
+    data: DataOpt = None,
     layers: Annotated[str | None, typer.Option(help="Student depths to sweep, e.g. 4,6,8.")] = None,
-    strategy: Annotated[str | None, typer.Option(help="KD strategy (see `kdcode list`).")] = None,
-    init: Annotated[str | None, typer.Option(help="Student init scheme (see `kdcode list`).")] = None,
+    strategy: StrategyOpt = None,
+    init: InitOpt = None,
     max_steps: Annotated[int | None, typer.Option(help="Steps per point.")] = None,
     max_minutes: Annotated[float | None, typer.Option(help="Wall-clock budget per point.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Blocks per step.")] = None,
     block_size: Annotated[int | None, typer.Option(help="Tokens per block.")] = None,
-    temperature: Annotated[float | None, typer.Option(help="Softmax temperature of the soft loss.")] = None,
+    temperature: TemperatureOpt = None,
     precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16 (CUDA).")] = None,
     samples: Annotated[int | None, typer.Option(help="Line completions scored per model (eval).")] = None,
     prompts: Annotated[int | None, typer.Option(help="Timed completions per model (bench).")] = None,
