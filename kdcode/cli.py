@@ -229,12 +229,19 @@ def distil(
 def pretrain(
     data: Annotated[str, typer.Option(help="Folder of source files, .jsonl, HF dataset id, or 'stdlib'.")] = "stdlib",
     glob: Annotated[str, typer.Option(help="File pattern inside a data folder.")] = "**/*.py",
-    layers: Annotated[int, typer.Option(help="Transformer blocks.")] = 12,
-    hidden: Annotated[int, typer.Option(help="Model width.")] = 128,
-    heads: Annotated[int, typer.Option(help="Attention heads.")] = 4,
-    vocab_size: Annotated[int, typer.Option(help="BPE vocabulary size.")] = 8192,
+    include_tests: Annotated[bool, typer.Option(help="Keep the stdlib's test/ folders in the corpus.")] = False,
+    layers: Annotated[int | None, typer.Option(help="Transformer blocks.  [default: 12]", show_default=False)] = None,
+    hidden: Annotated[int | None, typer.Option(help="Model width.  [default: 128]", show_default=False)] = None,
+    heads: Annotated[int | None, typer.Option(help="Attention heads.  [default: 4]", show_default=False)] = None,
+    vocab_size: Annotated[
+        int | None, typer.Option(help="BPE vocabulary size.  [default: 8192]", show_default=False)
+    ] = None,
     block_size: Annotated[int, typer.Option(help="Tokens per block (= the model's positions).")] = 256,
     tokenizer: Annotated[str | None, typer.Option(help="Reuse this tokenizer folder instead of training one.")] = None,
+    init: Annotated[
+        str | None,
+        typer.Option(help="Continue training this GPT-2 (folder or 'bundled'); its shape and tokenizer are kept."),
+    ] = None,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
     epochs: Annotated[float | None, typer.Option(help="Stop after this many passes.")] = None,
     max_minutes: Annotated[float | None, typer.Option(help="Wall-clock budget; the LR schedule follows it.")] = None,
@@ -264,12 +271,16 @@ def pretrain(
         _set(train, k, v)
     if not any(k in train for k in ("max_steps", "epochs", "max_minutes")):
         train["max_steps"] = 1000
+    shape: dict[str, Any] = {}
+    for k, v in {"layers": layers, "hidden": hidden, "heads": heads, "vocab_size": vocab_size}.items():
+        _set(shape, k, v)
     spec = build_spec(
         PretrainSpec,
         {
-            "model": {"layers": layers, "hidden": hidden, "heads": heads, "vocab_size": vocab_size},
+            "model": shape,
             "tokenizer": tokenizer,
-            "data": {"source": data, "glob": glob},
+            "init": init,
+            "data": {"source": data, "glob": glob, "exclude_tests": not include_tests},
             "train": train,
             "out": out,
         },

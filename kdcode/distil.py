@@ -658,8 +658,52 @@ def run_cache_teacher(
     return build_cache(teacher.model, blocks, out, top_k, temperature, meta, batch_size, overwrite)
 
 
+def _init_model(spec: PretrainSpec) -> tuple[Any, Any, dict[str, Any]]:
+    """The model, tokenizer and lineage of ``spec.init``: a GPT-2 whose training goes on."""
+    from kdcode.models import load_model, load_tokenizer
+
+    loaded = load_model(spec.init)
+    model, cfg = loaded.model, loaded.model.config
+    if getattr(cfg, "model_type", None) != "gpt2":
+        raise KdcodeError(f"--init {spec.init} is a {cfg.model_type} model; pretrain continues GPT-2 models only")
+    actual = {"layers": cfg.n_layer, "hidden": cfg.n_embd, "heads": cfg.n_head, "vocab_size": cfg.vocab_size}
+    for key in sorted(spec.model.model_fields_set):
+        if getattr(spec.model, key) != actual[key]:
+            flag = "--" + key.replace("_", "-")
+            raise KdcodeError(
+                f"{flag} {getattr(spec.model, key)} does not match the --init model ({actual[key]}); "
+                f"drop {flag}: the shape comes from --init"
+            )
+    tokenizer = load_tokenizer(spec.tokenizer) if spec.tokenizer else loaded.tokenizer
+    if len(tokenizer) != cfg.vocab_size:
+        raise KdcodeError(
+            f"--tokenizer {spec.tokenizer} has {len(tokenizer)} tokens but the --init model has {cfg.vocab_size}; "
+            "drop --tokenizer to use the --init model's own"
+        )
+    check_block_size(model, spec.train.block_size, f"the --init model {spec.init}")
+    for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        setattr(cfg, key, 0.0)
+    parent = (loaded.manifest or {}).get("training", {})
+    grand = (loaded.manifest or {}).get("init") or {}
+    lineage = {
+        "from": spec.init,
+        "sha256": loaded.fingerprint,
+        "steps": parent.get("steps"),
+        "tokens_seen": parent.get("tokens_seen"),
+        "wall_time_s": parent.get("wall_time_s"),
+        # everything the parent has seen, its own parents included; this run's tokens are added at the end
+        "tokens_seen_total": grand.get("tokens_seen_total") or parent.get("tokens_seen") or 0,
+        "parent_init": grand or None,
+    }
+    return model.float(), tokenizer, {**actual, "lineage": lineage}
+
+
 def run_pretrain(spec: PretrainSpec, overwrite: bool = False) -> tuple[Path, dict[str, Any]]:
-    """Train a byte-level BPE tokenizer (or reuse one) and a GPT-2 from scratch on ``spec.data``."""
+    """Train a byte-level BPE tokenizer (or reuse one) and a GPT-2 from scratch on ``spec.data``.
+
+    With ``spec.init`` the training goes on from that model (its weights, shape and tokenizer), and the
+    manifest records the parent's sha256 and how much training it had already had.
+    """
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from kdcode.bpe import train_bpe
@@ -668,32 +712,37 @@ def run_pretrain(spec: PretrainSpec, overwrite: bool = False) -> tuple[Path, dic
 
     out = Path(spec.out)
     check_out_dir(out, overwrite)
+    torch.manual_seed(spec.train.seed)
+    init: dict[str, Any] | None = None
+    t0 = time.perf_counter()
+    if spec.init:
+        model, tokenizer, init = _init_model(spec)
+        spec = spec.model_copy(update={"model": type(spec.model)(**{k: init[k] for k in type(spec.model).model_fields})})
     m = spec.model
     check_memory(spec.train.batch_size, spec.train.block_size, m.hidden, m.layers, m.vocab_size, pick_device())
-    torch.manual_seed(spec.train.seed)
     corpus = load_corpus(spec.data)
-    t0 = time.perf_counter()
-    if spec.tokenizer:
+    if not spec.init and spec.tokenizer:
         tokenizer = load_tokenizer(spec.tokenizer)
-    else:
+    elif not spec.init:
         tokenizer = train_bpe((d.text for d in corpus.splits["train"]), spec.model.vocab_size)
     tok_time = time.perf_counter() - t0
     train_blocks, valid_blocks = _blocks(corpus, tokenizer, spec.train.block_size)
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=spec.train.block_size,
-        n_embd=spec.model.hidden,
-        n_layer=spec.model.layers,
-        n_head=spec.model.heads,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        # No dropout: short single-machine runs are far from overfitting regimes.
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    model = GPT2LMHeadModel(config)
+    if not spec.init:
+        config = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=spec.train.block_size,
+            n_embd=spec.model.hidden,
+            n_layer=spec.model.layers,
+            n_head=spec.model.heads,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            # No dropout: short single-machine runs are far from overfitting regimes.
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+        model = GPT2LMHeadModel(config)
     strategy = make_strategy("hard-only", {})
     result = train_loop(model, strategy, train_blocks, valid_blocks, spec.train, description="pretrain")
     manifest = {
@@ -704,9 +753,17 @@ def run_pretrain(spec: PretrainSpec, overwrite: bool = False) -> tuple[Path, dic
             "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
             "vocab_size": len(tokenizer),
         },
-        "tokenizer": {"trained": spec.tokenizer is None, "source": spec.tokenizer, "seconds": round(tok_time, 1)},
+        "tokenizer": {
+            "trained": spec.tokenizer is None and spec.init is None,
+            "source": spec.tokenizer or spec.init,
+            "seconds": round(tok_time, 1),
+        },
         "data": _data_section(corpus, train_blocks, valid_blocks, spec.data.format),
         "training": result.summary(),
     }
+    if init is not None:
+        lineage = init["lineage"]
+        lineage["tokens_seen_total"] += manifest["training"]["tokens_seen"]
+        manifest["init"] = lineage
     save_model(out, model, tokenizer, manifest, overwrite, extra=_write_log(result.log))
     return out, manifest

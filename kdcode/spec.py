@@ -141,6 +141,9 @@ class PretrainSpec(_Spec):
 
     model: ModelShape = Field(default_factory=ModelShape)
     tokenizer: str | None = Field(None, description="reuse this tokenizer folder instead of training one")
+    init: str | None = Field(
+        None, description="continue training this GPT-2 (folder or 'bundled'): its weights, shape and tokenizer"
+    )
     data: DataSpec = Field(default_factory=DataSpec)
     train: TrainSpec = Field(default_factory=lambda: TrainSpec(max_steps=1000, lr=1e-3, warmup_steps=100))
     out: str = "pretrained"

@@ -42,6 +42,27 @@ def test_pretrain_makes_a_loadable_model_and_tokenizer(tmp_path, corpus_dir):
     assert r.exit_code == 0, r.output
     assert AutoTokenizer.from_pretrained(again).get_vocab() == tok.get_vocab()
 
+    # --init continues training the same model: weights move, shape and tokenizer stay, lineage is kept
+    more = tmp_path / "more"
+    r = runner.invoke(app, ["pretrain", "--data", str(corpus_dir), "--init", str(out), "--block-size", "32",
+                            "--max-steps", "2", "--warmup-steps", "0", "--precision", "fp32", "--out", str(more)])
+    assert r.exit_code == 0, r.output
+    cont = AutoModelForCausalLM.from_pretrained(more)
+    assert cont.config.n_layer == 2 and cont.config.n_embd == 32
+    assert AutoTokenizer.from_pretrained(more).get_vocab() == tok.get_vocab()
+    wte0, wte1 = model.transformer.wte.weight, cont.transformer.wte.weight
+    assert 0 < (wte1 - wte0).abs().max().item() < 0.1  # trained on from the parent, not re-initialised
+    m2 = json.loads((more / "kdcode.json").read_text())
+    assert m2["init"]["sha256"] == sha256_file(out / "model.safetensors")
+    assert m2["init"]["tokens_seen"] == 3 * 16 * 32
+    assert m2["init"]["tokens_seen_total"] == 3 * 16 * 32 + 2 * 16 * 32
+    assert m2["tokenizer"]["trained"] is False and m2["spec"]["model"]["layers"] == 2
+
+    r = runner.invoke(app, ["pretrain", "--data", str(corpus_dir), "--init", str(out), "--layers", "4",
+                            "--max-steps", "1", "--out", str(tmp_path / "bad")])
+    assert r.exit_code == 2 and "--layers 4 does not match the --init model (2)" in r.output
+    assert not (tmp_path / "bad").exists()
+
 
 @pytest.fixture(scope="module")
 def bundled():

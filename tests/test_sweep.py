@@ -106,7 +106,7 @@ def test_sweep_spec_needs_points_and_forbids_unknown_keys(tmp_path):
     assert r.exit_code == 2 and "--layers" in r.output
 
 
-@pytest.mark.parametrize("name", ["codegpt.yaml", "study.yaml"])
+@pytest.mark.parametrize("name", ["codegpt.yaml", "study.yaml", "study_quick.yaml"])
 def test_examples_validate(name):
     r = run("sweep", EXAMPLES / name, "--validate")
     assert r.exit_code == 0, r.output
