@@ -83,9 +83,15 @@ def test_bundled_teacher_resolves_offline_and_verifies(bundled, monkeypatch):
 
 
 def test_bundled_teacher_quality_is_recorded(bundled):
-    # The measured figures travel with the weights. (Issue 3's goal, ES >= 40 and clearly above the
-    # repeat-previous-line baseline, is not reached yet by this 100-minute CPU teacher: see README.)
+    # The measured figures travel with the weights. Issue 3's goal is ES >= 40 and clearly above the
+    # repeat-previous-line baseline; the two-stage CPU teacher (README) is above the baseline, not yet at 40.
     manifest = json.loads((bundled_path() / "kdcode.json").read_text())
     ev = manifest["metrics"]["eval"]
     assert ev["samples"] == 500 and ev["split"] == "test" and ev["decoding"]["beams"] == 1
-    assert 0 < ev["es"] <= 100 and ev["perplexity"] > 1 and ev["baseline"]["samples"] == 500
+    assert ev["baseline"]["samples"] == 500 and ev["es"] > ev["baseline"]["es"]
+    assert 1 < ev["perplexity"] < 40
+    # stage 2 went on from stage 1: the lineage names it and counts all the tokens seen
+    init = manifest["init"]
+    assert init["tokens_seen"] == 12652544
+    assert init["tokens_seen_total"] == init["tokens_seen"] + manifest["training"]["tokens_seen"]
+    assert manifest["spec"]["data"]["exclude_tests"] is False
