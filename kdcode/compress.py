@@ -512,30 +512,16 @@ def run_compress(
             "block_size": blocks.size(1),
             "batch_size": spec.calib_batch_size,
         }
-        if spec.prune_heads:
-            keep = [keep_top(s, spec.prune_heads, "heads") for s in scores["heads"]]
-            prune_heads(model, keep)
-            steps.append(
-                {
-                    "step": "prune-heads",
-                    "fraction": spec.prune_heads,
-                    "score": HEAD_SCORE,
-                    "calibration": calib,
-                    "kept": keep,
-                }
-            )
-        if spec.prune_ffn:
-            keep = [keep_top(s, spec.prune_ffn, "MLP neurons") for s in scores["ffn"]]
-            prune_ffn(model, keep)
-            steps.append(
-                {
-                    "step": "prune-ffn",
-                    "fraction": spec.prune_ffn,
-                    "score": FFN_SCORE,
-                    "calibration": calib,
-                    "kept": keep,
-                }
-            )
+        units = (
+            ("prune-heads", spec.prune_heads, "heads", "heads", prune_heads, HEAD_SCORE),
+            ("prune-ffn", spec.prune_ffn, "ffn", "MLP neurons", prune_ffn, FFN_SCORE),
+        )
+        for step, fraction, key, what, prune, score in units:
+            if not fraction:
+                continue
+            keep = [keep_top(s, fraction, what) for s in scores[key]]
+            prune(model, keep)
+            steps.append({"step": step, "fraction": fraction, "score": score, "calibration": calib, "kept": keep})
     heads = heads_per_layer(model)
     int8_layout = None
     if spec.int8:

@@ -658,8 +658,8 @@ def run_cache_teacher(
     return build_cache(teacher.model, blocks, out, top_k, temperature, meta, batch_size, overwrite)
 
 
-def _init_model(spec: PretrainSpec) -> tuple[Any, Any, dict[str, Any]]:
-    """The model, tokenizer and lineage of ``spec.init``: a GPT-2 whose training goes on."""
+def _init_model(spec: PretrainSpec) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """The model, tokenizer, shape and lineage of ``spec.init``: a GPT-2 whose training goes on."""
     from kdcode.models import load_model, load_tokenizer
 
     loaded = load_model(spec.init)
@@ -695,7 +695,7 @@ def _init_model(spec: PretrainSpec) -> tuple[Any, Any, dict[str, Any]]:
         "tokens_seen_total": grand.get("tokens_seen_total") or parent.get("tokens_seen") or 0,
         "parent_init": grand or None,
     }
-    return model.float(), tokenizer, {**actual, "lineage": lineage}
+    return model.float(), tokenizer, type(spec.model)(**actual), lineage
 
 
 def run_pretrain(spec: PretrainSpec, overwrite: bool = False) -> tuple[Path, dict[str, Any]]:
@@ -713,11 +713,11 @@ def run_pretrain(spec: PretrainSpec, overwrite: bool = False) -> tuple[Path, dic
     out = Path(spec.out)
     check_out_dir(out, overwrite)
     torch.manual_seed(spec.train.seed)
-    init: dict[str, Any] | None = None
+    lineage: dict[str, Any] | None = None
     t0 = time.perf_counter()
     if spec.init:
-        model, tokenizer, init = _init_model(spec)
-        spec = spec.model_copy(update={"model": type(spec.model)(**{k: init[k] for k in type(spec.model).model_fields})})
+        model, tokenizer, shape, lineage = _init_model(spec)
+        spec = spec.model_copy(update={"model": shape})
     m = spec.model
     check_memory(spec.train.batch_size, spec.train.block_size, m.hidden, m.layers, m.vocab_size, pick_device())
     corpus = load_corpus(spec.data)
@@ -761,8 +761,7 @@ def run_pretrain(spec: PretrainSpec, overwrite: bool = False) -> tuple[Path, dic
         "data": _data_section(corpus, train_blocks, valid_blocks, spec.data.format),
         "training": result.summary(),
     }
-    if init is not None:
-        lineage = init["lineage"]
+    if lineage is not None:
         lineage["tokens_seen_total"] += manifest["training"]["tokens_seen"]
         manifest["init"] = lineage
     save_model(out, model, tokenizer, manifest, overwrite, extra=_write_log(result.log))
