@@ -14,12 +14,12 @@ import torch
 from conftest import make_gpt2
 from typer.testing import CliRunner
 
-from kdcode.cache import SparseTargets, sparse_kl
+from kdcode.cache import SparseTargets, sparse_kd_terms, sparse_kl
 from kdcode.cli import app
 from kdcode.errors import KdcodeError
 from kdcode.plugins import make_init, make_strategy
 from kdcode.registry import Registry
-from kdcode.strategies.base import soft_kl
+from kdcode.strategies.base import causal_ce, soft_kl
 from kdcode.strategies.jsd import generalised_jsd
 
 runner = CliRunner(env={"COLUMNS": "120"})
@@ -77,6 +77,40 @@ def test_sparse_kl_top1_golden():
     assert sparse_kl(S, targets, LABELS, 1.0).item() == pytest.approx(expected, abs=1e-6)
     with pytest.raises(KdcodeError, match="T=1.0"):
         sparse_kl(S, targets, LABELS, 2.0)
+
+
+def _sparse_kl_autograd(s_logits, targets, labels, t):
+    """The sparse KL written with autograd ops, the reference for the fused hand-written gradient."""
+    s = s_logits[:, :-1].float()
+    log_p = targets.topk_logits[:, :-1] / t - targets.lse[:, :-1, None]
+    p = log_p.exp()
+    p_rest = (1 - p.sum(-1)).clamp(min=0)
+    log_q = torch.log_softmax(s / t, dim=-1).gather(-1, targets.topk_ids[:, :-1].long())
+    q_rest = (1 - log_q.exp().sum(-1)).clamp(min=1e-12)
+    kl = (p * (log_p - log_q)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
+    mask = labels[:, 1:] != -100
+    return (kl * mask).sum() / mask.sum() * t**2
+
+
+@pytest.mark.parametrize("temp", [1.0, 2.0, 1.5])
+def test_fused_sparse_kd_matches_autograd_values_and_gradients(temp):
+    torch.manual_seed(1)
+    s0, t = 3 * torch.randn(2, 7, 40), 3 * torch.randn(2, 7, 40)
+    labels = torch.randint(0, 40, (2, 7))
+    labels[0, :3] = -100  # ignored positions count in neither loss
+    top = t.topk(6, dim=-1)
+    targets = SparseTargets(top.values, top.indices.to(torch.int16), torch.logsumexp(t / temp, -1), temp)
+    a, b = s0.clone().requires_grad_(True), s0.clone().requires_grad_(True)
+    soft, hard = sparse_kd_terms(a, targets, labels, temp)
+    (0.3 * soft + 0.7 * hard).backward()
+    ref_soft, ref_hard = _sparse_kl_autograd(b, targets, labels, temp), causal_ce(b, labels)
+    (0.3 * ref_soft + 0.7 * ref_hard).backward()
+    assert soft.item() == pytest.approx(ref_soft.item(), abs=1e-5)
+    assert hard.item() == pytest.approx(ref_hard.item(), abs=1e-5)
+    assert soft.item() > 0.1 and hard.item() > 1.0
+    assert torch.allclose(a.grad, b.grad, atol=1e-6)
+    assert torch.equal(a.detach(), s0)  # the student's logits are not touched
+    assert a.grad[:, -1].abs().sum() == 0 and a.grad[0, :2].abs().sum() == 0  # unscored positions get none
 
 
 @pytest.fixture(scope="module")

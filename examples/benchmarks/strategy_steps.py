@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=64)
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--strategies", default=",".join(STRATEGIES), help="comma list; hard-only always runs")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -64,7 +65,8 @@ def main() -> None:
     )
 
     rows = {}
-    for name in STRATEGIES:
+    names = ["hard-only", *(n for n in args.strategies.split(",") if n and n != "hard-only")]
+    for name in names:
         strategy = make_strategy(name, {})
         result = train_loop(
             copy.deepcopy(student0),

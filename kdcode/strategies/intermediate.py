@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from kdcode.errors import KdcodeError
-from kdcode.strategies.base import Strategy, TemperatureParams, causal_ce
-from kdcode.strategies.pretraining import soft_term
+from kdcode.strategies.base import Strategy, TemperatureParams
+from kdcode.strategies.pretraining import logit_terms
 
 
 class IntermediateParams(TemperatureParams):
@@ -81,10 +81,8 @@ class IntermediateKD(Strategy):
     def loss(self, student: Any, teacher: Any | None, labels: torch.Tensor, progress: float = 0.0):
         p = self.params
         assert teacher is not None, "intermediate KD needs teacher outputs"
-        terms = {
-            "soft": soft_term(student.logits, teacher, labels, p.temperature_at(progress)),
-            "hard": causal_ce(student.logits, labels),
-        }
+        soft, hard = logit_terms(student.logits, teacher, labels, p.temperature_at(progress))
+        terms = {"soft": soft, "hard": hard}
         total = p.alpha_ce * terms["soft"] + p.alpha_clm * terms["hard"]
         mask = _mask(labels)[..., None]
         if p.alpha_hid > 0:

@@ -43,10 +43,8 @@ class PretrainingKD(Strategy):
     def loss(self, student: Any, teacher: Any | None, labels: torch.Tensor, progress: float = 0.0):
         p = self.params
         assert teacher is not None, "pretraining KD needs teacher outputs"
-        terms: dict[str, torch.Tensor] = {
-            "soft": soft_term(student.logits, teacher, labels, p.temperature_at(progress)),
-            "hard": causal_ce(student.logits, labels),
-        }
+        soft, hard = logit_terms(student.logits, teacher, labels, p.temperature_at(progress))
+        terms: dict[str, torch.Tensor] = {"soft": soft, "hard": hard}
         total = p.alpha_ce * terms["soft"] + p.alpha_clm * terms["hard"]
         if p.alpha_cos > 0:
             if not hasattr(teacher, "hidden_states"):
@@ -57,10 +55,12 @@ class PretrainingKD(Strategy):
         return terms
 
 
-def soft_term(s_logits: torch.Tensor, teacher: Any, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The soft KL against a live teacher's logits, or against cached top-k soft targets."""
-    from kdcode.cache import SparseTargets, sparse_kl
+def logit_terms(
+    s_logits: torch.Tensor, teacher: Any, labels: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(soft KL, hard CE): against a live teacher's logits, or fused with cached top-k soft targets."""
+    from kdcode.cache import SparseTargets, sparse_kd_terms
 
     if isinstance(teacher, SparseTargets):
-        return sparse_kl(s_logits, teacher, labels, temperature)
-    return soft_kl(s_logits, teacher.logits.detach(), labels, temperature)
+        return sparse_kd_terms(s_logits, teacher, labels, temperature)
+    return soft_kl(s_logits, teacher.logits.detach(), labels, temperature), causal_ce(s_logits, labels)
