@@ -58,69 +58,15 @@ def sparse_kl(s_logits: torch.Tensor, targets: SparseTargets, labels: torch.Tens
 def sparse_kd_terms(
     s_logits: torch.Tensor, targets: SparseTargets, labels: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sparse KL as in :func:`sparse_kl`, hard next-token CE), both means over counted positions.
+    """(sparse KL as in :func:`sparse_kl`, hard next-token CE), fused (:mod:`kdcode.strategies.fused`)."""
+    from kdcode.strategies.fused import sparse_kd_terms as fused
 
-    One fused pass with a hand-written gradient: the student's softmax at T=1 (for the CE) and at T
-    (for the KL) come from a single ``exp`` over the vocabulary (at T=2 the second is its square
-    root), and the backward writes one gradient instead of autograd's chain of log-softmax copies.
-    d KL_sparse / d s_j = T (q_j - p_j) on the top k, and T q_j (1 - p_rest / q_rest) elsewhere (the
-    teacher's rest mass spread like the student's); d CE / d s_j = softmax(s)_j - [j = y].
-    """
     if not math.isclose(temperature, targets.temperature, rel_tol=1e-6):
         raise KdcodeError(
             f"the teacher cache holds soft targets at T={targets.temperature}, the strategy asks for "
             f"T={temperature}; pass --temperature {targets.temperature} or rebuild the cache"
         )
-    return _SparseKD.apply(s_logits, targets.topk_logits, targets.topk_ids, targets.lse, labels, float(temperature))
-
-
-class _SparseKD(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, s_logits, topk_logits, topk_ids, lse, labels, t):  # type: ignore[override]
-        s = s_logits[:, :-1].to(torch.float32, copy=True)  # a copy: exp is taken in place below
-        ids = topk_ids[:, :-1].long()
-        y = labels[:, 1:]
-        mask = y != -100
-        w = mask.float() / mask.sum().clamp(min=1)  # mean over counted positions
-        y = y.clamp(min=0)[..., None]
-        s_y = s.gather(-1, y)[..., 0]
-        s_k = s.gather(-1, ids)
-        m = s.amax(-1, keepdim=True)
-        e1 = s.sub_(m).exp_()  # in place: s is not needed any more; e1 = exp(s - m)
-        z1 = e1.sum(-1, keepdim=True)
-        if t == 1.0:
-            e_t, z_t = e1, z1
-        else:
-            e_t = e1.sqrt() if t == 2.0 else e1.log().div_(t).exp_()  # exp((s - m) / T)
-            z_t = e_t.sum(-1, keepdim=True)
-        hard = ((m[..., 0] + z1[..., 0].log() - s_y) * w).sum()
-        log_p = topk_logits[:, :-1].float() / t - lse[:, :-1].float()[..., None]  # teacher log-probs on its top k
-        p = log_p.exp()
-        p_rest = (1 - p.sum(-1)).clamp(min=0)
-        log_q = s_k / t - (m / t + z_t.log())  # student log-probs at T on the teacher's top k
-        q_k = log_q.exp()
-        q_rest = (1 - q_k.sum(-1)).clamp(min=1e-12)
-        kl = (p * (log_p - log_q)).sum(-1)
-        kl = kl + torch.where(p_rest > 0, p_rest * (torch.log(p_rest.clamp(min=1e-12)) - torch.log(q_rest)), 0.0)
-        soft = (kl * w).sum() * t**2
-        ratio = torch.where(p_rest > 0, p_rest / q_rest, 0.0)
-        ctx.save_for_backward(e1, z1, e_t, z_t, w, y, ids, p, q_k, ratio)
-        ctx.t, ctx.shape, ctx.dtype = t, s_logits.shape, s_logits.dtype
-        return soft, hard
-
-    @staticmethod
-    def backward(ctx, g_soft, g_hard):  # type: ignore[override]
-        e1, z1, e_t, z_t, w, y, ids, p, q_k, ratio = ctx.saved_tensors
-        t = ctx.t
-        c_hard = (g_hard * w)[..., None]
-        c_soft = (g_soft * t * w)[..., None]
-        grad = e1.mul(c_hard / z1)  # CE: softmax(s) ...
-        grad.addcmul_(e_t, c_soft * (1 - ratio[..., None]) / z_t)  # KL off the top k: T q (1 - p_rest/q_rest)
-        grad.scatter_add_(-1, y, -c_hard)  # ... minus the one-hot target
-        grad.scatter_add_(-1, ids, c_soft * (q_k * ratio[..., None] - p))  # KL on the top k: T (q - p)
-        out = grad.new_zeros(ctx.shape, dtype=ctx.dtype)
-        out[:, :-1] = grad
-        return out, None, None, None, None, None
+    return fused(s_logits, targets.topk_logits, targets.topk_ids, targets.lse, labels, temperature)
 
 
 @torch.no_grad()

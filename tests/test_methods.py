@@ -20,6 +20,7 @@ from kdcode.errors import KdcodeError
 from kdcode.plugins import make_init, make_strategy
 from kdcode.registry import Registry
 from kdcode.strategies.base import causal_ce, soft_kl
+from kdcode.strategies.fused import dense_kd_terms
 from kdcode.strategies.jsd import generalised_jsd
 
 runner = CliRunner(env={"COLUMNS": "120"})
@@ -111,6 +112,40 @@ def test_fused_sparse_kd_matches_autograd_values_and_gradients(temp):
     assert torch.allclose(a.grad, b.grad, atol=1e-6)
     assert torch.equal(a.detach(), s0)  # the student's logits are not touched
     assert a.grad[:, -1].abs().sum() == 0 and a.grad[0, :2].abs().sum() == 0  # unscored positions get none
+
+
+@pytest.mark.parametrize("temp", [1.0, 2.0, 1.5])
+def test_fused_dense_kd_matches_autograd_values_and_gradients(temp):
+    torch.manual_seed(2)
+    s0, t = 3 * torch.randn(2, 7, 40), 3 * torch.randn(2, 7, 40)
+    labels = torch.randint(0, 40, (2, 7))
+    labels[1, 4:] = -100
+    a, b = s0.clone().requires_grad_(True), s0.clone().requires_grad_(True)
+    soft, hard = dense_kd_terms(a, t, labels, temp)
+    (0.6 * soft + 0.4 * hard).backward()
+    ref_soft, ref_hard = soft_kl(b, t, labels, temp), causal_ce(b, labels)
+    (0.6 * ref_soft + 0.4 * ref_hard).backward()
+    assert soft.item() == pytest.approx(ref_soft.item(), abs=1e-5)
+    assert hard.item() == pytest.approx(ref_hard.item(), abs=1e-5)
+    assert soft.item() > 0.1 and hard.item() > 1.0
+    assert torch.allclose(a.grad, b.grad, atol=1e-6)
+    assert torch.equal(a.detach(), s0)
+
+
+def test_pretraining_strategy_terms_are_the_unfused_losses():
+    # the strategy's fused path gives what soft_kl + causal_ce give, in bf16 too (autocast's logits dtype)
+    torch.manual_seed(3)
+    s, t = 2 * torch.randn(2, 6, 30), 2 * torch.randn(2, 6, 30)
+    labels = torch.randint(0, 30, (2, 6))
+    terms = make_strategy("pretraining", {}).loss(SimpleNamespace(logits=s), SimpleNamespace(logits=t), labels)
+    want = 0.5 * soft_kl(s, t, labels, 2.0) + 0.5 * causal_ce(s, labels)
+    assert terms["loss"].item() == pytest.approx(want.item(), abs=1e-5)
+    sb = s.bfloat16().requires_grad_(True)
+    terms = make_strategy("pretraining", {}).loss(
+        SimpleNamespace(logits=sb), SimpleNamespace(logits=t.bfloat16()), labels
+    )
+    terms["loss"].backward()
+    assert sb.grad.dtype == torch.bfloat16 and terms["loss"].item() == pytest.approx(want.item(), abs=0.05)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ import torch
 from pydantic import Field, model_validator
 
 from kdcode.errors import KdcodeError
-from kdcode.strategies.base import Strategy, TemperatureParams, causal_ce, cosine_hidden, soft_kl
+from kdcode.strategies.base import Strategy, TemperatureParams, cosine_hidden
+from kdcode.strategies.fused import dense_kd_terms
 
 
 class DistilParams(TemperatureParams):
@@ -58,9 +59,9 @@ class PretrainingKD(Strategy):
 def logit_terms(
     s_logits: torch.Tensor, teacher: Any, labels: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(soft KL, hard CE): against a live teacher's logits, or fused with cached top-k soft targets."""
+    """(soft KL, hard CE) in one fused pass: against a live teacher's logits or cached top-k soft targets."""
     from kdcode.cache import SparseTargets, sparse_kd_terms
 
     if isinstance(teacher, SparseTargets):
         return sparse_kd_terms(s_logits, teacher, labels, temperature)
-    return soft_kl(s_logits, teacher.logits.detach(), labels, temperature), causal_ce(s_logits, labels)
+    return dense_kd_terms(s_logits, teacher.logits, labels, temperature)
