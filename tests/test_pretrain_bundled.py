@@ -90,8 +90,13 @@ def test_bundled_teacher_quality_is_recorded(bundled):
     assert ev["samples"] == 500 and ev["split"] == "test" and ev["decoding"]["beams"] == 1
     assert ev["baseline"]["samples"] == 500 and ev["es"] > ev["baseline"]["es"]
     assert 1 < ev["perplexity"] < 40
-    # stage 2 went on from stage 1: the lineage names it and counts all the tokens seen
-    init = manifest["init"]
-    assert init["tokens_seen"] == 12652544
-    assert init["tokens_seen_total"] == init["tokens_seen"] + manifest["training"]["tokens_seen"]
+    # each stage went on from the one before: the lineage names them all, back to stage 1 (12,652,544
+    # tokens on the stdlib without tests), and counts every token seen
+    init, chain = manifest["init"], []
+    while init:
+        assert len(init["sha256"]) == 64 and init["steps"] > 0
+        chain.append(init["tokens_seen"])
+        init = init["parent_init"]
+    assert chain[-1] == 12652544 and len(chain) >= 1
+    assert manifest["init"]["tokens_seen_total"] == sum(chain) + manifest["training"]["tokens_seen"]
     assert manifest["spec"]["data"]["exclude_tests"] is False
