@@ -10,11 +10,15 @@
 # Stage 2 (85 min) goes on from stage 1 with the stdlib's test/ folders added to the train split
 # (8.4M tokens). Splits are a hash of each file's path, so the held-out files of the default corpus
 # (no test/ folders), on which `kdcode eval bundled` scores it, stay unseen.
-# Each stage's manifest records its recipe; stage 2's `init` section names stage 1 by sha256 (stage 2
-# was run as `--init bundled` while stage 1 was the bundled teacher: the same weights).
+# Stage 3 (80 min) is more of stage 2 from its end at a lower peak learning rate (stage 2's held-out
+# loss was still falling when its cosine schedule ended); stage 4 (28 min) once more at 3e-4.
+# Each stage's manifest records its recipe; its `init` section names the stage before by sha256, back to
+# stage 1 (stage 3 was run as `--init bundled` while the stage before was the bundled teacher:
+# the same weights).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage1=${STAGE1:-runs/teacher_stage1}
+stage2=${STAGE2:-runs/teacher_stage2}
 kdcode pretrain \
   --data stdlib \
   --layers 12 --hidden 128 --heads 4 --vocab-size 8192 --block-size 256 \
@@ -25,5 +29,15 @@ kdcode pretrain \
   --data stdlib --include-tests --init "$stage1" --block-size 256 \
   --batch-size 16 --lr 1e-3 --warmup-steps 100 --max-minutes 85 --eval-every 250 \
   --precision auto --seed 1 \
+  --out "$stage2" --overwrite
+kdcode pretrain \
+  --data stdlib --include-tests --init "$stage2" --block-size 256 \
+  --batch-size 16 --lr 6e-4 --warmup-steps 100 --max-minutes 80 --eval-every 250 \
+  --precision auto --seed 2 \
+  --out "${STAGE3:-runs/teacher_stage3}" --overwrite
+kdcode pretrain \
+  --data stdlib --include-tests --init "${STAGE3:-runs/teacher_stage3}" --block-size 256 \
+  --batch-size 16 --lr 3e-4 --warmup-steps 50 --max-minutes 28 --eval-every 250 \
+  --precision auto --seed 3 \
   --out kdcode/bundled/teacher --overwrite
 kdcode eval bundled --samples 500 --record
