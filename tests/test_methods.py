@@ -93,6 +93,21 @@ def _sparse_kl_autograd(s_logits, targets, labels, t):
     return (kl * mask).sum() / mask.sum() * t**2
 
 
+def _assert_fused_matches_autograd(fused, reference, s0, weight):
+    """Values and gradients of a fused (soft, hard) pair equal the autograd reference's; s0 is not touched."""
+    a, b = s0.clone().requires_grad_(True), s0.clone().requires_grad_(True)
+    soft, hard = fused(a)
+    (weight * soft + (1 - weight) * hard).backward()
+    ref_soft, ref_hard = reference(b)
+    (weight * ref_soft + (1 - weight) * ref_hard).backward()
+    assert soft.item() == pytest.approx(ref_soft.item(), abs=1e-5)
+    assert hard.item() == pytest.approx(ref_hard.item(), abs=1e-5)
+    assert soft.item() > 0.1 and hard.item() > 1.0
+    assert torch.allclose(a.grad, b.grad, atol=1e-6)
+    assert torch.equal(a.detach(), s0)  # the student's logits are not touched
+    return a.grad
+
+
 @pytest.mark.parametrize("temp", [1.0, 2.0, 1.5])
 def test_fused_sparse_kd_matches_autograd_values_and_gradients(temp):
     torch.manual_seed(1)
@@ -101,17 +116,13 @@ def test_fused_sparse_kd_matches_autograd_values_and_gradients(temp):
     labels[0, :3] = -100  # ignored positions count in neither loss
     top = t.topk(6, dim=-1)
     targets = SparseTargets(top.values, top.indices.to(torch.int16), torch.logsumexp(t / temp, -1), temp)
-    a, b = s0.clone().requires_grad_(True), s0.clone().requires_grad_(True)
-    soft, hard = sparse_kd_terms(a, targets, labels, temp)
-    (0.3 * soft + 0.7 * hard).backward()
-    ref_soft, ref_hard = _sparse_kl_autograd(b, targets, labels, temp), causal_ce(b, labels)
-    (0.3 * ref_soft + 0.7 * ref_hard).backward()
-    assert soft.item() == pytest.approx(ref_soft.item(), abs=1e-5)
-    assert hard.item() == pytest.approx(ref_hard.item(), abs=1e-5)
-    assert soft.item() > 0.1 and hard.item() > 1.0
-    assert torch.allclose(a.grad, b.grad, atol=1e-6)
-    assert torch.equal(a.detach(), s0)  # the student's logits are not touched
-    assert a.grad[:, -1].abs().sum() == 0 and a.grad[0, :2].abs().sum() == 0  # unscored positions get none
+    grad = _assert_fused_matches_autograd(
+        lambda s: sparse_kd_terms(s, targets, labels, temp),
+        lambda s: (_sparse_kl_autograd(s, targets, labels, temp), causal_ce(s, labels)),
+        s0,
+        0.3,
+    )
+    assert grad[:, -1].abs().sum() == 0 and grad[0, :2].abs().sum() == 0  # unscored positions get none
 
 
 @pytest.mark.parametrize("temp", [1.0, 2.0, 1.5])
@@ -120,16 +131,12 @@ def test_fused_dense_kd_matches_autograd_values_and_gradients(temp):
     s0, t = 3 * torch.randn(2, 7, 40), 3 * torch.randn(2, 7, 40)
     labels = torch.randint(0, 40, (2, 7))
     labels[1, 4:] = -100
-    a, b = s0.clone().requires_grad_(True), s0.clone().requires_grad_(True)
-    soft, hard = dense_kd_terms(a, t, labels, temp)
-    (0.6 * soft + 0.4 * hard).backward()
-    ref_soft, ref_hard = soft_kl(b, t, labels, temp), causal_ce(b, labels)
-    (0.6 * ref_soft + 0.4 * ref_hard).backward()
-    assert soft.item() == pytest.approx(ref_soft.item(), abs=1e-5)
-    assert hard.item() == pytest.approx(ref_hard.item(), abs=1e-5)
-    assert soft.item() > 0.1 and hard.item() > 1.0
-    assert torch.allclose(a.grad, b.grad, atol=1e-6)
-    assert torch.equal(a.detach(), s0)
+    _assert_fused_matches_autograd(
+        lambda s: dense_kd_terms(s, t, labels, temp),
+        lambda s: (soft_kl(s, t, labels, temp), causal_ce(s, labels)),
+        s0,
+        0.6,
+    )
 
 
 def test_pretraining_strategy_terms_are_the_unfused_losses():
