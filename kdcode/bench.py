@@ -101,12 +101,11 @@ def measure(
         if device == "cuda":
             torch.cuda.synchronize()
         wall = time.perf_counter() - start
-    from kdcode.compress import memory_bytes
+    from kdcode.compress import kdcode_layout, memory_bytes
 
     params = lm.params  # int8 weights counted too
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    layout = ((lm.manifest or {}).get("compression") or {}).get("layout") or {}
-    if layout.get("int8"):
+    if kdcode_layout(lm.manifest).get("int8"):
         dtype = f"int8 dynamic (Linear/Conv1D), rest {dtype}"
     out: dict[str, Any] = {
         "model": name,

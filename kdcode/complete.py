@@ -95,6 +95,7 @@ class Engine:
     """One model and tokenizer, ready to complete prefixes; not thread-safe (callers queue their calls)."""
 
     def __init__(self, loaded: Any, device: str = "cpu") -> None:
+        from kdcode.compress import kdcode_layout
         from kdcode.generate import Completer
 
         self.loaded = loaded
@@ -105,7 +106,7 @@ class Engine:
             getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or 1024
         )
         self.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-        if (((loaded.manifest or {}).get("compression") or {}).get("layout") or {}).get("int8"):
+        if kdcode_layout(loaded.manifest).get("int8"):
             self.dtype = f"int8 ({self.dtype} rest)"  # see kdcode.compress: Linear weights are int8 buffers
         self.device = str(next(model.parameters()).device)
         self.base = Completer(model, loaded.tokenizer, max_new_tokens=1)

@@ -415,6 +415,33 @@ def heads_per_layer(model: nn.Module) -> list[int] | None:
 
 
 # ------------------------------------------------------------------------------------------ loading
+def kdcode_layout(manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """A folder's ``compression.layout`` ({} for a plain Hugging Face folder)."""
+    return ((manifest or {}).get("compression") or {}).get("layout") or {}
+
+
+def check_trainable(manifest: dict[str, Any] | None, what: str) -> None:
+    """Refuse to train an int8 folder: its weights are packed int8 buffers, not parameters."""
+    if kdcode_layout(manifest).get("int8"):
+        parent = ((manifest or {}).get("compression") or {}).get("parent") or {}
+        where = f" ({parent['path']})" if parent.get("path") else ""
+        raise KdcodeError(f"{what} is int8 (kdcode compress --int8) and cannot be trained; use its float parent{where}")
+
+
+def record_layout(manifest: dict[str, Any], model: nn.Module, source: str) -> None:
+    """Give the manifest of a trained model that kept a head-pruned shape from ``source`` the ``compression``
+    section :func:`load_compressed` rebuilds it from (nothing for a plain shape)."""
+    heads = heads_per_layer(model)
+    if not heads:
+        return
+    manifest.setdefault("model", {})["heads_per_layer"] = heads
+    manifest["compression"] = {
+        "layout": {"loader": "kdcode", "heads_per_layer": heads, "int8": None},
+        "loading": "kdcode.models.load_model only: layers have fewer attention heads than n_head",
+        "inherited_from": source,
+    }
+
+
 def load_compressed(path: Path, manifest: dict[str, Any]) -> nn.Module:
     """Rebuild a head-pruned and/or int8 folder: float architecture from config, reshaped, then its weights."""
     from safetensors.torch import load_file
@@ -489,8 +516,7 @@ def run_compress(
     check_out_dir(out, overwrite)
     lm = load_model(name, check=verify)
     model = lm.model
-    layout = ((lm.manifest or {}).get("compression") or {}).get("layout") or {}
-    if layout.get("int8"):
+    if kdcode_layout(lm.manifest).get("int8"):
         raise KdcodeError(f"{name} is already int8; compress its float parent instead")
     params_before = _params(model)
     steps: list[dict[str, Any]] = []

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from kdcode.artifacts import check_out_dir, save_model
+from kdcode.compress import check_trainable, record_layout
 from kdcode.data import Corpus, encode_documents, fingerprint, load_corpus, to_blocks
 from kdcode.errors import KdcodeError
 from kdcode.progress import make_progress
@@ -557,6 +558,8 @@ def run_distil(spec: RunSpec, overwrite: bool = False, resume: bool = False) -> 
         allow_pickle=spec.teacher.allow_pickle,
     )
     check_block_size(teacher.model, spec.train.block_size, "the teacher")
+    if strategy.needs_teacher_grad:
+        check_trainable(teacher.manifest, f"teacher {spec.teacher.name} (strategy {spec.strategy.name!r} trains it)")
     check_memory(
         spec.train.batch_size,
         spec.train.block_size,
@@ -622,6 +625,7 @@ def run_distil(spec: RunSpec, overwrite: bool = False, resume: bool = False) -> 
         "teacher_cache": {"path": spec.teacher_cache, "top_k": cache.manifest["top_k"]} if cache else None,
         "training": result.summary(),
     }
+    record_layout(manifest, student, f"init {spec.student.init} {init.params.model_dump()}")
     save_model(out, student, teacher.tokenizer, manifest, overwrite, extra=_write_log(result.log))
     if run.checkpoint_dir is not None:
         shutil.rmtree(run.checkpoint_dir, ignore_errors=True)  # the student is complete; the checkpoint is spent
@@ -663,6 +667,7 @@ def _init_model(spec: PretrainSpec) -> tuple[Any, Any, Any, dict[str, Any]]:
     from kdcode.models import load_model, load_tokenizer
 
     loaded = load_model(spec.init)
+    check_trainable(loaded.manifest, f"--init {spec.init}")
     model, cfg = loaded.model, loaded.model.config
     if getattr(cfg, "model_type", None) != "gpt2":
         raise KdcodeError(f"--init {spec.init} is a {cfg.model_type} model; pretrain continues GPT-2 models only")
@@ -764,5 +769,6 @@ def run_pretrain(spec: PretrainSpec, overwrite: bool = False) -> tuple[Path, dic
     if lineage is not None:
         lineage["tokens_seen_total"] += manifest["training"]["tokens_seen"]
         manifest["init"] = lineage
+        record_layout(manifest, model, f"--init {spec.init}")
     save_model(out, model, tokenizer, manifest, overwrite, extra=_write_log(result.log))
     return out, manifest

@@ -133,15 +133,14 @@ def load_model(
         kwargs["use_safetensors"] = True
     if dtype is not None:
         kwargs["dtype"] = dtype
-    layout = ((manifest or {}).get("compression") or {}).get("layout") or {}
-    try:
-        if path is not None and layout.get("loader") == "kdcode":  # head-pruned or int8: see kdcode.compress
-            from kdcode.compress import load_compressed
+    from kdcode.compress import kdcode_layout, load_compressed
 
+    try:
+        if path is not None and kdcode_layout(manifest).get("loader") == "kdcode":  # head-pruned or int8
             model = load_compressed(path, manifest or {})
         else:
             model = AutoModelForCausalLM.from_pretrained(str(path) if path else name, **kwargs)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: weights that do not fit the config
         if path is None and not allow_pickle and "safetensors" in str(exc).lower():
             raise KdcodeError(
                 f"{name!r} on the hub has no safetensors weights, only pickle ones (which can run code); "

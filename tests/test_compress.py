@@ -269,3 +269,74 @@ def test_cli_compress_and_its_errors(tmp_path, teacher_dir, corpus_dir):
         r = runner.invoke(app, ["compress", str(teacher_dir), "--out", str(tmp_path / "x"), *args])
         assert r.exit_code == 2 and needle in r.output, r.output
         assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------------- compress, then train
+def _distil_spec(teacher: Path, corpus_dir: Path, out: Path, init: str = "spread", **init_params):
+    from kdcode.spec import RunSpec
+
+    return RunSpec.model_validate(
+        {
+            "teacher": {"name": str(teacher)},
+            "student": {"layers": 2, "init": init, "init_params": init_params},
+            "data": {"source": str(corpus_dir)},
+            "train": {"max_steps": 2, "batch_size": 2, "block_size": 32, "precision": "fp32"},
+            "out": str(out),
+        }
+    )
+
+
+def test_head_pruned_student_distils_on_and_reloads_with_its_heads(tmp_path, teacher_dir, corpus_dir):
+    """Prune, then recover with KD from the pruned student, then quantize: every folder reloads."""
+    from kdcode.distil import run_distil
+
+    teacher = load_model(str(teacher_dir))
+    two = tmp_path / "two"
+    run_distil(_distil_spec(teacher_dir, corpus_dir, two))
+    pruned, _ = run_compress(str(two), spec(corpus_dir, prune_heads=0.5), tmp_path / "pruned")
+    out, m = run_distil(_distil_spec(teacher_dir, corpus_dir, tmp_path / "recovered", "pretrained", path=str(pruned)))
+    assert m["compression"]["layout"] == {"loader": "kdcode", "heads_per_layer": [1, 1], "int8": None}
+    assert m["model"]["heads_per_layer"] == [1, 1] and m["compression"]["inherited_from"].startswith("init pretrained")
+    back = load_model(str(out))
+    assert back.verified is True and [b.attn.num_heads for b in back.model.transformer.h] == [1, 1]
+    start = load_model(str(pruned)).model
+    x = ids(teacher.model.config.vocab_size)
+    with torch.no_grad():
+        moved = (back.model(x).logits - start(x).logits).abs().max()
+    assert 0 < moved < 10  # trained two steps from the pruned weights, not from scratch
+    q, qm = run_compress(str(out), spec(corpus_dir, int8=True), tmp_path / "recovered-int8")
+    assert qm["compression"]["layout"]["heads_per_layer"] == [1, 1] and load_model(str(q)).verified is True
+
+
+def test_int8_folders_are_not_trained_and_unfit_teachers_are_not_copied(tmp_path, teacher_dir, corpus_dir):
+    from kdcode.distil import run_distil
+
+    q, _ = run_compress(str(teacher_dir), spec(corpus_dir, int8=True), tmp_path / "int8")
+    with pytest.raises(KdcodeError, match="is int8 .* cannot be trained; use its float parent"):
+        run_distil(_distil_spec(teacher_dir, corpus_dir, tmp_path / "a", "pretrained", path=str(q)))
+    # a layer-copy init cannot copy an int8 or head-pruned teacher's blocks; it says so instead of
+    # leaving those weights random
+    pruned, _ = run_compress(str(teacher_dir), spec(corpus_dir, prune_heads=0.5), tmp_path / "pruned")
+    for teacher in (q, pruned):
+        with pytest.raises(KdcodeError, match="cannot copy the teacher's .* distil from its float, unpruned parent"):
+            run_distil(_distil_spec(teacher, corpus_dir, tmp_path / "b"))
+        assert not (tmp_path / "b").exists()
+    # a frozen int8 teacher still teaches a random-init student; the in-training strategy would train it
+    run_distil(_distil_spec(q, corpus_dir, tmp_path / "c", "random"))
+    s = _distil_spec(q, corpus_dir, tmp_path / "d", "random")
+    s.strategy.name = "in-training"
+    with pytest.raises(KdcodeError, match="in-training.* cannot be trained"):
+        run_distil(s)
+
+
+def test_unloadable_weights_are_one_line_not_a_traceback(tmp_path, teacher_dir):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(teacher_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["n_embd"] = 64  # the weights no longer fit the config
+    (bad / "config.json").write_text(json.dumps(cfg))
+    r = runner.invoke(app, ["eval", str(bad), "--no-verify"])
+    assert r.exit_code == 2 and f"cannot load the model in {bad}" in r.output, r.output
+    assert "Traceback" not in r.output

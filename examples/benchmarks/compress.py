@@ -1,8 +1,10 @@
-"""What each compression step buys: teacher, student, student+int8, student+prune+int8 (issue 8).
+"""What each compression step buys: teacher, student, student+int8, student+prune+int8 (issue 8), and
+student+prune+KD+int8: the pruned student distilled a few more steps from the teacher (init
+`pretrained` from the pruned folder, the default strategy) before it is quantized.
 
-Every row is written by `kdcode compress` from the student folder, then evaluated (`run_eval`: ES/EM on
-the held-out split, the same samples for every row) and benchmarked on CPU (`run_bench`: each model in
-its own fresh process, same prompts, fixed new tokens). Ratios are against the fp32 student.
+Every row is written by `kdcode compress` (and `kdcode distil`) from the student folder, then evaluated
+(`run_eval`: ES/EM on the held-out split, the same samples for every row) and benchmarked on CPU
+(`run_bench`: each model in its own fresh process, same prompts, fixed new tokens). Ratios are against the fp32 student.
 Goal: int8 on a distilled student gives >= 3.5x smaller weights than its fp32 version and >= 1.5x CPU
 throughput, losing <= 1 ES point.
 
@@ -18,9 +20,10 @@ from pathlib import Path
 
 from kdcode.bench import run_bench
 from kdcode.compress import CompressSpec, run_compress
+from kdcode.distil import run_distil
 from kdcode.evaluate import run_eval
-from kdcode.models import resolve_path
-from kdcode.spec import BenchSpec, DataSpec, EvalSpec
+from kdcode.models import load_model, resolve_path
+from kdcode.spec import BenchSpec, DataSpec, EvalSpec, RunSpec
 
 
 def main() -> None:
@@ -31,6 +34,8 @@ def main() -> None:
     ap.add_argument("--prune-heads", type=float, default=0.25)
     ap.add_argument("--prune-ffn", type=float, default=0.0)
     ap.add_argument("--calib-batches", type=int, default=8)
+    ap.add_argument("--recover-steps", type=int, default=100, help="KD steps after pruning (0: no such row)")
+    ap.add_argument("--recover-lr", type=float, default=2e-4)
     ap.add_argument("--samples", type=int, default=200, help="eval completions per model")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--ppl-blocks", type=int, default=16)
@@ -56,6 +61,31 @@ def main() -> None:
     rows[f"student+prune({tag})+int8"] = str(
         run_compress(student, CompressSpec(int8=True, **prune, **calib), work / "prune-int8", overwrite=True)[0]
     )
+    if args.recover_steps:
+        pruned = run_compress(student, CompressSpec(**prune, **calib), work / "prune", overwrite=True)[0]
+        recover = RunSpec.model_validate(
+            {
+                "teacher": {"name": args.teacher},
+                "student": {
+                    "layers": load_model(str(pruned), check=False).n_layer,
+                    "init": "pretrained",
+                    "init_params": {"path": str(pruned)},
+                },
+                "data": {"source": args.data},
+                "train": {
+                    "max_steps": args.recover_steps,
+                    "max_minutes": 60,
+                    "lr": args.recover_lr,
+                    "warmup_steps": min(10, args.recover_steps),
+                    "threads": args.threads,
+                },
+                "out": str(work / "prune-kd"),
+            }
+        )
+        recovered = run_distil(recover, overwrite=True)[0]
+        rows[f"student+prune({tag})+KD{args.recover_steps}+int8"] = str(
+            run_compress(str(recovered), CompressSpec(int8=True, **calib), work / "prune-kd-int8", overwrite=True)[0]
+        )
 
     eval_spec = EvalSpec(
         data=data,

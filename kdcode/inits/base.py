@@ -75,6 +75,7 @@ def copy_weights(
     t_state = teacher.state_dict()
     s_state = student.state_dict()
     new_state = {}
+    unfit: list[str] = []
     for key, value in s_state.items():
         m = pattern.match(key)
         if m:
@@ -88,6 +89,14 @@ def copy_weights(
             continue
         if src in t_state and t_state[src].shape == value.shape:
             new_state[key] = t_state[src].clone()
+        else:
+            unfit.append(src)
+    if unfit:
+        raise KdcodeError(
+            f"cannot copy the teacher's {unfit[0]} into the student ({len(unfit)} tensors missing or of another "
+            "shape: a head-pruned or int8 teacher from kdcode compress?); distil from its float, unpruned parent "
+            "or use --init random"
+        )
     student.load_state_dict(new_state, strict=False)
     if getattr(student.config, "tie_word_embeddings", False):
         student.tie_weights()

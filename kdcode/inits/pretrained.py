@@ -36,9 +36,11 @@ class Pretrained(Init):
         heads: int | None = None,
         tokenizer: Any = None,
     ) -> tuple[torch.nn.Module, list[int | None]]:
+        from kdcode.compress import check_trainable
         from kdcode.models import check_same_vocab, load_model
 
         start = load_model(self.params.path, allow_pickle=self.params.allow_pickle)
+        check_trainable(start.manifest, f"init 'pretrained' checkpoint {self.params.path}")
         cfg = start.model.config
         wanted = {
             "layers": (layers, cfg.num_hidden_layers),
