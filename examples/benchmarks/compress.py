@@ -141,12 +141,12 @@ def main() -> None:
     }
 
     print(
-        f"{'model':<34}{'ES':>7}{'EM':>7}{'size MB':>10}{'x smaller':>10}{'samples/s':>11}{'x speed':>9}"
+        f"{'model':<40}{'ES':>7}{'EM':>7}{'size MB':>10}{'x smaller':>10}{'samples/s':>11}{'x speed':>9}"
         f"{'dES':>7}{'weights MB':>11}{'peak MB':>9}"
     )
     for label, r in results.items():
         print(
-            f"{label:<34}{r['es']:>7.2f}{r['em']:>7.2f}{r['size_mb']:>10.3f}{r['size_ratio']:>10.2f}"
+            f"{label:<40}{r['es']:>7.2f}{r['em']:>7.2f}{r['size_mb']:>10.3f}{r['size_ratio']:>10.2f}"
             f"{r['samples_per_s']:>11.2f}{r['speed_ratio']:>9.2f}{r['es_delta']:>7.2f}{r['weights_memory_mb']:>11.2f}"
             f"{r['peak_memory_mb']:>9.1f}"
         )
