@@ -19,25 +19,22 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 stage1=${STAGE1:-runs/teacher_stage1}
 stage2=${STAGE2:-runs/teacher_stage2}
+stage3=${STAGE3:-runs/teacher_stage3}
 kdcode pretrain \
   --data stdlib \
   --layers 12 --hidden 128 --heads 4 --vocab-size 8192 --block-size 256 \
   --batch-size 16 --lr 1.5e-3 --warmup-steps 200 --max-minutes 100 --eval-every 250 \
   --precision auto --seed 0 \
   --out "$stage1" --overwrite
-kdcode pretrain \
-  --data stdlib --include-tests --init "$stage1" --block-size 256 \
-  --batch-size 16 --lr 1e-3 --warmup-steps 100 --max-minutes 85 --eval-every 250 \
-  --precision auto --seed 1 \
-  --out "$stage2" --overwrite
-kdcode pretrain \
-  --data stdlib --include-tests --init "$stage2" --block-size 256 \
-  --batch-size 16 --lr 6e-4 --warmup-steps 100 --max-minutes 80 --eval-every 250 \
-  --precision auto --seed 2 \
-  --out "${STAGE3:-runs/teacher_stage3}" --overwrite
-kdcode pretrain \
-  --data stdlib --include-tests --init "${STAGE3:-runs/teacher_stage3}" --block-size 256 \
-  --batch-size 16 --lr 3e-4 --warmup-steps 50 --max-minutes 28 --eval-every 250 \
-  --precision auto --seed 3 \
-  --out kdcode/bundled/teacher --overwrite
+# go_on INIT LR WARMUP MINUTES SEED OUT: one more stage from INIT, test/ folders in the train split
+go_on() {
+  kdcode pretrain \
+    --data stdlib --include-tests --init "$1" --block-size 256 \
+    --batch-size 16 --lr "$2" --warmup-steps "$3" --max-minutes "$4" --eval-every 250 \
+    --precision auto --seed "$5" \
+    --out "$6" --overwrite
+}
+go_on "$stage1" 1e-3 100 85 1 "$stage2"
+go_on "$stage2" 6e-4 100 80 2 "$stage3"
+go_on "$stage3" 3e-4 50 28 3 kdcode/bundled/teacher
 kdcode eval bundled --samples 500 --record

@@ -22,7 +22,7 @@ from kdcode.bench import run_bench
 from kdcode.compress import CompressSpec, run_compress
 from kdcode.distil import run_distil
 from kdcode.evaluate import run_eval
-from kdcode.models import load_model, resolve_path
+from kdcode.models import resolve_path
 from kdcode.spec import BenchSpec, DataSpec, EvalSpec, RunSpec
 
 
@@ -62,12 +62,12 @@ def main() -> None:
         run_compress(student, CompressSpec(int8=True, **prune, **calib), work / "prune-int8", overwrite=True)[0]
     )
     if args.recover_steps:
-        pruned = run_compress(student, CompressSpec(**prune, **calib), work / "prune", overwrite=True)[0]
+        pruned, pruned_manifest = run_compress(student, CompressSpec(**prune, **calib), work / "prune", overwrite=True)
         recover = RunSpec.model_validate(
             {
                 "teacher": {"name": args.teacher},
                 "student": {
-                    "layers": load_model(str(pruned), check=False).n_layer,
+                    "layers": pruned_manifest["model"]["n_layer"],
                     "init": "pretrained",
                     "init_params": {"path": str(pruned)},
                 },

@@ -47,7 +47,7 @@ def _softmaxes(s: torch.Tensor, t: float) -> tuple[torch.Tensor, ...]:
 
 
 def _student_grad(
-    ctx, g_soft: torch.Tensor, g_hard: torch.Tensor, soft_scale: torch.Tensor
+    ctx, g_soft: torch.Tensor, g_hard: torch.Tensor, soft_scale: torch.Tensor | float
 ) -> tuple[torch.Tensor, ...]:
     """c_hard * (softmax(s) - onehot(y)) + c_soft * soft_scale * softmax(s/T); the caller adds its teacher part."""
     e1, z1, e_t, z_t, w, y = ctx.saved_tensors[:6]
@@ -88,7 +88,7 @@ class _DenseKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_soft, g_hard):  # type: ignore[override]
         p = ctx.saved_tensors[6]
-        grad, c_soft = _student_grad(ctx, g_soft, g_hard, torch.ones(()))
+        grad, c_soft = _student_grad(ctx, g_soft, g_hard, 1.0)
         grad.addcmul_(p, -c_soft)
         return _padded(ctx, grad), None, None, None
 
