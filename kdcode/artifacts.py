@@ -142,6 +142,10 @@ def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
+def _init_name(init: Any) -> Any:
+    return init.get("name") if isinstance(init, dict) else init  # {name, params}; a plain name before 0.2
+
+
 def model_card(manifest: dict[str, Any]) -> str:
     spec = manifest.get("spec", {})
     lines = [
@@ -176,7 +180,7 @@ def model_card(manifest: dict[str, Any]) -> str:
         lines += [
             f"- Teacher: `{teacher.get('name')}` ({teacher.get('n_layer')} layers, {teacher.get('params_m')}M params)",
             f"- Strategy: `{spec.get('strategy', {}).get('name')}` {spec.get('strategy', {}).get('params') or ''}",
-            f"- Init: `{spec.get('student', {}).get('init')}`, layer map {manifest.get('layer_map')}",
+            f"- Init: `{_init_name(spec.get('student', {}).get('init'))}`, layer map {manifest.get('layer_map')}",
         ]
     model = manifest.get("model", {})
     if model:
@@ -204,7 +208,9 @@ def save_model(
     extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write model + tokenizer + manifest + card to ``out`` atomically. Returns ``out``."""
-    with atomic_dir(out, overwrite) as tmp:
+    from kdcode.quiet import quiet_hf
+
+    with atomic_dir(out, overwrite) as tmp, quiet_hf():
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if extra is not None:
@@ -286,3 +292,31 @@ def update_metrics(folder: Path, name: str, metrics: dict[str, Any]) -> None:
     manifest.setdefault("metrics", {})[name] = metrics
     write_json(folder / MANIFEST, manifest)
     (folder / "README.md").write_text(model_card(manifest), encoding="utf-8")
+
+
+# ------------------------------------------------------------------ layouts kdcode rebuilds on load
+def kdcode_layout(manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """A folder's ``compression.layout`` ({} for a plain Hugging Face folder)."""
+    return ((manifest or {}).get("compression") or {}).get("layout") or {}
+
+
+def check_trainable(manifest: dict[str, Any] | None, what: str) -> None:
+    """Refuse to train an int8 folder: its weights are packed int8 buffers, not parameters."""
+    if kdcode_layout(manifest).get("int8"):
+        parent = ((manifest or {}).get("compression") or {}).get("parent") or {}
+        where = f" ({parent['path']})" if parent.get("path") else ""
+        raise KdcodeError(f"{what} is int8 (kdcode compress --int8) and cannot be trained; use its float parent{where}")
+
+
+def record_layout(manifest: dict[str, Any], heads: list[int] | None, source: str) -> None:
+    """Give the manifest of a trained model that kept a head-pruned shape (``heads``: per layer, from
+    :func:`kdcode.compression.prune.heads_per_layer`) from ``source`` the ``compression`` section that
+    :func:`kdcode.compression.load.load_compressed` rebuilds it from (nothing for a plain shape)."""
+    if not heads:
+        return
+    manifest.setdefault("model", {})["heads_per_layer"] = heads
+    manifest["compression"] = {
+        "layout": {"loader": "kdcode", "heads_per_layer": heads, "int8": None},
+        "loading": "kdcode.models.load_model only: layers have fewer attention heads than n_head",
+        "inherited_from": source,
+    }

@@ -193,7 +193,7 @@ def _py150_dir_docs(root: Path, spec: DataSpec) -> dict[str, list[Document]]:
 
 def to_py150(docs: list[Document], skipped: Counter) -> list[Document]:
     """Normalise source files; documents that already are py150 lines (CodeXGLUE data) pass unchanged."""
-    from kdcode.py150 import is_normalised, normalise_documents
+    from kdcode.py150 import is_normalised
 
     out: list[Document] = []
     for doc in docs:
@@ -327,12 +327,16 @@ def fingerprint(docs: list[Document]) -> str:
 
 def encode_documents(docs: list[Document], tokenizer: Any) -> list[int]:
     """One token stream: each document's tokens followed by the end-of-sequence token."""
+    from kdcode.quiet import quiet_hf
+
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     batch = 256
     for i in range(0, len(docs), batch):
         chunk = [d.text for d in docs[i : i + batch]]
-        for ids in tokenizer(chunk, add_special_tokens=False)["input_ids"]:
+        with quiet_hf():  # long files: no "longer than the specified maximum" warning (blocks are cut later)
+            encoded = tokenizer(chunk, add_special_tokens=False)["input_ids"]
+        for ids in encoded:
             stream.extend(ids)
             if eos is not None:
                 stream.append(eos)
@@ -350,3 +354,80 @@ def to_blocks(stream: list[int], block_size: int) -> Any:
             "add files or lower --block-size"
         )
     return torch.tensor(stream[: n * block_size], dtype=torch.long).view(n, block_size)
+
+
+def data_section(corpus: Corpus, train_blocks: Any, valid_blocks: Any, spec_format: str) -> dict[str, Any]:
+    """The manifest's ``data`` section: the corpus summary, split fingerprints, token and block counts."""
+    return {
+        **corpus.summary(),
+        "format": spec_format,
+        "fingerprint": {s: fingerprint(d) for s, d in corpus.splits.items()},
+        "train_tokens": int(train_blocks.numel()),
+        "valid_tokens": int(valid_blocks.numel()),
+        "train_blocks": len(train_blocks),
+    }
+
+
+def split_blocks(corpus: Corpus, tokenizer: Any, block_size: int) -> tuple[Any, Any]:
+    """Training blocks of the train split, and of the valid split (none when it is shorter than a block)."""
+    train = to_blocks(encode_documents(corpus.splits["train"], tokenizer), block_size)
+    valid_stream = encode_documents(corpus.splits["valid"], tokenizer)
+    valid = to_blocks(valid_stream, block_size) if len(valid_stream) >= block_size else train[:0]
+    return train, valid
+
+
+# ------------------------------------------------------------------ CodeXGLUE py150 documents
+def normalise_documents(
+    docs: list[Document], skipped: Counter, literals: Any = None
+) -> list[Document]:
+    """Normalise each document, keeping its key; untokenizable ones are dropped and counted in ``skipped``."""
+    from kdcode.py150 import SKIP_REASON, Py150Error, normalise
+
+    out = []
+    for doc in docs:
+        try:
+            text = normalise(doc.text, literals) if literals is not None else normalise(doc.text)
+        except Py150Error:
+            skipped[SKIP_REASON] += 1
+            continue
+        out.append(Document(key=doc.key, text=text))
+    return out
+
+
+def write_splits(splits: dict[str, list[Document]], out: Path) -> dict[str, int]:
+    """Write CodeXGLUE's layout: ``train.txt``, ``dev.txt``, ``test.txt`` under ``out``, one normalised file a line.
+
+    Each file is written to a temporary name and renamed, so a split file is never half written. Returns the
+    number of files per split file name.
+    """
+    from kdcode.py150 import Py150Error, is_normalised
+
+    out.mkdir(parents=True, exist_ok=True)
+    counts: dict[str, int] = {}
+    for split, name in PY150_SPLIT_FILES.items():
+        docs = splits.get(split, [])
+        for doc in docs:
+            if not is_normalised(doc.text):
+                raise Py150Error(f"{doc.key} is not a normalised py150 file")
+        tmp = out / f".{name}.tmp"
+        tmp.write_text("".join(doc.text.strip() + "\n" for doc in docs), encoding="utf-8")
+        tmp.replace(out / name)
+        counts[name] = len(docs)
+    return counts
+
+
+def prepare_py150(spec: DataSpec, out: Path, overwrite: bool = False) -> dict[str, Any]:
+    """Normalise the corpus ``spec.source``, split it by file (the usual hash split) and write the split files.
+
+    Returns the corpus summary with ``written`` (files per split file) and ``skipped`` (by reason, including
+    :data:`SKIP_REASON` for files that do not tokenize).
+    """
+    existing = [n for n in PY150_SPLIT_FILES.values() if (out / n).exists()]
+    if existing and not overwrite:
+        raise KdcodeError(f"{out} already holds {', '.join(existing)}; pass --overwrite to replace them")
+    if out.exists() and not out.is_dir():
+        raise KdcodeError(f"--out {out} is a file; pass a folder")
+    corpus = load_corpus(spec.model_copy(update={"format": "py150"}))
+    if not any(corpus.splits.values()):
+        raise KdcodeError(f"no file of {spec.source} could be normalised ({dict(corpus.skipped)} skipped)")
+    return {**corpus.summary(), "written": write_splits(corpus.splits, out), "out": str(out)}

@@ -48,7 +48,7 @@ def cpu_model() -> str:
 def device_info() -> dict[str, Any]:
     import torch
 
-    from kdcode.distil import cpu_has_bf16
+    from kdcode.device import cpu_has_bf16
 
     cuda = torch.cuda.is_available()
     return {

@@ -13,6 +13,7 @@ from typing import Any
 
 from kdcode.artifacts import PICKLE_WEIGHTS, read_manifest, sha256_file, verify, weight_files
 from kdcode.errors import KdcodeError
+from kdcode.quiet import quiet_hf
 from kdcode.spec import BUNDLED
 
 
@@ -29,6 +30,7 @@ class Loaded:
     manifest: dict[str, Any] | None
     verified: bool | None  # True verified, None plain HF folder / hub, False not checked
     fingerprint: str  # sha256 of the weights (local) or the hub commit
+    runtime: dict[str, Any] | None = None  # device, dtype and threads when loaded for inference
 
     @property
     def n_layer(self) -> int:
@@ -36,9 +38,7 @@ class Loaded:
 
     @property
     def params(self) -> int:
-        from kdcode.compress import int8_param_count  # int8 weights are buffers, not parameters
-
-        return sum(p.numel() for p in self.model.parameters()) + int8_param_count(self.model)
+        return count_params(self.model)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -49,6 +49,19 @@ class Loaded:
             "params_m": round(self.params / 1e6, 3),
             "verified": self.verified,
         }
+
+
+def count_params(model: Any) -> int:
+    """Every weight of ``model``: its parameters, and the int8 weights kdcode keeps as buffers (once each)."""
+    from kdcode.compression.int8 import int8_param_count
+
+    return sum(p.numel() for p in model.parameters()) + int8_param_count(model)
+
+
+def context_length(config: Any, default: int | None = None) -> int | None:
+    """The positions a model can attend over (GPT-2 ``n_positions``, others ``max_position_embeddings``)."""
+    n = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    return int(n) if n else default
 
 
 def resolve_path(name: str) -> Path | None:
@@ -92,9 +105,10 @@ def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bo
 
     path = resolve_path(name)
     try:
-        return AutoTokenizer.from_pretrained(
-            str(path) if path else name, revision=revision, trust_remote_code=trust_remote_code
-        )
+        with quiet_hf():
+            return AutoTokenizer.from_pretrained(
+                str(path) if path else name, revision=revision, trust_remote_code=trust_remote_code
+            )
     except (OSError, ValueError) as exc:
         raise _load_error(name, path, exc) from exc
 
@@ -133,13 +147,15 @@ def load_model(
         kwargs["use_safetensors"] = True
     if dtype is not None:
         kwargs["dtype"] = dtype
-    from kdcode.compress import kdcode_layout, load_compressed
+    from kdcode.artifacts import kdcode_layout
+    from kdcode.compression.load import load_compressed
 
     try:
         if path is not None and kdcode_layout(manifest).get("loader") == "kdcode":  # head-pruned or int8
             model = load_compressed(path, manifest or {})
         else:
-            model = AutoModelForCausalLM.from_pretrained(str(path) if path else name, **kwargs)
+            with quiet_hf():
+                model = AutoModelForCausalLM.from_pretrained(str(path) if path else name, **kwargs)
     except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: weights that do not fit the config
         if path is None and not allow_pickle and "safetensors" in str(exc).lower():
             raise KdcodeError(

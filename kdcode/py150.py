@@ -38,14 +38,8 @@ from __future__ import annotations
 import io
 import re
 import tokenize
-from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-
-from kdcode.data import Document
-from kdcode.spec import DataSpec
 
 BOS = "<s>"
 EOS = "</s>"
@@ -124,21 +118,6 @@ def normalise(source: str, literals: Literals = DEFAULT_LITERALS) -> str:
     return " ".join([BOS, *tokens, EOS])
 
 
-def normalise_documents(
-    docs: list[Document], skipped: Counter, literals: Literals = DEFAULT_LITERALS
-) -> list[Document]:
-    """Normalise each document, keeping its key; untokenizable ones are dropped and counted in ``skipped``."""
-    out = []
-    for doc in docs:
-        try:
-            text = normalise(doc.text, literals)
-        except Py150Error:
-            skipped[SKIP_REASON] += 1
-            continue
-        out.append(Document(key=doc.key, text=text))
-    return out
-
-
 def is_normalised(text: str) -> bool:
     """True for one normalised file (``<s> ... </s>`` on one line), e.g. a CodeXGLUE record.
 
@@ -146,48 +125,6 @@ def is_normalised(text: str) -> bool:
     """
     text = text.strip()
     return text.startswith(BOS + " ") and text.endswith(" " + EOS) and "\n" not in text
-
-
-def write_splits(splits: dict[str, list[Document]], out: Path) -> dict[str, int]:
-    """Write CodeXGLUE's layout: ``train.txt``, ``dev.txt``, ``test.txt`` under ``out``, one normalised file a line.
-
-    Each file is written to a temporary name and renamed, so a split file is never half written. Returns the
-    number of files per split file name.
-    """
-    from kdcode.data import PY150_SPLIT_FILES
-
-    out.mkdir(parents=True, exist_ok=True)
-    counts: dict[str, int] = {}
-    for split, name in PY150_SPLIT_FILES.items():
-        docs = splits.get(split, [])
-        for doc in docs:
-            if not is_normalised(doc.text):
-                raise Py150Error(f"{doc.key} is not a normalised py150 file")
-        tmp = out / f".{name}.tmp"
-        tmp.write_text("".join(doc.text.strip() + "\n" for doc in docs), encoding="utf-8")
-        tmp.replace(out / name)
-        counts[name] = len(docs)
-    return counts
-
-
-def prepare(spec: DataSpec, out: Path, overwrite: bool = False) -> dict[str, Any]:
-    """Normalise the corpus ``spec.source``, split it by file (the usual hash split) and write the split files.
-
-    Returns the corpus summary with ``written`` (files per split file) and ``skipped`` (by reason, including
-    :data:`SKIP_REASON` for files that do not tokenize).
-    """
-    from kdcode.data import PY150_SPLIT_FILES, load_corpus
-    from kdcode.errors import KdcodeError
-
-    existing = [n for n in PY150_SPLIT_FILES.values() if (out / n).exists()]
-    if existing and not overwrite:
-        raise KdcodeError(f"{out} already holds {', '.join(existing)}; pass --overwrite to replace them")
-    if out.exists() and not out.is_dir():
-        raise KdcodeError(f"--out {out} is a file; pass a folder")
-    corpus = load_corpus(spec.model_copy(update={"format": "py150"}))
-    if not any(corpus.splits.values()):
-        raise KdcodeError(f"no file of {spec.source} could be normalised ({dict(corpus.skipped)} skipped)")
-    return {**corpus.summary(), "written": write_splits(corpus.splits, out), "out": str(out)}
 
 
 def lines_of(normalised: str) -> list[str]:

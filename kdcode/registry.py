@@ -1,8 +1,11 @@
-"""One generic registry for every pluggable kind (KD strategies, student inits).
+"""One typed registry for every pluggable kind (KD strategies, student inits).
 
-Entries are registered with a decorator, or lazily as a ``"module:attr"`` string so that start-up
-imports nothing heavy. Third-party packages add entries through an entry-point group, loaded on the
-first lookup (``KDCODE_DISABLE_PLUGINS=1`` turns that off). The registry knows no specific plugin.
+Entries are registered with a decorator, or lazily as a ``"module:attr"`` string so that start-up imports
+nothing heavy. Third-party packages add entries through an entry-point group, loaded on the first lookup
+(``KDCODE_DISABLE_PLUGINS=1`` turns that off). An entry must be a subclass of the registry's base class,
+checked when it is registered (an object) or first resolved (a lazy target). A plugin's name is written
+once, where it is registered: the registry gives the class its ``name``; a class that names itself
+otherwise is refused. The registry knows no specific plugin.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import importlib
 import os
 from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from kdcode.errors import KdcodeError
 
@@ -32,16 +35,48 @@ def did_you_mean(name: str, choices: list[str]) -> str:
     return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
+def _resolve(target: str) -> Any:
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 class Registry(Generic[T]):
-    def __init__(self, kind: str, group: str | None = None) -> None:
+    """``Registry[type[Strategy]]``: names to classes derived from ``base`` (a class, or a lazy ``"module:attr"``)."""
+
+    def __init__(self, kind: str, base: type | str | None = None, group: str | None = None) -> None:
         self.kind = kind
         self.group = group
+        self._base = base
         self._targets: dict[str, T | str] = {}
         self._sources: dict[str, str] = {}
         self._plugins_loaded = False
 
+    @property
+    def base(self) -> type | None:
+        if isinstance(self._base, str):
+            self._base = _resolve(self._base)
+        return self._base  # type: ignore[return-value]
+
+    def _checked(self, name: str, obj: Any, source: str) -> T:
+        """``obj`` if it is a subclass of the base; gives it its registry name."""
+        base = self.base
+        if base is not None and not (isinstance(obj, type) and issubclass(obj, base)):
+            raise KdcodeError(
+                f"{self.kind} {name!r} from {source} is {obj!r}, not a subclass of {base.__module__}."
+                f"{base.__name__}; fix the plugin or set {DISABLE_ENV}=1"
+            )
+        declared = vars(obj).get("name") if isinstance(obj, type) else None
+        if declared and declared != name:
+            raise KdcodeError(
+                f"{self.kind} {name!r} from {source} calls itself {declared!r}; a plugin's name is the one it is "
+                "registered under: remove its `name` attribute"
+            )
+        if isinstance(obj, type):
+            obj.name = name  # type: ignore[attr-defined]
+        return obj
+
     def register(self, name: str, target: T | str | None = None, *, source: str = "kdcode") -> Callable:
-        """Register ``target`` (an object or a lazy "module:attr") under ``name``; usable as a decorator."""
+        """Register ``target`` (a class, or a lazy "module:attr") under ``name``; usable as a decorator."""
 
         def add(obj: T | str) -> T | str:
             if name in self._targets:
@@ -49,7 +84,7 @@ class Registry(Generic[T]):
                     f"{self.kind} {name!r} is registered twice: by {self._sources[name]} and by {source}; "
                     f"uninstall one of them or set {DISABLE_ENV}=1"
                 )
-            self._targets[name] = obj
+            self._targets[name] = obj if isinstance(obj, str) else self._checked(name, obj, source)
             self._sources[name] = source
             return obj
 
@@ -92,15 +127,13 @@ class Registry(Generic[T]):
             )
         target = self._targets[name]
         if isinstance(target, str):
-            module, _, attr = target.partition(":")
             try:
-                obj = getattr(importlib.import_module(module), attr)
+                obj = _resolve(target)
             except (ImportError, AttributeError) as exc:
                 raise KdcodeError(
                     f"{self.kind} {name!r} points at {target!r}, which cannot be imported: {exc}"
                 ) from exc
-            self._targets[name] = obj
-            return obj
+            target = self._targets[name] = self._checked(name, obj, self._sources[name])
         return target
 
     def __contains__(self, name: str) -> bool:

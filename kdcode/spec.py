@@ -9,13 +9,14 @@ This module imports neither torch nor any plugin.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from kdcode.errors import KdcodeError
+from kdcode.errors import KdcodeDeprecation, KdcodeError
 
 BUNDLED = "bundled"
 
@@ -33,21 +34,56 @@ class TeacherSpec(_Spec):
     allow_pickle: bool = Field(False, description="load pickle weights (pytorch_model.bin); they can run code")
 
 
+class PluginSpec(_Spec):
+    """A pluggable choice by registry name, with its own params (validated against the plugin's ``Params``)."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_alone(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data  # `init: spread` is `init: {name: spread}`
+
+
+class StrategySpec(PluginSpec):
+    """KD strategy (see `kdcode list`)."""
+
+    name: str = "pretraining"
+
+
+class InitSpec(PluginSpec):
+    """Student-init scheme (see `kdcode list`)."""
+
+    name: str = "spread"
+
+
 class StudentSpec(_Spec):
     """Shape of the student and how its weights start."""
 
     layers: int = Field(6, ge=1, description="number of transformer blocks")
-    init: str = Field("spread", description="student-init scheme (see `kdcode list`)")
-    init_params: dict[str, Any] = Field(default_factory=dict)
+    init: InitSpec = Field(default_factory=InitSpec)
     hidden_size: int | None = Field(None, ge=8, description="narrower student (random/pretrained init only)")
     heads: int | None = Field(None, ge=1, description="attention heads of a narrower student")
 
-
-class StrategySpec(_Spec):
-    """KD strategy by registry name, with its own params."""
-
-    name: str = "pretraining"
-    params: dict[str, Any] = Field(default_factory=dict)
+    @model_validator(mode="before")
+    @classmethod
+    def _old_init_params(cls, data: Any) -> Any:
+        """``init: NAME`` + ``init_params: {...}`` (kdcode <= 0.1.0) still load, as ``init: {name, params}``."""
+        if not isinstance(data, dict) or "init_params" not in data:
+            return data
+        data = dict(data)
+        params = data.pop("init_params") or {}
+        init = data.get("init", InitSpec().name)
+        init = {"name": init} if isinstance(init, str) else dict(init or {})
+        init["params"] = {**params, **(init.get("params") or {})}
+        data["init"] = init
+        warnings.warn(
+            "student.init_params is deprecated: write student.init as {name: ..., params: {...}}",
+            KdcodeDeprecation,
+            stacklevel=2,
+        )
+        return data
 
 
 class DataSpec(_Spec):
@@ -113,7 +149,7 @@ BUDGET_KEYS = ("max_steps", "epochs", "max_minutes")
 
 def resolve_run_spec(file_data: dict[str, Any], overrides: dict[str, Any], where: str) -> RunSpec:
     """File, then CLI flags on top; the default budget applies only when no budget key was given."""
-    data = deep_merge(file_data, overrides)
+    data = apply_overrides(file_data, overrides)
     train = dict(data.get("train") or {})
     if not any(train.get(k) is not None for k in BUDGET_KEYS):
         train = {**DEFAULT_DISTIL_BUDGET, **train}
@@ -202,6 +238,48 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
+def nest(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Dotted keys (``student.layers``) and nested mappings alike, as one nested mapping."""
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            value = nest(value)
+        *parents, leaf = str(key).split(".")
+        branch: dict[str, Any] = {}
+        node = branch
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+        nested = deep_merge(nested, branch)
+    return nested
+
+
+def _plugin_name(section: Any, default: str) -> str:
+    if isinstance(section, str):
+        return section
+    return (section or {}).get("name", default) if isinstance(section, dict) else default
+
+
+def apply_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` (dotted or nested) on top. A strategy or init whose name an override changes
+    starts from its own default params, unless the override gives params too: one plugin's rarely fit another."""
+    base = nest(base)
+    nested = nest(overrides)
+    merged = deep_merge(base, nested)
+    for path, default in ((("strategy",), StrategySpec().name), (("student", "init"), InitSpec().name)):
+        old, new, out = base, nested, merged
+        for part in path[:-1]:
+            old, new, out = (old.get(part) or {}), (new.get(part) or {}), out.get(part, {})
+        key = path[-1]
+        if key not in new or not isinstance(out, dict):
+            continue
+        changed = _plugin_name(new[key], default) != _plugin_name(old.get(key), default)
+        gives_params = isinstance(new[key], dict) and "params" in new[key]
+        if changed and not gives_params:
+            out[key] = {"name": _plugin_name(new[key], default)}
+    return merged
+
+
 def build_spec(model: type[_Spec], data: dict[str, Any], where: str) -> Any:
     try:
         return model.model_validate(data)
@@ -211,6 +289,10 @@ def build_spec(model: type[_Spec], data: dict[str, Any], where: str) -> Any:
 
 def dump_yaml(spec: BaseModel) -> str:
     return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+
+
+DeviceName = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")]
+DtypeName = Literal["auto", "fp32", "fp16", "bf16"]
 
 
 class EvalSpec(_Spec):
@@ -236,6 +318,8 @@ class EvalSpec(_Spec):
     )
     token_blocks: int = Field(64, ge=1, description="held-out blocks scored for token-level accuracy")
     threads: int | None = Field(None, ge=1)
+    device: DeviceName = "auto"
+    dtype: DtypeName = "auto"
 
 
 class BenchSpec(_Spec):
@@ -248,7 +332,8 @@ class BenchSpec(_Spec):
     batch_size: int = Field(1, ge=1)
     seed: int = 0
     threads: int | None = Field(None, ge=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: DeviceName = "auto"
+    dtype: DtypeName = "auto"
 
 
 class SweepSpec(_Spec):
@@ -258,8 +343,8 @@ class SweepSpec(_Spec):
     mappings). ``grid`` points (the cartesian product of its lists, in key order) come first, then
     ``points`` in order; each is distilled, evaluated with ``eval`` and benchmarked with ``bench``.
     The string ``{out}`` in any value stands for the sweep folder ``out``. An override that changes
-    ``strategy.name`` (``student.init``) without giving ``strategy.params`` (``student.init_params``)
-    starts from that plugin's defaults, since one plugin's params rarely fit another.
+    ``strategy.name`` (``student.init.name``) without giving its ``params`` starts from that plugin's
+    defaults, since one plugin's params rarely fit another.
     """
 
     base: dict[str, Any] = Field(default_factory=dict, description="a RunSpec-shaped mapping shared by all points")
@@ -279,3 +364,16 @@ class SweepSpec(_Spec):
             if not key or not values:
                 raise ValueError(f"grid key {key!r} needs a non-empty list of values")
         return self
+
+
+class CompressSpec(_Spec):
+    """`kdcode compress`: prune (heads, MLP neurons), then store as fp16/bf16 or int8."""
+
+    dtype: Literal["fp32", "fp16", "bf16"] | None = Field(None, description="store float weights in this dtype")
+    int8: bool = Field(False, description="dynamic int8 quantization of Linear/Conv1D weights (CPU inference)")
+    prune_heads: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of attention heads removed per layer")
+    prune_ffn: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of MLP neurons removed per layer")
+    data: DataSpec = Field(default_factory=DataSpec, description="calibration corpus (its train split)")
+    calib_batches: int = Field(8, ge=1)
+    calib_batch_size: int = Field(8, ge=1)
+    calib_block_size: int | None = Field(None, ge=8, description="tokens per calibration block (default 256)")

@@ -23,22 +23,23 @@ from pathlib import Path
 from typing import Any
 
 from kdcode import __version__
-from kdcode.bench import run_bench
-from kdcode.distil import Interrupted, run_cache_teacher, run_distil
 from kdcode.errors import KdcodeError
-from kdcode.evaluate import run_eval
+from kdcode.evaluation.bench import run_bench
+from kdcode.evaluation.evaluate import run_eval
 from kdcode.spec import (
     BenchSpec,
     EvalSpec,
     RunSpec,
-    StrategySpec,
-    StudentSpec,
     SweepSpec,
+    apply_overrides,
     build_spec,
     deep_merge,
+    nest,
     read_spec_file,
     resolve_run_spec,
 )
+from kdcode.train.distil import run_cache_teacher, run_distil
+from kdcode.train.loop import Interrupted
 
 RESULTS = "results.jsonl"
 CACHE_DIR = "teacher_cache"
@@ -133,44 +134,13 @@ def expand_placeholders(value: Any, out: str) -> Any:
     return value
 
 
-def nest(overrides: dict[str, Any]) -> dict[str, Any]:
-    """Dotted keys (``student.layers``) and nested mappings alike, as one nested mapping."""
-    nested: dict[str, Any] = {}
-    for key, value in overrides.items():
-        if isinstance(value, dict):
-            value = nest(value)
-        *parents, leaf = str(key).split(".")
-        branch: dict[str, Any] = {}
-        node = branch
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-        nested = deep_merge(nested, branch)
-    return nested
-
-
-def apply_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``overrides`` on top; a new strategy (init) name starts from its own default params."""
-    nested = nest(overrides)
-    merged = deep_merge(base, nested)
-    for section, name_key, params_key, default in (
-        ("strategy", "name", "params", StrategySpec().name),
-        ("student", "init", "init_params", StudentSpec().init),
-    ):
-        new = nested.get(section) or {}
-        old_name = (base.get(section) or {}).get(name_key, default)
-        if name_key in new and params_key not in new and new[name_key] != old_name:
-            merged[section].pop(params_key, None)
-    return merged
-
-
 def auto_name(overrides: dict[str, Any]) -> str:
     """A short point name from its overrides: ``8L``, ``in-training-8L``, ``temperature=1.0``."""
     parts = []
     for key, value in overrides.items():
         if key == "student.layers":
             parts.append(f"{value}L")
-        elif key in ("strategy.name", "student.init"):
+        elif key in ("strategy.name", "student.init", "student.init.name"):
             parts.append(str(value))
         else:
             parts.append(f"{str(key).rsplit('.', 1)[-1]}={value}")
@@ -223,7 +193,7 @@ def plan_sweep(spec: SweepSpec, where: str = "sweep spec") -> Plan:
     strategies = {}
     for i, p in enumerate(points):
         strategies[p.name], _ = validate_plugins(p.run)
-        path = p.run.student.init_params.get("path")
+        path = p.run.student.init.params.get("path")
         if isinstance(path, str):
             try:
                 first = Path(path).resolve().relative_to(root).parts[0]
@@ -432,7 +402,7 @@ def _run_point(point: Point, baseline: str, root: Path, resume: bool, cache_note
         if resume and _reusable_student(folder, point.run):
             record["reused_student"] = True
         else:
-            from kdcode.checkpoint import has_checkpoint
+            from kdcode.train.state import has_checkpoint
 
             # A folder inside the sweep folder is this sweep's own (a leftover of an interrupted point);
             # a checkpoint left by an interrupted distil is continued on --resume.
@@ -461,7 +431,7 @@ def _run_point(point: Point, baseline: str, root: Path, resume: bool, cache_note
 
 def _ensure_cache(group: CacheGroup, top_k: int, batch_size: int, log: Log) -> dict[str, Any]:
     """Build the group's cache unless a complete one is there; returns what the point records note."""
-    from kdcode.cache import CACHE_MANIFEST
+    from kdcode.train.teacher_cache import CACHE_MANIFEST
 
     note: dict[str, Any] = {"path": str(group.folder), "build_s": None}
     if (group.folder / CACHE_MANIFEST).is_file():

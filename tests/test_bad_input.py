@@ -151,9 +151,9 @@ def test_block_size_above_the_teachers_positions(tmp_path, teacher_dir, corpus_d
 
 
 def test_batch_that_cannot_fit_fails_before_training(tmp_path, teacher_dir, corpus_dir, monkeypatch):
-    import kdcode.distil
+    import kdcode.train.resources
 
-    monkeypatch.setattr(kdcode.distil, "available_memory", lambda device: 2**20)  # 1 MiB free
+    monkeypatch.setattr(kdcode.train.resources, "available_memory", lambda device: 2**20)  # 1 MiB free
     r = run(
         "distil", "--teacher", teacher_dir, "--data", corpus_dir, "--out", tmp_path / "s", *FAST, "--batch-size", "64"
     )
@@ -163,9 +163,9 @@ def test_batch_that_cannot_fit_fails_before_training(tmp_path, teacher_dir, corp
 
 
 def test_pretrain_batch_that_cannot_fit(tmp_path, corpus_dir, monkeypatch):
-    import kdcode.distil
+    import kdcode.train.resources
 
-    monkeypatch.setattr(kdcode.distil, "available_memory", lambda device: 2**20)
+    monkeypatch.setattr(kdcode.train.resources, "available_memory", lambda device: 2**20)
     r = run(
         "pretrain",
         "--data",
@@ -403,7 +403,7 @@ def test_remote_code_never_runs_without_the_flag(remote_code, tmp_path, corpus_d
 
 
 def test_trust_remote_code_flags_reach_the_loader(monkeypatch, tmp_path, corpus_dir, teacher_dir):
-    import kdcode.bench
+    import kdcode.evaluation.bench
     import kdcode.models
 
     seen: list[dict] = []
@@ -417,7 +417,7 @@ def test_trust_remote_code_flags_reach_the_loader(monkeypatch, tmp_path, corpus_
         raise KdcodeError("stop here")
 
     monkeypatch.setattr(kdcode.models, "load_model", fake_load_model)
-    monkeypatch.setattr(kdcode.bench, "run_bench", fake_run_bench)
+    monkeypatch.setattr(kdcode.evaluation.bench, "run_bench", fake_run_bench)
     for flags in ([], ["--trust-remote-code", "--allow-pickle"]):
         seen.clear()
         run("distil", "--teacher", teacher_dir, "--data", corpus_dir, "--out", tmp_path / "s", *flags)
@@ -447,14 +447,14 @@ def test_pretrained_student_with_another_vocab_refused(tmp_path, teacher_dir, co
     make_gpt2(other_tok, n_layer=2).save_pretrained(other)
     other_tok.save_pretrained(other)
     spec = tmp_path / "run.yaml"
-    spec.write_text(f"student:\n  init: pretrained\n  init_params: {{path: {other}}}\n")
+    spec.write_text(f"student:\n  init: {{name: pretrained, params: {{path: {other}}}}}\n")
     r = run("distil", "--spec", spec, "--teacher", teacher_dir, "--data", corpus_dir, "--out", tmp_path / "s", *FAST)
     one_clear_line(r, f"checkpoint {other} and the teacher use different tokenizers (vocab 300 vs 512)")
     assert not (tmp_path / "s").exists()
 
 
 def test_teacher_cache_with_another_tokenizer_refused(tmp_path):
-    from kdcode.cache import check_cache
+    from kdcode.train.teacher_cache import check_cache
 
     cache = SimpleNamespace(manifest={"tokenizer_hash": "a" * 64, "block_size": 32})
     with pytest.raises(KdcodeError, match="was made for another tokenizer .* rebuild it"):

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from kdcode.cli import app
 from kdcode.data import Document, load_corpus
 from kdcode.errors import KdcodeError
-from kdcode.evaluate import _eval_blocks, read_completion_set, token_accuracy
+from kdcode.evaluation.completion_sets import read_completion_set
+from kdcode.evaluation.token_level import _eval_blocks, token_accuracy
 from kdcode.spec import DataSpec
 
 runner = CliRunner(env={"COLUMNS": "160", "TERM": "dumb"})
@@ -308,8 +309,8 @@ def test_prepare_lines_eval_end_to_end_codegpt_layout(tmp_path: Path, corpus_dir
 def test_encode_tokenizes_a_tail_exactly_as_the_whole_prompt(corpus_dir: Path, tokenizer, fmt: str, heal: bool):
     from conftest import make_gpt2
 
-    from kdcode.evaluate import build_line_samples
-    from kdcode.generate import Completer
+    from kdcode.evaluation.completion_sets import build_line_samples
+    from kdcode.inference.decode import Completer
 
     corpus = load_corpus(DataSpec(source=str(corpus_dir), format=fmt))
     docs = [d for split in corpus.splits.values() for d in split]

@@ -10,9 +10,9 @@ from conftest import make_gpt2
 from typer.testing import CliRunner
 
 from kdcode.cli import app
-from kdcode.complete import Engine, load_engine, prefix_at
 from kdcode.errors import KdcodeError
-from kdcode.generate import Completer
+from kdcode.inference.decode import Completer
+from kdcode.inference.engine import Engine, load_engine, prefix_at
 
 runner = CliRunner(env={"COLUMNS": "120", "TERM": "dumb"})
 
@@ -128,8 +128,8 @@ def test_half_precision_student_loads_in_its_dtype(tokenizer, tmp_path, dtype):
 
 
 def test_int8_student_completes_through_load_model(tmp_path, teacher_dir, corpus_dir):
-    from kdcode.compress import CompressSpec, run_compress
-    from kdcode.spec import DataSpec
+    from kdcode.compression.compress import run_compress
+    from kdcode.spec import CompressSpec, DataSpec
 
     spec = CompressSpec(
         data=DataSpec(source=str(corpus_dir)), calib_batches=1, calib_batch_size=2, calib_block_size=32, int8=True

@@ -15,23 +15,13 @@ from typer.testing import CliRunner
 
 from kdcode.artifacts import sha256_file
 from kdcode.cli import app
-from kdcode.compress import (
-    INT8_FILE,
-    CompressSpec,
-    Int8Linear,
-    dequantize_int8,
-    keep_top,
-    prune_ffn,
-    prune_heads,
-    quantize_int8,
-    quantize_model,
-    run_compress,
-    unit_importance,
-)
+from kdcode.compression.compress import run_compress
+from kdcode.compression.int8 import INT8_FILE, Int8Linear, dequantize_int8, quantize_int8, quantize_model
+from kdcode.compression.prune import keep_top, prune_ffn, prune_heads, unit_importance
 from kdcode.errors import KdcodeError
-from kdcode.generate import _forward_kwargs, _out_cache
+from kdcode.inference.decode import _forward_kwargs, _out_cache
 from kdcode.models import load_model
-from kdcode.spec import DataSpec
+from kdcode.spec import CompressSpec, DataSpec
 
 runner = CliRunner(env={"COLUMNS": "120", "TERM": "dumb"})
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -183,8 +173,8 @@ def test_prune_and_int8_folder_chain_and_loading(tmp_path, teacher_dir, corpus_d
 
 
 def test_int8_folder_layout_size_eval_and_bench(tmp_path, teacher_dir, corpus_dir):
-    from kdcode.bench import run_bench
-    from kdcode.evaluate import run_eval
+    from kdcode.evaluation.bench import run_bench
+    from kdcode.evaluation.evaluate import run_eval
     from kdcode.spec import BenchSpec, EvalSpec
 
     out, m = run_compress(str(teacher_dir), spec(corpus_dir, int8=True), tmp_path / "int8")
@@ -278,7 +268,7 @@ def _distil_spec(teacher: Path, corpus_dir: Path, out: Path, init: str = "spread
     return RunSpec.model_validate(
         {
             "teacher": {"name": str(teacher)},
-            "student": {"layers": 2, "init": init, "init_params": init_params},
+            "student": {"layers": 2, "init": {"name": init, "params": init_params}},
             "data": {"source": str(corpus_dir)},
             "train": {"max_steps": 2, "batch_size": 2, "block_size": 32, "precision": "fp32"},
             "out": str(out),
@@ -288,7 +278,7 @@ def _distil_spec(teacher: Path, corpus_dir: Path, out: Path, init: str = "spread
 
 def test_head_pruned_student_distils_on_and_reloads_with_its_heads(tmp_path, teacher_dir, corpus_dir):
     """Prune, then recover with KD from the pruned student, then quantize: every folder reloads."""
-    from kdcode.distil import run_distil
+    from kdcode.train.distil import run_distil
 
     teacher = load_model(str(teacher_dir))
     two = tmp_path / "two"
@@ -309,7 +299,7 @@ def test_head_pruned_student_distils_on_and_reloads_with_its_heads(tmp_path, tea
 
 
 def test_int8_folders_are_not_trained_and_unfit_teachers_are_not_copied(tmp_path, teacher_dir, corpus_dir):
-    from kdcode.distil import run_distil
+    from kdcode.train.distil import run_distil
 
     q, _ = run_compress(str(teacher_dir), spec(corpus_dir, int8=True), tmp_path / "int8")
     with pytest.raises(KdcodeError, match="is int8 .* cannot be trained; use its float parent"):

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from kdcode import __version__
 from kdcode.artifacts import save_model
 from kdcode.cli import app
-from kdcode.distil import cpu_has_bf16
+from kdcode.device import cpu_has_bf16
 from kdcode.doctor import HUB_URL, check_folder, hub_status
 from kdcode.models import bundled_path
 

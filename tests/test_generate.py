@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import make_gpt2
 
-from kdcode.generate import Completer
+from kdcode.inference.decode import Completer
 
 PROMPTS = ["import os\n\ndef main(argv):\n    ", "class A:\n    def __init__(self):\n        self.x = 1\n", "x = "]
 

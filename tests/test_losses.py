@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kdcode.plugins import make_strategy
-from kdcode.strategies.base import causal_ce, cosine_hidden, soft_kl
+from kdcode.strategies.losses import causal_ce, cosine_hidden, soft_kl
 
 LN3 = math.log(3.0)
 

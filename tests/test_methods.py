@@ -14,14 +14,14 @@ import torch
 from conftest import make_gpt2
 from typer.testing import CliRunner
 
-from kdcode.cache import SparseTargets, sparse_kd_terms, sparse_kl
 from kdcode.cli import app
 from kdcode.errors import KdcodeError
 from kdcode.plugins import make_init, make_strategy
 from kdcode.registry import Registry
-from kdcode.strategies.base import causal_ce, soft_kl
 from kdcode.strategies.fused import dense_kd_terms
 from kdcode.strategies.jsd import generalised_jsd
+from kdcode.strategies.losses import causal_ce, soft_kl
+from kdcode.strategies.sparse import SparseTargets, sparse_kd_terms, sparse_kl
 
 runner = CliRunner(env={"COLUMNS": "120"})
 LN3 = math.log(3.0)

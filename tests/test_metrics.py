@@ -1,7 +1,7 @@
 """CodeXGLUE line-level metrics: hand-computed golden cases, then an independent re-implementation of
 CodeXGLUE's evaluator (code/CodeCompletion-line/evaluator/evaluator.py: post_process, fuzzywuzzy
 ``fuzz.ratio`` backed by python-Levenshtein, ``pred.split() == gt.split()``) checked against
-``kdcode.metrics`` on deterministic pseudo-random pairs."""
+``kdcode.evaluation.metrics`` on deterministic pseudo-random pairs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kdcode.metrics import fuzzy_ratio, line_metrics, mean, post_process, sample_scores
+from kdcode.evaluation.metrics import fuzzy_ratio, line_metrics, mean, post_process, sample_scores
 
 # ---------------------------------------------------------------------------------------------------
 # Golden cases, computed by hand.

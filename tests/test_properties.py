@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 from kdcode.cli import app
 from kdcode.data import Document, stdlib_root
 from kdcode.errors import KdcodeError
-from kdcode.evaluate import build_line_samples
-from kdcode.metrics import line_metrics, sample_scores
+from kdcode.evaluation.completion_sets import build_line_samples
+from kdcode.evaluation.metrics import line_metrics, sample_scores
 from kdcode.py150 import EOL, EOS, Py150Error, lines_of, normalise
 from kdcode.spec import (
     BenchSpec,
@@ -68,8 +68,7 @@ def run_spec_data(draw) -> dict:
         },
         "student": {
             "layers": draw(st.integers(1, 96)),
-            "init": draw(_name),
-            "init_params": draw(_params),
+            "init": {"name": draw(_name), "params": draw(_params)},
             "hidden_size": draw(st.none() | st.integers(8, 4096)),
         },
         "strategy": {"name": draw(_name), "params": draw(_params)},

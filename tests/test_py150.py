@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kdcode.data import Document
+from kdcode.data import Document, normalise_documents
 from kdcode.py150 import (
     DEFAULT_LITERALS,
     Literals,
@@ -17,7 +17,6 @@ from kdcode.py150 import (
     _join_split_strings,
     lines_of,
     normalise,
-    normalise_documents,
 )
 
 SNIPPET = '''\

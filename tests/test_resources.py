@@ -6,15 +6,15 @@ import pytest
 import torch
 from conftest import make_gpt2
 
-import kdcode.distil
-from kdcode.distil import (
+import kdcode.train.resources
+from kdcode.errors import KdcodeError
+from kdcode.train.resources import (
     ACTIVATION_BYTES_PER_TOKEN_HIDDEN_LAYER,
     available_memory,
     check_block_size,
     check_memory,
     estimate_step_bytes,
 )
-from kdcode.errors import KdcodeError
 
 CPU = torch.device("cpu")
 
@@ -45,19 +45,19 @@ def test_available_memory_on_cpu_is_positive():
 
 
 def test_fits_returns_the_estimate(monkeypatch):
-    monkeypatch.setattr(kdcode.distil, "available_memory", lambda device: 64 * 2**30)
+    monkeypatch.setattr(kdcode.train.resources, "available_memory", lambda device: 64 * 2**30)
     assert check_memory(16, 256, 128, 6, 8192, CPU) == estimate_step_bytes(16, 256, 128, 6, 8192)
 
 
 def test_exactly_available_is_allowed(monkeypatch):
     need = estimate_step_bytes(4, 64, 32, 2, 512)
-    monkeypatch.setattr(kdcode.distil, "available_memory", lambda device: need)
+    monkeypatch.setattr(kdcode.train.resources, "available_memory", lambda device: need)
     assert check_memory(4, 64, 32, 2, 512, CPU) == need
 
 
 def test_over_available_fails_with_numbers_and_a_batch_that_fits(monkeypatch):
     per_sample = estimate_step_bytes(1, 1024, 768, 12, 50_257)
-    monkeypatch.setattr(kdcode.distil, "available_memory", lambda device: 5 * per_sample + 1)
+    monkeypatch.setattr(kdcode.train.resources, "available_memory", lambda device: 5 * per_sample + 1)
     with pytest.raises(KdcodeError) as info:
         check_memory(64, 1024, 768, 12, 50_257, CPU)
     message = str(info.value)
@@ -67,6 +67,6 @@ def test_over_available_fails_with_numbers_and_a_batch_that_fits(monkeypatch):
 
 
 def test_even_one_sample_too_big_suggests_the_block_size(monkeypatch):
-    monkeypatch.setattr(kdcode.distil, "available_memory", lambda device: 2**20)
+    monkeypatch.setattr(kdcode.train.resources, "available_memory", lambda device: 2**20)
     with pytest.raises(KdcodeError, match=r"but only 1\.0 MiB is free on cpu; lower --block-size$"):
         check_memory(1, 1024, 768, 12, 50_257, CPU)

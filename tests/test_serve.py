@@ -17,8 +17,8 @@ httpx = pytest.importorskip("httpx")
 from typer.testing import CliRunner  # noqa: E402
 
 from kdcode.cli import app as cli_app  # noqa: E402
-from kdcode.complete import Engine, load_engine  # noqa: E402
-from kdcode.serve import create_app  # noqa: E402
+from kdcode.inference.engine import Engine, load_engine  # noqa: E402
+from kdcode.inference.server import create_app  # noqa: E402
 
 PROMPTS = [
     "import os\n\n\ndef main(argv):\n    ",

@@ -37,7 +37,7 @@ def test_run_spec_defaults() -> None:
     assert spec.teacher.revision is None
     assert spec.teacher.trust_remote_code is False
     assert spec.student.layers == 6
-    assert spec.student.init == "spread"
+    assert spec.student.init.name == "spread"
     assert spec.strategy.name == "pretraining"
     assert spec.strategy.params == {}
     assert spec.data.source == "stdlib"
@@ -209,7 +209,7 @@ def test_flags_override_file_values() -> None:
     flags = {"student": {"layers": 2}, "train": {"max_steps": 10}, "out": "from-flags"}
     spec = resolve_run_spec(file_data, flags, "run.yaml")
     assert spec.student.layers == 2  # flag wins
-    assert spec.student.init == "alternate"  # file value kept beside the flag (deep merge)
+    assert spec.student.init.name == "alternate"  # file value kept beside the flag (deep merge)
     assert spec.train.max_steps == 10
     assert spec.train.lr == 1e-3
     assert spec.train.batch_size == 4
@@ -264,7 +264,7 @@ def test_yaml_roundtrip_default_and_custom() -> None:
     custom = resolve_run_spec(
         {
             "teacher": {"name": "microsoft/CodeGPT-small-py", "revision": "main"},
-            "student": {"layers": 3, "init": "random", "init_params": {"seed": 3}},
+            "student": {"layers": 3, "init": {"name": "random", "params": {"seed": 3}}},
             "strategy": {"name": "in-training", "params": {"temperature": 1.5, "alpha_ce": 0.25}},
             "data": {"source": "data/train.jsonl", "format": "py150", "max_files": 100, "test_fraction": 0.1},
             "train": {"epochs": 1.5, "lr": 3e-4, "precision": "bf16", "teacher_lr": 1e-5},

@@ -46,7 +46,7 @@ def test_plan_expands_grid_then_points_with_placeholders_and_caches(tmp_path):
         grid={"strategy.name": ["in-training", "pretraining"], "student.layers": [2, 3]},
         points=[
             {"name": "hard", "strategy.name": "hard-only", "student": {"layers": 2}},
-            {"name": "pre", "student.init": "pretrained", "student.init_params.path": "{out}/hard"},
+            {"name": "pre", "student.init.name": "pretrained", "student.init.params.path": "{out}/hard"},
             {"name": "cool", "strategy": {"name": "pretraining", "params": {"temperature": 1.0}}},
         ],
         eval={"samples": 3, "data": {"glob": "*.py"}},
@@ -59,7 +59,7 @@ def test_plan_expands_grid_then_points_with_placeholders_and_caches(tmp_path):
     assert by["in-training-2L"].run.strategy.params == {"temperature": 3.0}  # same strategy: base params kept
     assert by["pretraining-2L"].run.strategy.params == {}  # another strategy starts from its defaults
     assert by["hard"].run.strategy.params == {} and by["hard"].run.student.layers == 2
-    assert by["pre"].run.student.init_params == {"path": f"{out}/hard"}
+    assert by["pre"].run.student.init.params == {"path": f"{out}/hard"}
     assert all(p.run.out == str(Path(out) / p.name) for p in plan.points)
     assert by["pre"].eval.samples == 3 and by["pre"].eval.data.glob == "*.py"
     assert by["pre"].eval.data.source == by["pre"].run.data.source
@@ -80,7 +80,7 @@ def test_plan_expands_grid_then_points_with_placeholders_and_caches(tmp_path):
         ([{"name": "teacher"}], "reserved"),
         ([{"name": "a b"}], "points.0.name"),
         (
-            [{"name": "p", "student.init": "pretrained", "student.init_params.path": "{out}/q"}, {"name": "q"}],
+            [{"name": "p", "student.init.name": "pretrained", "student.init.params.path": "{out}/q"}, {"name": "q"}],
             "runs later",
         ),
         ([{"name": "p", "strategy.name": "pretrainig"}], "Did you mean 'pretraining'"),
@@ -257,7 +257,7 @@ def test_sweep_wiring_interrupt_stops_and_resume_continues_checkpoints(tmp_path,
     """With the heavy calls faked: an eval error is recorded at its stage, Ctrl-C in training stops the
     sweep (nothing recorded for that point), and --resume continues the point's training checkpoint."""
     import kdcode.sweep
-    from kdcode.distil import Interrupted
+    from kdcode.train.loop import Interrupted
 
     teacher = tmp_path / "t"
     teacher.mkdir()

@@ -17,11 +17,14 @@ from typer.testing import CliRunner
 
 from kdcode.cli import app
 from kdcode.data import encode_documents, load_corpus, to_blocks
-from kdcode.distil import Interrupted, RunContext, lr_at, run_distil, train_loop
 from kdcode.errors import KdcodeError
 from kdcode.models import load_model
 from kdcode.plugins import make_init, make_strategy
 from kdcode.spec import DataSpec, RunSpec, TrainSpec
+from kdcode.train.distil import run_distil
+from kdcode.train.loop import Interrupted, train_loop
+from kdcode.train.optim import lr_at
+from kdcode.train.state import RunContext
 
 runner = CliRunner(env={"COLUMNS": "120"})
 
@@ -202,7 +205,7 @@ def test_resume_through_run_distil(tmp_path, teacher_dir, corpus_dir, monkeypatc
             "out": str(tmp_path / "s"),
         }
     )
-    import kdcode.distil as distil
+    import kdcode.train.distil as distil
 
     real = distil.train_loop
 

@@ -22,6 +22,7 @@ from kdcode.bench import run_bench
 from kdcode.compress import CompressSpec, run_compress
 from kdcode.distil import run_distil
 from kdcode.evaluate import run_eval
+
 from kdcode.models import resolve_path
 from kdcode.spec import BenchSpec, DataSpec, EvalSpec, RunSpec
 

@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 
 import torch
-
-from kdcode.data import load_corpus
 from kdcode.distil import _blocks, train_loop
 from kdcode.evaluate import build_line_samples
 from kdcode.generate import Completer
 from kdcode.metrics import line_metrics
+
+from kdcode.data import load_corpus
 from kdcode.models import load_model
 from kdcode.plugins import validate_plugins
 from kdcode.spec import RunSpec

@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from kdcode.data import load_corpus
 from kdcode.evaluate import build_line_samples
 from kdcode.generate import Completer
+
+from kdcode.data import load_corpus
 from kdcode.spec import DataSpec
 
 

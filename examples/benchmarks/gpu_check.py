@@ -16,9 +16,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+from kdcode.distil import run_distil
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from kdcode.distil import run_distil
 from kdcode.models import bundled_path, load_tokenizer
 from kdcode.spec import RunSpec
 

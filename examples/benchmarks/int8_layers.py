@@ -23,12 +23,12 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
-
 from kdcode.compress import Int8Linear, quantize_model
-from kdcode.data import load_corpus
 from kdcode.evaluate import build_line_samples
 from kdcode.generate import Completer
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from kdcode.data import load_corpus
 from kdcode.models import load_tokenizer
 from kdcode.spec import DataSpec
 

@@ -18,10 +18,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
-
 from kdcode.bench import run_bench
 from kdcode.compress import CompressSpec, run_compress
+from transformers import GPT2Config, GPT2LMHeadModel
+
 from kdcode.models import load_tokenizer
 from kdcode.spec import BenchSpec
 

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from kdcode.complete import load_engine
 from rich.console import Console
 from rich.table import Table
 
-from kdcode.complete import load_engine
 from kdcode.data import load_corpus
 from kdcode.spec import DataSpec
 

@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 import torch
-
 from kdcode.cache import build_cache, load_cache
-from kdcode.data import encode_documents, load_corpus, to_blocks
 from kdcode.distil import cpu_has_bf16, pick_device, train_loop
+
+from kdcode.data import encode_documents, load_corpus, to_blocks
 from kdcode.models import load_model
 from kdcode.plugins import make_init, make_strategy
 from kdcode.spec import DataSpec, TrainSpec

@@ -1,8 +1,15 @@
-"""Student-initialisation schemes, one file each, registered lazily."""
+"""Student-initialisation schemes, one file each, registered lazily (names written here only)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from kdcode.registry import Registry
 
-INITS: Registry = Registry("init", group="kdcode.inits")
+if TYPE_CHECKING:
+    from kdcode.inits.base import Init
+
+INITS: Registry[type[Init]] = Registry("init", base="kdcode.inits.base:Init", group="kdcode.inits")
 INITS.register("alternate", "kdcode.inits.layer_copy:Alternate")
 INITS.register("spread", "kdcode.inits.layer_copy:Spread")
 INITS.register("random", "kdcode.inits.random_init:RandomInit")

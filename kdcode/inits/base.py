@@ -1,14 +1,16 @@
-"""The contract of a student-initialisation scheme, and the weight surgery they share.
+"""The contracts of student-initialisation schemes, and the weight surgery they share.
 
-A scheme builds a student with ``layers`` transformer blocks from a teacher and returns the layer
-map it used (student block i <- teacher block map[i]; None where nothing was copied). Works for any
+:class:`Init` builds a student with ``layers`` transformer blocks from a teacher, any way it likes, and
+returns the layer map it used (student block i <- teacher block map[i]; None where nothing was copied).
+:class:`LayerCopyInit` is the common kind: it selects teacher blocks and copies them. Works for any
 Hugging Face causal LM whose blocks sit in one ModuleList (GPT-2 ``transformer.h``, Llama-style
-``model.layers``, GPT-NeoX ``gpt_neox.layers``, ...).
+``model.layers``, GPT-NeoX ``gpt_neox.layers``, ...). A scheme's name is the one it is registered under.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import re
 from typing import Any, ClassVar
 
@@ -43,10 +45,68 @@ def n_layers(model: torch.nn.Module) -> int:
     return int(model.config.num_hidden_layers)
 
 
-def student_config(teacher: torch.nn.Module, layers: int, hidden_size: int | None = None,
-                   heads: int | None = None) -> Any:
-    """The teacher's config with ``layers`` blocks (and optionally another width / head count)."""
+def evenly_spaced(n_teacher: int, layers: int) -> list[int]:
+    """Evenly spaced teacher blocks keeping the first and the last (12 -> 6: [0, 2, 4, 7, 9, 11])."""
+    if layers == 1:
+        return [0]
+    return [math.floor(i * (n_teacher - 1) / (layers - 1) + 0.5) for i in range(layers)]
+
+
+# Lists in configs that are never per-layer, whatever their length (token ids, class names, labels).
+_NOT_PER_LAYER = ("token", "architectures", "label", "words")
+
+
+def _is_layer_index_list(key: str, value: Any, n_teacher: int) -> bool:
+    """A list naming some layers by index (e.g. ``mlp_only_layers: [0, 3]``), not one entry per layer."""
+    return (
+        "layer" in key
+        and isinstance(value, (list, tuple))
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        and all(0 <= v < n_teacher for v in value)
+        and list(value) == sorted(set(value))
+    )
+
+
+def reindex_per_layer_fields(config: Any, n_teacher: int, layer_map: list[int]) -> list[str]:
+    """Re-index every per-layer field of ``config`` by ``layer_map``, in place; returns the fields changed.
+
+    A field is per-layer when it is a list or tuple whose length is the teacher's depth (``layer_types``,
+    sliding-window patterns, per-layer rope or MoE settings, ...): student block i takes entry
+    ``layer_map[i]``, so a block copied from teacher layer j keeps layer j's type. A list of layer indices
+    (``mlp_only_layers: [0, 3]``) keeps the student blocks whose teacher block it names. Found generically,
+    not by name; a layer-like field of another shape is refused (it cannot be mapped).
+    """
+    changed = []
+    for key, value in sorted(config.to_dict().items()):
+        if not isinstance(value, (list, tuple)) or any(w in key for w in _NOT_PER_LAYER):
+            continue
+        if len(value) == n_teacher and n_teacher > 1:
+            setattr(config, key, type(value)(value[j] for j in layer_map))
+            changed.append(key)
+        elif _is_layer_index_list(key, value, n_teacher):
+            if value:
+                setattr(config, key, type(value)(i for i, j in enumerate(layer_map) if j in set(value)))
+                changed.append(key)
+        elif "layer" in key and value and any(isinstance(v, (list, tuple, dict)) for v in value):
+            raise KdcodeError(
+                f"the teacher's config field {key!r} looks per-layer but has {len(value)} entries for "
+                f"{n_teacher} layers; kdcode cannot map it to the student (please report the model)"
+            )
+    return changed
+
+
+def student_config(
+    teacher: torch.nn.Module,
+    layer_map: list[int | None],
+    hidden_size: int | None = None,
+    heads: int | None = None,
+) -> Any:
+    """The teacher's config with ``len(layer_map)`` blocks, every per-layer field re-indexed by the layer map
+    (blocks that copy nothing take the evenly spaced map's entries), and optionally another width / heads."""
     config = copy.deepcopy(teacher.config)
+    n_teacher, layers = int(config.num_hidden_layers), len(layer_map)
+    spaced = evenly_spaced(n_teacher, layers)
+    reindex_per_layer_fields(config, n_teacher, [j if j is not None else spaced[i] for i, j in enumerate(layer_map)])
     config.num_hidden_layers = layers
     if hidden_size is not None:
         config.hidden_size = hidden_size
@@ -108,15 +168,30 @@ class Init:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     Params: ClassVar[type[InitParams]] = InitParams
+    #: False for inits that copy teacher blocks (they need the teacher's width)
+    allows_width_change: ClassVar[bool] = False
 
     def __init__(self, params: InitParams | None = None, **kwargs: Any) -> None:
         self.params = params if params is not None else self.Params(**kwargs)
 
-    def select(self, n_teacher: int, layers: int) -> list[int | None]:
+    def build(
+        self,
+        teacher: torch.nn.Module,
+        layers: int,
+        hidden_size: int | None = None,
+        heads: int | None = None,
+        tokenizer: Any = None,
+    ) -> tuple[torch.nn.Module, list[int | None]]:
+        """A student with ``layers`` blocks and the map of the teacher blocks it was made from."""
         raise NotImplementedError
 
-    #: False for inits that copy teacher blocks (they need the teacher's width)
-    allows_width_change: ClassVar[bool] = False
+
+class LayerCopyInit(Init):
+    """Copy the teacher blocks :meth:`select` names (and, unless told otherwise, embeddings, final norm, LM head)."""
+
+    def select(self, n_teacher: int, layers: int) -> list[int | None]:
+        """The teacher block for each student block (None: leave it as initialised)."""
+        raise NotImplementedError
 
     def check(self, n_teacher: int, layers: int) -> None:
         if not 1 <= layers <= n_teacher:
@@ -132,7 +207,6 @@ class Init:
         heads: int | None = None,
         tokenizer: Any = None,
     ) -> tuple[torch.nn.Module, list[int | None]]:
-        """A student with ``layers`` blocks and the map of the teacher blocks it was copied from."""
         n_teacher = n_layers(teacher)
         self.check(n_teacher, layers)
         narrower = (hidden_size not in (None, teacher.config.hidden_size)) or (
@@ -143,6 +217,6 @@ class Init:
                 "use --init random (or pretrained) for a narrower student"
             )
         layer_map = self.select(n_teacher, layers)
-        student = new_model(student_config(teacher, layers, hidden_size, heads))
+        student = new_model(student_config(teacher, layer_map, hidden_size, heads))
         copy_weights(student, teacher, layer_map, self.params.copy_embeddings and not narrower)
         return student, layer_map

@@ -22,7 +22,6 @@ class PretrainedParams(InitParams):
 
 
 class Pretrained(Init):
-    name = "pretrained"
     summary = "start from another checkpoint (e.g. a student pre-trained on code); shape must fit"
     Params = PretrainedParams
     params: PretrainedParams
@@ -36,7 +35,7 @@ class Pretrained(Init):
         heads: int | None = None,
         tokenizer: Any = None,
     ) -> tuple[torch.nn.Module, list[int | None]]:
-        from kdcode.compress import check_trainable
+        from kdcode.artifacts import check_trainable
         from kdcode.models import check_same_vocab, load_model
 
         start = load_model(self.params.path, allow_pickle=self.params.allow_pickle)

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from kdcode.inits.base import Init, InitParams
+from kdcode.inits.base import InitParams, LayerCopyInit
 
 
 class RandomParams(InitParams):
     copy_embeddings: bool = Field(False, description="copy token/position embeddings, final norm and LM head")
 
 
-class RandomInit(Init):
-    name = "random"
+class RandomInit(LayerCopyInit):
     summary = "fresh random weights (optionally the teacher's embeddings); no teacher block copied"
     Params = RandomParams
     allows_width_change = True

@@ -1,7 +1,8 @@
-"""The contract every KD strategy fulfils, and the loss terms they share.
+"""The contract every KD strategy fulfils: its params model, what it needs from the models, its loss.
 
-All losses work on causal-LM outputs: position t predicts token t+1, and labels equal to -100 are
-ignored. Each term is a mean over the predicted (unmasked) positions.
+The loss terms strategies share live in :mod:`kdcode.strategies.losses`; the fused soft+hard pass in
+:mod:`kdcode.strategies.fused`, the sparse (teacher-cache) one in :mod:`kdcode.strategies.sparse`.
+A strategy's registry name is its ``name`` (set by the registry: written once, where it is registered).
 """
 
 from __future__ import annotations
@@ -9,10 +10,7 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-IGNORE = -100
 
 
 class StrategyParams(BaseModel):
@@ -88,36 +86,6 @@ class Strategy:
 
     def teacher_loss(self, teacher: Any, labels: torch.Tensor) -> torch.Tensor:
         """The teacher's own objective when it trains alongside the student (in-training KD)."""
+        from kdcode.strategies.losses import causal_ce
+
         return causal_ce(teacher.logits, labels)
-
-
-def shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Align predictions with next tokens: (logits[:, :-1], labels[:, 1:], mask of counted positions)."""
-    logits = logits[:, :-1]
-    target = labels[:, 1:]
-    return logits, target, target != IGNORE
-
-
-def causal_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Hard loss: cross-entropy of the next token, mean over counted positions."""
-    logits, target, _ = shift(logits, labels)
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1), ignore_index=IGNORE)
-
-
-def soft_kl(s_logits: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(softmax(t/T) || softmax(s/T)), mean over counted positions (Hinton et al., 2015)."""
-    s, _, mask = shift(s_logits, labels)
-    t = t_logits[:, :-1]
-    log_ps = F.log_softmax(s.float() / temperature, dim=-1)
-    log_pt = F.log_softmax(t.float() / temperature, dim=-1)
-    kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
-    return (kl * mask).sum() / mask.sum().clamp(min=1) * temperature**2
-
-
-def cosine_hidden(h_s: torch.Tensor, h_t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """1 - cos(h_s, h_t) between last hidden states, mean over counted positions (DistilBERT)."""
-    if h_s.size(-1) != h_t.size(-1):
-        raise ValueError(f"the cosine loss needs equal widths, got student {h_s.size(-1)} and teacher {h_t.size(-1)}")
-    _, _, mask = shift(h_s, labels)
-    cos = F.cosine_similarity(h_s[:, :-1].float(), h_t[:, :-1].float(), dim=-1)
-    return ((1 - cos) * mask).sum() / mask.sum().clamp(min=1)

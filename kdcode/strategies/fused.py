@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from kdcode.strategies.base import IGNORE
+from kdcode.strategies.losses import IGNORE
 
 
 def _student(s_logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 
-from kdcode.strategies.base import Strategy, causal_ce
+from kdcode.strategies.base import Strategy
+from kdcode.strategies.losses import causal_ce
 
 
 class HardOnly(Strategy):
-    name = "hard-only"
     summary = "no teacher: plain causal-LM cross-entropy (the control for every KD result)"
     needs_teacher = False
 

@@ -14,7 +14,6 @@ from kdcode.strategies.pretraining import DistilParams, PretrainingKD
 
 
 class InTrainingKD(PretrainingKD):
-    name = "in-training"
     summary = "the study's KD: student loss as pretraining, teacher also trained on its hard loss"
     Params = DistilParams
     needs_teacher_grad = True

@@ -13,7 +13,6 @@ set on both models when a_attn > 0). Frozen teacher.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -21,7 +20,9 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from kdcode.errors import KdcodeError
+from kdcode.inits.base import evenly_spaced
 from kdcode.strategies.base import Strategy, TemperatureParams
+from kdcode.strategies.losses import IGNORE, masked_mean
 from kdcode.strategies.pretraining import logit_terms
 
 
@@ -33,12 +34,7 @@ class IntermediateParams(TemperatureParams):
     layer_map: list[int] | None = Field(None, description="teacher block for each student block (default: init's)")
 
 
-def _mask(labels: torch.Tensor) -> torch.Tensor:
-    return (labels != -100).float()
-
-
 class IntermediateKD(Strategy):
-    name = "intermediate"
     summary = "hidden-state (and attention-map) MSE on a layer map, projected when widths differ, + logit KD"
     Params = IntermediateParams
     params: IntermediateParams
@@ -61,7 +57,7 @@ class IntermediateKD(Strategy):
         n_s, n_t = student.config.num_hidden_layers, teacher.config.num_hidden_layers
         chosen = self.params.layer_map or (list(layer_map) if layer_map and None not in layer_map else None)
         if chosen is None:
-            chosen = [0] if n_s == 1 else [math.floor(i * (n_t - 1) / (n_s - 1) + 0.5) for i in range(n_s)]
+            chosen = evenly_spaced(n_t, n_s)
         if len(chosen) != n_s or not all(0 <= j < n_t for j in chosen):
             raise KdcodeError(
                 f"intermediate layer_map {chosen} must name one teacher block (0..{n_t - 1}) per student block ({n_s})"
@@ -84,7 +80,7 @@ class IntermediateKD(Strategy):
         soft, hard = logit_terms(student.logits, teacher, labels, p.temperature_at(progress))
         terms = {"soft": soft, "hard": hard}
         total = p.alpha_ce * terms["soft"] + p.alpha_clm * terms["hard"]
-        mask = _mask(labels)[..., None]
+        counted = labels != IGNORE  # every position's hidden state, as it is (no shift)
         if p.alpha_hid > 0:
             mses = []
             for i, j in enumerate(self.layer_map):
@@ -92,8 +88,7 @@ class IntermediateKD(Strategy):
                 h_t = teacher.hidden_states[j + 1].detach().float()
                 if self.projections is not None:
                     h_s = self.projections[i](h_s)
-                err = ((h_s - h_t) ** 2 * mask).sum() / (mask.sum() * h_t.size(-1)).clamp(min=1)
-                mses.append(err)
+                mses.append(masked_mean(((h_s - h_t) ** 2).mean(-1), counted))
             terms["hid"] = torch.stack(mses).mean()
             total = total + p.alpha_hid * terms["hid"]
         if p.alpha_attn > 0:

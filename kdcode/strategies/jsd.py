@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from pydantic import Field, model_validator
 
-from kdcode.strategies.base import Strategy, TemperatureParams, causal_ce, shift
+from kdcode.strategies.base import Strategy, TemperatureParams
+from kdcode.strategies.losses import causal_ce, masked_mean, shift
 
 
 class JSDParams(TemperatureParams):
@@ -49,11 +50,10 @@ def generalised_jsd(
         kl_pm = (log_p.exp() * (log_p - log_m)).sum(-1)
         kl_qm = (log_q.exp() * (log_q - log_m)).sum(-1)
         div = beta * kl_pm + (1 - beta) * kl_qm
-    return (div * mask).sum() / mask.sum().clamp(min=1) * temperature**2
+    return masked_mean(div, mask) * temperature**2
 
 
 class JSDKD(Strategy):
-    name = "jsd"
     summary = "generalised JSD on logits (beta 0 = forward KL, 1 = reverse KL; GKD/MiniLLM) + hard CE"
     Params = JSDParams
     params: JSDParams

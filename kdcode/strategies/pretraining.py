@@ -14,8 +14,9 @@ import torch
 from pydantic import Field, model_validator
 
 from kdcode.errors import KdcodeError
-from kdcode.strategies.base import Strategy, TemperatureParams, cosine_hidden
+from kdcode.strategies.base import Strategy, TemperatureParams
 from kdcode.strategies.fused import dense_kd_terms
+from kdcode.strategies.losses import cosine_hidden
 
 
 class DistilParams(TemperatureParams):
@@ -31,7 +32,6 @@ class DistilParams(TemperatureParams):
 
 
 class PretrainingKD(Strategy):
-    name = "pretraining"
     summary = "DistilBERT/DistilGPT2 KD: soft KL (T^2-scaled) + hard CE (+ cosine); frozen teacher"
     Params = DistilParams
     params: DistilParams
@@ -60,7 +60,7 @@ def logit_terms(
     s_logits: torch.Tensor, teacher: Any, labels: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(soft KL, hard CE) in one fused pass: against a live teacher's logits or cached top-k soft targets."""
-    from kdcode.cache import SparseTargets, sparse_kd_terms
+    from kdcode.strategies.sparse import SparseTargets, sparse_kd_terms
 
     if isinstance(teacher, SparseTargets):
         return sparse_kd_terms(s_logits, teacher, labels, temperature)

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from kdcode.strategies.base import Strategy, StrategyParams, causal_ce, shift
+from kdcode.strategies.base import Strategy, StrategyParams
+from kdcode.strategies.losses import causal_ce, masked_mean, shift
 
 
 class TopKParams(StrategyParams):
@@ -28,7 +29,6 @@ class TopKParams(StrategyParams):
 
 
 class TopKKL(Strategy):
-    name = "topk-kl"
     summary = "KL on the teacher's top-k tokens, renormalised (example plugin)"
     Params = TopKParams
     params: TopKParams
@@ -42,7 +42,7 @@ class TopKKL(Strategy):
         log_q = torch.log_softmax(s.float().gather(-1, top.indices) / p.temperature, dim=-1)
         kl = (log_p.exp() * (log_p - log_q)).sum(-1)
         terms = {
-            "topk_kl": (kl * mask).sum() / mask.sum().clamp(min=1) * p.temperature**2,
+            "topk_kl": masked_mean(kl, mask) * p.temperature**2,
             "hard": causal_ce(student.logits, labels),
         }
         terms["loss"] = p.alpha_kd * terms["topk_kl"] + p.alpha_clm * terms["hard"]

@@ -94,21 +94,18 @@ class _Stream:
 class Engine:
     """One model and tokenizer, ready to complete prefixes; not thread-safe (callers queue their calls)."""
 
-    def __init__(self, loaded: Any, device: str = "cpu") -> None:
-        from kdcode.compress import kdcode_layout
-        from kdcode.generate import Completer
+    def __init__(self, loaded: Any) -> None:
+        from kdcode.inference.decode import Completer
+        from kdcode.inference.loader import dtype_name
+        from kdcode.models import context_length
 
         self.loaded = loaded
         self.name = loaded.name
-        model = loaded.model.to(device)
-        config = model.config
-        self.n_positions = int(
-            getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or 1024
-        )
-        self.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-        if kdcode_layout(loaded.manifest).get("int8"):
-            self.dtype = f"int8 ({self.dtype} rest)"  # see kdcode.compress: Linear weights are int8 buffers
+        model = loaded.model
+        self.n_positions = context_length(model.config, 1024)
+        self.dtype = dtype_name(model)
         self.device = str(next(model.parameters()).device)
+        self.runtime = loaded.runtime or {"device": self.device, "dtype": self.dtype, "threads": None}
         self.base = Completer(model, loaded.tokenizer, max_new_tokens=1)
         self.base.heal_space = True
         self.base.token_texts()  # built once here: every per-call copy shares it
@@ -192,28 +189,20 @@ def load_engine(
     name: str,
     *,
     device: str = "auto",
+    dtype: str = "auto",
     threads: int | None = None,
     verify: bool = True,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     warm_up: bool = True,
 ) -> Engine:
-    """Load a model folder / ``bundled`` / hub id in the dtype its config names, on ``device`` (auto: CUDA when
-    there is one), and warm it up."""
-    import torch
+    """Load a model folder / ``bundled`` / hub id through :func:`kdcode.inference.loader.load_for_inference`
+    (``device`` auto: CUDA when there is one; ``dtype`` auto: as its config names) and warm it up."""
+    from kdcode.inference.loader import load_for_inference
 
-    from kdcode.models import load_model
-
-    if threads:
-        torch.set_num_threads(threads)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise KdcodeError(f"--device {device!r}: use auto, cpu or cuda")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise KdcodeError("--device cuda was asked for, but no CUDA device is available")
-    lm = load_model(name, check=verify, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, dtype="auto")
-    engine = Engine(lm, device)
+    lm = load_for_inference(name, device, dtype, threads, verify=verify, allow_pickle=allow_pickle,
+                            trust_remote_code=trust_remote_code)
+    engine = Engine(lm)
     if warm_up:
         engine.warm_up()
     return engine

@@ -1,4 +1,4 @@
-"""`kdcode data`: prepare evaluation data in CodeXGLUE's layouts (a Typer sub-app registered in kdcode/cli.py)."""
+"""`kdcode data`: prepare evaluation data in CodeXGLUE's layouts (a Typer sub-app)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-# Defined before kdcode.cli is imported: kdcode.cli imports this module at its end to register data_app.
+from kdcode.cli._common import fail, handle_errors, out_console
+
 data_app = typer.Typer(
     name="data",
     help="Prepare data in CodeXGLUE's layouts: py150 split files and line-completion sets.",
@@ -16,7 +17,6 @@ data_app = typer.Typer(
     no_args_is_help=True,
 )
 
-from kdcode.cli import fail, handle_errors, out_console  # noqa: E402
 
 SOURCE_HELP = "A folder of source files, 'stdlib', a .jsonl file, a HF dataset id, or a prepared py150 folder."
 
@@ -43,7 +43,7 @@ def prepare_cmd(
     overwrite: Annotated[bool, typer.Option(help="Replace existing split files in --out.")] = False,
 ) -> None:
     """Normalise source files as CodeXGLUE's py150 and write them one per line, split by the usual hash split."""
-    from kdcode.py150 import prepare
+    from kdcode.data import prepare_py150 as prepare
 
     if data_format != "py150":
         fail(f"--format {data_format!r}: only py150 can be written one file per line; pass --format py150")
@@ -69,7 +69,7 @@ def lines_cmd(
     test_fraction: Annotated[float | None, typer.Option(help="Share of files in the test split.")] = None,
 ) -> None:
     """Write a line-completion set in CodeXGLUE's line-level layout, for `kdcode eval --lines`."""
-    from kdcode.evaluate import write_completion_set
+    from kdcode.evaluation.completion_sets import write_completion_set
     from kdcode.spec import EvalSpec, build_spec
 
     data = _data_spec(src, glob, data_format, valid_fraction, test_fraction)

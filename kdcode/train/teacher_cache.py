@@ -1,14 +1,8 @@
 """Teacher-logit cache: one teacher pass over the training blocks, reused by every frozen-teacher run.
 
 Per training block the cache stores the token ids, the teacher's top-k logits and their vocabulary
-ids, and ``lse`` = logsumexp(logits / T) over the whole vocabulary at the cache temperature T. From
-these the teacher's soft targets at T are exact on the top k, and the rest of the probability mass is
-one extra bucket: ``rest = 1 - sum_k softmax(t/T)_k``. The sparse KL compares K+1 buckets:
-
-    KL_sparse = sum_k p_k (log p_k - log q_k) + p_rest (log p_rest - log q_rest),   times T^2
-
-where q is the student's softmax(s/T) gathered on the teacher's top-k ids and q_rest its remaining
-mass. With k = vocabulary size it equals the full KL. Shards are safetensors files; ``cache.json``
+ids, and ``lse`` = logsumexp(logits / T) over the whole vocabulary at the cache temperature T (the
+sparse KL against them: :mod:`kdcode.strategies.sparse`). Shards are safetensors files; ``cache.json``
 records the teacher, tokenizer and data fingerprints, block size, k and T, and a cache that does not
 match a run is refused.
 """
@@ -17,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,48 +18,15 @@ from typing import Any
 import torch
 
 from kdcode.errors import KdcodeError
+from kdcode.strategies.sparse import SparseTargets
 
 CACHE_MANIFEST = "cache.json"
 SHARD_BLOCKS = 512
 
 
-@dataclass
-class SparseTargets:
-    """Cached teacher soft targets for a batch: [B, T, K] logits and ids, [B, T] logsumexp at T."""
-
-    topk_logits: torch.Tensor
-    topk_ids: torch.Tensor
-    lse: torch.Tensor
-    temperature: float
-
-    def to(self, device: torch.device) -> SparseTargets:
-        return SparseTargets(
-            self.topk_logits.to(device), self.topk_ids.to(device), self.lse.to(device), self.temperature
-        )
-
-
 def tokenizer_hash(tokenizer: Any) -> str:
     vocab = sorted(tokenizer.get_vocab().items())
     return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()
-
-
-def sparse_kl(s_logits: torch.Tensor, targets: SparseTargets, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL over the teacher's top-k buckets plus one 'rest' bucket, mean over counted positions."""
-    return sparse_kd_terms(s_logits, targets, labels, temperature)[0]
-
-
-def sparse_kd_terms(
-    s_logits: torch.Tensor, targets: SparseTargets, labels: torch.Tensor, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sparse KL as in :func:`sparse_kl`, hard next-token CE), fused (:mod:`kdcode.strategies.fused`)."""
-    from kdcode.strategies.fused import sparse_kd_terms as fused
-
-    if not math.isclose(temperature, targets.temperature, rel_tol=1e-6):
-        raise KdcodeError(
-            f"the teacher cache holds soft targets at T={targets.temperature}, the strategy asks for "
-            f"T={temperature}; pass --temperature {targets.temperature} or rebuild the cache"
-        )
-    return fused(s_logits, targets.topk_logits, targets.topk_ids, targets.lse, labels, temperature)
 
 
 @torch.no_grad()

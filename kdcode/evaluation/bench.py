@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import platform
-import resource
 import statistics
 import time
 from queue import Empty
@@ -18,27 +17,6 @@ from typing import Any
 
 from kdcode.errors import KdcodeError
 from kdcode.spec import BenchSpec
-
-
-def _rss_mb() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
-
-
-def _peak_rss_mb() -> float:
-    # On Linux ru_maxrss survives exec, so a spawned child would report its parent's peak when that is higher;
-    # VmHWM belongs to this process's own address space.
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**10
-    except OSError:
-        pass
-    # ru_maxrss is in KiB on Linux, bytes on macOS.
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (2**20 if platform.system() == "Darwin" else 2**10)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -63,25 +41,23 @@ def measure(
 
     from kdcode.artifacts import weights_size
     from kdcode.data import load_corpus
-    from kdcode.evaluate import build_line_samples
-    from kdcode.generate import Completer
-    from kdcode.models import load_model
+    from kdcode.device import peak_rss_mb, resolve_device, rss_mb
+    from kdcode.evaluation.completion_sets import build_line_samples
+    from kdcode.inference.decode import Completer
+    from kdcode.inference.loader import load_for_inference
     from kdcode.progress import make_progress
 
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
-    device = "cuda" if spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available()) else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise KdcodeError("--device cuda was asked for, but no CUDA device is available")
+    device = resolve_device(spec.device).type
     corpus = load_corpus(spec.data)
     docs = corpus.splits["test"] or [d for s in corpus.splits.values() for d in s]
     samples = build_line_samples(docs, spec.prompts + spec.warmup, spec.seed, spec.data.format)
     prompts = [s.input for s in samples]
-    base_rss = _rss_mb()
+    base_rss = rss_mb()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    lm = load_model(name, check=verify, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    model = lm.model.to(device)
+    lm = load_for_inference(name, spec.device, spec.dtype, spec.threads, verify=verify, allow_pickle=allow_pickle,
+                            trust_remote_code=trust_remote_code)
+    model = lm.model
     completer = Completer(model, lm.tokenizer, max_new_tokens=spec.new_tokens, heal=spec.data.format == "raw")
     warm, timed = prompts[: spec.warmup], prompts[spec.warmup :]
     if warm:
@@ -101,12 +77,9 @@ def measure(
         if device == "cuda":
             torch.cuda.synchronize()
         wall = time.perf_counter() - start
-    from kdcode.compress import kdcode_layout, memory_bytes
+    from kdcode.compression.int8 import memory_bytes
 
     params = lm.params  # int8 weights counted too
-    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    if kdcode_layout(lm.manifest).get("int8"):
-        dtype = f"int8 dynamic (Linear/Conv1D), rest {dtype}"
     out: dict[str, Any] = {
         "model": name,
         "params_m": round(params / 1e6, 3),
@@ -122,18 +95,19 @@ def measure(
         "new_tokens": spec.new_tokens,
         "batch_size": spec.batch_size,
         "context_tokens": completer.context_tokens,
-        "device": device if device == "cpu" else f"cuda:{torch.cuda.get_device_name()}",
+        "device": device if device == "cpu" else lm.runtime["device"],
         "cpu": platform.processor() or platform.machine(),
-        "dtype": dtype,
-        "threads": torch.get_num_threads(),
+        "dtype": lm.runtime["dtype"],
+        "threads": lm.runtime["threads"],
+        "runtime": lm.runtime,
         "verified": lm.verified,
     }
     if device == "cuda":
         out["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         out["memory_kind"] = "max CUDA memory allocated"
     else:
-        out["peak_memory_mb"] = round(_peak_rss_mb(), 1)
-        out["model_memory_mb"] = round(_peak_rss_mb() - base_rss, 1)
+        out["peak_memory_mb"] = round(peak_rss_mb(), 1)
+        out["model_memory_mb"] = round(peak_rss_mb() - base_rss, 1)
         out["memory_kind"] = "peak process RSS (model_memory_mb: above the RSS before loading the model)"
     return out
 

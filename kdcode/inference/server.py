@@ -32,8 +32,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kdcode.complete import DEFAULT_STOP, Completion, Engine, load_engine
 from kdcode.errors import KdcodeError
+from kdcode.inference.engine import DEFAULT_STOP, Completion, Engine, load_engine
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_CHOICES = 16  # prompts x n per request: one request cannot hold the queue for long
@@ -116,6 +116,7 @@ def create_app(
     max_body_bytes: int = 2**20,
     threads: int | None = None,
     device: str = "auto",
+    dtype: str = "auto",
     verify: bool = True,
 ) -> FastAPI:
     """A FastAPI app serving ``model_dir`` (a folder, ``bundled`` or a hub id; or an already loaded ``engine``).
@@ -123,7 +124,7 @@ def create_app(
     ``max_prompt_tokens`` (default: the model's context) refuses longer prompts with a 400; a prompt within it
     but longer than the context left after ``max_tokens`` is cut to its last tokens, as in ``kdcode eval``.
     """
-    engine = engine or load_engine(model_dir, device=device, threads=threads, verify=verify)
+    engine = engine or load_engine(model_dir, device=device, dtype=dtype, threads=threads, verify=verify)
     name = model_name or (Path(model_dir).name if model_dir != "bundled" and Path(model_dir).exists() else model_dir)
     accepted = {name, model_dir}
     prompt_limit = max_prompt_tokens or engine.n_positions

@@ -1,0 +1,169 @@
+"""What every command shares: error handling (one line, or the traceback with ``--debug``), the option
+declarations used by several commands, the one flag-to-spec override helper, tables and JSON output."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kdcode.errors import KdcodeDeprecation, KdcodeError
+
+EXIT_USAGE = 2
+# Wide tables are cut to 80 columns when stdout is not a terminal; printed that wide they keep every figure.
+PIPE_WIDTH = 400
+
+
+def out_console() -> Console:
+    """stdout; as wide as any table needs when it is not a terminal (a pipe, a file, CI)."""
+    console = Console()
+    return console if console.is_terminal else Console(width=PIPE_WIDTH)
+
+
+def err_console() -> Console:
+    return Console(stderr=True, soft_wrap=True, highlight=False)
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    """One ``error:`` line on stderr, then exit with ``code``."""
+    err_console().print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code=code)
+
+
+def warn(message: str) -> None:
+    err_console().print(f"[yellow]warning:[/] {message}", highlight=False)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300] + ("..." if len(text) > 300 else "") if text else type(exc).__name__
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a command: a KdcodeError is one line on stderr and its exit code; a failed write (disk full, read-only,
+    permissions; also as the libraries wrap them) or any unexpected error is one line naming it; ``--debug`` (on
+    the root command) shows the traceback instead. kdcode's deprecation notes are ``warning:`` lines."""
+    signature = inspect.signature(fn, eval_str=True)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, _kdcode_ctx: typer.Context, **kwargs: Any) -> Any:
+        debug = bool((_kdcode_ctx.find_root().obj or {}).get("debug"))
+        name = _kdcode_ctx.info_name or fn.__name__
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", KdcodeDeprecation)
+            try:
+                return fn(*args, **kwargs)
+            except typer.Exit:
+                raise
+            except KdcodeError as exc:
+                if debug:
+                    raise
+                fail(str(exc), code=exc.exit_code)
+            except KeyboardInterrupt:
+                fail("interrupted; no output folder was written", code=130)
+            except Exception as exc:  # noqa: BLE001 - people get one line; --debug gives the traceback
+                if debug:
+                    raise
+                if _is_write_error(exc):
+                    fail(f"cannot write: {_one_line(exc)} (free space or permissions?; --debug shows the traceback)")
+                fail(f"{name} failed: {type(exc).__name__}: {_one_line(exc)} (kdcode --debug {name} ... shows the "
+                     "traceback)", code=1)
+            finally:
+                for w in caught:
+                    if issubclass(w.category, KdcodeDeprecation):
+                        warn(str(w.message))
+                    else:
+                        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+    ctx_param = inspect.Parameter("_kdcode_ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+    wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), ctx_param])  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _is_write_error(exc: BaseException) -> bool:
+    """An OSError, or a library error that wraps one (safetensors' SafetensorError says 'No space left')."""
+    if isinstance(exc, OSError):
+        return True
+    text = str(exc).lower()
+    return any(s in text for s in ("no space left", "read-only file system", "permission denied", "disk quota"))
+
+
+def overrides(pairs: dict[str, Any]) -> dict[str, Any]:
+    """Flags as a nested spec mapping: ``{"train.lr": 1e-3, "out": None}`` -> ``{"train": {"lr": 1e-3}}``;
+    None (a flag not given) is left out, so the spec file's or the default value stays."""
+    nested: dict[str, Any] = {}
+    for dotted, value in pairs.items():
+        if value is None:
+            continue
+        *parents, leaf = dotted.split(".")
+        node = nested
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return nested
+
+
+def write_json(path: Path | None, data: Any) -> None:
+    """``--json FILE`` (``-``: stdout)."""
+    if path is None:
+        return
+    text = json.dumps(data, indent=2, default=str) + "\n"
+    if str(path) == "-":
+        sys.stdout.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+
+
+def metrics_table(title: str, rows: list[tuple[str, dict[str, Any]]], columns: list[tuple[str, str]]) -> Table:
+    table = Table(title=title)
+    table.add_column("model")
+    for _, header in columns:
+        table.add_column(header, justify="right")
+    for label, row in rows:
+        table.add_row(label, *("" if row.get(k) is None else str(row.get(k)) for k, _ in columns))
+    return table
+
+
+def record_metrics(model: str, name: str, metrics: dict[str, Any]) -> None:
+    """--record: store ``metrics`` under manifest["metrics"][name] of a local model folder."""
+    from kdcode.artifacts import update_metrics
+    from kdcode.models import resolve_path
+
+    path = resolve_path(model)
+    if path is None:
+        fail("--record needs a local model folder")
+    update_metrics(path, name, metrics)
+
+
+# ---- option declarations shared by several commands (None = keep the spec's value) -----------------------
+TeacherOpt = Annotated[str | None, typer.Option("--teacher", help="Teacher: 'bundled', a HF id or a local folder.")]
+DataOpt = Annotated[
+    str | None, typer.Option("--data", help="Folder of source files, .jsonl, HF dataset id, or 'stdlib'.")
+]
+GlobOpt = Annotated[str | None, typer.Option("--glob", help="File pattern inside a data folder.")]
+StrategyOpt = Annotated[str | None, typer.Option("--strategy", help="KD strategy (see `kdcode list`).")]
+InitOpt = Annotated[str | None, typer.Option("--init", help="Student init scheme (see `kdcode list`).")]
+TemperatureOpt = Annotated[float | None, typer.Option("--temperature", help="Softmax temperature of the soft loss.")]
+PrecisionOpt = Annotated[str | None, typer.Option("--precision", help="auto, fp32, bf16 or fp16 (CUDA).")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out folder.")]
+TrustRemoteCodeOpt = Annotated[
+    bool, typer.Option("--trust-remote-code", help="Run the model repo's own Python code (only if you trust it).")
+]
+AllowPickleOpt = Annotated[
+    bool, typer.Option("--allow-pickle", help="Load pickle weights (pytorch_model.bin), which can run code.")
+]
+NoVerifyOpt = Annotated[bool, typer.Option("--no-verify", help="Skip the weights' sha256 check.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (as the model's config says), fp32, fp16 or bf16.")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads for torch.")]
+JsonFileOpt = Annotated[Path | None, typer.Option("--json", help="Also write the figures as JSON ('-': stdout only).")]
+RecordOpt = Annotated[bool, typer.Option("--record", help="Store the figures in the model's manifest.")]

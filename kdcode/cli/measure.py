@@ -1,0 +1,162 @@
+"""`kdcode eval` and `kdcode bench`: accuracy and speed, printed as tables and written as JSON."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kdcode.cli._common import (
+    AllowPickleOpt,
+    DataOpt,
+    DeviceOpt,
+    DtypeOpt,
+    GlobOpt,
+    JsonFileOpt,
+    NoVerifyOpt,
+    RecordOpt,
+    ThreadsOpt,
+    TrustRemoteCodeOpt,
+    handle_errors,
+    metrics_table,
+    out_console,
+    overrides,
+    record_metrics,
+    write_json,
+)
+
+EVAL_COLUMNS = [("es", "ES"), ("em", "EM %"), ("token_accuracy", "token acc %"), ("perplexity", "perplexity"),
+                ("samples", "samples")]
+BENCH_COLUMNS = [
+    ("params_m", "params (M)"),
+    ("size_mb", "size (MB)"),
+    ("weights_memory_mb", "weights in mem (MB)"),
+    ("peak_memory_mb", "peak mem (MB)"),
+    ("samples_per_s", "samples/s"),
+    ("ms_per_token_p50", "ms/token p50"),
+    ("ms_per_token_p95", "ms/token p95"),
+    ("ms_first_token_p50", "first token (ms)"),
+]
+RECORDED_EVAL = ("es", "em", "token_accuracy", "perplexity", "samples", "baseline", "decoding", "split", "seed",
+                 "runtime")
+
+
+@handle_errors
+def eval_cmd(
+    model: Annotated[str, typer.Argument(help="Model folder, 'bundled', or a HF id.")],
+    data: DataOpt = None,
+    glob: GlobOpt = None,
+    data_format: Annotated[str | None, typer.Option("--format", help="raw or py150.")] = None,
+    split: Annotated[str, typer.Option(help="test, valid, train, or all (every file of --data).")] = "test",
+    lines: Annotated[
+        Path | None,
+        typer.Option(
+            help="A completion set: {id,input,gt} or {code} .jsonl/.json, or a CodeXGLUE completion dataset id."
+        ),
+    ] = None,
+    samples: Annotated[int, typer.Option(help="Completions to score.")] = 500,
+    seed: Annotated[int, typer.Option(help="Seed of the sample draw.")] = 0,
+    beams: Annotated[int, typer.Option(help="1 = greedy; >1 = beam search.")] = 1,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest completion in tokens.")] = 48,
+    batch_size: Annotated[int, typer.Option(help="Prompts decoded together (greedy).")] = 8,
+    ppl_blocks: Annotated[int, typer.Option(help="Held-out blocks for perplexity (0 skips it).")] = 64,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    threads: ThreadsOpt = None,
+    predictions: Annotated[
+        Path | None, typer.Option(help="Write predictions, one per line (CodeXGLUE format).")
+    ] = None,
+    json_out: JsonFileOpt = None,
+    record: RecordOpt = False,
+    no_verify: NoVerifyOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+) -> None:
+    """Line-level code completion (ES, EM as CodeXGLUE defines them) and perplexity on held-out code."""
+    from kdcode.evaluation.evaluate import run_eval
+    from kdcode.spec import EvalSpec, build_spec
+
+    spec = build_spec(
+        EvalSpec,
+        {
+            "data": overrides({"source": data, "glob": glob, "format": data_format}),
+            "split": split, "lines": str(lines) if lines else None, "samples": samples, "seed": seed,
+            "beams": beams, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "ppl_blocks": ppl_blocks,
+            "threads": threads, "device": device, "dtype": dtype,
+        },
+        "flags",
+    )
+    result = run_eval(model, spec, verify=not no_verify, predictions=predictions, allow_pickle=allow_pickle,
+                      trust_remote_code=trust_remote_code)
+    rows = [(model, result)]
+    if result.get("baseline"):
+        rows.append(("baseline: " + result["baseline"]["name"], result["baseline"]))
+    if str(json_out) != "-":
+        rt = result["runtime"]
+        title = (f"line completion, {spec.split} split, seed {seed} ({rt['device']}, {rt['dtype']}, "
+                 f"{rt['threads']} threads)")
+        console = out_console()
+        console.print(metrics_table(title, rows, EVAL_COLUMNS))
+        if result.get("verified") is None:
+            console.print("[yellow]note:[/] no kdcode.json manifest: weights unverified")
+    write_json(json_out, result)
+    if record:
+        record_metrics(model, "eval", {k: result.get(k) for k in RECORDED_EVAL})
+
+
+@handle_errors
+def bench(
+    model: Annotated[str, typer.Argument(help="Model folder, 'bundled', or a HF id.")],
+    compare: Annotated[str | None, typer.Option(help="Measure this model too (e.g. the teacher) and compare.")] = None,
+    data: Annotated[str | None, typer.Option(help="Corpus for the prompts (default: the stdlib test split).")] = None,
+    prompts: Annotated[int, typer.Option(help="Timed completions.")] = 32,
+    new_tokens: Annotated[int, typer.Option(help="Tokens generated per completion (no early stop).")] = 16,
+    batch_size: Annotated[int, typer.Option(help="Prompts decoded together.")] = 1,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    threads: ThreadsOpt = None,
+    seed: Annotated[int, typer.Option(help="Seed of the prompt draw.")] = 0,
+    json_out: JsonFileOpt = None,
+    record: RecordOpt = False,
+    no_verify: NoVerifyOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+) -> None:
+    """Params, size on disk, peak memory, throughput and latency, side by side with --compare."""
+    from kdcode.evaluation.bench import run_bench
+    from kdcode.spec import BenchSpec, build_spec
+
+    spec = build_spec(
+        BenchSpec,
+        {
+            "data": overrides({"source": data}), "prompts": prompts, "new_tokens": new_tokens,
+            "batch_size": batch_size, "threads": threads, "device": device, "dtype": dtype, "seed": seed,
+        },
+        "flags",
+    )
+    result = run_bench(model, spec, compare=compare, verify=not no_verify, allow_pickle=allow_pickle,
+                       trust_remote_code=trust_remote_code)
+    rows = [(model, result)] + ([(compare, result["compare"])] if compare else [])
+    if str(json_out) != "-":
+        console = out_console()
+        console.print(
+            metrics_table(
+                f"bench: {result['device']} ({result['cpu']}), {result['dtype']}, {result['threads']} threads, "
+                f"batch {spec.batch_size}, {spec.new_tokens} new tokens x {result['prompts']} prompts",
+                rows,
+                BENCH_COLUMNS,
+            )
+        )
+        if compare:
+            r = result["ratios"]
+            size = f"size x{r['size']}" if r.get("size") is not None else "size not measured"
+            console.print(f"vs {compare}: {r['speedup']}x throughput, {size}, params x{r['params']}")
+    write_json(json_out, result)
+    if record:
+        record_metrics(model, "bench", {k: v for k, v in result.items() if k != "compare"})
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_cmd)
+    app.command()(bench)

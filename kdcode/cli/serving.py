@@ -1,0 +1,112 @@
+"""`kdcode complete` and `kdcode serve`: a model where an editor can use it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kdcode.cli._common import (
+    DeviceOpt,
+    DtypeOpt,
+    NoVerifyOpt,
+    ThreadsOpt,
+    err_console,
+    fail,
+    handle_errors,
+    warn,
+)
+
+
+@handle_errors
+def complete(
+    model: Annotated[str, typer.Argument(help="Model folder, 'bundled', or a HF id.")],
+    file: Annotated[Path | None, typer.Option("--file", help="Source file (default: the text on stdin).")] = None,
+    line: Annotated[
+        int | None, typer.Option(help="Cursor line, 1-based (default: the end of the text: it is all prefix).")
+    ] = None,
+    col: Annotated[
+        int | None, typer.Option(help="Cursor column, 1-based characters (default: after the line's indentation).")
+    ] = None,
+    beams: Annotated[int, typer.Option(help="1 = greedy; >1 = beam search.")] = 1,
+    n: Annotated[int, typer.Option("--n", help="Alternatives: the n best distinct beams (fewer if beams agree).")] = 1,
+    max_tokens: Annotated[int, typer.Option(help="Longest completion in tokens.")] = 48,
+    temperature: Annotated[float, typer.Option(help="0 = greedy / beams; >0 samples.")] = 0.0,
+    seed: Annotated[int | None, typer.Option(help="Seed of the sampling.")] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    threads: ThreadsOpt = None,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print JSON: completions, finish reasons, token counts, timings.")
+    ] = False,
+    no_verify: NoVerifyOpt = False,
+) -> None:
+    """Complete the line at a cursor (--file/--line/--col, or the prefix on stdin) up to its end or --max-tokens."""
+    from kdcode.inference.engine import load_engine, prefix_at
+
+    if file is not None:
+        text = file.read_text(encoding="utf-8")
+    elif sys.stdin is None or sys.stdin.isatty():
+        fail("give --file FILE, or pipe the text before the cursor on stdin")
+    else:
+        text = sys.stdin.read()
+    prefix = prefix_at(text, line, col) if line is not None else text
+    engine = load_engine(model, device=device, dtype=dtype, threads=threads, verify=not no_verify, warm_up=False)
+    result = engine.complete(prefix, max_tokens, n=n, beams=beams, temperature=temperature, seed=seed)
+    if json_out:
+        typer.echo(
+            json.dumps(
+                {
+                    "model": model,
+                    "runtime": engine.runtime,
+                    "prompt_tokens": result.prompt_tokens,
+                    "completions": [vars(c) for c in result.choices],
+                    "first_token_ms": None if result.first_token_s is None else round(1000 * result.first_token_s, 1),
+                    "total_ms": round(1000 * result.total_s, 1),
+                },
+                indent=2,
+            )
+        )
+        return
+    for choice in result.choices:
+        typer.echo(choice.text)
+
+
+@handle_errors
+def serve(
+    model: Annotated[str, typer.Argument(help="Model folder, 'bundled', or a HF id.")],
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback: only this machine).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_prompt_tokens: Annotated[
+        int | None, typer.Option(help="Longest prompt accepted, in tokens (default: the model's context).")
+    ] = None,
+    max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 128,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    threads: ThreadsOpt = None,
+    no_verify: NoVerifyOpt = False,
+) -> None:
+    """An OpenAI-compatible completion server (POST /v1/completions, GET /v1/models, GET /health)."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        fail("kdcode serve needs FastAPI and uvicorn: pip install 'kdcode\\[serve]'")  # \\[ escapes rich markup
+    from kdcode.inference.server import create_app
+
+    app_ = create_app(model, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
+                      threads=threads, device=device, dtype=dtype, verify=not no_verify)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        warn(f"listening on {host}: anyone who can reach it can use the model (no auth)")
+    rt = app_.state.engine.runtime
+    err_console().print(f"serving {model} on http://{host}:{port}/v1 (OpenAI completions API) on {rt['device']}, "
+                        f"{rt['dtype']}, {rt['threads']} threads; Ctrl-C stops")
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(complete)
+    app.command()(serve)

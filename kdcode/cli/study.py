@@ -1,0 +1,137 @@
+"""`kdcode sweep` and `kdcode report`: the study in one command, and its table and plot from results alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from kdcode.cli._common import (
+    DataOpt,
+    InitOpt,
+    PrecisionOpt,
+    StrategyOpt,
+    TeacherOpt,
+    TemperatureOpt,
+    ThreadsOpt,
+    fail,
+    handle_errors,
+    out_console,
+    overrides,
+)
+
+
+def _print_report(written: dict[str, Any], records: list[dict[str, Any]]) -> None:
+    from kdcode.report import table
+
+    headers, rows = table(records)
+    t = Table(title="sweep results (ratio: model / teacher)")
+    for h in headers:
+        t.add_column(h, justify="left" if h == "Model" else "right")
+    for row in rows:
+        t.add_row(*row)
+    console = out_console()
+    console.print(t)
+    png = f" and {written['pareto_png']}" if written["pareto_png"] else ""
+    console.print(f"[green]wrote[/] {written['results_md']}{png}")
+    if written["note"]:
+        console.print(f"[yellow]note:[/] {written['note']}")
+
+
+def _depths(layers: str | None) -> list[int] | None:
+    if layers is None:
+        return None
+    try:
+        depths = [int(x) for x in layers.split(",") if x.strip()]
+    except ValueError:
+        fail(f"--layers {layers!r}: give student depths separated by commas, e.g. 4,6,8")
+    if not depths:
+        fail("--layers needs at least one depth, e.g. 4,6,8")
+    return depths
+
+
+@handle_errors
+def sweep(
+    spec: Annotated[
+        Path | None, typer.Argument(help="Sweep spec (YAML/JSON). Without it: sweep --layers, all else fixed.")
+    ] = None,
+    teacher: TeacherOpt = None,
+    data: DataOpt = None,
+    layers: Annotated[str | None, typer.Option(help="Student depths to sweep, e.g. 4,6,8.")] = None,
+    strategy: StrategyOpt = None,
+    init: InitOpt = None,
+    max_steps: Annotated[int | None, typer.Option(help="Steps per point.")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="Wall-clock budget per point.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Blocks per step.")] = None,
+    block_size: Annotated[int | None, typer.Option(help="Tokens per block.")] = None,
+    temperature: TemperatureOpt = None,
+    precision: PrecisionOpt = None,
+    samples: Annotated[int | None, typer.Option(help="Line completions scored per model (eval).")] = None,
+    prompts: Annotated[int | None, typer.Option(help="Timed completions per model (bench).")] = None,
+    new_tokens: Annotated[int | None, typer.Option(help="Longest eval completion and bench tokens per prompt.")] = None,
+    threads: ThreadsOpt = None,
+    out: Annotated[str | None, typer.Option(help="Sweep folder (default: the spec's out, or 'sweep').")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip the points done in OUT/results.jsonl.")] = False,
+    validate: Annotated[
+        bool, typer.Option("--validate", help="Expand and check every point (plugin params too), load nothing.")
+    ] = False,
+) -> None:
+    """Distil, evaluate and benchmark every point of a sweep (teacher first); results.jsonl, results.md, pareto.png."""
+    from kdcode.spec import read_spec_file
+    from kdcode.sweep import build_sweep, plan_sweep, read_records, run_sweep
+    from kdcode.train.loop import Interrupted
+
+    if spec is None and layers is None:
+        fail("pass a sweep spec file, or --layers (e.g. 4,6,8) for the quick form")
+    base = overrides({
+        "teacher.name": teacher, "data.source": data, "strategy.name": strategy,
+        "strategy.params.temperature": temperature, "student.init.name": init, "train.max_steps": max_steps,
+        "train.max_minutes": max_minutes, "train.batch_size": batch_size, "train.block_size": block_size,
+        "train.precision": precision, "train.threads": threads,
+    })
+    ev = overrides({"samples": samples, "max_new_tokens": new_tokens, "threads": threads})
+    bn = overrides({"prompts": prompts, "new_tokens": new_tokens, "threads": threads})
+    where = str(spec) if spec else "flags"
+    sweep_spec = build_sweep(read_spec_file(spec) if spec else {}, base, _depths(layers), ev, bn, out, where)
+    if validate:
+        plan = plan_sweep(sweep_spec, where)
+        cached = sum(len(c.points) for c in plan.caches)
+        typer.echo(
+            f"sweep is valid: {len(plan.points)} points ({', '.join(p.name for p in plan.points)}), "
+            f"{len(plan.caches)} teacher cache(s) for {cached} frozen-teacher points, out {plan.out}"
+        )
+        return
+    console = out_console()
+    try:
+        run_sweep(sweep_spec, resume=resume, where=where, log=lambda m: console.print(m, highlight=False))
+    except (KeyboardInterrupt, Interrupted) as exc:
+        fail(f"{exc or 'interrupted'}; finished points are in {sweep_spec.out}/results.jsonl: rerun the sweep with "
+             "--resume", code=130)
+    from kdcode.report import latest, write_report
+
+    records = read_records(Path(sweep_spec.out) / "results.jsonl")
+    _print_report(write_report(records, Path(sweep_spec.out)), records)
+    failed = [r["name"] for r in latest(records) if r.get("status") != "ok"]
+    if failed:
+        fail(f"{len(failed)} point(s) failed ({', '.join(failed)}); see results.md, fix, and rerun with --resume",
+             code=1)
+
+
+@handle_errors
+def report(
+    results: Annotated[Path, typer.Argument(help="A sweep's results.jsonl.")],
+    out: Annotated[Path | None, typer.Option(help="Folder for results.md and pareto.png (default: beside it).")] = None,
+) -> None:
+    """Rebuild results.md and pareto.png from a sweep's results.jsonl alone."""
+    from kdcode.report import write_report
+    from kdcode.sweep import read_records
+
+    records = read_records(results)
+    _print_report(write_report(records, out or results.parent), records)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(sweep)
+    app.command()(report)

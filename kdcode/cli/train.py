@@ -1,0 +1,203 @@
+"""`kdcode distil`, `kdcode pretrain`, `kdcode cache-teacher`: training commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from kdcode.cli._common import (
+    AllowPickleOpt,
+    DataOpt,
+    GlobOpt,
+    InitOpt,
+    OverwriteOpt,
+    PrecisionOpt,
+    StrategyOpt,
+    TeacherOpt,
+    TemperatureOpt,
+    TrustRemoteCodeOpt,
+    handle_errors,
+    out_console,
+    overrides,
+)
+
+MaxStepsOpt = Annotated[int | None, typer.Option(help="Stop after this many optimiser steps.")]
+EpochsOpt = Annotated[float | None, typer.Option(help="Stop after this many passes over the train split.")]
+MaxMinutesOpt = Annotated[float | None, typer.Option(help="Wall-clock budget; the LR schedule follows it.")]
+SeedOpt = Annotated[int | None, typer.Option(help="Random seed.")]
+CheckpointEveryOpt = Annotated[int | None, typer.Option(help="Checkpoint into OUT.ckpt every N steps.")]
+TensorboardOpt = Annotated[bool, typer.Option("--tensorboard", help="Also log to OUT.tensorboard.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in OUT.ckpt.")]
+
+
+@handle_errors
+def distil(
+    spec: Annotated[Path | None, typer.Option("--spec", help="Run spec (YAML/JSON); flags override it.")] = None,
+    teacher: TeacherOpt = None,
+    teacher_revision: Annotated[
+        str | None, typer.Option(help="Hub revision (commit, branch or tag) of a hub teacher.")
+    ] = None,
+    layers: Annotated[int | None, typer.Option(help="Student depth (transformer blocks).")] = None,
+    strategy: StrategyOpt = None,
+    init: InitOpt = None,
+    data: DataOpt = None,
+    glob: GlobOpt = None,
+    max_steps: MaxStepsOpt = None,
+    epochs: EpochsOpt = None,
+    max_minutes: MaxMinutesOpt = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Blocks per step.")] = None,
+    block_size: Annotated[int | None, typer.Option(help="Tokens per block.")] = None,
+    temperature: TemperatureOpt = None,
+    hidden_size: Annotated[int | None, typer.Option(help="Narrower student width (random/pretrained init).")] = None,
+    heads: Annotated[int | None, typer.Option(help="Attention heads of a narrower student.")] = None,
+    teacher_cache: Annotated[str | None, typer.Option(help="Train from a teacher-logit cache (cache-teacher).")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimiser step.")] = None,
+    checkpoint_every: CheckpointEveryOpt = None,
+    tensorboard: TensorboardOpt = False,
+    resume: ResumeOpt = False,
+    precision: PrecisionOpt = None,
+    seed: SeedOpt = None,
+    out: Annotated[str | None, typer.Option(help="Student folder to write.")] = None,
+    overwrite: OverwriteOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+    print_spec: Annotated[bool, typer.Option("--print-spec", help="Print the resolved spec as YAML and exit.")] = False,
+    validate: Annotated[
+        bool, typer.Option("--validate", help="Check the spec and plugin params, load nothing.")
+    ] = False,
+) -> None:
+    """Distil a teacher into a smaller student (default: the bundled teacher into 6 layers on the stdlib)."""
+    from kdcode.spec import dump_yaml, read_spec_file, resolve_run_spec
+
+    flags = overrides({
+        "teacher.name": teacher, "teacher.revision": teacher_revision,
+        "teacher.trust_remote_code": trust_remote_code or None, "teacher.allow_pickle": allow_pickle or None,
+        "student.layers": layers, "student.init.name": init, "student.hidden_size": hidden_size,
+        "student.heads": heads, "strategy.name": strategy, "strategy.params.temperature": temperature,
+        "teacher_cache": teacher_cache, "data.source": data, "data.glob": glob,
+        "train.max_steps": max_steps, "train.epochs": epochs, "train.max_minutes": max_minutes, "train.lr": lr,
+        "train.batch_size": batch_size, "train.block_size": block_size, "train.grad_accum": grad_accum,
+        "train.checkpoint_every": checkpoint_every, "train.tensorboard": tensorboard or None,
+        "train.precision": precision, "train.seed": seed, "out": out,
+    })
+    run = resolve_run_spec(read_spec_file(spec) if spec else {}, flags, str(spec) if spec else "flags")
+    if print_spec:
+        typer.echo(dump_yaml(run), nl=False)
+        return
+    if validate:
+        from kdcode.plugins import validate_plugins
+
+        validate_plugins(run)
+        typer.echo(f"spec is valid: strategy {run.strategy.name!r}, init {run.student.init.name!r}")
+        return
+    from kdcode.train.distil import run_distil
+
+    folder, manifest = run_distil(run, overwrite=overwrite, resume=resume)
+    if not manifest:  # a data-parallel worker process: the main process reports
+        return
+    console = out_console()
+    tr = manifest["training"]
+    console.print(
+        f"[green]student written to[/] {folder}  ({manifest['model']['n_layer']} layers, "
+        f"{manifest['model']['params_m']}M params, {tr['steps']} steps in {tr['wall_time_s']:.0f} s, "
+        f"valid loss {tr['final'].get('valid_loss', float('nan')):.3f})"
+    )
+    console.print("next:")
+    console.print(f"  kdcode eval {folder}")
+    console.print(f"  kdcode bench {folder} --compare {run.teacher.name}")
+
+
+@handle_errors
+def pretrain(
+    data: Annotated[str, typer.Option(help="Folder of source files, .jsonl, HF dataset id, or 'stdlib'.")] = "stdlib",
+    glob: Annotated[str, typer.Option(help="File pattern inside a data folder.")] = "**/*.py",
+    include_tests: Annotated[bool, typer.Option(help="Keep the stdlib's test/ folders in the corpus.")] = False,
+    layers: Annotated[int | None, typer.Option(help="Transformer blocks.  [default: 12]", show_default=False)] = None,
+    hidden: Annotated[int | None, typer.Option(help="Model width.  [default: 128]", show_default=False)] = None,
+    heads: Annotated[int | None, typer.Option(help="Attention heads.  [default: 4]", show_default=False)] = None,
+    vocab_size: Annotated[
+        int | None, typer.Option(help="BPE vocabulary size.  [default: 8192]", show_default=False)
+    ] = None,
+    block_size: Annotated[int, typer.Option(help="Tokens per block (= the model's positions).")] = 256,
+    tokenizer: Annotated[str | None, typer.Option(help="Reuse this tokenizer folder instead of training one.")] = None,
+    init: Annotated[
+        str | None,
+        typer.Option(help="Continue training this GPT-2 (folder or 'bundled'); its shape and tokenizer are kept."),
+    ] = None,
+    max_steps: MaxStepsOpt = None,
+    epochs: EpochsOpt = None,
+    max_minutes: MaxMinutesOpt = None,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps.")] = 100,
+    batch_size: Annotated[int, typer.Option(help="Blocks per step.")] = 16,
+    eval_every: Annotated[int, typer.Option(help="Held-out loss every N steps.")] = 200,
+    checkpoint_every: CheckpointEveryOpt = None,
+    tensorboard: TensorboardOpt = False,
+    resume: ResumeOpt = False,
+    precision: Annotated[str, typer.Option(help="auto, fp32 or bf16.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    out: Annotated[str, typer.Option(help="Model folder to write.")] = "pretrained",
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Train a byte-level BPE tokenizer and a GPT-2 from scratch on code (how the bundled teacher was made)."""
+    from kdcode.spec import PretrainSpec, build_spec
+    from kdcode.train.pretrain import run_pretrain
+
+    budget = overrides({"max_steps": max_steps, "epochs": epochs, "max_minutes": max_minutes}) or {"max_steps": 1000}
+    spec = build_spec(
+        PretrainSpec,
+        {
+            "model": overrides({"layers": layers, "hidden": hidden, "heads": heads, "vocab_size": vocab_size}),
+            "tokenizer": tokenizer,
+            "init": init,
+            "data": {"source": data, "glob": glob, "exclude_tests": not include_tests},
+            "train": {
+                "lr": lr, "warmup_steps": warmup_steps, "batch_size": batch_size, "block_size": block_size,
+                "eval_every": eval_every, "precision": precision, "seed": seed, "tensorboard": tensorboard,
+                **budget, **overrides({"checkpoint_every": checkpoint_every}),
+            },
+            "out": out,
+        },
+        "flags",
+    )
+    folder, manifest = run_pretrain(spec, overwrite=overwrite, resume=resume)
+    tr = manifest["training"]
+    out_console().print(
+        f"[green]model written to[/] {folder}  ({manifest['model']['params_m']}M params, {tr['steps']} steps, "
+        f"{tr['tokens_seen']} tokens in {tr['wall_time_s']:.0f} s, "
+        f"valid loss {tr['final'].get('valid_loss', float('nan')):.3f})"
+    )
+
+
+@handle_errors
+def cache_teacher(
+    out: Annotated[Path, typer.Option(help="Cache folder to write.")],
+    teacher: Annotated[str, typer.Option(help="Teacher: 'bundled', a HF id or a local folder.")] = "bundled",
+    data: Annotated[str, typer.Option(help="Corpus whose train split is cached.")] = "stdlib",
+    glob: Annotated[str, typer.Option(help="File pattern inside a data folder.")] = "**/*.py",
+    data_format: Annotated[str, typer.Option("--format", help="raw or py150.")] = "raw",
+    block_size: Annotated[int, typer.Option(help="Tokens per block (must match the distil runs).")] = 256,
+    top_k: Annotated[int, typer.Option(help="Teacher logits kept per position.")] = 64,
+    temperature: Annotated[float, typer.Option(help="Temperature of the stored soft targets.")] = 2.0,
+    batch_size: Annotated[int, typer.Option(help="Blocks per teacher forward pass.")] = 8,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Run a frozen teacher once over the training blocks and store its top-k soft targets for reuse."""
+    from kdcode.spec import DataSpec, build_spec
+    from kdcode.train.distil import run_cache_teacher
+
+    spec: Any = build_spec(DataSpec, {"source": data, "glob": glob, "format": data_format}, "flags")
+    m = run_cache_teacher(teacher, spec, block_size, top_k, temperature, out, batch_size, overwrite)
+    out_console().print(
+        f"[green]teacher cache written to[/] {out}  ({m['blocks']} blocks of {m['block_size']} tokens, "
+        f"top-{m['top_k']} at T={m['temperature']}); use: kdcode distil --teacher {teacher} --teacher-cache {out}"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(distil)
+    app.command()(pretrain)
+    app.command("cache-teacher")(cache_teacher)

@@ -1,0 +1,1 @@
+"""Beyond distillation: int8 weights, structured pruning, dtype casts; each step recorded in the manifest chain."""

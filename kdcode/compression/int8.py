@@ -1,0 +1,244 @@
+"""Int8 weights for CPU inference: post-training dynamic quantization of every Linear / GPT-2 Conv1D.
+
+Every ``nn.Linear`` and GPT-2 ``Conv1D`` weight is stored as int8 with one float32 scale per output channel
+(symmetric: ``scale = max|w| / 127``, ``q = round(w / scale)``), so ``|w - q * scale| <= scale / 2``;
+activations are quantized per tensor at run time by torch's fbgemm/x86 kernel
+(``torch.ops.quantized.linear_dynamic``). A LM head tied to the input embedding is quantized once: the
+embedding reads the same int8 rows and dequantizes them. Biases, layer norms and position embeddings stay
+float32. An int8 folder holds ``model_int8.safetensors`` with ``<module>.weight_int8`` /
+``<module>.weight_scale`` keys. This module knows nothing of folders or manifests.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdcode.errors import KdcodeError
+
+INT8_FILE = "model_int8.safetensors"
+INT8_SCHEME = (
+    "weights int8 symmetric per output channel (scale = max|w|/127, w ~ q*scale), stored (out, in) as "
+    "<module>.weight_int8 + float32 <module>.weight_scale; activations quantized dynamically per tensor "
+    "(uint8) by torch.ops.quantized.linear_dynamic; bias, norms, position embeddings float32"
+)
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: (q int8 (rows, cols), scale float32 (rows,)) with |w - q*scale| <= scale/2."""
+    w = w.detach().float()
+    amax = w.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))  # an all-zero row: any scale is exact
+    q = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale[:, None]
+
+
+def _reduce_range() -> bool:
+    # fbgemm without VNNI adds u8*s8 pairs in int16 (vpmaddubsw), which saturates for 8-bit activations;
+    # torch's own dynamic Linear uses 7-bit activations on fbgemm/x86 for that reason, and so do we.
+    return torch.backends.quantized.engine in ("fbgemm", "x86")
+
+
+def _prepack(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> Any:
+    with warnings.catch_warnings():  # quantized tensor creation is deprecated in torch 2.13, still works
+        warnings.simplefilter("ignore")
+        zero = torch.zeros(q.size(0), dtype=torch.long)
+        qw = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
+        return torch.ops.quantized.linear_prepack(qw, bias)
+
+
+class Int8Linear(nn.Module):
+    """``y = x @ (q * scale).T + bias`` on torch's dynamic int8 kernel; holds only the packed weight.
+
+    Its state dict is ``weight_int8`` (out, in) int8, ``weight_scale`` (out,) float32 and ``bias``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.has_bias = in_features, out_features, bias
+        self.set_weight(
+            torch.zeros(out_features, in_features, dtype=torch.int8),
+            torch.ones(out_features),
+            torch.zeros(out_features) if bias else None,
+        )
+
+    def set_weight(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self._packed = _prepack(q.contiguous(), scale.float(), None if bias is None else bias.detach().float())
+
+    @classmethod
+    def from_float(cls, module: nn.Module) -> Int8Linear:
+        from transformers.pytorch_utils import Conv1D
+
+        w = module.weight.detach()
+        w = w.t() if isinstance(module, Conv1D) else w  # Conv1D stores (in, out)
+        new = cls(w.size(1), w.size(0), module.bias is not None)
+        new.set_weight(*quantize_int8(w), module.bias)
+        return new
+
+    def unpacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        qw, bias = torch.ops.quantized.linear_unpack(self._packed)
+        return qw.int_repr(), qw.q_per_channel_scales().float(), bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            raise KdcodeError("int8 models run on CPU only (torch's dynamic int8 kernels); use --device cpu")
+        return torch.ops.quantized.linear_dynamic(x.float(), self._packed, _reduce_range())
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        q, scale, bias = self.unpacked()
+        destination[prefix + "weight_int8"] = q
+        destination[prefix + "weight_scale"] = scale
+        if bias is not None:
+            destination[prefix + "bias"] = bias
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Any,
+        prefix: str,
+        local_metadata: Any,
+        strict: bool,
+        missing: Any,
+        unexpected: Any,
+        errors: Any,
+    ) -> None:
+        names = ["weight_int8", "weight_scale"] + (["bias"] if self.has_bias else [])
+        absent = [prefix + n for n in names if prefix + n not in state_dict]
+        if absent:
+            missing.extend(absent)
+            return
+        q, scale = state_dict[prefix + "weight_int8"], state_dict[prefix + "weight_scale"]
+        if tuple(q.shape) != (self.out_features, self.in_features) or q.dtype != torch.int8:
+            errors.append(
+                f"{prefix}weight_int8: {q.dtype} {tuple(q.shape)}, expected int8 "
+                f"{(self.out_features, self.in_features)}"
+            )
+            return
+        self.set_weight(q, scale, state_dict.get(prefix + "bias"))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.has_bias}, int8"
+
+
+class Int8Embedding(nn.Module):
+    """An embedding whose rows are int8 with one scale per row (the tied LM head reads the same rows)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.register_buffer("weight_int8", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(num_embeddings))
+        self.version = 0  # bumped on every load, so that a tied head repacks
+
+    @classmethod
+    def from_float(cls, module: nn.Embedding) -> Int8Embedding:
+        new = cls(*module.weight.shape)
+        new.weight_int8, new.weight_scale = quantize_int8(module.weight)
+        return new
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight_int8[ids].float() * self.weight_scale[ids].unsqueeze(-1)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.version += 1
+
+
+class Int8TiedHead(nn.Module):
+    """The LM head tied to an :class:`Int8Embedding`: packs its int8 rows once; stores nothing of its own."""
+
+    def __init__(self, embedding: Int8Embedding) -> None:
+        super().__init__()
+        object.__setattr__(self, "embedding", embedding)  # not a submodule: its tensors are saved once
+        self._packed: Any = None
+        self._version = -1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            raise KdcodeError("int8 models run on CPU only (torch's dynamic int8 kernels); use --device cpu")
+        emb = self.embedding
+        if self._packed is None or self._version != emb.version:
+            self._packed, self._version = _prepack(emb.weight_int8, emb.weight_scale, None), emb.version
+        return torch.ops.quantized.linear_dynamic(x.float(), self._packed, _reduce_range())
+
+
+def _is_linear(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def tied_names(model: nn.Module) -> tuple[str, str] | None:
+    """(input embedding, LM head) module names when the head's weight is the embedding's."""
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if inp is None or out is None or not isinstance(inp, nn.Embedding) or out.weight is not inp.weight:
+        return None
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    return names[id(inp)], names[id(out)]
+
+
+def quantize_model(model: nn.Module) -> dict[str, Any]:
+    """Replace every Linear / Conv1D by :class:`Int8Linear` (in place); returns the int8 layout."""
+    tied = tied_names(model)
+    if tied and getattr(model.get_submodule(tied[1]), "bias", None) is not None:
+        raise KdcodeError("a tied LM head with a bias is not supported by --int8")
+    targets = [n for n, m in model.named_modules() if _is_linear(m) and (not tied or n != tied[1])]
+    for name in targets:
+        model.set_submodule(name, Int8Linear.from_float(model.get_submodule(name)))
+    if tied:
+        emb = Int8Embedding.from_float(model.get_submodule(tied[0]))
+        model.set_submodule(tied[0], emb)
+        model.set_submodule(tied[1], Int8TiedHead(emb))
+    return {
+        "scheme": INT8_SCHEME,
+        "file": INT8_FILE,
+        "modules": targets,
+        "tied": {"embedding": tied[0], "head": tied[1]} if tied else None,
+        "reduce_range": _reduce_range(),
+    }
+
+
+def apply_int8_layout(model: nn.Module, layout: dict[str, Any]) -> None:
+    """Put empty int8 modules where ``layout`` says (shapes from the float skeleton); load fills them."""
+    from transformers.pytorch_utils import Conv1D
+
+    for name in layout["modules"]:
+        m = model.get_submodule(name)
+        if not _is_linear(m):
+            raise KdcodeError(f"int8 layout names {name}, which is not a Linear/Conv1D in this architecture")
+        in_f, out_f = (m.weight.shape[0], m.weight.shape[1]) if isinstance(m, Conv1D) else m.weight.shape[::-1]
+        model.set_submodule(name, Int8Linear(int(in_f), int(out_f), m.bias is not None))
+    tied = layout.get("tied")
+    if tied:
+        emb = Int8Embedding(*model.get_submodule(tied["embedding"]).weight.shape)
+        model.set_submodule(tied["embedding"], emb)
+        model.set_submodule(tied["head"], Int8TiedHead(emb))
+
+
+def memory_bytes(model: nn.Module) -> int:
+    """Bytes the model's weights take in memory: parameters and buffers (once each), packed int8 weights."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            total += m.in_features * m.out_features + 4 * m.out_features * (2 if m.has_bias else 1)
+        elif isinstance(m, Int8TiedHead):
+            total += m.embedding.weight_int8.numel()
+    return total
+
+
+def int8_param_count(model: nn.Module) -> int:
+    """Weights held as int8 (not in ``model.parameters()``), the tied head's counted once."""
+    return sum(
+        m.in_features * m.out_features + (m.out_features if m.has_bias else 0)
+        for m in model.modules()
+        if isinstance(m, Int8Linear)
+    ) + sum(m.weight_int8.numel() for m in model.modules() if isinstance(m, Int8Embedding))

@@ -1,0 +1,135 @@
+"""Structured pruning of GPT-2 blocks: attention heads and MLP neurons, scored on calibration batches.
+
+In every layer the fraction F of units that matter least by a first-order Taylor score is removed. A mask
+``xi = 1`` is put on each unit's output (each head's slice of the attention output before ``c_proj``, each
+MLP neuron's activation before ``mlp.c_proj``) and the score of a unit is ``sum over batches |dL/dxi|``, L
+the next-token cross-entropy of the batch. For a head h this is ``|sum_tokens h . dL/dh|`` (Michel, Levy &
+Neubig 2019, "Are Sixteen Heads Really Better than One?"; per batch, absolute value, summed), for a neuron
+j it is ``|sum_tokens a_j * dL/da_j|`` (Molchanov et al. 2017). Heads and neurons are scored in the same
+pass, on the unpruned model. A pruned unit is cut out of the weights (``c_attn`` columns and ``c_proj``
+rows of a head, ``c_fc`` columns and ``mlp.c_proj`` rows of a neuron), which computes exactly what the
+original model computes with that unit's output zeroed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kdcode.errors import KdcodeError
+
+HEAD_SCORE = "|sum over tokens of h . dL/dh| per head (Michel et al. 2019, via a head mask), per batch, summed"
+FFN_SCORE = "|sum over tokens of a * dL/da| per MLP neuron (first-order Taylor, via a neuron mask), per batch, summed"
+
+def gpt2_blocks(model: nn.Module) -> list[nn.Module]:
+    blocks = getattr(getattr(model, "transformer", None), "h", None)
+    if getattr(model.config, "model_type", None) != "gpt2" or blocks is None:
+        raise KdcodeError(
+            f"--prune-heads/--prune-ffn support GPT-2 models; this one is {getattr(model.config, 'model_type', '?')}"
+        )
+    if getattr(model.config, "add_cross_attention", False):
+        raise KdcodeError("--prune-heads/--prune-ffn do not support GPT-2 with cross-attention")
+    return list(blocks)
+
+
+def unit_importance(
+    model: nn.Module, blocks: torch.Tensor, batch_size: int, heads: bool = True, ffn: bool = True
+) -> dict[str, list[torch.Tensor]]:
+    """Per layer, the score of every head and MLP neuron: sum over batches of |dL/d mask| (see module doc)."""
+    layers = gpt2_blocks(model)
+    head_masks = [torch.ones(b.attn.num_heads, requires_grad=True) for b in layers] if heads else []
+    ffn_masks = [torch.ones(b.mlp.c_fc.nf, requires_grad=True) for b in layers] if ffn else []
+    hooks = []
+    for i, b in enumerate(layers):
+        if heads:
+            hd = b.attn.head_dim
+            hooks.append(
+                b.attn.c_proj.register_forward_pre_hook(
+                    lambda m, a, k=head_masks[i], hd=hd: (a[0] * k.repeat_interleave(hd).to(a[0].dtype),)
+                )
+            )
+        if ffn:
+            hooks.append(
+                b.mlp.c_proj.register_forward_pre_hook(lambda m, a, k=ffn_masks[i]: (a[0] * k.to(a[0].dtype),))
+            )
+    masks = head_masks + ffn_masks
+    scores = [torch.zeros_like(m) for m in masks]
+    was_training = model.training
+    model.eval()  # no dropout: the score of the model as it will run
+    device = next(model.parameters()).device
+    try:
+        with torch.enable_grad():
+            for start in range(0, len(blocks), batch_size):
+                x = blocks[start : start + batch_size].to(device)
+                loss = model(x, labels=x).loss
+                for s, g in zip(scores, torch.autograd.grad(loss, masks)):
+                    s += g.detach().abs().float()
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    n = len(head_masks)
+    return {"heads": scores[:n], "ffn": scores[n:]}
+
+
+def keep_top(scores: torch.Tensor, fraction: float, what: str) -> list[int]:
+    """Indices (ascending) of the units kept when the ``fraction`` with the lowest scores is removed."""
+    n = scores.numel()
+    drop = min(int(fraction * n + 1e-9), n - 1)
+    if drop == 0:
+        raise KdcodeError(f"pruning {fraction} of {n} {what} per layer removes none; use at least {1 / n:.3g}")
+    keep = torch.argsort(scores, descending=True, stable=True)[: n - drop]
+    return sorted(int(i) for i in keep)
+
+
+def _conv1d(weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
+    from transformers.pytorch_utils import Conv1D
+
+    m = Conv1D(weight.size(1), weight.size(0))
+    m.weight = nn.Parameter(weight.detach().clone().contiguous())
+    m.bias = nn.Parameter(bias.detach().clone().contiguous())
+    return m
+
+
+def prune_heads(model: nn.Module, keep: list[list[int]]) -> None:
+    """Cut every layer's attention down to the heads in ``keep[layer]`` (in place)."""
+    for b, heads in zip(gpt2_blocks(model), keep):
+        attn = b.attn
+        hd, width = attn.head_dim, attn.split_size
+        idx = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in heads])
+        cols = torch.cat([idx, width + idx, 2 * width + idx])  # q, k, v columns of c_attn
+        attn.c_attn = _conv1d(attn.c_attn.weight[:, cols], attn.c_attn.bias[cols])
+        attn.c_proj = _conv1d(attn.c_proj.weight[idx], attn.c_proj.bias)
+        attn.num_heads, attn.split_size = len(heads), len(heads) * hd
+
+
+def prune_ffn(model: nn.Module, keep: list[list[int]]) -> None:
+    """Keep the MLP neurons in ``keep[layer]`` (same count in every layer, so ``n_inner`` holds it)."""
+    sizes = {len(k) for k in keep}
+    if len(sizes) != 1:
+        raise KdcodeError("MLP pruning must keep the same number of neurons in every layer")
+    for b, idx_list in zip(gpt2_blocks(model), keep):
+        idx = torch.tensor(idx_list)
+        b.mlp.c_fc = _conv1d(b.mlp.c_fc.weight[:, idx], b.mlp.c_fc.bias[idx])
+        b.mlp.c_proj = _conv1d(b.mlp.c_proj.weight[idx], b.mlp.c_proj.bias)
+    model.config.n_inner = sizes.pop()
+
+
+def resize_heads(model: nn.Module, heads_per_layer: list[int]) -> None:
+    """Give a freshly built GPT-2 the attention shapes of a head-pruned one (weights are loaded next)."""
+    from transformers.pytorch_utils import Conv1D
+
+    for b, k in zip(gpt2_blocks(model), heads_per_layer):
+        attn = b.attn
+        embed, hd = attn.c_attn.weight.shape[0], attn.head_dim
+        attn.c_attn, attn.c_proj = Conv1D(3 * k * hd, embed), Conv1D(embed, k * hd)
+        attn.num_heads, attn.split_size = k, k * hd
+
+
+def heads_per_layer(model: nn.Module) -> list[int] | None:
+    """Heads of every GPT-2 layer, or None when they all have the config's ``n_head`` (or not GPT-2)."""
+    blocks = getattr(getattr(model, "transformer", None), "h", None)
+    if getattr(model.config, "model_type", None) != "gpt2" or blocks is None:
+        return None
+    counts = [int(b.attn.num_heads) for b in blocks]
+    return counts if any(c != model.config.n_head for c in counts) else None

@@ -1,0 +1,109 @@
+"""Where models run: device choice (``auto|cpu|cuda[:N]``), its description, threads, bf16 support, memory.
+
+One policy for training, evaluation, benchmarks, completion and serving. Errors name the flag and the fix.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+from pathlib import Path
+from typing import Any
+
+from kdcode.errors import KdcodeError
+
+DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N."
+_CUDA = re.compile(r"^cuda(:\d+)?$")
+
+
+def resolve_device(requested: str | None = "auto") -> Any:
+    """A ``torch.device`` for ``auto`` (CUDA when there is one), ``cpu``, ``cuda`` or ``cuda:N``."""
+    import torch
+
+    name = (requested or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if not _CUDA.match(name):
+        raise KdcodeError(f"--device {requested!r}: use {DEVICE_HELP}")
+    if not torch.cuda.is_available():
+        raise KdcodeError(f"--device {requested} was asked for, but no CUDA device is available; use --device cpu")
+    index = int(name.split(":")[1]) if ":" in name else 0
+    if index >= torch.cuda.device_count():
+        raise KdcodeError(
+            f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s) (0..."
+            f"{torch.cuda.device_count() - 1})"
+        )
+    return torch.device("cuda", index)
+
+
+def set_threads(threads: int | None) -> int:
+    """Use ``threads`` CPU threads for torch (None: leave torch's choice); returns the count in use."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def cpu_name() -> str:
+    return platform.processor() or platform.machine()
+
+
+def describe_device(device: Any) -> str:
+    """``cuda:<GPU name>`` or ``cpu:<processor>``, as manifests and reports record it."""
+    import torch
+
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"cpu:{cpu_name()}"
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU runs bf16 matmuls natively (AMX or AVX512-BF16); else autocast is a slowdown."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM is its own (ru_maxrss survives exec on Linux, so a spawned
+    child would report its parent's peak when that is higher)."""
+    import resource
+
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2**20 if platform.system() == "Darwin" else 2**10)
+
+
+def memory_mb(device: Any) -> float:
+    """Memory in use now: allocated CUDA memory, or the process's RSS on the CPU."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    return rss_mb()
+
+
+def peak_memory_mb(device: Any) -> float:
+    """Peak memory: max allocated CUDA memory, or the process's peak RSS on the CPU."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return peak_rss_mb()

@@ -1,0 +1,1 @@
+"""Measuring models: completion sets, CodeXGLUE-exact metrics, evaluation, perplexity, benchmarks. Trains nothing."""

@@ -1,0 +1,70 @@
+"""One loader for every command that runs a model (eval, bench, complete, serve): the model and tokenizer on
+the asked device, in the asked dtype, with the thread count set, and what was used recorded."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kdcode.errors import KdcodeError
+
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+DTYPE_HELP = "auto (the dtype the model's config names), fp32, fp16 or bf16."
+
+
+def torch_dtype(name: str) -> Any:
+    """``"auto"`` or the torch dtype of ``fp32`` / ``fp16`` / ``bf16``."""
+    import torch
+
+    table = {"auto": "auto", "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if name not in table:
+        raise KdcodeError(f"--dtype {name!r}: use {DTYPE_HELP}")
+    return table[name]
+
+
+def dtype_name(model: Any) -> str:
+    """The dtype a model runs in, as kdcode reports it (int8 folders say so)."""
+    from kdcode.compression.int8 import Int8Linear
+
+    params = list(model.parameters())
+    base = str(params[0].dtype).replace("torch.", "") if params else "float32"
+    if any(isinstance(m, Int8Linear) for m in model.modules()):
+        return f"int8 dynamic (Linear/Conv1D), rest {base}"
+    return base
+
+
+def load_for_inference(
+    name: str,
+    device: str | None = "auto",
+    dtype: str = "auto",
+    threads: int | None = None,
+    *,
+    verify: bool = True,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> Any:
+    """Load ``name`` (a folder, ``bundled`` or a hub id) for inference: on ``device`` (``auto``: CUDA when
+    present), in ``dtype``, with ``threads`` CPU threads. Returns :class:`kdcode.models.Loaded` whose
+    ``runtime`` says the device, dtype and threads used."""
+    from kdcode.artifacts import kdcode_layout
+    from kdcode.device import describe_device, resolve_device, set_threads
+    from kdcode.models import load_model, resolve_path
+
+    dev = resolve_device(device)
+    wanted = torch_dtype(dtype)
+    n_threads = set_threads(threads)
+    path = resolve_path(name)
+    if path is not None:
+        from kdcode.artifacts import read_manifest
+
+        if kdcode_layout(read_manifest(path)).get("int8"):
+            if dev.type != "cpu":
+                raise KdcodeError(f"{name} is int8, which runs on the CPU only (torch's dynamic int8 kernels); "
+                                  "use --device cpu")
+            if dtype not in ("auto", "fp32"):
+                raise KdcodeError(f"{name} is int8 with float32 around it; drop --dtype {dtype}")
+    lm = load_model(name, revision=revision, check=verify, allow_pickle=allow_pickle,
+                    trust_remote_code=trust_remote_code, dtype=wanted)
+    lm.model.to(dev).eval()
+    lm.runtime = {"device": describe_device(dev), "dtype": dtype_name(lm.model), "threads": n_threads}
+    return lm

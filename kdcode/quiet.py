@@ -1,0 +1,34 @@
+"""Keep third-party chatter out of kdcode's output: transformers' and the hub's progress bars ("Loading
+weights", "Writing model shards", downloads) and their advisory warnings (a long file's "sequence length is
+longer than the specified maximum"), for the length of a block; what was set before is put back after."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def quiet_hf() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    try:
+        from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    except ImportError:  # pragma: no cover - very old huggingface_hub
+        are_progress_bars_disabled = disable_progress_bars = enable_progress_bars = None  # type: ignore[assignment]
+
+    bars = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
+    hub_bars_off = are_progress_bars_disabled() if are_progress_bars_disabled else True
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    if disable_progress_bars:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+        hf_logging.set_verbosity(verbosity)
+        if enable_progress_bars and not hub_bars_off:
+            enable_progress_bars()

@@ -1,0 +1,49 @@
+"""Loss terms the strategies share.
+
+All losses work on causal-LM outputs: position t predicts token t+1, and labels equal to -100 are
+ignored. Each term is a mean over the predicted (unmasked) positions: :func:`masked_mean`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over the positions where ``mask`` is true (0 when none is): every strategy's reduction."""
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Align predictions with next tokens: (logits[:, :-1], labels[:, 1:], mask of counted positions)."""
+    logits = logits[:, :-1]
+    target = labels[:, 1:]
+    return logits, target, target != IGNORE
+
+
+def causal_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Hard loss: cross-entropy of the next token, mean over counted positions."""
+    logits, target, _ = shift(logits, labels)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1), ignore_index=IGNORE)
+
+
+def soft_kl(s_logits: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(t/T) || softmax(s/T)), mean over counted positions (Hinton et al., 2015)."""
+    s, _, mask = shift(s_logits, labels)
+    t = t_logits[:, :-1]
+    log_ps = F.log_softmax(s.float() / temperature, dim=-1)
+    log_pt = F.log_softmax(t.float() / temperature, dim=-1)
+    kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+    return masked_mean(kl, mask) * temperature**2
+
+
+def cosine_hidden(h_s: torch.Tensor, h_t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """1 - cos(h_s, h_t) between last hidden states, mean over counted positions (DistilBERT)."""
+    if h_s.size(-1) != h_t.size(-1):
+        raise ValueError(f"the cosine loss needs equal widths, got student {h_s.size(-1)} and teacher {h_t.size(-1)}")
+    _, _, mask = shift(h_s, labels)
+    cos = F.cosine_similarity(h_s[:, :-1].float(), h_t[:, :-1].float(), dim=-1)
+    return masked_mean(1 - cos, mask)

@@ -1,0 +1,151 @@
+"""`kdcode distil`: a teacher into a smaller student, through the one loop, saved with its manifest.
+
+``run_distil`` resolves the plugins, checks what can be checked before loading (output folder, memory),
+loads the teacher, builds the student through the init's layer map, trains it (live teacher or teacher
+cache) and saves it atomically. Interrupted runs leave ``OUT.ckpt`` for ``--resume``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from kdcode.artifacts import check_out_dir, check_trainable, record_layout, save_model
+from kdcode.data import Corpus, data_section, encode_documents, fingerprint, load_corpus, split_blocks, to_blocks
+from kdcode.device import resolve_device
+from kdcode.errors import KdcodeError
+from kdcode.spec import RunSpec
+from kdcode.train.loop import train_loop
+from kdcode.train.resources import check_block_size, check_memory
+from kdcode.train.runlog import write_log
+from kdcode.train.state import run_context
+
+
+def run_distil(spec: RunSpec, overwrite: bool = False, resume: bool = False) -> tuple[Path, dict[str, Any]]:
+    """Distil ``spec.teacher`` into a smaller student; returns (student folder, manifest).
+
+    Interrupted runs (SIGINT/SIGTERM) leave a checkpoint in ``OUT.ckpt``; ``resume=True`` continues it.
+    """
+    from kdcode.compression.prune import heads_per_layer
+    from kdcode.models import count_params, load_model
+    from kdcode.plugins import validate_plugins
+    from kdcode.train.teacher_cache import check_cache, load_cache
+
+    out = Path(spec.out)
+    check_out_dir(out, overwrite)
+    run = run_context(spec, resume, spec.train.tensorboard)
+    strategy, init = validate_plugins(spec)
+    if spec.teacher_cache and not strategy.supports_cache:
+        raise KdcodeError(f"strategy {spec.strategy.name!r} cannot train from a teacher cache; drop teacher_cache")
+    teacher = load_model(
+        spec.teacher.name,
+        revision=spec.teacher.revision,
+        trust_remote_code=spec.teacher.trust_remote_code,
+        allow_pickle=spec.teacher.allow_pickle,
+    )
+    check_block_size(teacher.model, spec.train.block_size, "the teacher")
+    if strategy.needs_teacher_grad:
+        check_trainable(teacher.manifest, f"teacher {spec.teacher.name} (strategy {spec.strategy.name!r} trains it)")
+    check_memory(
+        spec.train.batch_size,
+        spec.train.block_size,
+        spec.student.hidden_size or teacher.model.config.hidden_size,
+        spec.student.layers + (teacher.n_layer if strategy.needs_teacher_grad else 0),
+        len(teacher.tokenizer),
+        resolve_device("auto"),
+    )
+    eol = teacher.tokenizer.convert_tokens_to_ids("<EOL>")
+    if spec.data.format == "py150" and eol in (None, teacher.tokenizer.unk_token_id):
+        raise KdcodeError("data.format py150 needs a tokenizer with the <EOL> token (CodeGPT-style)")
+    corpus = load_corpus(spec.data)
+    cache = None
+    if spec.teacher_cache:
+        # The cache replaces the teacher's forward passes; the teacher's weights are still read once
+        # for the init (layer-copy inits copy its blocks), then dropped.
+        cache = load_cache(Path(spec.teacher_cache))
+        wanted_t = getattr(strategy.params, "temperature", None)
+        if wanted_t is not None and getattr(strategy.params, "temperature_schedule", "constant") != "constant":
+            raise KdcodeError("a teacher cache holds soft targets at one temperature; use a constant temperature")
+        if wanted_t is not None and abs(wanted_t - cache.manifest["temperature"]) > 1e-9:
+            raise KdcodeError(
+                f"teacher cache {spec.teacher_cache} holds soft targets at T={cache.manifest['temperature']}, the "
+                f"strategy asks for T={wanted_t}; pass --temperature {cache.manifest['temperature']} or rebuild the cache"
+            )
+        check_cache(cache, cache_key(teacher, corpus, spec.data.format, spec.train.block_size), Path(spec.teacher_cache))
+        train_blocks = cache.input_ids
+        valid_stream = encode_documents(corpus.splits["valid"], teacher.tokenizer)
+        bs = spec.train.block_size
+        valid_blocks = to_blocks(valid_stream, bs) if len(valid_stream) >= bs else train_blocks[:0]
+    else:
+        train_blocks, valid_blocks = split_blocks(corpus, teacher.tokenizer, spec.train.block_size)
+    student, layer_map = init.build(
+        teacher.model, spec.student.layers, spec.student.hidden_size, spec.student.heads, tokenizer=teacher.tokenizer
+    )
+    result = train_loop(
+        student,
+        strategy,
+        train_blocks,
+        valid_blocks,
+        spec.train,
+        teacher=None if cache is not None else teacher.model,
+        description=f"distil {teacher.n_layer}->{spec.student.layers} layers",
+        layer_map=layer_map,
+        cache=cache,
+        run=run,
+    )
+    if not result.is_main:  # data-parallel workers: the main process writes the student
+        return out, {}
+    manifest = {
+        "kind": "student",
+        "spec": spec.model_dump(mode="json"),
+        "teacher": teacher.describe(),
+        "strategy": {"name": spec.strategy.name, "params": strategy.params.model_dump()},
+        "init": {"name": spec.student.init.name, "params": init.params.model_dump()},
+        "layer_map": layer_map,
+        "model": {
+            "n_layer": student.config.num_hidden_layers,
+            "hidden_size": student.config.hidden_size,
+            "params_m": round(count_params(student) / 1e6, 3),
+        },
+        "data": data_section(corpus, train_blocks, valid_blocks, spec.data.format),
+        "teacher_cache": {"path": spec.teacher_cache, "top_k": cache.manifest["top_k"]} if cache else None,
+        "training": result.summary(),
+    }
+    record_layout(manifest, heads_per_layer(student), f"init {spec.student.init.name} {init.params.model_dump()}")
+    save_model(out, student, teacher.tokenizer, manifest, overwrite, extra=write_log(result.log))
+    if run.checkpoint_dir is not None:
+        shutil.rmtree(run.checkpoint_dir, ignore_errors=True)  # the student is complete; the checkpoint is spent
+    return out, manifest
+
+
+def cache_key(teacher: Any, corpus: Corpus, fmt: str, block_size: int) -> dict[str, Any]:
+    """What a teacher cache must match to be reused: teacher, tokenizer, training data, block size."""
+    from kdcode.train.teacher_cache import tokenizer_hash
+
+    return {
+        "teacher_fingerprint": teacher.fingerprint,
+        "tokenizer_hash": tokenizer_hash(teacher.tokenizer),
+        "data_fingerprint": f"{fmt}:{fingerprint(corpus.splits['train'])}",
+        "block_size": block_size,
+    }
+
+
+def run_cache_teacher(
+    teacher_name: str, data: Any, block_size: int, top_k: int, temperature: float, out: Path,
+    batch_size: int = 8, overwrite: bool = False, allow_pickle: bool = False,
+) -> dict[str, Any]:
+    """One teacher pass over the training blocks of ``data``, stored as top-k soft targets."""
+    from kdcode.models import load_model
+    from kdcode.train.teacher_cache import build_cache
+
+    check_out_dir(out, overwrite)
+    teacher = load_model(teacher_name, allow_pickle=allow_pickle)
+    check_block_size(teacher.model, block_size, "the teacher")
+    corpus = load_corpus(data)
+    blocks = to_blocks(encode_documents(corpus.splits["train"], teacher.tokenizer), block_size)
+    teacher.model.to(resolve_device("auto"))
+    meta = {"teacher": teacher_name, **cache_key(teacher, corpus, data.format, block_size), "data": corpus.summary()}
+    return build_cache(teacher.model, blocks, out, top_k, temperature, meta, batch_size, overwrite)
+
+

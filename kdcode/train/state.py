@@ -1,0 +1,214 @@
+"""A run's state and its checkpoints: where it is (step, tokens, data position, RNGs), saved without pickle.
+
+:class:`TrainState` is what the loop advances; :class:`Checkpointer` saves it with the modules and optimizers
+into ``OUT.ckpt/`` and restores it on ``--resume``. Weights go to safetensors, every other state to
+safetensors + JSON.
+
+Optimizer state dicts and RNG states are nested dicts/lists of tensors and plain values. ``flatten``
+pulls every tensor out into a flat ``{key: tensor}`` map (saved as safetensors) and leaves a JSON
+skeleton that names them; ``unflatten`` puts them back. Dict keys keep their types (optimizer states
+are keyed by int). A checkpoint folder is replaced atomically, so the last good one always survives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdcode.errors import KdcodeError
+
+STATE_JSON = "state.json"
+STATE_TENSORS = "state.safetensors"
+
+
+def flatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        return {"__dict__": [[flatten(k, tensors), flatten(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [flatten(v, tensors) for v in obj]}
+    if isinstance(obj, list):
+        return [flatten(v, tensors) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot checkpoint a {type(obj).__name__}")
+
+
+def unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__dict__" in obj:
+            return {unflatten(k, tensors): unflatten(v, tensors) for k, v in obj["__dict__"]}
+        if "__tuple__" in obj:
+            return tuple(unflatten(v, tensors) for v in obj["__tuple__"])
+    if isinstance(obj, list):
+        return [unflatten(v, tensors) for v in obj]
+    return obj
+
+
+def save_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], state: dict[str, Any]) -> None:
+    """Write modules (safetensors, shared weights handled) and ``state`` into ``folder`` atomically."""
+    from safetensors.torch import save_file, save_model
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        for name, module in modules.items():
+            save_model(module, str(tmp / f"{name}.safetensors"))
+        tensors: dict[str, torch.Tensor] = {}
+        skeleton = flatten(state, tensors)
+        save_file(tensors, str(tmp / STATE_TENSORS))
+        (tmp / STATE_JSON).write_text(json.dumps(skeleton), encoding="utf-8")
+        if folder.exists():
+            for extra in folder.iterdir():  # keep files that are not part of a checkpoint (the live log)
+                if not (tmp / extra.name).exists() and extra.is_file():
+                    shutil.copy2(extra, tmp / extra.name)
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_checkpoint(folder: Path, modules: dict[str, torch.nn.Module]) -> dict[str, Any]:
+    from safetensors.torch import load_file, load_model
+
+    for name, module in modules.items():
+        load_model(module, str(folder / f"{name}.safetensors"))
+    tensors = load_file(str(folder / STATE_TENSORS))
+    return unflatten(json.loads((folder / STATE_JSON).read_text(encoding="utf-8")), tensors)
+
+
+def has_checkpoint(folder: Path) -> bool:
+    return (folder / STATE_JSON).is_file()
+
+
+@dataclass
+class RunContext:
+    """Where a run keeps its working state: checkpoints, the live log, TensorBoard events."""
+
+    checkpoint_dir: Path | None = None
+    resume: bool = False
+    fingerprint: str = ""  # hash of the run spec; a checkpoint of another spec is refused
+    tensorboard_dir: Path | None = None
+
+
+def spec_fingerprint(spec: Any) -> str:
+    """Identity of a run for --resume: the resolved spec without its output folder."""
+    data = spec.model_dump(mode="json")
+    data.pop("out", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def run_context(spec: Any, resume: bool, tensorboard: bool = False) -> RunContext:
+    """``OUT.ckpt`` (and ``OUT.tensorboard``) beside ``spec.out``; a checkpoint left there needs --resume."""
+    out = Path(spec.out)
+    ckpt = out.with_name(out.name + ".ckpt")
+    if has_checkpoint(ckpt) and not resume:
+        raise KdcodeError(
+            f"{ckpt} holds a checkpoint of an interrupted run; add --resume to continue it, or delete that folder"
+        )
+    tb = out.with_name(out.name + ".tensorboard") if tensorboard else None
+    return RunContext(checkpoint_dir=ckpt, resume=resume, fingerprint=spec_fingerprint(spec), tensorboard_dir=tb)
+
+
+@dataclass
+class TrainState:
+    """Where a run is: steps, tokens, its place in the shuffled data, and the clock (resumable)."""
+
+    order: torch.Tensor  # the current epoch's shuffled block indices
+    data_rng: torch.Generator
+    cursor: int = 0
+    step: int = 0
+    tokens: int = 0
+    elapsed0: float = 0.0  # seconds run before a resume
+    log: list[dict[str, Any]] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def fresh(cls, n_blocks: int, seed: int) -> TrainState:
+        gen = torch.Generator().manual_seed(seed)
+        return cls(order=torch.randperm(n_blocks, generator=gen), data_rng=gen)
+
+    def elapsed(self) -> float:
+        return self.elapsed0 + time.perf_counter() - self.started
+
+    def next_batch(self, batch: int) -> tuple[torch.Tensor, bool]:
+        """The next ``batch`` block indices, and whether a new epoch (a reshuffle) began for them."""
+        new_epoch = self.cursor + batch > len(self.order)
+        if new_epoch:
+            self.order = torch.randperm(len(self.order), generator=self.data_rng)
+            self.cursor = 0
+        index = self.order[self.cursor : self.cursor + batch]
+        self.cursor += batch
+        return index, new_epoch
+
+
+class Checkpointer:
+    """Saves and restores a run: its modules, optimizers, grad scaler, RNGs and :class:`TrainState`."""
+
+    def __init__(
+        self,
+        run: RunContext,
+        modules: dict[str, torch.nn.Module],
+        optimizers: dict[str, torch.optim.Optimizer],
+        scaler: Any,
+        enabled: bool = True,
+    ) -> None:
+        self.run, self.modules, self.optimizers, self.scaler = run, modules, optimizers, scaler
+        self.folder = run.checkpoint_dir if enabled else None
+
+    def save(self, state: TrainState, reason: str) -> None:
+        if self.folder is None:
+            return
+        snapshot = {
+            "fingerprint": self.run.fingerprint, "reason": reason, "step": state.step, "tokens": state.tokens,
+            "cursor": state.cursor, "order": state.order, "elapsed": state.elapsed(), "log": state.log,
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "rng": torch.get_rng_state(), "data_rng": state.data_rng.get_state(),
+        }
+        save_checkpoint(self.folder, self.modules, snapshot)
+
+    def restore(self, state: TrainState) -> None:
+        """Load the checkpoint into the modules, optimizers and ``state`` (for --resume)."""
+        folder = self.run.checkpoint_dir
+        if folder is None or not has_checkpoint(folder):
+            raise KdcodeError(f"--resume: no checkpoint in {folder}; start the run without --resume")
+        saved = load_checkpoint(folder, self.modules)
+        if saved["fingerprint"] != self.run.fingerprint:
+            raise KdcodeError(
+                f"--resume: {folder} belongs to a run with another spec; use the same flags or another --out"
+            )
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(saved["optimizers"][name])
+        if saved.get("scaler"):
+            self.scaler.load_state_dict(saved["scaler"])
+        torch.set_rng_state(saved["rng"])
+        state.data_rng.set_state(saved["data_rng"])
+        state.order, state.cursor, state.step, state.tokens = (
+            saved["order"], saved["cursor"], saved["step"], saved["tokens"]
+        )
+        state.elapsed0, state.log = saved["elapsed"], saved["log"]
+        state.started = time.perf_counter()
+
+    def last_good(self) -> Path | None:
+        """The checkpoint folder when one holds a saved state (for messages)."""
+        return self.run.checkpoint_dir if self.run.checkpoint_dir and has_checkpoint(self.run.checkpoint_dir) else None
