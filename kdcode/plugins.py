@@ -14,9 +14,11 @@ from kdcode.spec import RunSpec, format_validation_error
 def _make(registry: Registry, name: str, params: dict[str, Any]) -> Any:
     cls = registry.get(name)
     try:
-        return cls(cls.Params(**params))
+        plugin = cls(cls.Params(**params))
     except ValidationError as exc:
         raise KdcodeError(format_validation_error(exc, f"{registry.kind} {name!r} params", cls.Params)) from exc
+    plugin.name = name  # the name it is registered under: written once, in the registration
+    return plugin
 
 
 def make_strategy(name: str, params: dict[str, Any]) -> Any:

@@ -4,8 +4,8 @@ Entries are registered with a decorator, or lazily as a ``"module:attr"`` string
 nothing heavy. Third-party packages add entries through an entry-point group, loaded on the first lookup
 (``KDCODE_DISABLE_PLUGINS=1`` turns that off). An entry must be a subclass of the registry's base class,
 checked when it is registered (an object) or first resolved (a lazy target). A plugin's name is written
-once, where it is registered: the registry gives the class its ``name``; a class that names itself
-otherwise is refused. The registry knows no specific plugin.
+once, where it is registered (:func:`kdcode.plugins.make_strategy` gives each instance that name); a class
+that names itself otherwise is refused. The registry knows no specific plugin.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class Registry(Generic[T]):
         return self._base  # type: ignore[return-value]
 
     def _checked(self, name: str, obj: Any, source: str) -> T:
-        """``obj`` if it is a subclass of the base; gives it its registry name."""
+        """``obj`` if it is a subclass of the base that does not name itself otherwise."""
         base = self.base
         if base is not None and not (isinstance(obj, type) and issubclass(obj, base)):
             raise KdcodeError(
@@ -71,8 +71,6 @@ class Registry(Generic[T]):
                 f"{self.kind} {name!r} from {source} calls itself {declared!r}; a plugin's name is the one it is "
                 "registered under: remove its `name` attribute"
             )
-        if isinstance(obj, type):
-            obj.name = name  # type: ignore[attr-defined]
         return obj
 
     def register(self, name: str, target: T | str | None = None, *, source: str = "kdcode") -> Callable:

@@ -8,8 +8,12 @@ without it the table is still written.
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
+
+from kdcode.errors import KdcodeError
 
 # (header, record section, key, decimals): the study's columns.
 COLUMNS = [
@@ -22,6 +26,33 @@ COLUMNS = [
 MD = "results.md"
 PNG = "pareto.png"
 NO_MATPLOTLIB = "matplotlib is not installed, so pareto.png was not drawn: pip install 'kdcode[plots]'"
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Every record of a results.jsonl file, in order (a torn last line from a kill is skipped)."""
+    if not path.is_file():
+        raise KdcodeError(f"{path} does not exist; pass the results.jsonl of a sweep")
+    records = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if i == len(lines):  # interrupted mid-write: that point simply runs again
+                break
+            raise KdcodeError(f"{path}:{i} is not a JSON record ({exc.msg}); fix or remove that line") from exc
+    return records
+
+
+def append_record(path: Path, record: dict[str, Any]) -> None:
+    """One JSON line, flushed to disk before the next point starts."""
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record, default=str) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
 
 
 def latest(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

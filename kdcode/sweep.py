@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
 import time
 import traceback
@@ -26,6 +25,7 @@ from kdcode import __version__
 from kdcode.errors import KdcodeError
 from kdcode.evaluation.bench import run_bench
 from kdcode.evaluation.evaluate import run_eval
+from kdcode.report import append_record, read_records
 from kdcode.spec import (
     BenchSpec,
     EvalSpec,
@@ -253,33 +253,6 @@ def _plan_caches(points: list[Point], strategies: dict[str, Any], out: Path, cac
         group.points.append(p.name)
         p.cache_group = caches.index(group)
         p.run = p.run.model_copy(update={"teacher_cache": str(group.folder)})
-
-
-# --------------------------------------------------------------------------------------- results
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """Every record of a results.jsonl file, in order (a torn last line from a kill is skipped)."""
-    if not path.is_file():
-        raise KdcodeError(f"{path} does not exist; pass the results.jsonl of a sweep")
-    records = []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            if i == len(lines):  # interrupted mid-write: that point simply runs again
-                break
-            raise KdcodeError(f"{path}:{i} is not a JSON record ({exc.msg}); fix or remove that line") from exc
-    return records
-
-
-def append_record(path: Path, record: dict[str, Any]) -> None:
-    """One JSON line, flushed to disk before the next point starts."""
-    with path.open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record, default=str) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def _identity(run: RunSpec | None, ev: EvalSpec, be: BenchSpec) -> str:

@@ -241,6 +241,7 @@ def test_bad_data_paths(tmp_path, teacher_dir, kind, phrase):
     one_clear_line(run("distil", "--teacher", teacher_dir, "--data", path, "--out", tmp_path / "s", *FAST), phrase)
 
 
+@pytest.mark.slow
 def test_skipped_files_are_counted_and_an_enormous_line_is_fine(tmp_path, teacher_dir, corpus_dir):
     data = tmp_path / "data"
     shutil.copytree(corpus_dir, data)
@@ -360,6 +361,7 @@ def pickled(tmp_path, teacher_dir) -> Path:
     return d
 
 
+@pytest.mark.slow
 def test_pickle_only_folder_refused_unless_allow_pickle(pickled, tmp_path, corpus_dir):
     phrase = (
         "holds only pickle weights (pytorch_model.bin), which can run code when loaded; convert them to "

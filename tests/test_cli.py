@@ -72,6 +72,7 @@ def test_missing_teacher_offline(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.slow
 def test_distil_eval_bench_end_to_end(tmp_path, teacher_dir, corpus_dir):
     out = tmp_path / "student"
     r = run("distil", "--teacher", teacher_dir, "--data", corpus_dir, "--layers", "2", "--max-steps", "3",

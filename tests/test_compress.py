@@ -276,6 +276,7 @@ def _distil_spec(teacher: Path, corpus_dir: Path, out: Path, init: str = "spread
     )
 
 
+@pytest.mark.slow
 def test_head_pruned_student_distils_on_and_reloads_with_its_heads(tmp_path, teacher_dir, corpus_dir):
     """Prune, then recover with KD from the pruned student, then quantize: every folder reloads."""
     from kdcode.train.distil import run_distil
@@ -298,6 +299,7 @@ def test_head_pruned_student_distils_on_and_reloads_with_its_heads(tmp_path, tea
     assert qm["compression"]["layout"]["heads_per_layer"] == [1, 1] and load_model(str(q)).verified is True
 
 
+@pytest.mark.slow
 def test_int8_folders_are_not_trained_and_unfit_teachers_are_not_copied(tmp_path, teacher_dir, corpus_dir):
     from kdcode.train.distil import run_distil
 

@@ -254,6 +254,7 @@ def test_to_blocks_too_few_tokens() -> None:
 # --- the stdlib corpus --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_stdlib_corpus_excludes_site_packages_and_tests() -> None:
     corpus = load_corpus(DataSpec())
     keys = all_docs(corpus).keys()

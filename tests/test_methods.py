@@ -243,6 +243,7 @@ def _distil(tmp, teacher_dir, corpus_dir, *extra):
     )
 
 
+@pytest.mark.slow
 def test_teacher_cache_round_trip_and_refusal(tmp_path, teacher_dir, corpus_dir, tokenizer):
     cache = tmp_path / "cache"
     r = runner.invoke(

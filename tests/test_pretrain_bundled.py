@@ -16,6 +16,7 @@ runner = CliRunner(env={"COLUMNS": "120"})
 SPECIALS = ["<s>", "</s>", "<pad>", "<|UNKNOWN|>", "<EOL>"]
 
 
+@pytest.mark.slow
 def test_pretrain_makes_a_loadable_model_and_tokenizer(tmp_path, corpus_dir):
     out = tmp_path / "pre"
     r = runner.invoke(app, ["pretrain", "--data", str(corpus_dir), "--layers", "2", "--hidden", "32", "--heads", "2",
@@ -100,3 +101,49 @@ def test_bundled_teacher_quality_is_recorded(bundled):
     assert chain[-1] == 12652544 and len(chain) >= 1
     assert manifest["init"]["tokens_seen_total"] == sum(chain) + manifest["training"]["tokens_seen"]
     assert manifest["spec"]["data"]["exclude_tests"] is False
+
+
+def _pretrain_spec(corpus_dir, out):
+    from kdcode.spec import PretrainSpec
+
+    return PretrainSpec.model_validate({
+        "model": {"layers": 2, "hidden": 32, "heads": 2, "vocab_size": 400},
+        "data": {"source": str(corpus_dir)},
+        "train": {"max_steps": 6, "batch_size": 4, "block_size": 32, "precision": "fp32", "warmup_steps": 1,
+                  "eval_every": 2, "eval_batches": 2},
+        "out": str(out),
+    })
+
+
+@pytest.mark.slow
+def test_sigtermed_pretrain_resumes_to_the_same_weights(tmp_path, corpus_dir, monkeypatch):
+    import os
+    import signal
+
+    import kdcode.train.pretrain as pretrain
+    from kdcode.train.loop import Interrupted
+
+    whole, _ = pretrain.run_pretrain(_pretrain_spec(corpus_dir, tmp_path / "whole"))
+    spec = _pretrain_spec(corpus_dir, tmp_path / "cut")
+    real = pretrain.train_loop
+
+    def interrupted(*args, **kwargs):
+        kwargs["on_step"] = lambda r: os.kill(os.getpid(), signal.SIGTERM) if r["step"] == 3 else None
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "train_loop", interrupted)
+    with pytest.raises(Interrupted, match="SIGTERM at step 3"):
+        pretrain.run_pretrain(spec)
+    ckpt = tmp_path / "cut.ckpt"
+    assert (ckpt / "state.json").is_file() and (ckpt / "tokenizer" / "tokenizer.json").is_file()
+    assert len((ckpt / "train_log.jsonl").read_text().splitlines()) == 3  # the live log
+    monkeypatch.setattr(pretrain, "train_loop", real)
+    with pytest.raises(Exception, match="add --resume"):
+        pretrain.run_pretrain(spec)
+    cut, manifest = pretrain.run_pretrain(spec, resume=True)
+    assert manifest["training"]["steps"] == 6 and not ckpt.exists()
+    assert sha256_file(cut / "model.safetensors") == sha256_file(whole / "model.safetensors")
+    assert AutoTokenizer.from_pretrained(cut).get_vocab() == AutoTokenizer.from_pretrained(whole).get_vocab()
+    tr = manifest["training"]
+    assert tr["eval_time_s"] > 0 and tr["train_time_s"] <= tr["wall_time_s"]
+    assert tr["tokens_per_s"] == pytest.approx(tr["tokens_seen"] / tr["train_time_s"], rel=0.05)

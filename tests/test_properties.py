@@ -94,6 +94,7 @@ def run_spec_data(draw) -> dict:
     }
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(run_spec_data())
 def test_run_spec_round_trips_through_yaml_and_json_files(data):
@@ -107,6 +108,7 @@ def test_run_spec_round_trips_through_yaml_and_json_files(data):
     assert RunSpec.model_validate_json(spec.model_dump_json()) == spec
 
 
+@pytest.mark.slow
 @settings(max_examples=15, deadline=None)
 @given(run_spec_data())
 def test_print_spec_output_is_the_same_spec(data):

@@ -238,3 +238,50 @@ def test_registry_without_group_never_looks_for_plugins(plugins_on, fake_entry_p
     reg: Registry = Registry("widget")
     assert reg.names() == []
     assert calls == []
+
+
+# --- contracts: base class, a name written once -------------------------------------------------------
+
+
+def test_base_class_is_checked_at_registration_and_on_first_lazy_get() -> None:
+    from kdcode.strategies.base import Strategy
+
+    reg: Registry = Registry("strategy", base=Strategy)
+    with pytest.raises(KdcodeError, match="not a subclass of kdcode.strategies.base.Strategy"):
+        reg.register("not-a-strategy")(json.JSONEncoder)
+    reg.register("lazy-bad", "json:JSONEncoder", source="package 'bad'")
+    with pytest.raises(KdcodeError, match="'lazy-bad' from package 'bad' is .*not a subclass"):
+        reg.get("lazy-bad")
+    lazy_base: Registry = Registry("strategy", base="kdcode.strategies.base:Strategy")
+    lazy_base.register("fine", "kdcode.strategies.hard_only:HardOnly")
+    assert issubclass(lazy_base.get("fine"), Strategy)
+
+
+def test_a_plugin_is_named_where_it_is_registered_and_refused_a_second_name() -> None:
+    from kdcode.plugins import make_strategy
+    from kdcode.strategies.base import Strategy
+
+    class Named(Strategy):
+        pass
+
+    reg: Registry = Registry("strategy", base=Strategy)
+    reg.register("my-kd")(Named)
+    assert reg.get("my-kd") is Named and Named.name == ""  # the class is not changed
+    assert make_strategy("hard-only", {}).name == "hard-only"
+
+    class SaysOtherwise(Strategy):
+        name = "something-else"
+
+    with pytest.raises(KdcodeError, match="calls itself 'something-else'"):
+        reg.register("mine")(SaysOtherwise)
+
+
+def test_every_builtin_plugin_takes_its_name_from_the_registry() -> None:
+    from kdcode.inits import INITS
+    from kdcode.plugins import make_init, make_strategy
+
+    for reg, make in ((STRATEGIES, make_strategy), (INITS, make_init)):
+        for name in reg.names():
+            assert "name" not in vars(reg.get(name))  # written once: in the registration
+            params = {"layers": [0]} if name == "layers" else {"path": "x"} if name == "pretrained" else {}
+            assert make(name, params).name == name

@@ -379,3 +379,32 @@ def test_data_spec_defaults() -> None:
         None,
         True,
     )
+
+
+def test_old_init_params_still_load_with_one_deprecation_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from kdcode.cli import app
+
+    old = tmp_path / "old.yaml"
+    old.write_text("student:\n  layers: 2\n  init: layers\n  init_params: {layers: [0, 3]}\n")
+    r = CliRunner().invoke(app, ["distil", "--spec", str(old), "--print-spec"])
+    assert r.exit_code == 0, r.output
+    assert "warning: student.init_params is deprecated" in r.output
+    printed = yaml.safe_load(r.stdout)
+    assert printed["student"]["init"] == {"name": "layers", "params": {"layers": [0, 3]}}
+    assert "init_params" not in printed["student"]
+    new = tmp_path / "new.yaml"
+    new.write_text(yaml.safe_dump({"student": printed["student"]}))
+    r = CliRunner().invoke(app, ["distil", "--spec", str(new), "--validate"])
+    assert r.exit_code == 0 and "deprecated" not in r.output, r.output
+    assert "init 'layers'" in r.output
+
+
+def test_a_flag_that_changes_the_init_drops_the_file_init_params(tmp_path):
+    from kdcode.spec import resolve_run_spec
+
+    file = {"student": {"init": {"name": "layers", "params": {"layers": [0, 3]}}}}
+    assert resolve_run_spec(file, {"student": {"init": {"name": "first"}}}, "t").student.init.params == {}
+    kept = resolve_run_spec(file, {"student": {"layers": 2}}, "t").student.init
+    assert kept.name == "layers" and kept.params == {"layers": [0, 3]}

@@ -138,6 +138,7 @@ def _fake(name, kind, params, size, speed, es, em, status="ok", baseline="teache
     }
 
 
+@pytest.mark.slow
 def test_report_rebuilds_table_and_plot_and_copes_without_matplotlib(tmp_path, monkeypatch):
     import matplotlib.image
 
@@ -168,6 +169,7 @@ def test_report_rebuilds_table_and_plot_and_copes_without_matplotlib(tmp_path, m
 
 
 # -------------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_sweep_end_to_end_resumes_after_a_failure(tmp_path, teacher_dir, corpus_dir, monkeypatch):
     import matplotlib.image
 

@@ -168,6 +168,7 @@ def _distil_args(teacher_dir, corpus_dir, out, *extra):
     ]
 
 
+@pytest.mark.slow
 def test_sigint_checkpoints_and_resume_completes(tmp_path, teacher_dir, corpus_dir):
     out = tmp_path / "student"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "KDCODE_DISABLE_PLUGINS": "1"}
@@ -195,6 +196,7 @@ def test_sigint_checkpoints_and_resume_completes(tmp_path, teacher_dir, corpus_d
     assert r.exit_code == 2 and "another spec" in r.output
 
 
+@pytest.mark.slow
 def test_resume_through_run_distil(tmp_path, teacher_dir, corpus_dir, monkeypatch):
     spec = RunSpec.model_validate(
         {

@@ -79,8 +79,9 @@ def sweep(
     ] = False,
 ) -> None:
     """Distil, evaluate and benchmark every point of a sweep (teacher first); results.jsonl, results.md, pareto.png."""
+    from kdcode.report import read_records
     from kdcode.spec import read_spec_file
-    from kdcode.sweep import build_sweep, plan_sweep, read_records, run_sweep
+    from kdcode.sweep import build_sweep, plan_sweep, run_sweep
     from kdcode.train.loop import Interrupted
 
     if spec is None and layers is None:
@@ -125,8 +126,7 @@ def report(
     out: Annotated[Path | None, typer.Option(help="Folder for results.md and pareto.png (default: beside it).")] = None,
 ) -> None:
     """Rebuild results.md and pareto.png from a sweep's results.jsonl alone."""
-    from kdcode.report import write_report
-    from kdcode.sweep import read_records
+    from kdcode.report import read_records, write_report
 
     records = read_records(results)
     _print_report(write_report(records, out or results.parent), records)

@@ -73,8 +73,12 @@ def save_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], state: di
         save_file(tensors, str(tmp / STATE_TENSORS))
         (tmp / STATE_JSON).write_text(json.dumps(skeleton), encoding="utf-8")
         if folder.exists():
-            for extra in folder.iterdir():  # keep files that are not part of a checkpoint (the live log)
-                if not (tmp / extra.name).exists() and extra.is_file():
+            for extra in folder.iterdir():  # keep what is not part of a checkpoint (the live log, the tokenizer)
+                if (tmp / extra.name).exists() or extra.name.startswith("."):
+                    continue
+                if extra.is_dir():
+                    shutil.copytree(extra, tmp / extra.name)
+                elif extra.is_file():
                     shutil.copy2(extra, tmp / extra.name)
             old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
             os.replace(folder, old)
