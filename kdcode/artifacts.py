@@ -113,7 +113,89 @@ def clean_stale_temps(out: Path) -> list[Path]:
             continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
+    for path in out.parent.glob(f".{glob.escape(out.name)}.old-*"):  # a killed --overwrite's previous folder
+        head = path.name[len(f".{out.name}.old-") :]
+        if not head.isdigit() or int(head) == os.getpid() or psutil.pid_exists(int(head)) or not path.is_dir():
+            continue
+        if out.exists():  # the swap finished: the old folder is spent
+            shutil.rmtree(path, ignore_errors=True)
+        else:  # killed between the two renames: the old folder is the only complete copy; put it back
+            os.replace(path, out)
+        removed.append(path)
     return removed
+
+
+def _inside(a: Path, b: Path) -> bool:
+    try:
+        a.relative_to(b)
+        return True
+    except ValueError:
+        return False
+
+
+def check_output(
+    out: Path,
+    overwrite: bool = False,
+    inputs: dict[str, Any] | None = None,
+    need_bytes: int | None = None,
+    folder: bool = True,
+) -> None:
+    """Everything about an output path that can be checked before any work (loading a model, training):
+
+    - it is not, does not contain and does not lie inside any input (``{"--teacher": path, ...}``; hub ids
+      and None are skipped), ``--overwrite`` or not: an output never replaces what it is made from;
+    - an existing non-empty folder needs ``overwrite`` (``folder=True``); leftovers of killed runs are cleaned;
+    - its folder is writable (a file is created and removed there), and has ``need_bytes`` free (with 10% margin).
+    """
+    out = Path(out)
+    target = out.expanduser().resolve()
+    for flag, value in (inputs or {}).items():
+        if value is None:
+            continue
+        src = Path(str(value)).expanduser()
+        if not src.exists():
+            continue
+        src = src.resolve()
+        if target == src or _inside(src, target) or _inside(target, src):
+            how = "is" if target == src else "contains" if _inside(src, target) else "lies inside"
+            raise KdcodeError(
+                f"--out {out} {how} the input {flag} {value}; writing there would destroy it: choose another --out"
+            )
+    if folder:
+        clean_stale_temps(out)
+        check_out_dir(out, overwrite)
+    elif out.is_dir():
+        raise KdcodeError(f"{out} is a folder; give a file path")
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise KdcodeError(
+            f"cannot write to {parent} ({exc.strerror or exc}); choose an --out on a writable disk"
+        ) from exc
+    if need_bytes:
+        free = shutil.disk_usage(parent).free
+        if free < need_bytes * 1.1:
+            raise KdcodeError(
+                f"{parent} has {free / 1e6:.1f} MB free; writing {out} needs about {need_bytes / 1e6:.1f} MB: "
+                "free space or choose an --out on another disk"
+            )
+
+
+_DISK_WORDS = ("no space left", "read-only file system", "permission denied", "disk quota", "input/output error")
+
+
+def write_error(exc: BaseException, target: Path | str) -> KdcodeError:
+    """A failure to write ``target`` as one line: the system's reason (disk full, read-only, permissions), also
+    when a library wraps it (safetensors' SafetensorError is not an OSError); anything else is named."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, OSError) or any(w in text.lower() for w in _DISK_WORDS):
+        reason = getattr(exc, "strerror", None) or text[:200] or type(exc).__name__
+        return KdcodeError(f"cannot write {target}: {reason}")
+    return KdcodeError(f"cannot save {target}: {type(exc).__name__}: {text[:300]}")
 
 
 @contextmanager
@@ -123,9 +205,9 @@ def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     A run killed at any moment leaves either no ``out`` (or the old one) or the complete new one; its
     temp folder ``.{out.name}.tmp-{pid}-*`` is removed by the next run writing to ``out``.
     """
+    clean_stale_temps(out)
     check_out_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     os.chmod(tmp, 0o755 & ~_umask())  # mkdtemp makes 0700; a model folder is shared like any other
     try:
@@ -210,7 +292,18 @@ def save_model(
     """Write model + tokenizer + manifest + card to ``out`` atomically. Returns ``out``."""
     from kdcode.quiet import quiet_hf
 
-    with atomic_dir(out, overwrite) as tmp, quiet_hf():
+    try:
+        _save(out, model, tokenizer, manifest, overwrite, extra, quiet_hf)
+    except KdcodeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - disk full, read-only, permissions, or a library's wrapper of them
+        raise write_error(exc, out) from exc
+    return out
+
+
+def _save(out: Path, model: Any, tokenizer: Any, manifest: dict[str, Any], overwrite: bool,
+          extra: Callable[[Path], None] | None, quiet: Any) -> None:
+    with atomic_dir(out, overwrite) as tmp, quiet():
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if extra is not None:
@@ -224,7 +317,6 @@ def save_model(
         }
         write_json(tmp / MANIFEST, full)
         (tmp / "README.md").write_text(model_card(full), encoding="utf-8")
-    return out
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -240,14 +332,44 @@ def write_json(path: Path, data: Any) -> None:
         raise
 
 
+# The manifest's sections that kdcode reads, and the JSON type each must have when present.
+_MANIFEST_SHAPE: dict[str, tuple[type, ...]] = {
+    "weights_sha256": (dict,),
+    "compression": (dict, type(None)),
+    "model": (dict,),
+    "metrics": (dict, type(None)),
+    "training": (dict, type(None)),
+    "spec": (dict, type(None)),
+    "kdcode_version": (str,),
+}
+
+
 def read_manifest(folder: Path) -> dict[str, Any] | None:
+    """The folder's ``kdcode.json`` (None without one); one clear error when it is not JSON or of the wrong shape."""
     path = folder / MANIFEST
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, OSError) as exc:
         raise KdcodeError(f"{path} is not valid JSON ({exc}); the folder is damaged, re-create it") from exc
+    problem = None
+    if not isinstance(data, dict):
+        problem = f"it holds a JSON {type(data).__name__}, not an object"
+    else:
+        for key, kinds in _MANIFEST_SHAPE.items():
+            if key in data and not isinstance(data[key], kinds):
+                problem = f"{key!r} is a JSON {type(data[key]).__name__}"
+                break
+        sha = data.get("weights_sha256") or {}
+        if problem is None and not all(isinstance(k, str) and isinstance(v, str) for k, v in sha.items()):
+            problem = "'weights_sha256' must map file names to hex digests"
+        layout = (data.get("compression") or {}).get("layout") if problem is None else None
+        if problem is None and layout is not None and not isinstance(layout, dict):
+            problem = "'compression.layout' is not an object"
+    if problem:
+        raise KdcodeError(f"{path} has the wrong shape ({problem}); the folder is damaged, re-create it")
+    return data
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:

@@ -59,8 +59,13 @@ def split_of(key: str, valid_fraction: float, test_fraction: float) -> str:
     return "train"
 
 
-def _read_text(path: Path, skipped: Counter) -> str | None:
+def _read_text(path: Path, skipped: Counter, spec: DataSpec) -> str | None:
+    """A source file's text, or None (counted in ``skipped``) when it is unreadable, too large, has a line over
+    the limit, is not UTF-8 or is empty. The size is checked before reading, so memory stays bounded."""
     try:
+        if path.stat().st_size > spec.max_file_bytes:
+            skipped["over_max_file_bytes"] += 1
+            return None
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError:
         skipped["non_utf8"] += 1
@@ -71,7 +76,39 @@ def _read_text(path: Path, skipped: Counter) -> str | None:
     if not text.strip():
         skipped["empty"] += 1
         return None
+    if len(text) > spec.max_line_chars and max(map(len, text.splitlines())) > spec.max_line_chars:
+        skipped["over_max_line_chars"] += 1
+        return None
     return text
+
+
+def skip_reasons(skipped: Counter, spec: DataSpec) -> str:
+    """Why files were skipped, in words (with the setting that raises a limit)."""
+    words = {
+        "empty": "empty",
+        "non_utf8": "not UTF-8 text",
+        "unreadable": "unreadable",
+        "over_max_file_bytes": f"over {spec.max_file_bytes} bytes (data.max_file_bytes raises it)",
+        "over_max_line_chars": f"with a line over {spec.max_line_chars} characters (data.max_line_chars raises it)",
+    }
+    return ", ".join(f"{n} {words.get(k, k)}" for k, n in sorted(skipped.items()))
+
+
+def bounded_lines(fh: Any, limit: int, skipped: Counter) -> Any:
+    """(line number, bytes) of a binary file, each line read with at most ``limit + 1`` bytes in memory; a longer
+    line is skipped to its end and counted as ``over_max_file_bytes`` (a record that large is not code)."""
+    lineno = 0
+    while True:
+        raw = fh.readline(limit + 1)
+        if not raw:
+            return
+        lineno += 1
+        if len(raw) > limit and not raw.endswith(b"\n"):
+            skipped["over_max_file_bytes"] += 1
+            while raw and not raw.endswith(b"\n"):  # drop the rest of the line, a bounded chunk at a time
+                raw = fh.readline(limit + 1)
+            continue
+        yield lineno, raw
 
 
 def _folder_docs(root: Path, spec: DataSpec, skipped: Counter) -> list[Document]:
@@ -83,11 +120,11 @@ def _folder_docs(root: Path, spec: DataSpec, skipped: Counter) -> list[Document]
         rel = path.relative_to(root)
         if is_stdlib and ("site-packages" in rel.parts or (spec.exclude_tests and TEST_DIRS & set(rel.parts))):
             continue
-        text = _read_text(path, skipped)
+        text = _read_text(path, skipped, spec)
         if text is not None:
             docs.append(Document(rel.as_posix(), text))
     if not docs:
-        detail = f" ({', '.join(f'{v} {k}' for k, v in skipped.items())} skipped)" if skipped else ""
+        detail = f" (skipped: {skip_reasons(skipped, spec)})" if skipped else ""
         raise KdcodeError(
             f"no usable files matching {spec.glob!r} under {root}{detail}; check --data or set the glob "
             "(data.glob in the spec)"
@@ -105,7 +142,7 @@ def _record_text(record: dict[str, Any], spec: DataSpec) -> str | None:
 def _jsonl_docs(path: Path, spec: DataSpec, skipped: Counter) -> list[Document]:
     docs = []
     with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
+        for lineno, raw in bounded_lines(fh, spec.max_file_bytes, skipped):
             try:
                 record = json.loads(raw.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError):
@@ -149,6 +186,9 @@ def _hf_docs(name: str, spec: DataSpec, skipped: Counter) -> dict[str, list[Docu
             if not text or not text.strip():
                 skipped["empty"] += 1
                 continue
+            if len(text) > spec.max_file_bytes:
+                skipped["over_max_file_bytes"] += 1
+                continue
             doc = Document(str(record.get("path") or record.get("id") or f"{split_name}:{i}"), text)
             (out[aliases[split_name]] if own_splits else flat).append(doc)
     return out if own_splits else flat
@@ -172,7 +212,7 @@ def is_py150_dir(path: Path) -> bool:
     return found
 
 
-def _py150_dir_docs(root: Path, spec: DataSpec) -> dict[str, list[Document]]:
+def _py150_dir_docs(root: Path, spec: DataSpec, skipped: Counter) -> dict[str, list[Document]]:
     """The split files of a py150 folder as documents, one per line, keyed ``file:line``; the folder's own split."""
     if spec.format != "py150":
         raise KdcodeError(f"{root} holds CodeXGLUE py150 split files (normalised code); pass --format py150")
@@ -181,7 +221,10 @@ def _py150_dir_docs(root: Path, spec: DataSpec) -> dict[str, list[Document]]:
         file = root / name
         if not file.is_file():
             continue
-        for lineno, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        with file.open("rb") as fh:
+            lines = [(n, raw.decode("utf-8", errors="replace")) for n, raw in bounded_lines(fh, spec.max_file_bytes,
+                                                                                             skipped)]
+        for lineno, line in lines:
             text = line.strip()
             if not text:
                 continue
@@ -289,15 +332,15 @@ def load_corpus(spec: DataSpec) -> Corpus:
     else:
         path = Path(source).expanduser()
         if path.is_dir() and is_py150_dir(path):
-            docs = _py150_dir_docs(path, spec)
+            docs = _py150_dir_docs(path, spec, skipped)
         elif path.is_dir():
             docs = _folder_docs(path, spec, skipped)
         elif path.is_file() and path.suffix == ".jsonl":
             docs = _jsonl_docs(path, spec, skipped)
         elif path.is_file():
-            text = _read_text(path, skipped)
+            text = _read_text(path, skipped, spec)
             if text is None:
-                raise KdcodeError(f"--data {path} is empty or not UTF-8 text")
+                raise KdcodeError(f"--data {path} cannot be used: {skip_reasons(skipped, spec)}")
             docs = [Document(path.name, text)]
         elif path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
             raise KdcodeError(f"--data {source!r} does not exist; pass a folder, a .jsonl file or a dataset id")

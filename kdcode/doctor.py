@@ -18,9 +18,8 @@ from typing import Any
 
 from kdcode import __version__
 from kdcode.errors import KdcodeError
+from kdcode.hub import HUB_URL, hub_status  # noqa: F401 - doctor reports it
 
-HUB_URL = "https://huggingface.co"
-HUB_TIMEOUT_S = 3.0
 LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "datasets")
 _TRUE = ("1", "true", "yes", "on")
 
@@ -59,26 +58,6 @@ def device_info() -> dict[str, Any]:
         "bf16_cpu": cpu_has_bf16(),
         "bf16_cuda": bool(torch.cuda.is_bf16_supported()) if cuda else None,
     }
-
-
-def hub_status(timeout: float = HUB_TIMEOUT_S) -> dict[str, Any]:
-    """{"reachable": True/False/None, "detail": ...}; None when HF_HUB_OFFLINE turns the hub off."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "")
-    if offline.strip().lower() in _TRUE:
-        return {"reachable": None, "detail": f"offline (HF_HUB_OFFLINE={offline})"}
-    import urllib.error
-    import urllib.request
-
-    start = time.perf_counter()
-    try:
-        with urllib.request.urlopen(urllib.request.Request(HUB_URL, method="HEAD"), timeout=timeout) as resp:
-            status = resp.status
-    except urllib.error.HTTPError as exc:  # the hub answered, with an error code: still reachable
-        status = exc.code
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        return {"reachable": False, "detail": f"unreachable ({reason})"}
-    return {"reachable": True, "detail": f"reachable (HTTP {status} in {time.perf_counter() - start:.2f} s)"}
 
 
 def hf_cache_dir() -> str:

@@ -31,6 +31,12 @@ class Loaded:
     verified: bool | None  # True verified, None plain HF folder / hub, False not checked
     fingerprint: str  # sha256 of the weights (local) or the hub commit
     runtime: dict[str, Any] | None = None  # device, dtype and threads when loaded for inference
+    hub: dict[str, Any] | None = None  # a hub model: id, resolved revision, snapshot, weights' sha256
+
+    @property
+    def folder(self) -> Path | None:
+        """Where the weights are on disk: the local folder, or the hub model's cached snapshot."""
+        return self.path or (Path(self.hub["snapshot"]) if self.hub else None)
 
     @property
     def n_layer(self) -> int:
@@ -41,7 +47,8 @@ class Loaded:
         return count_params(self.model)
 
     def describe(self) -> dict[str, Any]:
-        return {
+        """What a manifest records of a model: enough to find the exact same one again."""
+        out = {
             "name": self.name,
             "path": str(self.path) if self.path else None,
             "fingerprint": self.fingerprint,
@@ -49,6 +56,11 @@ class Loaded:
             "params_m": round(self.params / 1e6, 3),
             "verified": self.verified,
         }
+        if self.hub:
+            out["hub"] = {k: self.hub[k] for k in ("id", "revision", "requested_revision", "weights_sha256")}
+        else:
+            out["weights_sha256"] = {p.name: sha256_file(p) for p in weight_files(self.path)} if self.path else None
+        return out
 
 
 def count_params(model: Any) -> int:
@@ -62,6 +74,22 @@ def context_length(config: Any, default: int | None = None) -> int | None:
     """The positions a model can attend over (GPT-2 ``n_positions``, others ``max_position_embeddings``)."""
     n = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     return int(n) if n else default
+
+
+def weights_bytes(name: str, revision: str | None = None) -> int | None:
+    """Bytes of a model's weight files: a local folder's, or a hub model's in the cache (None when not there)."""
+    from kdcode import hub
+
+    try:
+        path = resolve_path(name)
+        if path is None:
+            path = hub.snapshot(name, revision)
+    except KdcodeError:
+        return None
+    if path is None or not path.is_dir():
+        return None
+    files = weight_files(path) or [p for n in PICKLE_WEIGHTS if (p := path / n).is_file()]
+    return sum(f.stat().st_size for f in files) or None
 
 
 def resolve_path(name: str) -> Path | None:
@@ -100,27 +128,54 @@ def _check_local(path: Path, allow_pickle: bool) -> None:
             )
 
 
+# What a hub model needs on disk (weights are added by kind: safetensors, or pickle when allowed).
+HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.py", "*.safetensors"]
+
+
+def hub_snapshot(name: str, revision: str | None = None, allow_pickle: bool = False) -> Path:
+    """The local snapshot folder of hub model ``name`` at ``revision``: from the cache when the hub is off or does
+    not answer (one clear line when it is not there), else downloaded (only what a model folder needs)."""
+    from kdcode import hub
+
+    if hub.cache_only():
+        folder = hub.snapshot(name, revision)
+        if folder is None:
+            raise hub.not_cached(name, revision)
+        return folder
+    from huggingface_hub import list_repo_files, snapshot_download
+
+    try:
+        files = list_repo_files(name, revision=revision)
+        patterns = list(HUB_PATTERNS)
+        if allow_pickle or not any(f.endswith(".safetensors") for f in files):
+            patterns += ["*.bin", "*.pt", "*.ckpt"]  # refused on load unless --allow-pickle: the message says so
+        with quiet_hf():
+            return Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
+    except Exception as exc:  # noqa: BLE001 - no such repo, no access, a bad revision: one line
+        raise KdcodeError(f"cannot download {name!r}{f' at {revision}' if revision else ''} from the Hugging Face "
+                          f"hub: {' '.join(str(exc).split())[:200]}") from exc
+
+
 def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of ``bundled``, a folder, or a hub id (from its snapshot)."""
+    path = resolve_path(name)
+    return _tokenizer(path if path is not None else hub_snapshot(name, revision), trust_remote_code)
+
+
+def _tokenizer(path: Path, trust_remote_code: bool) -> Any:
     from transformers import AutoTokenizer
 
-    path = resolve_path(name)
     try:
         with quiet_hf():
-            return AutoTokenizer.from_pretrained(
-                str(path) if path else name, revision=revision, trust_remote_code=trust_remote_code
-            )
-    except (OSError, ValueError) as exc:
-        raise _load_error(name, path, exc) from exc
+            return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - missing or damaged tokenizer files: one line
+        raise _load_error(path, exc, "its tokenizer (tokenizer.json / vocab files) is missing or damaged") from exc
 
 
-def _load_error(name: str, path: Path | None, exc: Exception) -> KdcodeError:
-    first = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
-    if path is not None:
-        return KdcodeError(f"cannot load the model in {path}: {first}")
-    return KdcodeError(
-        f"cannot load {name!r} from the Hugging Face hub (offline, or no such model): {first[:200]}. "
-        f"Download it where the hub is reachable (`hf download {name} --local-dir DIR`) and pass the folder"
-    )
+def _load_error(path: Path, exc: BaseException, hint: str = "the folder is damaged or incomplete") -> KdcodeError:
+    text = " ".join(str(exc).split())
+    first = (text[:200] + "...") if len(text) > 200 else text or type(exc).__name__
+    return KdcodeError(f"cannot load the model in {path}: {type(exc).__name__}: {first} ({hint}; re-create it)")
 
 
 def load_model(
@@ -132,47 +187,53 @@ def load_model(
     check: bool = True,
     dtype: Any = None,
 ) -> Loaded:
-    """Load a causal LM and its tokenizer from ``bundled``, a folder, or a hub id."""
+    """Load a causal LM and its tokenizer from ``bundled``, a folder, or a hub id (through its cached snapshot).
+
+    Any damage to a folder (a truncated or corrupt weight file, a manifest or config of the wrong shape, missing
+    tokenizer files) is one KdcodeError line, never a traceback.
+    """
+    from kdcode import hub
+
+    local = resolve_path(name)
+    path = local if local is not None else hub_snapshot(name, revision, allow_pickle)
+    _check_local(path, allow_pickle)
+    manifest = read_manifest(path)
+    verified: bool | None = verify(path) if check else False
+    hub_info = None
+    if local is None:
+        hub_info = hub.describe_snapshot(name, revision, path)
+        verified = hub_info["verified"] if verified is None else verified
+    model = _model(path, manifest, allow_pickle, trust_remote_code, dtype)
+    tokenizer = _tokenizer(path, trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    files_ = weight_files(path) or [p for n in PICKLE_WEIGHTS if (p := path / n).exists()]
+    digests = hub_info["weights_sha256"] if hub_info else {}
+    hashes = [digests.get(p.name) or sha256_file(p) for p in files_]
+    fingerprint = hashes[0] if len(hashes) == 1 else "+".join(h[:16] for h in hashes)
+    return Loaded(name, model, tokenizer, local, manifest, verified, fingerprint, hub=hub_info)
+
+
+def _model(path: Path, manifest: dict[str, Any] | None, allow_pickle: bool, trust_remote_code: bool, dtype: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
-    path = resolve_path(name)
-    manifest = None
-    verified: bool | None = None
-    if path is not None:
-        _check_local(path, allow_pickle)
-        manifest = read_manifest(path)
-        verified = verify(path) if check else False
-    kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
+    from kdcode.artifacts import kdcode_layout
+    from kdcode.compression.load import load_compressed
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if not allow_pickle:
         kwargs["use_safetensors"] = True
     if dtype is not None:
         kwargs["dtype"] = dtype
-    from kdcode.artifacts import kdcode_layout
-    from kdcode.compression.load import load_compressed
-
     try:
-        if path is not None and kdcode_layout(manifest).get("loader") == "kdcode":  # head-pruned or int8
-            model = load_compressed(path, manifest or {})
-        else:
-            with quiet_hf():
-                model = AutoModelForCausalLM.from_pretrained(str(path) if path else name, **kwargs)
-    except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: weights that do not fit the config
-        if path is None and not allow_pickle and "safetensors" in str(exc).lower():
-            raise KdcodeError(
-                f"{name!r} on the hub has no safetensors weights, only pickle ones (which can run code); "
-                "pass --allow-pickle if you trust it"
-            ) from exc
-        raise _load_error(name, path, exc) from exc
-    tokenizer = load_tokenizer(name, revision, trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.eval()
-    if path is not None:
-        files_ = weight_files(path) or [p for n in PICKLE_WEIGHTS if (p := path / n).exists()]
-        fingerprint = sha256_file(files_[0]) if len(files_) == 1 else "+".join(sha256_file(p)[:16] for p in files_)
-    else:
-        fingerprint = str(getattr(model.config, "_commit_hash", None) or revision or "hub")
-    return Loaded(name, model, tokenizer, path, manifest, verified, fingerprint)
+        if kdcode_layout(manifest).get("loader") == "kdcode":  # head-pruned or int8
+            return load_compressed(path, manifest or {}).eval()
+        with quiet_hf():
+            return AutoModelForCausalLM.from_pretrained(str(path), **kwargs).eval()
+    except KdcodeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - truncated weights, absurd headers, a config of the wrong shape...
+        raise _load_error(path, exc) from exc
 
 
 def check_same_vocab(teacher_tok: Any, student_tok: Any, what: str) -> None:

@@ -9,6 +9,7 @@ This module imports neither torch nor any plugin.
 from __future__ import annotations
 
 import json
+import typing
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -21,8 +22,26 @@ from kdcode.errors import KdcodeDeprecation, KdcodeError
 BUNDLED = "bundled"
 
 
+def _accepts_bool(annotation: Any) -> bool:
+    if annotation is bool or annotation is Any:
+        return True
+    return any(_accepts_bool(a) for a in typing.get_args(annotation))
+
+
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Every spec: unknown keys, infinities and NaN are errors, and true/false is not a number."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bools_for_numbers(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, value in data.items():
+                field = cls.model_fields.get(key) if isinstance(key, str) else None
+                if isinstance(value, bool) and field is not None and not _accepts_bool(field.annotation):
+                    raise ValueError(f"{key}: {str(value).lower()} is a yes/no value; give a number or a name")
+        return data
 
 
 class TeacherSpec(_Spec):
@@ -97,6 +116,12 @@ class DataSpec(_Spec):
     test_fraction: float = Field(0.05, ge=0.0, lt=0.5)
     max_files: int | None = Field(None, ge=1)
     exclude_tests: bool = Field(True, description="skip test/ and tests/ folders of the stdlib corpus")
+    max_file_bytes: int = Field(
+        8 * 2**20, ge=1, description="skip (and count) files and records larger than this; memory stays bounded"
+    )
+    max_line_chars: int = Field(
+        20_000, ge=1, description="skip (and count) source files with a longer line (generated data, not code)"
+    )
 
 
 class TrainSpec(_Spec):
@@ -203,7 +228,7 @@ def format_validation_error(exc: ValidationError, where: str, model: type[BaseMo
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key (not a field of this section)"
             close = difflib.get_close_matches(str(err["loc"][-1]), _known_keys(model, err["loc"]), n=2, cutoff=0.6)

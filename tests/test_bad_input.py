@@ -117,8 +117,8 @@ def test_debug_shows_the_traceback():
 # ----------------------------------------------------------------------------------------- teacher
 def test_missing_teacher_offline(tmp_path, corpus_dir):
     r = run("distil", "--teacher", "nobody/no-such-model", "--data", corpus_dir, "--out", tmp_path / "s", *FAST)
-    one_clear_line(r, "cannot load 'nobody/no-such-model' from the Hugging Face hub (offline, or no such model)")
-    assert "pass the folder" in r.output
+    one_clear_line(r, "the model 'nobody/no-such-model' is not in the Hugging Face cache")
+    assert "pass a local folder" in r.output
     assert not (tmp_path / "s").exists()
 
 
@@ -206,7 +206,7 @@ def _bad_corpus(tmp_path: Path, kind: str) -> Path:
     ("kind", "phrase"),
     [
         ("no_match", "no usable files matching '**/*.py' under"),
-        ("unusable", "(1 empty, 1 non_utf8 skipped); check --data or set the glob"),
+        ("unusable", "(skipped: 1 empty, 1 not UTF-8 text); check --data or set the glob"),
     ],
 )
 def test_data_folder_without_usable_files(tmp_path, teacher_dir, kind, phrase):
@@ -220,8 +220,8 @@ def test_data_folder_without_usable_files(tmp_path, teacher_dir, kind, phrase):
     ("kind", "phrase"),
     [
         ("missing", "does not exist; pass a folder, a .jsonl file or a dataset id"),
-        ("empty_file", "is empty or not UTF-8 text"),
-        ("latin1_file", "is empty or not UTF-8 text"),
+        ("empty_file", "cannot be used: 1 empty"),
+        ("latin1_file", "cannot be used: 1 not UTF-8 text"),
         ("jsonl_no_field", "holds no records with a text field 'code'; set data.field"),
         ("tiny", "fewer than one block of 32; add files or lower --block-size"),
     ],
@@ -242,18 +242,19 @@ def test_bad_data_paths(tmp_path, teacher_dir, kind, phrase):
 
 
 @pytest.mark.slow
-def test_skipped_files_are_counted_and_an_enormous_line_is_fine(tmp_path, teacher_dir, corpus_dir):
+def test_skipped_files_are_counted_and_printed_an_enormous_line_too(tmp_path, teacher_dir, corpus_dir):
     data = tmp_path / "data"
     shutil.copytree(corpus_dir, data)
     (data / "empty.py").write_text("\n\n")
     (data / "latin1.py").write_bytes("s = 'caf\xe9'\n".encode("latin-1"))
-    (data / "huge.py").write_text("x = [" + "1, " * 300_000 + "]\n")  # one 900 kB line
+    (data / "huge.py").write_text("x = [" + "1, " * 300_000 + "]\n")  # one 900 kB line: data, not code
     out = tmp_path / "s"
     r = run("distil", "--teacher", teacher_dir, "--data", data, "--out", out, *FAST)
     assert r.exit_code == 0, r.output
     manifest = json.loads((out / MANIFEST).read_text())
-    assert manifest["data"]["skipped"] == {"empty": 1, "non_utf8": 1}
-    assert sum(manifest["data"]["files"].values()) == 24 + 3 + 4 + 1
+    assert manifest["data"]["skipped"] == {"empty": 1, "non_utf8": 1, "over_max_line_chars": 1}
+    assert "skipped: 1 empty, 1 not UTF-8 text, 1 with a line over 20000 characters" in r.output
+    assert sum(manifest["data"]["files"].values()) == 24 + 3 + 4
     assert verify(out) is True
 
 

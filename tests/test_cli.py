@@ -68,7 +68,7 @@ def test_unknown_spec_key(tmp_path):
 def test_missing_teacher_offline(tmp_path):
     r = run("distil", "--teacher", "nobody/no-such-model", "--out", tmp_path / "s", "--max-steps", "1")
     assert r.exit_code == 2
-    assert "cannot load 'nobody/no-such-model'" in r.output and "pass the folder" in r.output
+    assert "'nobody/no-such-model' is not in the Hugging Face cache" in r.output and "pass a local folder" in r.output
     assert not (tmp_path / "s").exists()
 
 

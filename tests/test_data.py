@@ -132,7 +132,7 @@ def test_folder_without_matching_files_names_the_glob(tmp_path: Path) -> None:
 def test_folder_with_only_unusable_files_says_what_was_skipped(tmp_path: Path) -> None:
     (tmp_path / "a.py").write_bytes(b"\xff\xfe\x00bad")
     (tmp_path / "b.py").write_text("")
-    with pytest.raises(KdcodeError, match=r"\(1 non_utf8, 1 empty skipped\)"):
+    with pytest.raises(KdcodeError, match=r"\(skipped: 1 empty, 1 not UTF-8 text\)"):
         load_corpus(DataSpec(source=str(tmp_path)))
 
 
@@ -143,7 +143,7 @@ def test_single_file_and_missing_paths(tmp_path: Path) -> None:
     assert all_docs(corpus) == {"one.py": "print('hi')\n"}
     empty = tmp_path / "empty.py"
     empty.write_text("")
-    with pytest.raises(KdcodeError, match="is empty or not UTF-8 text"):
+    with pytest.raises(KdcodeError, match="cannot be used: 1 "):
         load_corpus(DataSpec(source=str(empty)))
     with pytest.raises(KdcodeError, match="does not exist"):
         load_corpus(DataSpec(source=str(tmp_path / "missing")))
@@ -197,7 +197,9 @@ def test_enormous_single_line_loads_and_tokenizes(tmp_path: Path, tokenizer) -> 
     text = ("s = '" + "return self.value " * 60_000)[: 1_000_000 - 1] + "'"  # exactly 1 MB, one line
     assert len(text) == 1_000_000 and "\n" not in text
     (tmp_path / "big.py").write_text(text)
-    corpus = load_corpus(DataSpec(source=str(tmp_path)))
+    with pytest.raises(KdcodeError, match="1 with a line over 20000 characters"):  # the default limit
+        load_corpus(DataSpec(source=str(tmp_path)))
+    corpus = load_corpus(DataSpec(source=str(tmp_path), max_line_chars=1_000_000))  # raised on purpose
     assert all_docs(corpus) == {"big.py": text}
     docs = [d for split in corpus.splits.values() for d in split]
     stream = encode_documents(docs, tokenizer)
@@ -266,3 +268,26 @@ def test_stdlib_corpus_excludes_site_packages_and_tests() -> None:
     assert not any(k.startswith("site-packages/") for k in keys)
     assert not any(k.startswith(("test/", "tests/", "idle_test/")) for k in keys)
     assert not any(part in k for k in keys for part in ("/test/", "/tests/", "/idle_test/"))
+
+
+def test_inputs_are_read_with_bounded_memory(tmp_path):
+    """A file over data.max_file_bytes is skipped before it is read; a .jsonl record over it is skipped a bounded
+    chunk at a time; both are counted like non-UTF-8 files."""
+    from kdcode.spec import DataSpec
+
+    folder = tmp_path / "code"
+    folder.mkdir()
+    (folder / "ok.py").write_text("def f():\n    return 1\n")
+    (folder / "big.py").write_text("x = 1\n" * 200_000)  # 1.2 MB
+    corpus = load_corpus(DataSpec(source=str(folder), max_file_bytes=2**20, test_fraction=0, valid_fraction=0))
+    assert [d.key for d in corpus.splits["train"]] == ["ok.py"]
+    assert dict(corpus.skipped) == {"over_max_file_bytes": 1}
+
+    jsonl = tmp_path / "data.jsonl"
+    with jsonl.open("w") as fh:
+        fh.write('{"code": "a = 1"}\n')
+        fh.write('{"code": "' + "b" * 3_000_000 + '"}\n')  # one 3 MB record
+        fh.write('{"code": "c = 3"}\n')
+    corpus = load_corpus(DataSpec(source=str(jsonl), max_file_bytes=2**20, test_fraction=0, valid_fraction=0))
+    assert sorted(d.text for d in corpus.splits["train"]) == ["a = 1", "c = 3"]
+    assert dict(corpus.skipped) == {"over_max_file_bytes": 1}

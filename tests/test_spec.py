@@ -178,7 +178,7 @@ def test_model_shape_hidden_must_divide_by_heads() -> None:
     assert ModelShape(hidden=132, heads=4).hidden == 132
     with pytest.raises(KdcodeError) as info:
         build_spec(PretrainSpec, {"model": {"hidden": 100, "heads": 3}}, "pretrain.yaml")
-    assert "model: Value error, hidden (100) must be a multiple of heads (3)" in str(info.value)
+    assert "model: hidden (100) must be a multiple of heads (3)" in str(info.value)
     with pytest.raises(KdcodeError, match=r"model\.vocab_size: Input should be greater than or equal to 300"):
         build_spec(PretrainSpec, {"model": {"vocab_size": 100}}, "pretrain.yaml")
 

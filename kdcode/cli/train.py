@@ -105,6 +105,7 @@ def distil(
         f"{manifest['model']['params_m']}M params, {tr['steps']} steps in {tr['wall_time_s']:.0f} s, "
         f"valid loss {tr['final'].get('valid_loss', float('nan')):.3f})"
     )
+    _print_skipped(console, manifest, run.data)
     console.print("next:")
     console.print(f"  kdcode eval {folder}")
     console.print(f"  kdcode bench {folder} --compare {run.teacher.name}")
@@ -170,6 +171,17 @@ def pretrain(
         f"{tr['tokens_seen']} tokens in {tr['wall_time_s']:.0f} s, "
         f"valid loss {tr['final'].get('valid_loss', float('nan')):.3f})"
     )
+    _print_skipped(out_console(), manifest, spec.data)
+
+
+def _print_skipped(console: Any, manifest: dict[str, Any], data: Any) -> None:
+    from collections import Counter
+
+    from kdcode.data import skip_reasons
+
+    skipped = Counter(manifest.get("data", {}).get("skipped") or {})
+    if skipped:
+        console.print(f"[yellow]skipped:[/] {skip_reasons(skipped, data)}", highlight=False)
 
 
 @handle_errors

@@ -7,93 +7,60 @@ cache) and saves it atomically. Interrupted runs leave ``OUT.ckpt`` for ``--resu
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
-from kdcode.artifacts import check_out_dir, check_trainable, record_layout, save_model
+from kdcode.artifacts import check_output, check_trainable, record_layout
 from kdcode.data import Corpus, data_section, encode_documents, fingerprint, load_corpus, split_blocks, to_blocks
 from kdcode.device import resolve_device
 from kdcode.errors import KdcodeError
 from kdcode.spec import RunSpec
 from kdcode.train.loop import train_loop
 from kdcode.train.resources import check_block_size, check_memory
-from kdcode.train.runlog import write_log
-from kdcode.train.state import run_context
+from kdcode.train.state import check_round_trip, run_context, save_trained
+
+
+def distil_inputs(spec: RunSpec) -> dict[str, Any]:
+    """Every local path a distil run reads, by the flag that names it (an output may be none of them)."""
+    from kdcode.models import resolve_path
+
+    teacher = resolve_path(spec.teacher.name) if spec.teacher.name else None
+    return {
+        "--teacher": teacher,
+        "--data": spec.data.source if spec.data.source != "stdlib" else None,
+        "--teacher-cache": spec.teacher_cache,
+        "student.init.params.path": spec.student.init.params.get("path"),
+    }
 
 
 def run_distil(spec: RunSpec, overwrite: bool = False, resume: bool = False) -> tuple[Path, dict[str, Any]]:
     """Distil ``spec.teacher`` into a smaller student; returns (student folder, manifest).
 
-    Interrupted runs (SIGINT/SIGTERM) leave a checkpoint in ``OUT.ckpt``; ``resume=True`` continues it.
+    Everything that can be checked before loading is (the output path against every input, its disk and free
+    space, the plugins); the student is saved and reloaded once before the first step, so a save-time fault
+    costs seconds. Interrupted runs (SIGINT/SIGTERM) leave a checkpoint in ``OUT.ckpt``; ``resume=True``
+    continues it. If the final save fails, the final weights stay in ``OUT.ckpt`` and the error says so.
     """
     from kdcode.compression.prune import heads_per_layer
-    from kdcode.models import count_params, load_model
-    from kdcode.plugins import validate_plugins
-    from kdcode.train.teacher_cache import check_cache, load_cache
+    from kdcode.models import count_params, load_model, weights_bytes
 
     out = Path(spec.out)
-    check_out_dir(out, overwrite)
+    strategy, init = _plugins(spec)
+    check_output(out, overwrite, distil_inputs(spec), need_bytes=weights_bytes(spec.teacher.name))
     run = run_context(spec, resume, spec.train.tensorboard)
-    strategy, init = validate_plugins(spec)
-    if spec.teacher_cache and not strategy.supports_cache:
-        raise KdcodeError(f"strategy {spec.strategy.name!r} cannot train from a teacher cache; drop teacher_cache")
-    teacher = load_model(
-        spec.teacher.name,
-        revision=spec.teacher.revision,
-        trust_remote_code=spec.teacher.trust_remote_code,
-        allow_pickle=spec.teacher.allow_pickle,
-    )
-    check_block_size(teacher.model, spec.train.block_size, "the teacher")
-    if strategy.needs_teacher_grad:
-        check_trainable(teacher.manifest, f"teacher {spec.teacher.name} (strategy {spec.strategy.name!r} trains it)")
-    check_memory(
-        spec.train.batch_size,
-        spec.train.block_size,
-        spec.student.hidden_size or teacher.model.config.hidden_size,
-        spec.student.layers + (teacher.n_layer if strategy.needs_teacher_grad else 0),
-        len(teacher.tokenizer),
-        resolve_device("auto"),
-    )
-    eol = teacher.tokenizer.convert_tokens_to_ids("<EOL>")
-    if spec.data.format == "py150" and eol in (None, teacher.tokenizer.unk_token_id):
-        raise KdcodeError("data.format py150 needs a tokenizer with the <EOL> token (CodeGPT-style)")
+    teacher = load_model(spec.teacher.name, revision=spec.teacher.revision,
+                         trust_remote_code=spec.teacher.trust_remote_code, allow_pickle=spec.teacher.allow_pickle)
+    _check_teacher(spec, strategy, teacher)
     corpus = load_corpus(spec.data)
-    cache = None
-    if spec.teacher_cache:
-        # The cache replaces the teacher's forward passes; the teacher's weights are still read once
-        # for the init (layer-copy inits copy its blocks), then dropped.
-        cache = load_cache(Path(spec.teacher_cache))
-        wanted_t = getattr(strategy.params, "temperature", None)
-        if wanted_t is not None and getattr(strategy.params, "temperature_schedule", "constant") != "constant":
-            raise KdcodeError("a teacher cache holds soft targets at one temperature; use a constant temperature")
-        if wanted_t is not None and abs(wanted_t - cache.manifest["temperature"]) > 1e-9:
-            raise KdcodeError(
-                f"teacher cache {spec.teacher_cache} holds soft targets at T={cache.manifest['temperature']}, the "
-                f"strategy asks for T={wanted_t}; pass --temperature {cache.manifest['temperature']} or rebuild the cache"
-            )
-        check_cache(cache, cache_key(teacher, corpus, spec.data.format, spec.train.block_size), Path(spec.teacher_cache))
-        train_blocks = cache.input_ids
-        valid_stream = encode_documents(corpus.splits["valid"], teacher.tokenizer)
-        bs = spec.train.block_size
-        valid_blocks = to_blocks(valid_stream, bs) if len(valid_stream) >= bs else train_blocks[:0]
-    else:
-        train_blocks, valid_blocks = split_blocks(corpus, teacher.tokenizer, spec.train.block_size)
+    cache, train_blocks, valid_blocks = _training_blocks(spec, strategy, teacher, corpus)
     student, layer_map = init.build(
         teacher.model, spec.student.layers, spec.student.hidden_size, spec.student.heads, tokenizer=teacher.tokenizer
     )
-    result = train_loop(
-        student,
-        strategy,
-        train_blocks,
-        valid_blocks,
-        spec.train,
-        teacher=None if cache is not None else teacher.model,
-        description=f"distil {teacher.n_layer}->{spec.student.layers} layers",
-        layer_map=layer_map,
-        cache=cache,
-        run=run,
-    )
+    check_round_trip(student, teacher.tokenizer)
+    result = train_loop(student, strategy, train_blocks, valid_blocks, spec.train,
+                        teacher=None if cache is not None else teacher.model,
+                        description=f"distil {teacher.n_layer}->{spec.student.layers} layers",
+                        layer_map=layer_map, cache=cache, run=run)
     if not result.is_main:  # data-parallel workers: the main process writes the student
         return out, {}
     manifest = {
@@ -113,10 +80,61 @@ def run_distil(spec: RunSpec, overwrite: bool = False, resume: bool = False) -> 
         "training": result.summary(),
     }
     record_layout(manifest, heads_per_layer(student), f"init {spec.student.init.name} {init.params.model_dump()}")
-    save_model(out, student, teacher.tokenizer, manifest, overwrite, extra=write_log(result.log))
-    if run.checkpoint_dir is not None:
-        shutil.rmtree(run.checkpoint_dir, ignore_errors=True)  # the student is complete; the checkpoint is spent
+    save_trained(out, student, teacher.tokenizer, manifest, overwrite, result, run)
     return out, manifest
+
+
+def _plugins(spec: RunSpec) -> tuple[Any, Any]:
+    from kdcode.plugins import validate_plugins
+
+    strategy, init = validate_plugins(spec)
+    if spec.teacher_cache and not strategy.supports_cache:
+        raise KdcodeError(f"strategy {spec.strategy.name!r} cannot train from a teacher cache; drop teacher_cache")
+    return strategy, init
+
+
+def _check_teacher(spec: RunSpec, strategy: Any, teacher: Any) -> None:
+    """What the loaded teacher must allow: the block size, training it (in-training KD), the step's memory."""
+    check_block_size(teacher.model, spec.train.block_size, "the teacher")
+    if strategy.needs_teacher_grad:
+        check_trainable(teacher.manifest, f"teacher {spec.teacher.name} (strategy {spec.strategy.name!r} trains it)")
+    check_memory(
+        spec.train.batch_size,
+        spec.train.block_size,
+        spec.student.hidden_size or teacher.model.config.hidden_size,
+        spec.student.layers + (teacher.n_layer if strategy.needs_teacher_grad else 0),
+        len(teacher.tokenizer),
+        resolve_device("auto"),
+    )
+    eol = teacher.tokenizer.convert_tokens_to_ids("<EOL>")
+    if spec.data.format == "py150" and eol in (None, teacher.tokenizer.unk_token_id):
+        raise KdcodeError("data.format py150 needs a tokenizer with the <EOL> token (CodeGPT-style)")
+
+
+def _training_blocks(spec: RunSpec, strategy: Any, teacher: Any, corpus: Corpus) -> tuple[Any, Any, Any]:
+    """(teacher cache or None, training blocks, validation blocks): the cache's blocks when it is used."""
+    from kdcode.train.teacher_cache import check_cache, load_cache
+
+    if not spec.teacher_cache:
+        return (None, *split_blocks(corpus, teacher.tokenizer, spec.train.block_size))
+    # The cache replaces the teacher's forward passes; the teacher's weights are still read once
+    # for the init (layer-copy inits copy its blocks), then dropped.
+    cache = load_cache(Path(spec.teacher_cache))
+    wanted_t = getattr(strategy.params, "temperature", None)
+    have_t = cache.manifest["temperature"]
+    if wanted_t is not None and getattr(strategy.params, "temperature_schedule", "constant") != "constant":
+        raise KdcodeError("a teacher cache holds soft targets at one temperature; use a constant temperature")
+    if wanted_t is not None and abs(wanted_t - have_t) > 1e-9:
+        raise KdcodeError(
+            f"teacher cache {spec.teacher_cache} holds soft targets at T={have_t}, the strategy asks for "
+            f"T={wanted_t}; pass --temperature {have_t} or rebuild the cache"
+        )
+    key = cache_key(teacher, corpus, spec.data.format, spec.train.block_size)
+    check_cache(cache, key, Path(spec.teacher_cache))
+    valid_stream = encode_documents(corpus.splits["valid"], teacher.tokenizer)
+    bs = spec.train.block_size
+    valid_blocks = to_blocks(valid_stream, bs) if len(valid_stream) >= bs else cache.input_ids[:0]
+    return cache, cache.input_ids, valid_blocks
 
 
 def cache_key(teacher: Any, corpus: Corpus, fmt: str, block_size: int) -> dict[str, Any]:
@@ -139,7 +157,9 @@ def run_cache_teacher(
     from kdcode.models import load_model
     from kdcode.train.teacher_cache import build_cache
 
-    check_out_dir(out, overwrite)
+    from kdcode.models import resolve_path
+
+    check_output(out, overwrite, {"--teacher": resolve_path(teacher_name), "--data": data.source})
     teacher = load_model(teacher_name, allow_pickle=allow_pickle)
     check_block_size(teacher.model, block_size, "the teacher")
     corpus = load_corpus(data)

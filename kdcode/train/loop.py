@@ -56,9 +56,10 @@ class TrainResult:
     peak_memory_mb: float = 0.0  # max CUDA memory allocated, or peak process RSS on CPU
     train_time_s: float = 0.0  # the steps alone
     eval_time_s: float = 0.0  # held-out losses, periodic and final
+    save_checkpoint: Callable[[str], None] | None = None  # keeps the final state (when the final save fails)
 
     def summary(self) -> dict[str, Any]:
-        out = {k: v for k, v in self.__dict__.items() if k not in ("log", "is_main")}
+        out = {k: v for k, v in self.__dict__.items() if k not in ("log", "is_main", "save_checkpoint")}
         out["valid_curve"] = [r for r in self.log if "valid_loss" in r]
         return out
 
@@ -181,5 +182,5 @@ def train_loop(
         precision=precision, threads=torch.get_num_threads(), final=final, log=state.log, world_size=world,
         launcher=launcher(), global_batch=budget.batch, grad_accum=cfg.grad_accum, is_main=main,
         peak_memory_mb=round(peak_memory_mb(device), 1), train_time_s=round(wall - loop_eval_s, 2),
-        eval_time_s=round(eval_s[0], 2),
+        eval_time_s=round(eval_s[0], 2), save_checkpoint=lambda reason: ckpt.save(state, reason, final=True),
     )

@@ -5,22 +5,20 @@ TensorBoard like `distil`. This is how the bundled teacher was made (``examples/
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kdcode.artifacts import check_out_dir, check_trainable, record_layout, save_model
+from kdcode.artifacts import check_output, check_trainable, record_layout
 from kdcode.data import data_section, load_corpus, split_blocks
 from kdcode.device import resolve_device
 from kdcode.errors import KdcodeError
 from kdcode.spec import PretrainSpec
 from kdcode.train.loop import train_loop
 from kdcode.train.resources import check_block_size, check_memory
-from kdcode.train.runlog import write_log
-from kdcode.train.state import run_context
+from kdcode.train.state import run_context, save_trained
 
 
 def _init_model(spec: PretrainSpec) -> tuple[Any, Any, Any, dict[str, Any]]:
@@ -79,7 +77,12 @@ def run_pretrain(spec: PretrainSpec, overwrite: bool = False, resume: bool = Fal
     from kdcode.plugins import make_strategy
 
     out = Path(spec.out)
-    check_out_dir(out, overwrite)
+    from kdcode.models import resolve_path
+
+    m = spec.model
+    inputs = {"--init": resolve_path(spec.init) if spec.init else None, "--tokenizer": spec.tokenizer,
+              "--data": spec.data.source if spec.data.source != "stdlib" else None}
+    check_output(out, overwrite, inputs, need_bytes=4 * 12 * m.layers * m.hidden**2 + 8 * m.vocab_size * m.hidden)
     run = run_context(spec, resume, spec.train.tensorboard)
     saved_tokenizer = run.checkpoint_dir / "tokenizer" if run.checkpoint_dir else None
     torch.manual_seed(spec.train.seed)
@@ -139,7 +142,5 @@ def run_pretrain(spec: PretrainSpec, overwrite: bool = False, resume: bool = Fal
         lineage["tokens_seen_total"] += manifest["training"]["tokens_seen"]
         manifest["init"] = lineage
         record_layout(manifest, heads_per_layer(model), f"--init {spec.init}")
-    save_model(out, model, tokenizer, manifest, overwrite, extra=write_log(result.log))
-    if run.checkpoint_dir is not None:
-        shutil.rmtree(run.checkpoint_dir, ignore_errors=True)  # the model is complete; the checkpoint is spent
+    save_trained(out, model, tokenizer, manifest, overwrite, result, run)
     return out, manifest

@@ -179,13 +179,15 @@ class Checkpointer:
         self.run, self.modules, self.optimizers, self.scaler = run, modules, optimizers, scaler
         self.folder = run.checkpoint_dir if enabled else None
 
-    def save(self, state: TrainState, reason: str) -> None:
+    def save(self, state: TrainState, reason: str, final: bool = False) -> None:
+        """Save a resumable checkpoint; ``final`` (training is over) leaves the optimizer state out: it is only
+        needed to train on, and the smallest checkpoint is the likeliest to fit on a disk that just filled up."""
         if self.folder is None:
             return
         snapshot = {
             "fingerprint": self.run.fingerprint, "reason": reason, "step": state.step, "tokens": state.tokens,
             "cursor": state.cursor, "order": state.order, "elapsed": state.elapsed(), "log": state.log,
-            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "optimizers": None if final else {k: o.state_dict() for k, o in self.optimizers.items()},
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "rng": torch.get_rng_state(), "data_rng": state.data_rng.get_state(),
         }
@@ -202,7 +204,8 @@ class Checkpointer:
                 f"--resume: {folder} belongs to a run with another spec; use the same flags or another --out"
             )
         for name, opt in self.optimizers.items():
-            opt.load_state_dict(saved["optimizers"][name])
+            if saved["optimizers"] is not None:  # None: a final checkpoint (nothing left to train)
+                opt.load_state_dict(saved["optimizers"][name])
         if saved.get("scaler"):
             self.scaler.load_state_dict(saved["scaler"])
         torch.set_rng_state(saved["rng"])
@@ -216,3 +219,66 @@ class Checkpointer:
     def last_good(self) -> Path | None:
         """The checkpoint folder when one holds a saved state (for messages)."""
         return self.run.checkpoint_dir if self.run.checkpoint_dir and has_checkpoint(self.run.checkpoint_dir) else None
+
+
+# Up to this many parameters the round trip saves and reloads the weights too (a few seconds, a few hundred MB in
+# the system's temp folder); above it, the config alone, and the architecture is rebuilt without weights.
+ROUND_TRIP_MAX_PARAMS = 300_000_000
+
+
+def check_round_trip(model: torch.nn.Module, tokenizer: Any) -> None:
+    """Save ``model`` and ``tokenizer`` to a scratch folder and load them back with plain transformers, before
+    any training: a save-time incompatibility (a config field kdcode did not map, say) then costs seconds, not a
+    run. Head-pruned models (kdcode's own loader) are checked by that loader instead."""
+    from kdcode.compression.prune import heads_per_layer
+    from kdcode.models import count_params
+    from kdcode.quiet import quiet_hf
+
+    if heads_per_layer(model):
+        return
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        with tempfile.TemporaryDirectory(prefix="kdcode-roundtrip-") as tmp, quiet_hf():
+            if count_params(model) <= ROUND_TRIP_MAX_PARAMS:
+                model.save_pretrained(tmp, safe_serialization=True)
+                AutoModelForCausalLM.from_pretrained(tmp)
+            else:
+                model.config.save_pretrained(tmp)
+                with torch.device("meta"):
+                    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp))
+            tokenizer.save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(tmp)
+    except Exception as exc:  # noqa: BLE001 - whatever transformers raises, the user gets one line before training
+        first = " ".join(str(exc).split())[:300]
+        raise KdcodeError(
+            f"the student built from this teacher cannot be saved and reloaded by transformers "
+            f"({type(exc).__name__}: {first}); nothing was trained. Please report the teacher's architecture "
+            f"({getattr(model.config, 'model_type', '?')})"
+        ) from exc
+
+
+def save_trained(
+    out: Path, model: Any, tokenizer: Any, manifest: dict[str, Any], overwrite: bool, result: Any, run: RunContext
+) -> None:
+    """Save a trained model; if that fails, keep its final weights (and optimizer state) in ``OUT.ckpt`` so that
+    the same command with ``--resume`` writes it without training again, and say so in the one error line."""
+    from kdcode.artifacts import save_model
+    from kdcode.train.runlog import write_log
+
+    try:
+        save_model(out, model, tokenizer, manifest, overwrite, extra=write_log(result.log))
+    except KdcodeError as exc:
+        kept = ""
+        if run.checkpoint_dir is not None and result.save_checkpoint is not None:
+            try:
+                result.save_checkpoint("final save failed")  # weights and state, no optimizer state
+                kept = (f"; the trained weights (step {result.steps}) are in {run.checkpoint_dir}: make room, then "
+                        "run the same command with --resume to write them")
+            except Exception:  # noqa: BLE001 - the disk may be full for the checkpoint too
+                last = run.checkpoint_dir if has_checkpoint(run.checkpoint_dir) else None
+                kept = (f"; the checkpoint could not be written either; the last one ({last}) resumes from there"
+                        if last else "; no checkpoint could be kept either")
+        raise KdcodeError(f"{exc}{kept}") from exc
+    if run.checkpoint_dir is not None:
+        shutil.rmtree(run.checkpoint_dir, ignore_errors=True)  # the model is complete; the checkpoint is spent
