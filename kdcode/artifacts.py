@@ -139,6 +139,7 @@ def check_output(
     inputs: dict[str, Any] | None = None,
     need_bytes: int | None = None,
     folder: bool = True,
+    flag: str = "--out",
 ) -> None:
     """Everything about an output path that can be checked before any work (loading a model, training):
 
@@ -149,7 +150,7 @@ def check_output(
     """
     out = Path(out)
     target = out.expanduser().resolve()
-    for flag, value in (inputs or {}).items():
+    for name, value in (inputs or {}).items():
         if value is None:
             continue
         src = Path(str(value)).expanduser()
@@ -159,7 +160,7 @@ def check_output(
         if target == src or _inside(src, target) or _inside(target, src):
             how = "is" if target == src else "contains" if _inside(src, target) else "lies inside"
             raise KdcodeError(
-                f"--out {out} {how} the input {flag} {value}; writing there would destroy it: choose another --out"
+                f"{flag} {out} {how} the input {name} {value}; writing there would destroy it: choose another {flag}"
             )
     if folder:
         clean_stale_temps(out)
@@ -317,6 +318,18 @@ def _save(out: Path, model: Any, tokenizer: Any, manifest: dict[str, Any], overw
         }
         write_json(tmp / MANIFEST, full)
         (tmp / "README.md").write_text(model_card(full), encoding="utf-8")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file and a rename: never half written."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_json(path: Path, data: Any) -> None:

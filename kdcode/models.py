@@ -92,6 +92,35 @@ def weights_bytes(name: str, revision: str | None = None) -> int | None:
     return sum(f.stat().st_size for f in files) or None
 
 
+def read_config(name: str, revision: str | None = None) -> Any:
+    """A model's config without its weights (a local folder, or a hub model in the cache); None if not at hand."""
+    from transformers import AutoConfig
+
+    from kdcode import hub
+
+    try:
+        path = resolve_path(name) or hub.snapshot(name, revision)
+    except KdcodeError:
+        return None
+    if path is None or not (path / "config.json").is_file():
+        return None
+    try:
+        with quiet_hf():
+            return AutoConfig.from_pretrained(str(path))
+    except Exception:  # noqa: BLE001 - a damaged config is reported when the model is loaded
+        return None
+
+
+def check_depth(name: str, layers: int, revision: str | None = None) -> None:
+    """Refuse a student deeper than its teacher before anything is loaded (from the teacher's config alone)."""
+    config = read_config(name, revision)
+    depth = getattr(config, "num_hidden_layers", None) if config is not None else None
+    if depth is not None and not 1 <= layers <= depth:
+        raise KdcodeError(
+            f"student.layers={layers} is outside 1..{depth} (the depth of teacher {name}); pick a smaller --layers"
+        )
+
+
 def resolve_path(name: str) -> Path | None:
     """The local folder ``name`` refers to, or None when it must be a hub id."""
     if name == BUNDLED:
@@ -165,11 +194,22 @@ def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bo
 def _tokenizer(path: Path, trust_remote_code: bool) -> Any:
     from transformers import AutoTokenizer
 
+    hint = "its tokenizer (tokenizer.json / vocab files) is missing or damaged"
+    if not any((path / f).is_file() for f in TOKENIZER_FILES) and not list(path.glob("*.tiktoken")):
+        raise KdcodeError(f"cannot load the model in {path}: it has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+                          "copy them from the model it was made from, or re-create it")
     try:
         with quiet_hf():
-            return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - missing or damaged tokenizer files: one line
-        raise _load_error(path, exc, "its tokenizer (tokenizer.json / vocab files) is missing or damaged") from exc
+        raise _load_error(path, exc, hint) from exc
+    if len(tokenizer) <= 1:
+        raise KdcodeError(f"cannot load the model in {path}: its tokenizer is empty ({hint}; re-create it)")
+    return tokenizer
+
+
+# Any one of these makes a tokenizer (a fast tokenizer file, BPE vocab + merges, SentencePiece, WordPiece).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt", "spiece.model")
 
 
 def _load_error(path: Path, exc: BaseException, hint: str = "the folder is damaged or incomplete") -> KdcodeError:

@@ -78,3 +78,19 @@ def teacher_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
     make_gpt2(tokenizer).save_pretrained(d)
     tokenizer.save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def student_src(tmp_path_factory, tokenizer) -> Path:
+    """A kdcode student folder (manifest with sha256), made once; tests that damage it use a copy."""
+    out = tmp_path_factory.mktemp("students") / "student"
+    from kdcode.artifacts import save_model
+
+    return save_model(out, make_gpt2(tokenizer, n_layer=2, seed=1), tokenizer, {"kind": "student"})
+
+
+@pytest.fixture()
+def student(student_src, tmp_path) -> Path:
+    dst = tmp_path / "student"
+    shutil.copytree(student_src, dst)
+    return dst

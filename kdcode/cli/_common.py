@@ -112,15 +112,31 @@ def overrides(pairs: dict[str, Any]) -> dict[str, Any]:
     return nested
 
 
+def check_json_path(path: Path | None, model: str, compare: str | None = None) -> None:
+    """Before any work: ``--json FILE`` may not be (or lie inside) a model folder it reads, and must be writable."""
+    if path is None or str(path) == "-":
+        return
+    from kdcode.artifacts import check_output
+    from kdcode.models import resolve_path
+
+    inputs = {"MODEL": resolve_path(model), "--compare": resolve_path(compare) if compare else None}
+    check_output(path, inputs=inputs, folder=False, flag="--json")
+
+
 def write_json(path: Path | None, data: Any) -> None:
-    """``--json FILE`` (``-``: stdout)."""
+    """``--json FILE`` (``-``: stdout), written atomically; a failure to write is one line."""
     if path is None:
         return
     text = json.dumps(data, indent=2, default=str) + "\n"
     if str(path) == "-":
         sys.stdout.write(text)
-    else:
-        path.write_text(text, encoding="utf-8")
+        return
+    from kdcode.artifacts import write_error, write_text_atomic
+
+    try:
+        write_text_atomic(path, text)
+    except OSError as exc:
+        raise write_error(exc, path) from exc
 
 
 def metrics_table(title: str, rows: list[tuple[str, dict[str, Any]]], columns: list[tuple[str, str]]) -> Table:

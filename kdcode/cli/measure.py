@@ -9,6 +9,7 @@ import typer
 
 from kdcode.cli._common import (
     AllowPickleOpt,
+    check_json_path,
     DataOpt,
     DeviceOpt,
     DtypeOpt,
@@ -87,6 +88,7 @@ def eval_cmd(
         },
         "flags",
     )
+    check_json_path(json_out, model)
     result = run_eval(model, spec, verify=not no_verify, predictions=predictions, allow_pickle=allow_pickle,
                       trust_remote_code=trust_remote_code)
     rows = [(model, result)]
@@ -135,6 +137,7 @@ def bench(
         },
         "flags",
     )
+    check_json_path(json_out, model, compare)
     result = run_bench(model, spec, compare=compare, verify=not no_verify, allow_pickle=allow_pickle,
                        trust_remote_code=trust_remote_code)
     rows = [(model, result)] + ([(compare, result["compare"])] if compare else [])

@@ -88,9 +88,12 @@ def distil(
         typer.echo(dump_yaml(run), nl=False)
         return
     if validate:
+        from kdcode.models import check_depth
         from kdcode.plugins import validate_plugins
 
         validate_plugins(run)
+        if run.student.init.name != "pretrained":
+            check_depth(run.teacher.name, run.student.layers, run.teacher.revision)
         typer.echo(f"spec is valid: strategy {run.strategy.name!r}, init {run.student.init.name!r}")
         return
     from kdcode.train.distil import run_distil

@@ -69,14 +69,15 @@ def run_compress(
     name: str, spec: CompressSpec, out: Path, overwrite: bool = False, verify: bool = True
 ) -> tuple[Path, dict[str, Any]]:
     """Load ``name``, prune then quantize / cast it as ``spec`` says, and write ``out`` with the manifest chain."""
-    from kdcode.artifacts import check_out_dir, kdcode_layout, save_model, weights_sha256
-    from kdcode.models import context_length, count_params, load_model
+    from kdcode.artifacts import check_output, kdcode_layout, save_model, weights_sha256
+    from kdcode.models import context_length, count_params, load_model, resolve_path, weights_bytes
 
     if spec.int8 and spec.dtype not in (None, "fp32"):
         raise KdcodeError(f"--int8 keeps the non-quantized tensors in fp32; drop --dtype {spec.dtype}")
     if not (spec.int8 or spec.dtype or spec.prune_heads or spec.prune_ffn):
         raise KdcodeError("nothing to do: pass --dtype, --int8, --prune-heads and/or --prune-ffn")
-    check_out_dir(out, overwrite)
+    inputs = {"MODEL": resolve_path(name), "--data": spec.data.source if spec.data.source != "stdlib" else None}
+    check_output(out, overwrite, inputs, need_bytes=weights_bytes(name))
     lm = load_model(name, check=verify)
     model = lm.model
     if kdcode_layout(lm.manifest).get("int8"):

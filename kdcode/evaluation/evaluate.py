@@ -34,6 +34,12 @@ def run_eval(
     from kdcode.inference.decode import Completer
     from kdcode.inference.loader import load_for_inference
 
+    if predictions is not None:
+        from kdcode.artifacts import check_output
+        from kdcode.models import resolve_path
+
+        check_output(predictions, inputs={"MODEL": resolve_path(name), "--lines": spec.lines}, folder=False,
+                     flag="--predictions")
     lm = load_for_inference(name, spec.device, spec.dtype, spec.threads, verify=verify, allow_pickle=allow_pickle,
                             trust_remote_code=trust_remote_code)
     fmt = spec.data.format

@@ -42,11 +42,13 @@ def run_distil(spec: RunSpec, overwrite: bool = False, resume: bool = False) -> 
     continues it. If the final save fails, the final weights stay in ``OUT.ckpt`` and the error says so.
     """
     from kdcode.compression.prune import heads_per_layer
-    from kdcode.models import count_params, load_model, weights_bytes
+    from kdcode.models import check_depth, count_params, load_model, weights_bytes
 
     out = Path(spec.out)
     strategy, init = _plugins(spec)
     check_output(out, overwrite, distil_inputs(spec), need_bytes=weights_bytes(spec.teacher.name))
+    if spec.student.init.name != "pretrained":
+        check_depth(spec.teacher.name, spec.student.layers, spec.teacher.revision)
     run = run_context(spec, resume, spec.train.tensorboard)
     teacher = load_model(spec.teacher.name, revision=spec.teacher.revision,
                          trust_remote_code=spec.teacher.trust_remote_code, allow_pickle=spec.teacher.allow_pickle)

@@ -42,7 +42,7 @@ class RunLog:
         self.live_log = live_log if enabled else None
         self.tensorboard_dir = tensorboard_dir if enabled else None
         self.writer: Any = None
-        self.progress = make_progress(disable=not enabled)
+        self.progress = make_progress(disable=not enabled, plain=False)  # its own plain lines: budget ETA
         self._plain_at = time.monotonic()
 
     def __enter__(self) -> RunLog:
