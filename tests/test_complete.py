@@ -83,6 +83,9 @@ def test_sampling_is_seeded_and_stops_apply(engine):
         assert free.choices[0].tokens == 5
     with pytest.raises(KdcodeError):
         engine.complete("x", 4, beams=2, temperature=0.5)
+    for bad in ({"seed": 2**64, "temperature": 1.0}, {"temperature": float("nan")}):
+        with pytest.raises(KdcodeError):
+            engine.complete("x", 4, **bad)
 
 
 def test_cli_file_line_col_and_stdin(teacher_dir, tmp_path, engine):

@@ -150,6 +150,8 @@ class Engine:
             raise KdcodeError("beam search is deterministic: use temperature 0 with beams, or beams 1 to sample")
         if any(not s for s in stop):
             raise KdcodeError("a stop string cannot be empty")
+        if seed is not None and not -(2**63) <= seed < 2**64:
+            raise KdcodeError(f"seed {seed} does not fit in 64 bits")
         t0 = time.perf_counter()
         if prompt_tokens is None:
             prompt_tokens = self.count_tokens(prompt)
