@@ -310,19 +310,21 @@ def test_encode_tokenizes_a_tail_exactly_as_the_whole_prompt(corpus_dir: Path, t
     from conftest import make_gpt2
 
     from kdcode.evaluation.completion_sets import build_line_samples
-    from kdcode.inference.decode import Completer
+    from kdcode.inference.decode import DecodeOptions, VocabIndex, encode_prompt
 
     corpus = load_corpus(DataSpec(source=str(corpus_dir), format=fmt))
     docs = [d for split in corpus.splits.values() for d in split]
     samples = build_line_samples(docs, 60, 0, fmt)
     model = make_gpt2(tokenizer, n_layer=1)
     for context in (8, 40, 100):
-        c = Completer(model, tokenizer, max_new_tokens=4, context_tokens=context, heal=heal)
+        opts = DecodeOptions(max_new_tokens=4, context_tokens=context, heal=heal)
+        index = VocabIndex.for_model(model, tokenizer)
         long = 0
         for s in samples:
             full = tokenizer(s.input, add_special_tokens=False)["input_ids"]
-            prefix = tokenizer.decode(full[-1:]) if heal and len(full) > 1 and full[-1] not in c.special_ids else ""
+            prefix = tokenizer.decode(full[-1:]) if heal and len(full) > 1 and full[-1] not in index.special_ids else ""
             want = (full[:-1] if prefix else full)[-context:]
-            assert c.encode(s.input) == (want, prefix)
+            got = encode_prompt(index, s.input, opts, opts.context_for(model.config.n_positions))
+            assert (list(got.ids), got.healed) == (want, prefix)
             long += len(s.input) > 16 * (context + 33)
         assert long > 10  # the tail path ran

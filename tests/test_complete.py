@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from kdcode.cli import app
 from kdcode.errors import KdcodeError
-from kdcode.inference.decode import Completer
+from kdcode.inference.decode import DecodeOptions, beam_hypotheses, encode_prompt, greedy
 from kdcode.inference.engine import Engine, load_engine, prefix_at
 
 runner = CliRunner(env={"COLUMNS": "120", "TERM": "dumb"})
@@ -41,25 +41,24 @@ def test_prefix_at_cursor():
 
 
 def test_greedy_is_the_eval_completer(engine, teacher_dir):
-    """At a line start (no trailing whitespace), a completion is what `kdcode eval`'s Completer gives."""
+    """At a line start (no trailing whitespace), a completion is what `kdcode eval`'s decoding gives."""
     prompt = prefix_at(SOURCE, 5, 1)
-    c = Completer(engine.base.model, engine.tokenizer, max_new_tokens=12)
     got = engine.complete(prompt, 12)
-    assert [ch.text for ch in got.choices] == c.greedy([prompt]).texts
+    assert [ch.text for ch in got.choices] == greedy(engine.model, engine.index, [prompt], DecodeOptions(12)).texts
     assert got.prompt_tokens == engine.count_tokens(prompt)
     assert got.choices[0].finish_reason in ("stop", "length") and got.first_token_s is not None
 
 
 def test_healing_back_over_indentation_produces_it(engine):
-    c = Completer(engine.base.model, engine.tokenizer, max_new_tokens=6)
-    c.heal_space = True
-    ids, prefix = c.encode("def f():\n    ")
-    assert prefix == "\n    " and engine.tokenizer.decode(ids) == "def f():"
-    gen = c._greedy_batch([(ids, prefix)], True, c.greedy([], 1))[0]
+    opts = DecodeOptions(max_new_tokens=6, heal_space=True, fixed_length=True)
+    encoded = encode_prompt(engine.index, "def f():\n    ", opts, opts.context_for(engine.n_positions))
+    prefix = encoded.healed
+    assert prefix == "\n    " and engine.tokenizer.decode(list(encoded.ids)) == "def f():"
+    gen = greedy(engine.model, engine.index, [encoded], opts, 1).token_ids[0]
     text = engine.tokenizer.decode(gen)
     assert text.startswith(prefix) or prefix.startswith(text)
-    for _, hyp, _ in c._beam_hyps(ids, prefix, 3):
-        t = engine.tokenizer.decode(hyp)
+    for hyp in beam_hypotheses(engine.model, engine.index, encoded, opts, 3):
+        t = engine.tokenizer.decode(list(hyp.token_ids))
         assert t.startswith(prefix) or prefix.startswith(t)
 
 
@@ -84,6 +83,9 @@ def test_sampling_is_seeded_and_stops_apply(engine):
         assert free.choices[0].tokens == 5
     with pytest.raises(KdcodeError):
         engine.complete("x", 4, beams=2, temperature=0.5)
+    for bad in ({"seed": 2**64, "temperature": 1.0}, {"temperature": float("nan")}):
+        with pytest.raises(KdcodeError):
+            engine.complete("x", 4, **bad)
 
 
 def test_cli_file_line_col_and_stdin(teacher_dir, tmp_path, engine):

@@ -1,12 +1,23 @@
-"""Decoding: the KV-cache paths give exactly what a naive full-recompute loop gives."""
+"""Decoding: the KV-cache paths give exactly what a naive full-recompute loop gives; options and results."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 from conftest import make_gpt2
 
-from kdcode.inference.decode import Completer
+from kdcode.inference.decode import (
+    DecodeOptions,
+    Prompt,
+    VocabIndex,
+    beam_alternatives,
+    beam_hypotheses,
+    beam_search,
+    encode_prompt,
+    greedy,
+)
 
 PROMPTS = ["import os\n\ndef main(argv):\n    ", "class A:\n    def __init__(self):\n        self.x = 1\n", "x = "]
 
@@ -14,6 +25,11 @@ PROMPTS = ["import os\n\ndef main(argv):\n    ", "class A:\n    def __init__(sel
 @pytest.fixture(scope="module")
 def model(tokenizer):
     return make_gpt2(tokenizer, n_layer=2, seed=7)
+
+
+@pytest.fixture(scope="module")
+def index(model, tokenizer):
+    return VocabIndex.for_model(model, tokenizer)
 
 
 def naive_greedy(model, ids: list[int], n: int) -> list[int]:
@@ -25,30 +41,30 @@ def naive_greedy(model, ids: list[int], n: int) -> list[int]:
     return out[len(ids):]
 
 
-def test_greedy_kv_cache_matches_naive_loop(model, tokenizer):
-    c = Completer(model, tokenizer, max_new_tokens=6, heal=False)
+def test_greedy_kv_cache_matches_naive_loop(model, index):
+    opts = DecodeOptions(max_new_tokens=6, heal=False, fixed_length=True)
     for prompt in PROMPTS:
-        ids, prefix = c.encode(prompt)
-        assert prefix == ""
-        res = Completer(model, tokenizer, max_new_tokens=6, heal=False)
-        gens = res._greedy_batch([(ids, "")], True, res.greedy([], 1))
-        assert gens[0] == naive_greedy(model, ids, 6)
+        encoded = encode_prompt(index, prompt, opts, opts.context_for(128))
+        assert encoded.healed == ""
+        gen = greedy(model, index, [encoded], opts, 1)
+        assert gen.token_ids[0] == naive_greedy(model, list(encoded.ids), 6)
+        assert gen.token_counts == [6] and len(gen.prefill_s) == 1 and len(gen.step_s) == 5
 
 
-def test_batched_left_padding_matches_one_by_one(model, tokenizer):
-    c = Completer(model, tokenizer, max_new_tokens=6)
-    one = [c.greedy([p], 1, fixed_length=True).texts[0] for p in PROMPTS]
-    batched = c.greedy(PROMPTS, 3, fixed_length=True).texts
+def test_batched_left_padding_matches_one_by_one(model, index):
+    opts = DecodeOptions(max_new_tokens=6, fixed_length=True)
+    one = [greedy(model, index, [p], opts, 1).texts[0] for p in PROMPTS]
+    batched = greedy(model, index, PROMPTS, opts, 3).texts
     assert batched == one
 
 
-def test_beam_of_one_is_greedy(model, tokenizer):
-    c = Completer(model, tokenizer, max_new_tokens=6)
-    assert c.beam(PROMPTS, beams=1).texts == c.greedy(PROMPTS, 1).texts
+def test_beam_of_one_is_greedy(model, index):
+    opts = DecodeOptions(max_new_tokens=6)
+    assert beam_search(model, index, PROMPTS, opts, beams=1).texts == greedy(model, index, PROMPTS, opts, 1).texts
 
 
-def test_beam_search_finds_at_least_greedy_logprob(model, tokenizer):
-    c = Completer(model, tokenizer, max_new_tokens=4, heal=False)
+def test_beam_search_finds_at_least_greedy_logprob(model, index):
+    opts = DecodeOptions(max_new_tokens=4, heal=False)
 
     def logprob(ids, gen):
         seq = torch.tensor([ids + gen])
@@ -56,26 +72,90 @@ def test_beam_search_finds_at_least_greedy_logprob(model, tokenizer):
             lp = torch.log_softmax(model(seq).logits[0].float(), -1)
         return sum(lp[len(ids) - 1 + i, t].item() for i, t in enumerate(gen))
 
-    ids, _ = c.encode(PROMPTS[0])
-    greedy = c._greedy_batch([(ids, "")], True, c.greedy([], 1))[0]
-    best = c._beam_one(ids, "", 4)
-    if len(best) == len(greedy):
-        assert logprob(ids, best) >= logprob(ids, greedy) - 1e-4
+    encoded = encode_prompt(index, PROMPTS[0], opts, opts.context_for(128))
+    ids = list(encoded.ids)
+    greedy_ids = greedy(model, index, [encoded], dataclasses.replace(opts, fixed_length=True), 1).token_ids[0]
+    best = beam_hypotheses(model, index, encoded, opts, 4)[0]
+    assert best.logprob == pytest.approx(logprob(ids, list(best.token_ids)), abs=1e-3)
+    if len(best.token_ids) == len(greedy_ids):
+        assert logprob(ids, list(best.token_ids)) >= logprob(ids, greedy_ids) - 1e-4
 
 
-def test_token_healing_constrains_first_token(model, tokenizer):
-    c = Completer(model, tokenizer, max_new_tokens=3, heal=True)
-    ids, prefix = c.encode("def f():\n")
-    assert prefix.endswith("\n") and tokenizer.decode(ids) + prefix == "def f():\n"
-    allowed = c.allowed_after(prefix)
-    texts = c.token_texts()
+def test_token_healing_constrains_first_token(model, index, tokenizer):
+    opts = DecodeOptions(max_new_tokens=3, heal=True, fixed_length=True)
+    encoded = encode_prompt(index, "def f():\n", opts, opts.context_for(128))
+    assert encoded.healed.endswith("\n") and tokenizer.decode(list(encoded.ids)) + encoded.healed == "def f():\n"
+    allowed = index.allowed_after(encoded.healed)
+    texts = index.token_texts
     assert allowed.any()
-    assert all(texts[i].startswith(prefix) for i in allowed.nonzero().flatten().tolist())
-    gen = c._greedy_batch([(ids, prefix)], True, c.greedy([], 1))[0]
-    assert texts[gen[0]].startswith(prefix)
+    assert all(texts[i].startswith(encoded.healed) for i in allowed.nonzero().flatten().tolist())
+    gen = greedy(model, index, [encoded], opts, 1).token_ids[0]
+    assert texts[gen[0]].startswith(encoded.healed)
 
 
-def test_completion_stops_at_end_of_line(model, tokenizer):
-    c = Completer(model, tokenizer, max_new_tokens=40)
-    for text in c.greedy(PROMPTS, 2).texts:
+def test_completion_stops_at_end_of_line(model, index):
+    gen = greedy(model, index, PROMPTS, DecodeOptions(max_new_tokens=40), 2)
+    for text, stopped, count in zip(gen.texts, gen.stopped, gen.token_counts):
         assert "\n" not in text
+        assert stopped or count == 40
+
+
+def test_options_are_frozen_and_checked():
+    opts = DecodeOptions(stop_strings=["(", ")"])  # a list is kept as a tuple
+    assert opts.stop_strings == ("(", ")") and hash(opts)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.temperature = 1.0  # type: ignore[misc]
+    assert DecodeOptions(max_new_tokens=8).context_for(128) == 120
+    assert DecodeOptions(max_new_tokens=8, context_tokens=50).context_for(128) == 50
+    assert DecodeOptions(max_new_tokens=8, context_tokens=500).context_for(128) == 120
+    with pytest.raises(ValueError, match="no room"):
+        DecodeOptions(max_new_tokens=128).context_for(128)
+    for bad in ({"max_new_tokens": 0}, {"stop_strings": ("",)}, {"temperature": -1.0},
+                {"temperature": float("nan")}, {"context_tokens": 0}):
+        with pytest.raises(ValueError):
+            DecodeOptions(**bad)
+    with pytest.raises(TypeError):
+        DecodeOptions(stop_strings="\n")  # type: ignore[arg-type]
+
+
+def test_vocab_index_is_built_once_and_shared(model, index):
+    """Calls leave the index's tables in place: a second call reuses the very same masks."""
+    opts = DecodeOptions(max_new_tokens=4, heal_space=True)
+    greedy(model, index, ["def f():\n    "], opts)
+    texts, masks = index.token_texts, dict(index._allowed)
+    assert masks and texts is index.token_texts
+    greedy(model, index, ["def f():\n    "], opts)
+    assert all(index._allowed[k] is v for k, v in masks.items())
+    with pytest.raises(ValueError, match="wide"):
+        greedy(model, VocabIndex(index.tokenizer, index.vocab_size + 1), PROMPTS, opts)
+
+
+def test_sampling_is_seeded_and_a_tiny_temperature_is_greedy(model, index):
+    opts = DecodeOptions(max_new_tokens=6, temperature=1.5, seed=11, fixed_length=True)
+    a, b = greedy(model, index, PROMPTS * 2, opts, 6), greedy(model, index, PROMPTS * 2, opts, 6)
+    assert a.token_ids == b.token_ids
+    other = greedy(model, index, PROMPTS * 2, dataclasses.replace(opts, seed=12), 6)
+    assert other.token_ids != a.token_ids  # 36 tokens at a high temperature: equal only by a fluke
+    plain = greedy(model, index, PROMPTS, dataclasses.replace(opts, temperature=0.0), 3).token_ids
+    for tiny in (1e-30, 1e-40, 1e-300):  # from 1e-40 on, float32 logits / T overflow: the limit is the argmax
+        assert greedy(model, index, PROMPTS, dataclasses.replace(opts, temperature=tiny), 3).token_ids == plain
+
+
+def test_on_token_sees_every_token_by_prompt_index(model, index):
+    seen: dict[int, list[int]] = {}
+    opts = DecodeOptions(max_new_tokens=5)
+    gen = greedy(model, index, PROMPTS, opts, batch_size=2, on_token=lambda i, t: seen.setdefault(i, []).append(t))
+    assert [seen[i] for i in range(len(PROMPTS))] == gen.token_ids
+
+
+def test_beam_alternatives_are_distinct_and_best_first(model, index):
+    opts = DecodeOptions(max_new_tokens=6)
+    alts = beam_alternatives(model, index, PROMPTS[2], opts, beams=2, n=3)
+    assert 1 <= len(alts.texts) <= 3 and len(set(alts.texts)) == len(alts.texts)
+    assert alts.texts[0] == beam_search(model, index, [PROMPTS[2]], opts, beams=3).texts[0]
+    hyps = beam_hypotheses(model, index, Prompt(tuple(index.tokenizer("x = ")["input_ids"])), opts, 3)
+    finished = [h.finished for h in hyps]
+    assert finished == sorted(finished, reverse=True)  # finished ones first
+    for group in (True, False):
+        scores = [h.logprob for h in hyps if h.finished is group]
+        assert scores == sorted(scores, reverse=True)

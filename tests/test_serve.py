@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -17,6 +20,7 @@ httpx = pytest.importorskip("httpx")
 from typer.testing import CliRunner  # noqa: E402
 
 from kdcode.cli import app as cli_app  # noqa: E402
+from kdcode.errors import KdcodeError  # noqa: E402
 from kdcode.inference.engine import Engine, load_engine  # noqa: E402
 from kdcode.inference.server import create_app  # noqa: E402
 
@@ -212,6 +216,131 @@ def test_official_openai_client(server, engine, name):
     assert "".join(c.choices[0].text for c in stream if c.choices) == want.text
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=name, prompt=PROMPTS[4], max_tokens=1000)
+
+
+# ------------------------------------------------------------------ hardening (issue 17, item 4)
+def keep_alive(server) -> http.client.HTTPConnection:
+    """One HTTP/1.1 connection, reused for every request sent on it (http.client does not reconnect while
+    it holds an open socket: a connection the server dropped fails the next request)."""
+    return http.client.HTTPConnection("127.0.0.1", urlsplit(server.url).port, timeout=TIMEOUT)
+
+
+def exchange(conn, method: str, path: str, body: bytes | None = None) -> tuple[int, str | None, bytes]:
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    conn.request(method, path, body=body, headers=headers)
+    r = conn.getresponse()
+    return r.status, r.getheader("connection"), r.read()
+
+
+def test_red_team_requests_get_4xx_and_the_connection_stays_open(server, name):
+    """Each used to be a 500 with a traceback (and the surrogate's reset the client's next request)."""
+    quoted = json.dumps(name)
+    bodies = [
+        (b'{"model": %s, "prompt": "\\ud800"}' % quoted.encode(), "prompt", "surrogate"),
+        (b'{"model": %s, "prompt": "x", "stop": ["\\udfff"]}' % quoted.encode(), "stop.0", "surrogate"),
+        (b'{"model": %s, "prompt": "x", "\\ud800": 1}' % quoted.encode(), None, "surrogate"),
+        (json.dumps({"model": name, "prompt": "x", "seed": 2**64}).encode(), "seed", "less than or equal"),
+        (json.dumps({"model": name, "prompt": "x", "seed": -1}).encode(), "seed", "greater than or equal"),
+        (b'{"model": "m", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None, "deep"),
+        (b'{"model": %s, "prompt": "x", "temperature": NaN}' % quoted.encode(), None, "NaN"),
+        (b'{"model": %s, "prompt": "x", "temperature": 1e999}' % quoted.encode(), "temperature", "finite"),
+        (b'{"model": "\xff\xfe", "prompt": "x"}', None, "UTF-8"),
+    ]
+    conn = keep_alive(server)
+    try:
+        for body, param, needle in bodies:
+            status, connection, data = exchange(conn, "POST", "/v1/completions", body)
+            assert status == 400, (body[:80], data)
+            err = json.loads(data)["error"]
+            assert err["type"] == "invalid_request_error" and err["param"] == param and needle in err["message"], err
+            assert connection != "close"
+            status, _, data = exchange(conn, "GET", "/health")  # the same connection, still open
+            assert status == 200 and json.loads(data)["status"] == "ok"
+    finally:
+        conn.close()
+
+
+def test_tiny_temperatures_sample_the_greedy_completion(server, engine, name):
+    """Below ~1e-38, float32 logits / T overflow; the limit of sampling there is the argmax."""
+    want = engine.complete(PROMPTS[4], 6).choices[0].text
+    for t in (1e-30, 1e-40, 5e-324):
+        r = post(server, {"model": name, "prompt": PROMPTS[4], "max_tokens": 6, "temperature": t, "seed": 1})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want, r.text
+
+
+class Broken:
+    """The engine, but completing fails inside it: an internal error, not the client's."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def __getattr__(self, attr: str):
+        return getattr(self._engine, attr)
+
+    def complete(self, *args, **kwargs):
+        raise RuntimeError("a bug")
+
+
+def test_an_internal_error_is_a_500_that_leaves_the_connection_and_server_healthy(engine):
+    with ServerThread(create_app("x", engine=Broken(engine), model_name="tiny")) as broken:
+        conn = keep_alive(broken)
+        try:
+            for _ in range(2):
+                status, connection, data = exchange(conn, "POST", "/v1/completions", b'{"model":"tiny","prompt":"x"}')
+                assert status == 500 and connection != "close"
+                assert json.loads(data)["error"] == {
+                    "message": "internal error: RuntimeError", "type": "server_error", "param": None, "code": None
+                }
+                status, _, data = exchange(conn, "GET", "/health")  # the same connection
+                assert status == 200 and json.loads(data)["status"] == "ok"
+        finally:
+            conn.close()
+        events = sse_events(broken, {"model": "tiny", "prompt": "x", "stream": True})
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["type"] == "server_error"
+        assert httpx.get(f"{broken.url}/health", timeout=TIMEOUT).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def strict(engine):
+    """A server that waits 1 s for a body and takes 4 KiB at most."""
+    with ServerThread(create_app("x", engine=engine, model_name="tiny", body_timeout_s=1.0, max_body_bytes=4096)) as s:
+        yield s
+
+
+def test_a_body_that_never_arrives_is_answered_408_and_closed(strict):
+    """Content-Length: 100 and one byte sent: answered within a few seconds, not held open."""
+    port = urlsplit(strict.url).port
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{")
+        sock.settimeout(5)  # the server's limit is 1 s: a reply after 5 s (or none) fails the test
+        data = b""
+        for _ in range(100):  # bounded: read to the close
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        else:
+            pytest.fail("the server kept the connection open")
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408") and b"connection: close" in head.lower(), head
+    assert "did not arrive within 1 s" in json.loads(body)["error"]["message"]
+    assert httpx.get(f"{strict.url}/health", timeout=TIMEOUT).status_code == 200
+
+
+def test_a_chunked_body_over_the_limit_is_413(strict):
+    """No Content-Length to refuse up front: the body is counted as it is read."""
+    chunks = iter([b'{"model": "tiny", "prompt": "', b"x" * 3000, b"x" * 3000, b'"}'])
+    r = httpx.post(f"{strict.url}/v1/completions", content=chunks, timeout=TIMEOUT)
+    assert_error(r, 413, "over 4096 bytes")
+    assert post(strict, {"model": "tiny", "prompt": "x =", "max_tokens": 2}).status_code == 200
+
+
+def test_bad_limits_are_one_line(engine):
+    r = CliRunner().invoke(cli_app, ["serve", "bundled", "--body-timeout", "0"])
+    assert r.exit_code == 2 and "--body-timeout must be more than 0" in r.output
+    with pytest.raises(KdcodeError, match="body_timeout_s"):
+        create_app("x", engine=engine, body_timeout_s=-1)
 
 
 def test_serve_without_the_extra_says_how_to_install(monkeypatch):

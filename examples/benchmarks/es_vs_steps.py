@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 from kdcode.distil import _blocks, train_loop
-from kdcode.evaluate import build_line_samples
-from kdcode.generate import Completer
-from kdcode.metrics import line_metrics
 
 from kdcode.data import load_corpus
+from kdcode.evaluation.completion_sets import build_line_samples
+from kdcode.evaluation.metrics import line_metrics
+from kdcode.inference.decode import DecodeOptions, VocabIndex, greedy
 from kdcode.models import load_model
 from kdcode.plugins import validate_plugins
 from kdcode.spec import RunSpec
@@ -52,9 +52,12 @@ def main() -> None:
     gts = [s.gt for s in samples]
     student, layer_map = init.build(teacher.model, spec.student.layers)
 
+    opts = DecodeOptions()  # kdcode eval's defaults: 48 new tokens, healed, to the end of the line
+    index = VocabIndex.for_model(teacher.model, teacher.tokenizer)
+
     def es_now(model) -> dict:
         was = model.training
-        gen = Completer(model.eval(), teacher.tokenizer).greedy([s.input for s in samples], 8)
+        gen = greedy(model.eval(), index, [s.input for s in samples], opts, 8)
         model.train(was)
         return line_metrics(gen.texts, gts)
 

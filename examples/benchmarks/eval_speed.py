@@ -1,13 +1,13 @@
 """Line-level eval speed: kdcode's KV-cache decoding vs a naive loop, on the same model and prompts.
 
-Every mode tokenizes each prompt and cuts it to the same context (kdcode's ``Completer.encode``), then generates
+Every mode tokenizes each prompt and cuts it to the same context (kdcode's ``encode_prompt``), then generates
 exactly ``--new-tokens`` tokens (stops disabled), without token healing, so the work is identical and only the
 decoding differs:
 
 * naive greedy: batch 1, no KV cache, the whole sequence recomputed for every new token;
-* greedy (KV cache), batch 1 and batched (``--batch-size``), kdcode's ``Completer.greedy``;
+* greedy (KV cache), batch 1 and batched (``--batch-size``), kdcode's ``greedy``;
 * naive beam: ``--beams`` hypotheses, no KV cache, each hypothesis recomputed alone for every token;
-* beam (KV cache): kdcode's ``Completer.beam``.
+* beam (KV cache): kdcode's ``beam_search``.
 
 Prints completions per second per mode and the speed-up over the naive loop (goal: >= 5x for greedy).
 
@@ -29,18 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from kdcode.evaluate import build_line_samples
-from kdcode.generate import Completer
 
 from kdcode.data import load_corpus
+from kdcode.evaluation.completion_sets import build_line_samples
+from kdcode.inference.decode import DecodeOptions, VocabIndex, beam_search, encode_prompt, greedy, n_positions
 from kdcode.spec import DataSpec
-
-
-class FixedLength(Completer):
-    """A Completer that never stops early: every completion is exactly ``max_new_tokens`` tokens."""
-
-    def _ended(self, gen_ids: list[int], prefix: str) -> bool:
-        return False
 
 
 def random_model(vocab_size: int, layers: int, hidden: int, heads: int, positions: int) -> tuple[Any, Any]:
@@ -122,34 +115,37 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     model, tok, desc = load(args.model, args)
-    completer = FixedLength(model, tok, max_new_tokens=args.new_tokens, heal=False)
+    # fixed length: every completion (greedy, and every beam) is exactly --new-tokens tokens
+    opts = DecodeOptions(max_new_tokens=args.new_tokens, heal=False, fixed_length=True)
+    index = VocabIndex.for_model(model, tok)
+    context = opts.context_for(n_positions(model))
     corpus = load_corpus(DataSpec(source=args.data))
     docs = corpus.splits["test"] or [d for s in corpus.splits.values() for d in s]
     prompts = [s.input for s in build_line_samples(docs, args.prompts + 1, args.seed)]
     warm, prompts = prompts[:1], prompts[1:]
     n, k = len(prompts), args.new_tokens
-    encode = lambda p: completer.encode(p)[0]  # noqa: E731
+    encode = lambda p: list(encode_prompt(index, p, opts, context).ids)  # noqa: E731
 
     # warm-up of every path (allocator, kernels), untimed
-    naive_greedy(model, completer.encode(warm[0])[0], 2)
-    completer.greedy(warm, 1)
-    completer.beam(warm, args.beams)
+    naive_greedy(model, encode(warm[0]), 2)
+    greedy(model, index, warm, opts, 1)
+    beam_search(model, index, warm, opts, args.beams)
 
     rows: list[tuple[str, float]] = []
     t_naive, naive_out = timed(lambda: [naive_greedy(model, encode(p), k) for p in prompts])
     rows.append(("naive greedy (no cache, batch 1)", t_naive))
-    t_g1, g1 = timed(lambda: completer.greedy(prompts, 1))
+    t_g1, g1 = timed(lambda: greedy(model, index, prompts, opts, 1))
     rows.append(("greedy, KV cache, batch 1", t_g1))
-    t_gb, gb = timed(lambda: completer.greedy(prompts, args.batch_size))
+    t_gb, gb = timed(lambda: greedy(model, index, prompts, opts, args.batch_size))
     rows.append((f"greedy, KV cache, batch {args.batch_size}", t_gb))
     t_nb = None
     if not args.skip_naive_beam:
         t_nb, _ = timed(lambda: [naive_beam(model, encode(p), k, args.beams) for p in prompts])
         rows.append((f"naive beam {args.beams} (no cache, batch 1)", t_nb))
-    t_b, _ = timed(lambda: completer.beam(prompts, args.beams))
+    t_b, _ = timed(lambda: beam_search(model, index, prompts, opts, args.beams))
     rows.append((f"beam {args.beams}, KV cache", t_b))
 
-    same = sum(completer.finish(o, "") == t for o, t in zip(naive_out, g1.texts))
+    same = sum(o == ids for o, ids in zip(naive_out, g1.token_ids))
     ctx = sum(len(encode(p)) for p in prompts) / n
     print(f"model: {desc}; {n} prompts, mean context {ctx:.0f} tokens, {k} new tokens each (fixed length); "
           f"{torch.get_num_threads()} threads, {next(model.parameters()).dtype}, cpu")

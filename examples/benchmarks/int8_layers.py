@@ -23,12 +23,12 @@ import time
 from pathlib import Path
 
 import torch
-from kdcode.compress import Int8Linear, quantize_model
-from kdcode.evaluate import build_line_samples
-from kdcode.generate import Completer
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from kdcode.compression.int8 import Int8Linear, quantize_model
 from kdcode.data import load_corpus
+from kdcode.evaluation.completion_sets import build_line_samples
+from kdcode.inference.decode import DecodeOptions, VocabIndex, greedy
 from kdcode.models import load_tokenizer
 from kdcode.spec import DataSpec
 
@@ -64,13 +64,14 @@ def layer_times(width: int, vocab: int, rows: int) -> list[dict]:
 def decode_profile(model: torch.nn.Module, tokenizer, prompts: list[str], new_tokens: int) -> dict:
     """kdcode's greedy decoding (what `kdcode bench` times: batch 1, fixed new tokens, KV cache); returns
     wall ms per prompt and the share of the profiled CPU time spent in matrix products."""
-    completer = Completer(model, tokenizer, max_new_tokens=new_tokens)
-    completer.greedy(prompts[:2], 1, fixed_length=True)  # warm-up
+    opts = DecodeOptions(max_new_tokens=new_tokens, fixed_length=True)
+    index = VocabIndex.for_model(model, tokenizer)
+    greedy(model, index, prompts[:2], opts, 1)  # warm-up
     t0 = time.perf_counter()
-    completer.greedy(prompts, 1, fixed_length=True)
+    greedy(model, index, prompts, opts, 1)
     wall = time.perf_counter() - t0
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        completer.greedy(prompts, 1, fixed_length=True)
+        greedy(model, index, prompts, opts, 1)
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     gemm = sum(e.self_cpu_time_total for e in events if e.key in GEMM_OPS)

@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from kdcode.complete import load_engine
 from rich.console import Console
 from rich.table import Table
 
 from kdcode.data import load_corpus
+from kdcode.inference.engine import load_engine
 from kdcode.spec import DataSpec
 
 NEW_TOKENS = 16

@@ -84,6 +84,9 @@ def serve(
         int | None, typer.Option(help="Longest prompt accepted, in tokens (default: the model's context).")
     ] = None,
     max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 128,
+    body_timeout: Annotated[
+        float, typer.Option(help="Seconds a client has to send a request's body (then 408 and the connection closed).")
+    ] = 10.0,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     threads: ThreadsOpt = None,
@@ -97,8 +100,10 @@ def serve(
         fail("kdcode serve needs FastAPI and uvicorn: pip install 'kdcode\\[serve]'")  # \\[ escapes rich markup
     from kdcode.inference.server import create_app
 
+    if not body_timeout > 0:
+        fail(f"--body-timeout must be more than 0 seconds, not {body_timeout}")
     app_ = create_app(model, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
-                      threads=threads, device=device, dtype=dtype, verify=not no_verify)
+                      body_timeout_s=body_timeout, threads=threads, device=device, dtype=dtype, verify=not no_verify)
     if host not in ("127.0.0.1", "localhost", "::1"):
         warn(f"listening on {host}: anyone who can reach it can use the model (no auth)")
     rt = app_.state.engine.runtime

@@ -43,7 +43,7 @@ def measure(
     from kdcode.data import load_corpus
     from kdcode.device import peak_rss_mb, resolve_device, rss_mb
     from kdcode.evaluation.completion_sets import build_line_samples
-    from kdcode.inference.decode import Completer
+    from kdcode.inference.decode import DecodeOptions, VocabIndex, greedy, n_positions
     from kdcode.inference.loader import load_for_inference
     from kdcode.progress import make_progress
 
@@ -58,10 +58,13 @@ def measure(
     lm = load_for_inference(name, spec.device, spec.dtype, spec.threads, verify=verify, allow_pickle=allow_pickle,
                             trust_remote_code=trust_remote_code)
     model = lm.model
-    completer = Completer(model, lm.tokenizer, max_new_tokens=spec.new_tokens, heal=spec.data.format == "raw")
+    # a fixed number of tokens per prompt (no early stop), so that a model that stops early does not look fast
+    opts = DecodeOptions(max_new_tokens=spec.new_tokens, heal=spec.data.format == "raw", fixed_length=True)
+    context = opts.context_for(n_positions(model))
+    index = VocabIndex.for_model(model, lm.tokenizer)
     warm, timed = prompts[: spec.warmup], prompts[spec.warmup :]
     if warm:
-        completer.greedy(warm, spec.batch_size, fixed_length=True)
+        greedy(model, index, warm, opts, spec.batch_size)
     with make_progress() as progress:
         task = progress.add_task(f"bench {name}", total=len(timed), info="", visible=show_progress)
 
@@ -73,7 +76,7 @@ def measure(
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        gen = completer.greedy(timed, spec.batch_size, fixed_length=True, on_batch=advance)
+        gen = greedy(model, index, timed, opts, spec.batch_size, on_batch=advance)
         if device == "cuda":
             torch.cuda.synchronize()
         wall = time.perf_counter() - start
@@ -94,7 +97,7 @@ def measure(
         "prompts": len(timed),
         "new_tokens": spec.new_tokens,
         "batch_size": spec.batch_size,
-        "context_tokens": completer.context_tokens,
+        "context_tokens": context,
         "device": device if device == "cpu" else lm.runtime["device"],
         "cpu": platform.processor() or platform.machine(),
         "dtype": lm.runtime["dtype"],

@@ -31,7 +31,7 @@ def run_eval(
 ) -> dict[str, Any]:
     """Evaluate a model folder / id on line completion and perplexity; returns the metrics dict (with the
     device, dtype and threads it ran with under ``runtime``)."""
-    from kdcode.inference.decode import Completer
+    from kdcode.inference.decode import DecodeOptions, VocabIndex, beam_search, greedy, n_positions
     from kdcode.inference.loader import load_for_inference
 
     if predictions is not None:
@@ -58,16 +58,18 @@ def run_eval(
         docs, data_summary = eval_docs(spec)
         samples = build_line_samples(docs, spec.samples, spec.seed, fmt)
     heal = spec.heal if spec.heal is not None else fmt == "raw"
-    completer = Completer(lm.model, lm.tokenizer, spec.max_new_tokens, spec.context_tokens, heal=heal)
+    opts = DecodeOptions(max_new_tokens=spec.max_new_tokens, context_tokens=spec.context_tokens, heal=heal)
+    context = opts.context_for(n_positions(lm.model))
+    index = VocabIndex.for_model(lm.model, lm.tokenizer)
     prompts = [s.input for s in samples]
     start = time.perf_counter()
     with make_progress() as progress:
         task = progress.add_task(f"eval {name}", total=len(prompts), info="")
         advance = lambda k: progress.update(task, advance=k)  # noqa: E731
         if spec.beams > 1:
-            gen = completer.beam(prompts, spec.beams, on_batch=advance)
+            gen = beam_search(lm.model, index, prompts, opts, spec.beams, on_batch=advance)
         else:
-            gen = completer.greedy(prompts, spec.batch_size, on_batch=advance)
+            gen = greedy(lm.model, index, prompts, opts, spec.batch_size, on_batch=advance)
     gen_time = time.perf_counter() - start
     metrics = line_metrics(gen.texts, [s.gt for s in samples])
     baseline = line_metrics([s.prev for s in samples], [s.gt for s in samples]) if docs else None
@@ -75,10 +77,10 @@ def run_eval(
         predictions.write_text("".join(_LINE_BREAKS.sub(" ", t) + "\n" for t in gen.texts), encoding="utf-8")
     ppl: dict[str, Any] = {"perplexity": None}
     if docs and spec.ppl_blocks:
-        ppl = perplexity(lm.model, lm.tokenizer, docs, spec.ppl_blocks, completer.context_tokens + spec.max_new_tokens)
+        ppl = perplexity(lm.model, lm.tokenizer, docs, spec.ppl_blocks, context + spec.max_new_tokens)
     acc: dict[str, Any] = {"token_accuracy": None}
     if docs and (spec.token_level if spec.token_level is not None else fmt == "py150"):
-        block = completer.context_tokens + spec.max_new_tokens
+        block = context + spec.max_new_tokens
         acc = token_accuracy(lm.model, lm.tokenizer, docs, spec.token_blocks, block)
     return {
         "model": name,
@@ -89,7 +91,7 @@ def run_eval(
         "decoding": {
             "beams": spec.beams,
             "max_new_tokens": spec.max_new_tokens,
-            "context_tokens": completer.context_tokens,
+            "context_tokens": context,
             "heal": heal,
             "format": fmt,
         },

@@ -1,13 +1,22 @@
-"""Line completion with a KV cache: batched greedy decoding and beam search.
+"""Line completion with a KV cache, as functions: batched greedy decoding, sampling and beam search.
+
+Every call takes a frozen :class:`DecodeOptions` and returns a named result (:class:`Generation`); the
+tables that depend only on the tokenizer (token texts, special and stop ids, healing masks) live in a
+:class:`VocabIndex` built once per tokenizer and shared by every call.
 
 Prompts are cut to their last ``context_tokens`` tokens and left-padded into a batch. Generation stops
 at the end of the line: a newline in the decoded text (raw code) or the ``<EOL>`` / end-of-sequence
-token (py150 format).
+token (py150 format); ``stop_strings`` replaces the newline.
 
 Token healing (raw code): a prompt that ends at a line start ends with a token like ``"\\n"`` that the
 model rarely saw alone, because byte-level BPE merges newlines with the indentation that follows. So
 the prompt's last token is removed and the first generated token is constrained to start with its
-text; the healed prefix is then cut from the completion.
+text; the healed prefix is then cut from the completion. ``heal_space`` heals back over a prompt's
+trailing whitespace instead (editor prompts end inside indentation), whose text may then take several
+tokens to produce.
+
+The model is only ever called through :class:`Forward` (new tokens in, last logits and the grown cache
+out), so that a draft model's proposals can later be scored in one pass and the cache cut back.
 """
 
 from __future__ import annotations
@@ -15,22 +24,215 @@ from __future__ import annotations
 import inspect
 import re
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from kdcode.models import context_length
 
-@dataclass
+OnToken = Callable[[int, int], None]  # (prompt index, generated token id), for every generated token
+OnBatch = Callable[[int], None]  # (prompts finished), after every batch
+
+_WHITESPACE = re.compile(r"\s")
+_SLACK_TOKENS = 32
+
+
+# ---------------------------------------------------------------------------------------------- options
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How to decode. Nothing mutates it: one object serves every call that decodes the same way."""
+
+    max_new_tokens: int = 48
+    context_tokens: int | None = None  # prompt tokens the model sees (None: its positions - max_new_tokens)
+    heal: bool = True  # token healing of the prompt's last token
+    heal_space: bool = False  # heal back over trailing whitespace (editor prompts), several tokens if need be
+    stop_strings: tuple[str, ...] = ("\n",)  # the completion ends before the first of them
+    temperature: float = 0.0  # 0: greedy; > 0: sampling (greedy() only)
+    seed: int | None = None  # of the sampling (None: fresh entropy, a different sample each call)
+    fixed_length: bool = False  # no early stop: every completion is max_new_tokens long (speed measurements)
+    # (the texts are still cut at the first stop string)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop_strings, str):
+            raise TypeError("stop_strings is a tuple of strings, not one string")
+        object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, not {self.max_new_tokens}")
+        if self.context_tokens is not None and self.context_tokens < 1:
+            raise ValueError(f"context_tokens must be at least 1 (or None), not {self.context_tokens}")
+        if any(not s for s in self.stop_strings):
+            raise ValueError("a stop string cannot be empty")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), not {self.temperature}")
+
+    def context_for(self, n_positions: int) -> int:
+        """Prompt tokens kept for a model with ``n_positions`` positions: what the new tokens leave."""
+        room = n_positions - self.max_new_tokens
+        if room < 1:
+            raise ValueError(
+                f"max_new_tokens={self.max_new_tokens} leaves no room for context in {n_positions} positions"
+            )
+        return min(self.context_tokens or room, room)
+
+
+def n_positions(model: Any) -> int:
+    """The positions a model attends over (1024 when its config does not say)."""
+    return context_length(model.config, 1024)  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------- vocabulary
+class VocabIndex:
+    """A tokenizer's tables for decoding, built once and shared by every call: special, stop and pad ids,
+    every token's text, and the healing masks (cached per healed text). ``vocab_size`` is the model's
+    (its logits' width), which may differ from the tokenizer's length."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size if vocab_size is not None else len(tokenizer)
+        self.special_ids = frozenset(tokenizer.all_special_ids)
+        eol = tokenizer.convert_tokens_to_ids("<EOL>")
+        self.stop_ids = frozenset(
+            i for i in (eol, tokenizer.eos_token_id) if i is not None and i != tokenizer.unk_token_id
+        )
+        self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._texts: list[str] | None = None
+        self._allowed: dict[str, torch.Tensor] = {}
+        self._partial: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def for_model(cls, model: Any, tokenizer: Any) -> VocabIndex:
+        return cls(tokenizer, getattr(model.config, "vocab_size", None))
+
+    @property
+    def token_texts(self) -> list[str]:
+        """The text of every token id (built on first use: only healing needs it)."""
+        if self._texts is None:
+            self._texts = [self.tokenizer.decode([i]) for i in range(len(self.tokenizer))]
+        return self._texts
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    def allowed_after(self, prefix: str) -> torch.Tensor:
+        """Vocabulary mask of the (non-special) tokens whose text starts with ``prefix``."""
+        if prefix not in self._allowed:
+            mask = torch.zeros(self.vocab_size, dtype=torch.bool)
+            for i, text in enumerate(self.token_texts[: self.vocab_size]):
+                if text.startswith(prefix) and i not in self.special_ids:
+                    mask[i] = True
+            self._allowed[prefix] = mask
+        return self._allowed[prefix]
+
+    def allowed_toward(self, rest: str) -> torch.Tensor:
+        """Vocabulary mask of the tokens that start with ``rest`` or produce a first part of it."""
+        if rest not in self._partial:
+            mask = self.allowed_after(rest).clone()
+            for i, text in enumerate(self.token_texts[: mask.numel()]):
+                if text and rest.startswith(text) and i not in self.special_ids:
+                    mask[i] = True
+            self._partial[rest] = mask
+        return self._partial[rest]
+
+    def heal_mask(self, gen_ids: Sequence[int], healed: str, partial: bool) -> torch.Tensor | None:
+        """Tokens that may come next while ``healed`` is not produced yet (None once it is); ``partial``:
+        it may be produced over several tokens."""
+        done = self.decode(gen_ids) if gen_ids else ""
+        if len(done) >= len(healed):
+            return None
+        rest = healed[len(done) :]
+        return self.allowed_toward(rest) if partial else self.allowed_after(rest)
+
+    def completion_text(self, gen_ids: Sequence[int], healed: str, stops: Sequence[str]) -> str:
+        """The completion the generated ids make: the healed text cut off, ended before the first stop."""
+        text = self.tokenizer.decode([i for i in gen_ids if i not in self.stop_ids], skip_special_tokens=False)
+        text = text[len(healed) :]
+        return text[: min((i for s in stops if (i := text.find(s)) >= 0), default=len(text))]
+
+    def ended(self, gen_ids: Sequence[int], healed: str, stops: Sequence[str]) -> bool:
+        """Whether the generated ids end the completion: a stop token, or a stop string in its text."""
+        if gen_ids and gen_ids[-1] in self.stop_ids:
+            return True
+        text = self.decode(gen_ids)[len(healed) :]
+        return any(s in text for s in stops)
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt as the model sees it: its last tokens, and the text healed off its end ('' when not healed),
+    which the completion must produce first and which is then cut from it."""
+
+    ids: tuple[int, ...]
+    healed: str = ""
+
+
+def _tail_ids(index: VocabIndex, text: str, keep: int) -> list[int]:
+    """The text's last ``keep`` token ids (all of them for a shorter text), as tokenizing the whole text gives
+    them; a long text is tokenized from a whitespace near its end, with slack tokens to spare, since a cut
+    only changes the first token or two after it."""
+    tok = index.tokenizer
+    window = 16 * (keep + _SLACK_TOKENS)
+    while window < len(text):
+        cut = _WHITESPACE.search(text, len(text) - window)
+        if cut is None:
+            break
+        ids = tok(text[cut.start() :], add_special_tokens=False)["input_ids"]
+        if len(ids) >= keep + _SLACK_TOKENS:
+            return ids[-keep:]
+        window *= 4
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_prompt(index: VocabIndex, text: str, opts: DecodeOptions, context: int) -> Prompt:
+    """``text`` cut to its last ``context`` tokens (see :meth:`DecodeOptions.context_for`), healed as
+    ``opts`` says."""
+    body = text.rstrip()
+    if opts.heal and opts.heal_space and body and len(body) < len(text):
+        # Pre-tokenizers split trailing whitespace from the code after it ("\n    return" is "\n   " +
+        # " return"), so the prompt stops before it and the model produces it, in as many tokens as it likes.
+        return Prompt(tuple(_tail_ids(index, body, context + 1)[-context:]), text[len(body) :])
+    ids = _tail_ids(index, text, context + 1)
+    healed = ""
+    if opts.heal and len(ids) > 1 and ids[-1] not in index.special_ids:
+        healed = index.decode(ids[-1:])
+        ids = ids[:-1]
+    return Prompt(tuple(ids[-context:]), healed)
+
+
+def _as_prompt(index: VocabIndex, prompt: str | Prompt, opts: DecodeOptions, context: int) -> Prompt:
+    if isinstance(prompt, Prompt):
+        return prompt if len(prompt.ids) <= context else Prompt(prompt.ids[-context:], prompt.healed)
+    return encode_prompt(index, prompt, opts, context)
+
+
+# ---------------------------------------------------------------------------------------------- results
+@dataclass(frozen=True)
 class Generation:
+    """Completions, one per prompt (or per alternative), in order."""
+
     texts: list[str]
-    token_counts: list[int]
-    prefill_s: list[float] = field(default_factory=list)  # per batch
-    step_s: list[float] = field(default_factory=list)  # per decode step (one token for every live row)
-    stopped: list[bool] = field(default_factory=list)  # per text: ended at a stop (False: ran out of tokens)
+    token_ids: list[list[int]]  # generated ids: the healed text and the stop included
+    stopped: list[bool]  # ended at a stop (False: ran out of tokens)
+    prefill_s: list[float]  # per batch (greedy only)
+    step_s: list[float]  # per decode step, one token for every live row (greedy only)
+
+    @property
+    def token_counts(self) -> list[int]:
+        return [len(ids) for ids in self.token_ids]
 
 
+@dataclass(frozen=True)
+class Hypothesis:
+    """One beam: its generated ids, summed log-probability, and whether it ended at a stop."""
+
+    token_ids: tuple[int, ...]
+    logprob: float
+    finished: bool
+
+
+# ---------------------------------------------------------------------------------------------- the model
 def _forward_kwargs(model: Any) -> tuple[str, bool]:
     params = inspect.signature(model.forward).parameters
     cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -42,290 +244,278 @@ def _out_cache(out: Any) -> Any:
     return cache if cache is not None else out.past_key_values
 
 
-_WHITESPACE = re.compile(r"\s")
-_SLACK_TOKENS = 32
+@dataclass(frozen=True)
+class Forward:
+    """One forward pass over new tokens with a KV cache, spelled as the model's ``forward`` wants it."""
 
+    model: Any
+    device: torch.device
+    cache_kw: str
+    takes_keep: bool
 
-class Completer:
-    """Complete lines of code with one model; reuses vocabulary tables across calls."""
+    @classmethod
+    def of(cls, model: Any, index: VocabIndex | None = None) -> Forward:
+        vocab = getattr(model.config, "vocab_size", None)
+        if index is not None and vocab is not None and vocab != index.vocab_size:
+            raise ValueError(f"the vocabulary index is {index.vocab_size} tokens wide but the model's is {vocab}")
+        return cls(model.eval(), next(model.parameters()).device, *_forward_kwargs(model))
 
-    def __init__(
-        self,
-        model: Any,
-        tokenizer: Any,
-        max_new_tokens: int = 48,
-        context_tokens: int | None = None,
-        heal: bool = True,
-        device: torch.device | str | None = None,
-    ) -> None:
-        self.model = model.eval()
-        self.tok = tokenizer
-        self.device = torch.device(device) if device else next(model.parameters()).device
-        n_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
-        if max_new_tokens >= n_pos:
-            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for context in {n_pos} positions")
-        self.max_new_tokens = max_new_tokens
-        self.context_tokens = min(context_tokens or n_pos - max_new_tokens, n_pos - max_new_tokens)
-        self.heal = heal
-        self.cache_kw, self.has_keep = _forward_kwargs(model)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        eol = tokenizer.convert_tokens_to_ids("<EOL>")
-        self.stop_ids = {i for i in (eol, tokenizer.eos_token_id) if i is not None and i != tokenizer.unk_token_id}
-        self.special_ids = set(tokenizer.all_special_ids)
-        self._texts: list[str] | None = None
-        self._allowed: dict[str, torch.Tensor] = {}
-        # Per-call settings (kdcode.complete sets them on a copy): the strings that end a completion, the
-        # sampling temperature (0 = greedy) and its generator, a hook called with (row, token id) for every
-        # generated token (streaming), and healing back over the prompt's trailing whitespace (editor prompts
-        # end inside indentation), whose text may then take several tokens to produce.
-        self.stop_strings: tuple[str, ...] = ("\n",)
-        self.temperature = 0.0
-        self.generator: torch.Generator | None = None
-        self.on_token: Callable[[int, int], None] | None = None
-        self.heal_space = False
-        self._partial: dict[str, torch.Tensor] = {}
-
-    # -- vocabulary tables ------------------------------------------------------------------------
-    def token_texts(self) -> list[str]:
-        if self._texts is None:
-            self._texts = [self.tok.decode([i]) for i in range(len(self.tok))]
-        return self._texts
-
-    def allowed_after(self, prefix: str) -> torch.Tensor:
-        """Vocabulary mask of tokens whose text starts with ``prefix`` (token healing)."""
-        if prefix not in self._allowed:
-            vocab = self.model.config.vocab_size
-            mask = torch.zeros(vocab, dtype=torch.bool)
-            for i, text in enumerate(self.token_texts()[:vocab]):
-                if text.startswith(prefix) and i not in self.special_ids:
-                    mask[i] = True
-            self._allowed[prefix] = mask
-        return self._allowed[prefix]
-
-    def _heal_mask(self, gen_ids: list[int], prefix: str) -> torch.Tensor | None:
-        """Tokens that may come next while the healed ``prefix`` is not produced yet (None once it is)."""
-        done = self.tok.decode(gen_ids) if gen_ids else ""
-        if len(done) >= len(prefix):
-            return None
-        rest = prefix[len(done) :]
-        if not self.heal_space:
-            return self.allowed_after(rest)
-        if rest not in self._partial:
-            mask = self.allowed_after(rest).clone()
-            for i, text in enumerate(self.token_texts()[: mask.numel()]):
-                if text and rest.startswith(text) and i not in self.special_ids:
-                    mask[i] = True
-            self._partial[rest] = mask
-        return self._partial[rest]
-
-    # -- prompts ----------------------------------------------------------------------------------
-    def tail_ids(self, prompt: str) -> list[int]:
-        """The prompt's last ``context_tokens + 1`` token ids (all of them for a shorter prompt), as tokenizing the
-        whole prompt gives them; a long prompt is tokenized from a whitespace near its end, with slack tokens
-        to spare, since a cut only changes the first token or two after it."""
-        keep = self.context_tokens + 1
-        window = 16 * (keep + _SLACK_TOKENS)
-        while window < len(prompt):
-            cut = _WHITESPACE.search(prompt, len(prompt) - window)
-            if cut is None:
-                break
-            ids = self.tok(prompt[cut.start() :], add_special_tokens=False)["input_ids"]
-            if len(ids) >= keep + _SLACK_TOKENS:
-                return ids[-keep:]
-            window *= 4
-        return self.tok(prompt, add_special_tokens=False)["input_ids"]
-
-    def encode(self, prompt: str) -> tuple[list[int], str]:
-        """Prompt ids cut to the context window, and the healed prefix ('' when not healed)."""
-        body = prompt.rstrip()
-        if self.heal and self.heal_space and body and len(body) < len(prompt):
-            # Pre-tokenizers split trailing whitespace from the code after it ("\n    return" is "\n   " +
-            # " return"), so the prompt stops before it and the model produces it, in as many tokens as it likes.
-            return self.tail_ids(body)[-self.context_tokens :], prompt[len(body) :]
-        ids = self.tail_ids(prompt)
-        prefix = ""
-        if self.heal and len(ids) > 1 and ids[-1] not in self.special_ids:
-            prefix = self.tok.decode(ids[-1:])
-            ids = ids[:-1]
-        return ids[-self.context_tokens :], prefix
-
-    def finish(self, gen_ids: list[int], prefix: str) -> str:
-        text = self.tok.decode([i for i in gen_ids if i not in self.stop_ids], skip_special_tokens=False)
-        text = text[len(prefix) :]
-        return text[: min((i for s in self.stop_strings if (i := text.find(s)) >= 0), default=len(text))]
-
-    def _ended(self, gen_ids: list[int], prefix: str) -> bool:
-        if gen_ids and gen_ids[-1] in self.stop_ids:
-            return True
-        text = self.tok.decode(gen_ids)[len(prefix) :]
-        return any(s in text for s in self.stop_strings)
-
-    def _pick(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.temperature <= 0:
-            return logits.argmax(-1)
-        probs = torch.softmax(logits / self.temperature, dim=-1).cpu()
-        return torch.multinomial(probs, 1, generator=self.generator)[:, 0].to(logits.device)
-
-    def _step(
-        self, input_ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any
+    def __call__(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any, keep: int = 1
     ) -> tuple[torch.Tensor, Any]:
+        """Logits (float) at the last ``keep`` positions, (rows, keep, vocab), and the grown cache."""
         kwargs: dict[str, Any] = {"attention_mask": mask, "position_ids": pos, "use_cache": True}
         if cache is not None:
             kwargs[self.cache_kw] = cache
-        if self.has_keep:
-            kwargs["logits_to_keep"] = 1
+        if self.takes_keep:
+            kwargs["logits_to_keep"] = keep
         out = self.model(input_ids, **kwargs)
-        return out.logits[:, -1].float(), _out_cache(out)
+        return out.logits[:, -keep:].float(), _out_cache(out)
 
-    # -- greedy -----------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def greedy(
-        self,
-        prompts: list[str],
-        batch_size: int = 8,
-        fixed_length: bool = False,
-        on_batch: Callable[[int], None] | None = None,
-    ) -> Generation:
-        """Greedy completions; ``fixed_length`` ignores stops (for speed measurements)."""
-        result = Generation(texts=[], token_counts=[])
-        for start in range(0, len(prompts), batch_size):
-            chunk = [self.encode(p) for p in prompts[start : start + batch_size]]
-            gens = self._greedy_batch(chunk, fixed_length, result)
-            for (_, prefix), gen in zip(chunk, gens):
-                result.texts.append(self.finish(gen, prefix))
-                result.token_counts.append(len(gen))
-                result.stopped.append(self._ended(gen, prefix))
-            if on_batch:
-                on_batch(len(chunk))
-        return result
+    def last(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any
+    ) -> tuple[torch.Tensor, Any]:
+        """Logits (float) at the last position, (rows, vocab), and the grown cache."""
+        logits, cache = self(input_ids, mask, pos, cache)
+        return logits[:, -1], cache
 
-    def _greedy_batch(
-        self, chunk: list[tuple[list[int], str]], fixed_length: bool, result: Generation
-    ) -> list[list[int]]:
-        n = len(chunk)
-        width = max(len(ids) for ids, _ in chunk)
-        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
-        for row, (ids, _) in enumerate(chunk):
-            if ids:
-                input_ids[row, width - len(ids) :] = torch.tensor(ids)
-                mask[row, width - len(ids) :] = 1
-        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        t0 = time.perf_counter()
-        logits, cache = self._step(input_ids, mask, pos, None)
-        gens: list[list[int]] = [[] for _ in range(n)]
-        done = [False] * n
-        last_pos = pos[:, -1:]
-        healing = [bool(prefix) for _, prefix in chunk]
-        for step in range(self.max_new_tokens):
-            for row, (_, prefix) in enumerate(chunk):
-                if healing[row] and not done[row] and (step == 0 or self.heal_space):
-                    allowed = self._heal_mask(gens[row], prefix)
-                    healing[row] = allowed is not None
-                    if allowed is not None:
-                        allowed = allowed.to(self.device)
-                        logits[row, : allowed.numel()] = logits[row, : allowed.numel()].masked_fill(
-                            ~allowed, float("-inf")
-                        )
-            next_ids = self._pick(logits)
-            for row in range(n):
-                if not done[row]:
-                    gens[row].append(int(next_ids[row]))
-                    if self.on_token:
-                        self.on_token(row, gens[row][-1])
-                    if not fixed_length and self._ended(gens[row], chunk[row][1]):
-                        done[row] = True
-            now = time.perf_counter()
-            (result.prefill_s if step == 0 else result.step_s).append(now - t0)
-            t0 = now
-            if all(done) or step == self.max_new_tokens - 1:
+
+def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids left-padded to one width, and their attention mask."""
+    width = max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, ids in enumerate(rows):
+        if ids:
+            input_ids[row, width - len(ids) :] = torch.tensor(list(ids))
+            mask[row, width - len(ids) :] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+def _grow(mask: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """The attention mask one position longer (all ones for ``rows`` rows: beams have no padding)."""
+    if rows is not None:
+        return torch.ones((rows, mask.size(1) + 1), dtype=mask.dtype, device=mask.device)
+    return torch.cat([mask, torch.ones((mask.size(0), 1), dtype=mask.dtype, device=mask.device)], dim=1)
+
+
+def _select_rows(cache: Any, src: torch.Tensor, first: bool) -> None:
+    """Keep the cache rows the surviving beams come from (the first step repeats the prompt's one row)."""
+    if cache is not None:
+        cache.reorder_cache(src) if not first else cache.batch_repeat_interleave(len(src))
+
+
+def _restrict(scores: torch.Tensor, row: int, allowed: torch.Tensor) -> None:
+    allowed = allowed.to(scores.device)
+    scores[row, : allowed.numel()] = scores[row, : allowed.numel()].masked_fill(~allowed, float("-inf"))
+
+
+def _picker(opts: DecodeOptions) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Next ids from last logits: argmax, or a sample at ``opts.temperature`` from a generator of its own."""
+    if opts.temperature <= 0:
+        return lambda logits: logits.argmax(-1)
+    generator = torch.Generator()
+    if opts.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(opts.seed)
+
+    def sample(logits: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(logits / opts.temperature, dim=-1).cpu()
+        bad = ~torch.isfinite(probs).all(-1)
+        if bad.any():  # a temperature so small that logits / T overflow: sample from its limit, the argmax
+            top = logits[bad].argmax(-1).cpu()
+            probs[bad] = torch.nn.functional.one_hot(top, probs.size(-1)).to(probs.dtype)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0].to(logits.device)
+
+    return sample
+
+
+# ---------------------------------------------------------------------------------------------- greedy
+@torch.inference_mode()
+def greedy(
+    model: Any,
+    index: VocabIndex,
+    prompts: Sequence[str | Prompt],
+    opts: DecodeOptions,
+    batch_size: int = 8,
+    on_token: OnToken | None = None,
+    on_batch: OnBatch | None = None,
+) -> Generation:
+    """Greedy completions (samples when ``opts.temperature`` > 0), ``batch_size`` prompts at a time,
+    left-padded, with a KV cache. ``on_token(i, id)`` sees every token generated for prompt ``i``;
+    ``on_batch(k)`` is called after each batch of ``k`` prompts."""
+    fwd = Forward.of(model, index)
+    context = opts.context_for(n_positions(model))
+    pick = _picker(opts)
+    texts: list[str] = []
+    token_ids: list[list[int]] = []
+    stopped: list[bool] = []
+    prefill_s: list[float] = []
+    step_s: list[float] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = [_as_prompt(index, p, opts, context) for p in prompts[start : start + batch_size]]
+        row_token = None if on_token is None else (lambda row, tok, start=start: on_token(start + row, tok))
+        gens = _greedy_batch(fwd, index, chunk, opts, pick, row_token, prefill_s, step_s)
+        for prompt, gen in zip(chunk, gens):
+            texts.append(index.completion_text(gen, prompt.healed, opts.stop_strings))
+            token_ids.append(gen)
+            stopped.append(index.ended(gen, prompt.healed, opts.stop_strings))
+        if on_batch:
+            on_batch(len(chunk))
+    return Generation(texts, token_ids, stopped, prefill_s, step_s)
+
+
+def _greedy_batch(
+    fwd: Forward,
+    index: VocabIndex,
+    chunk: list[Prompt],
+    opts: DecodeOptions,
+    pick: Callable[[torch.Tensor], torch.Tensor],
+    on_token: OnToken | None,
+    prefill_s: list[float],
+    step_s: list[float],
+) -> list[list[int]]:
+    n = len(chunk)
+    input_ids, mask = _left_pad([p.ids for p in chunk], index.pad_id, fwd.device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    t0 = time.perf_counter()
+    logits, cache = fwd.last(input_ids, mask, pos, None)
+    gens: list[list[int]] = [[] for _ in range(n)]
+    done = [False] * n
+    last_pos = pos[:, -1:]
+    healing = [bool(p.healed) for p in chunk]
+    for step in range(opts.max_new_tokens):
+        for row, prompt in enumerate(chunk):
+            if healing[row] and not done[row] and (step == 0 or opts.heal_space):
+                allowed = index.heal_mask(gens[row], prompt.healed, opts.heal_space)
+                healing[row] = allowed is not None
+                if allowed is not None:
+                    _restrict(logits, row, allowed)
+        next_ids = pick(logits)
+        for row in range(n):
+            if not done[row]:
+                gens[row].append(int(next_ids[row]))
+                if on_token:
+                    on_token(row, gens[row][-1])
+                if not opts.fixed_length and index.ended(gens[row], chunk[row].healed, opts.stop_strings):
+                    done[row] = True
+        now = time.perf_counter()
+        (prefill_s if step == 0 else step_s).append(now - t0)
+        t0 = now
+        if all(done) or step == opts.max_new_tokens - 1:
+            break
+        mask = _grow(mask)
+        last_pos = last_pos + 1
+        logits, cache = fwd.last(next_ids[:, None], mask, last_pos, cache)
+    return gens
+
+
+# ---------------------------------------------------------------------------------------------- beam search
+@torch.inference_mode()
+def beam_hypotheses(
+    model: Any, index: VocabIndex, prompt: str | Prompt, opts: DecodeOptions, beams: int
+) -> list[Hypothesis]:
+    """Beam search over one prompt; every hypothesis kept, finished ones first, best (summed log-probability)
+    first. ``opts.temperature`` does not apply; with ``opts.fixed_length`` no hypothesis ends early."""
+    fwd = Forward.of(model, index)
+    return _beam(fwd, index, _as_prompt(index, prompt, opts, opts.context_for(n_positions(model))), opts, beams)
+
+
+@torch.inference_mode()
+def beam_search(
+    model: Any,
+    index: VocabIndex,
+    prompts: Sequence[str | Prompt],
+    opts: DecodeOptions,
+    beams: int = 5,
+    on_batch: OnBatch | None = None,
+) -> Generation:
+    """The best hypothesis of a beam search per prompt (``on_batch(1)`` after each)."""
+    fwd = Forward.of(model, index)
+    context = opts.context_for(n_positions(model))
+    texts: list[str] = []
+    token_ids: list[list[int]] = []
+    stopped: list[bool] = []
+    for p in prompts:
+        prompt = _as_prompt(index, p, opts, context)
+        best = _beam(fwd, index, prompt, opts, beams)[0]
+        texts.append(index.completion_text(best.token_ids, prompt.healed, opts.stop_strings))
+        token_ids.append(list(best.token_ids))
+        stopped.append(index.ended(best.token_ids, prompt.healed, opts.stop_strings))  # as greedy's
+        if on_batch:
+            on_batch(1)
+    return Generation(texts, token_ids, stopped, [], [])
+
+
+@torch.inference_mode()
+def beam_alternatives(
+    model: Any, index: VocabIndex, prompt: str | Prompt, opts: DecodeOptions, beams: int, n: int
+) -> Generation:
+    """The ``n`` best distinct completions of one prompt by beam search with ``max(beams, n)`` beams, finished
+    hypotheses first, best first (fewer when the beams agree)."""
+    fwd = Forward.of(model, index)
+    encoded = _as_prompt(index, prompt, opts, opts.context_for(n_positions(model)))
+    texts: list[str] = []
+    token_ids: list[list[int]] = []
+    stopped: list[bool] = []
+    for hyp in _beam(fwd, index, encoded, opts, max(beams, n)):
+        text = index.completion_text(hyp.token_ids, encoded.healed, opts.stop_strings)
+        if text not in texts:
+            texts.append(text)
+            token_ids.append(list(hyp.token_ids))
+            stopped.append(index.ended(hyp.token_ids, encoded.healed, opts.stop_strings))
+        if len(texts) == n:
+            break
+    return Generation(texts, token_ids, stopped, [], [])
+
+
+def _beam(fwd: Forward, index: VocabIndex, prompt: Prompt, opts: DecodeOptions, beams: int) -> list[Hypothesis]:
+    x = torch.tensor([list(prompt.ids) or [index.pad_id]], device=fwd.device)
+    mask = torch.ones_like(x)
+    pos = torch.arange(x.size(1), device=fwd.device)[None]
+    logits, cache = fwd.last(x, mask, pos, None)
+    hyps: list[list[int]] = [[]]
+    scores = torch.zeros(1, device=fwd.device)
+    finished: list[tuple[float, list[int]]] = []
+    last_pos = pos[:, -1:]
+    healed, stops = prompt.healed, opts.stop_strings
+    for step in range(opts.max_new_tokens):
+        logp = torch.log_softmax(logits, dim=-1)
+        if healed and (step == 0 or opts.heal_space):
+            for b, hyp in enumerate(hyps):
+                allowed = index.heal_mask(hyp, healed, opts.heal_space)
+                if allowed is not None:
+                    _restrict(logp, b, allowed)
+        vocab = logp.size(-1)
+        cand = (scores[:, None] + logp).view(-1)
+        top = cand.topk(min(2 * beams, cand.numel()))
+        new_hyps, new_scores, src = [], [], []
+        for score, flat in zip(top.values.tolist(), top.indices.tolist()):
+            if score == float("-inf"):
                 break
-            mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=self.device)], dim=1)
-            last_pos = last_pos + 1
-            logits, cache = self._step(next_ids[:, None], mask, last_pos, cache)
-        return gens
-
-    # -- beam search ------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def beam(self, prompts: list[str], beams: int = 5, on_batch: Callable[[int], None] | None = None) -> Generation:
-        """Beam search per prompt; finished hypotheses ranked by summed log-probability."""
-        result = Generation(texts=[], token_counts=[])
-        for prompt in prompts:
-            ids, prefix = self.encode(prompt)
-            best = self._beam_one(ids, prefix, beams)
-            result.texts.append(self.finish(best, prefix))
-            result.token_counts.append(len(best))
-            if on_batch:
-                on_batch(1)
-        return result
-
-    @torch.inference_mode()
-    def beam_n(self, prompt: str, beams: int, n: int) -> list[tuple[str, int, bool]]:
-        """The ``n`` best distinct completions of one prompt by beam search with ``max(beams, n)`` beams, as
-        (text, generated tokens, ended at a stop), finished hypotheses first, best first."""
-        ids, prefix = self.encode(prompt)
-        out: list[tuple[str, int, bool]] = []
-        for _, hyp, stopped in self._beam_hyps(ids, prefix, max(beams, n)):
-            text = self.finish(hyp, prefix)
-            if all(text != t for t, _, _ in out):
-                out.append((text, len(hyp), stopped))
-            if len(out) == n:
+            b, tok = divmod(flat, vocab)
+            hyp = hyps[b] + [tok]
+            if not opts.fixed_length and index.ended(hyp, healed, stops):
+                finished.append((score, hyp))
+            else:
+                new_hyps.append(hyp)
+                new_scores.append(score)
+                src.append(b)
+            if len(new_hyps) == beams:
                 break
-        return out
-
-    def _beam_one(self, ids: list[int], prefix: str, beams: int) -> list[int]:
-        return self._beam_hyps(ids, prefix, beams)[0][1]
-
-    def _beam_hyps(self, ids: list[int], prefix: str, beams: int) -> list[tuple[float, list[int], bool]]:
-        """Every hypothesis kept, as (summed log-probability, ids, finished): finished ones first, best first."""
-        x = torch.tensor([ids or [self.pad_id]], device=self.device)
-        mask = torch.ones_like(x)
-        pos = torch.arange(x.size(1), device=self.device)[None]
-        logits, cache = self._step(x, mask, pos, None)
-        hyps: list[list[int]] = [[]]
-        scores = torch.zeros(1, device=self.device)
-        finished: list[tuple[float, list[int]]] = []
-        last_pos = pos[:, -1:]
-        for step in range(self.max_new_tokens):
-            logp = torch.log_softmax(logits, dim=-1)
-            if prefix and (step == 0 or self.heal_space):
-                for b, hyp in enumerate(hyps):
-                    allowed = self._heal_mask(hyp, prefix)
-                    if allowed is not None:
-                        allowed = allowed.to(self.device)
-                        logp[b, : allowed.numel()] = logp[b, : allowed.numel()].masked_fill(~allowed, float("-inf"))
-            vocab = logp.size(-1)
-            cand = (scores[:, None] + logp).view(-1)
-            top = cand.topk(min(2 * beams, cand.numel()))
-            new_hyps, new_scores, src = [], [], []
-            for score, flat in zip(top.values.tolist(), top.indices.tolist()):
-                if score == float("-inf"):
-                    break
-                b, tok = divmod(flat, vocab)
-                hyp = hyps[b] + [tok]
-                if self._ended(hyp, prefix):
-                    finished.append((score, hyp))
-                else:
-                    new_hyps.append(hyp)
-                    new_scores.append(score)
-                    src.append(b)
-                if len(new_hyps) == beams:
-                    break
-            # Stop once `beams` hypotheses are finished and none alive can beat the best of them:
-            # scores only fall as tokens are added.
-            if not new_hyps or (len(finished) >= beams and max(new_scores) <= max(s for s, _ in finished)):
-                if finished:  # the live ones are prefixes of hypotheses already scored: no alternatives
-                    hyps = []
-                break
-            hyps, scores = new_hyps, torch.tensor(new_scores, device=self.device)
-            index = torch.tensor(src, device=self.device)
-            if cache is not None:
-                cache.reorder_cache(index) if step else cache.batch_repeat_interleave(len(src))
-            last_pos = last_pos[:1].expand(len(src), 1) + 1
-            mask = torch.ones((len(src), mask.size(1) + 1), dtype=mask.dtype, device=self.device)
-            next_ids = torch.tensor([h[-1] for h in hyps], device=self.device)[:, None]
-            logits, cache = self._step(next_ids, mask, last_pos, cache)
-        ranked = [(s, h, True) for s, h in sorted(finished, key=lambda t: -t[0])]
-        alive = sorted(zip(scores.tolist(), hyps), key=lambda t: -t[0])
-        return ranked + [(float(s), h, False) for s, h in alive]
+        # Stop once `beams` hypotheses are finished and none alive can beat the best of them:
+        # scores only fall as tokens are added.
+        if not new_hyps or (len(finished) >= beams and max(new_scores) <= max(s for s, _ in finished)):
+            if finished:  # the live ones are prefixes of hypotheses already scored: no alternatives
+                hyps = []
+            break
+        hyps, scores = new_hyps, torch.tensor(new_scores, device=fwd.device)
+        _select_rows(cache, torch.tensor(src, device=fwd.device), first=step == 0)
+        last_pos = last_pos[:1].expand(len(src), 1) + 1
+        mask = _grow(mask, rows=len(src))
+        next_ids = torch.tensor([h[-1] for h in hyps], device=fwd.device)[:, None]
+        logits, cache = fwd.last(next_ids, mask, last_pos, cache)
+    ranked = [Hypothesis(tuple(h), s, True) for s, h in sorted(finished, key=lambda t: -t[0])]
+    alive = sorted(zip(scores.tolist(), hyps), key=lambda t: -t[0])
+    return ranked + [Hypothesis(tuple(h), float(s), False) for s, h in alive]

@@ -4,12 +4,11 @@
 greedy decoding, beam search (the n best distinct alternatives) or sampling, with a KV cache, stopping at the
 end of the line (or at the given stop strings) or after ``max_tokens``; ``on_text`` receives the text as it
 is generated (streaming). A prompt that ends inside indentation or after a space is healed back over that
-whitespace (see ``Completer.heal_space``), so the model sees the prompt tokenized as in training.
+whitespace (``DecodeOptions.heal_space``), so the model sees the prompt tokenized as in training.
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -63,10 +62,10 @@ def _settled(text: str, stops: Sequence[str]) -> str:
 
 
 class _Stream:
-    """Turns generated tokens into text deltas per row; ``flush`` sends what the final text adds."""
+    """Turns generated tokens into text deltas per choice; ``flush`` sends what the final text adds."""
 
-    def __init__(self, completer: Any, prefix: str, on_text: OnText | None, t0: float) -> None:
-        self.c, self.prefix, self.on_text, self.t0 = completer, prefix, on_text, t0
+    def __init__(self, index: Any, opts: Any, healed: str, on_text: OnText | None, t0: float) -> None:
+        self.index, self.opts, self.healed, self.on_text, self.t0 = index, opts, healed, on_text, t0
         self.gens: dict[int, list[int]] = {}
         self.sent: dict[int, str] = {}
         self.first_token_s: float | None = None
@@ -78,7 +77,8 @@ class _Stream:
             return
         gen = self.gens.setdefault(row, [])
         gen.append(token)
-        self._send(row, _settled(self.c.finish(gen, self.prefix), self.c.stop_strings))
+        stops = self.opts.stop_strings
+        self._send(row, _settled(self.index.completion_text(gen, self.healed, stops), stops))
 
     def flush(self, row: int, final: str) -> None:
         if self.on_text is not None:
@@ -95,20 +95,19 @@ class Engine:
     """One model and tokenizer, ready to complete prefixes; not thread-safe (callers queue their calls)."""
 
     def __init__(self, loaded: Any) -> None:
-        from kdcode.inference.decode import Completer
+        from kdcode.inference.decode import VocabIndex
         from kdcode.inference.loader import dtype_name
         from kdcode.models import context_length
 
         self.loaded = loaded
         self.name = loaded.name
-        model = loaded.model
-        self.n_positions = context_length(model.config, 1024)
-        self.dtype = dtype_name(model)
-        self.device = str(next(model.parameters()).device)
+        self.model = loaded.model.eval()
+        self.n_positions = context_length(self.model.config, 1024)
+        self.dtype = dtype_name(self.model)
+        self.device = str(next(self.model.parameters()).device)
         self.runtime = loaded.runtime or {"device": self.device, "dtype": self.dtype, "threads": None}
-        self.base = Completer(model, loaded.tokenizer, max_new_tokens=1)
-        self.base.heal_space = True
-        self.base.token_texts()  # built once here: every per-call copy shares it
+        self.index = VocabIndex.for_model(self.model, loaded.tokenizer)
+        _ = self.index.token_texts  # built once here (healing needs it): every call shares it
 
     @property
     def tokenizer(self) -> Any:
@@ -137,7 +136,7 @@ class Engine:
         """Complete ``prompt``: greedy (``beams=1, n=1``), the ``n`` best distinct beams of beam search
         (``temperature=0``, ``max(beams, n)`` beams), or ``n`` samples at ``temperature`` (seeded by ``seed``).
         ``prompt_tokens``, when the caller has counted them, saves tokenizing a long prompt twice."""
-        import torch
+        from kdcode.inference.decode import DecodeOptions, beam_alternatives, encode_prompt, greedy, n_positions
 
         if not 1 <= max_tokens < self.n_positions:
             raise KdcodeError(
@@ -145,12 +144,14 @@ class Engine:
             )
         if n < 1 or beams < 1:
             raise KdcodeError("n and beams must be at least 1")
-        if temperature < 0:
+        if not temperature >= 0:  # NaN too
             raise KdcodeError("temperature must be >= 0 (0 = greedy)")
         if temperature > 0 and beams > 1:
             raise KdcodeError("beam search is deterministic: use temperature 0 with beams, or beams 1 to sample")
         if any(not s for s in stop):
             raise KdcodeError("a stop string cannot be empty")
+        if seed is not None and not -(2**63) <= seed < 2**64:
+            raise KdcodeError(f"seed {seed} does not fit in 64 bits")
         t0 = time.perf_counter()
         if prompt_tokens is None:
             prompt_tokens = self.count_tokens(prompt)
@@ -158,28 +159,25 @@ class Engine:
             if self.tokenizer.bos_token is None:
                 raise KdcodeError("the prompt is empty and the tokenizer has no start-of-text token to stand for it")
             prompt = self.tokenizer.bos_token + prompt
-        c = copy.copy(self.base)
-        c.max_new_tokens = max_tokens
-        c.context_tokens = self.n_positions - max_tokens
-        c.stop_strings = tuple(stop)
-        c.heal = "<EOL>" not in prompt  # py150 text is whitespace-separated tokens: not healed, as in eval
-        c.temperature = temperature
-        if temperature > 0:
-            c.generator = torch.Generator()
-            if seed is None:
-                c.generator.seed()  # fresh entropy: a different sample each call
-            else:
-                c.generator.manual_seed(seed)
-        stream = _Stream(c, c.encode(prompt)[1] if on_text else "", on_text, t0)
-        c.on_token = stream.on_token
+        opts = DecodeOptions(
+            max_new_tokens=max_tokens,
+            context_tokens=self.n_positions - max_tokens,
+            heal="<EOL>" not in prompt,  # py150 text is whitespace-separated tokens: not healed, as in eval
+            heal_space=True,
+            stop_strings=tuple(stop),
+            temperature=temperature,
+            seed=seed,
+        )
+        encoded = encode_prompt(self.index, prompt, opts, opts.context_for(n_positions(self.model)))
+        stream = _Stream(self.index, opts, encoded.healed, on_text, t0)
         if temperature == 0 and (beams > 1 or n > 1):
-            choices = [Choice(t, k, "stop" if s else "length") for t, k, s in c.beam_n(prompt, beams, n)]
+            gen = beam_alternatives(self.model, self.index, encoded, opts, beams, n)
         else:
             rows = n if temperature > 0 else 1
-            gen = c.greedy([prompt] * rows, batch_size=rows)
-            choices = [
-                Choice(t, k, "stop" if s else "length") for t, k, s in zip(gen.texts, gen.token_counts, gen.stopped)
-            ]
+            gen = greedy(self.model, self.index, [encoded] * rows, opts, batch_size=rows, on_token=stream.on_token)
+        choices = [
+            Choice(t, k, "stop" if s else "length") for t, k, s in zip(gen.texts, gen.token_counts, gen.stopped)
+        ]
         for i, choice in enumerate(choices):
             stream.flush(i, choice.text)
         return Completion(choices, prompt_tokens, stream.first_token_s, time.perf_counter() - t0)

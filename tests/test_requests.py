@@ -1,0 +1,165 @@
+"""Request validation without a server: bodies in, typed requests or RequestError (status, message, param) out."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kdcode.inference.requests import (
+    MAX_SEED,
+    CompletionRequest,
+    Limits,
+    RequestError,
+    error_body,
+    json_depth,
+    parse_completion_request,
+    parse_json_body,
+)
+
+LIMITS = Limits(max_tokens=32)
+MODELS = ("tiny", "/models/tiny")
+
+
+def parse(body: dict | bytes | str, limits: Limits = LIMITS) -> CompletionRequest:
+    raw = body if isinstance(body, bytes) else (body if isinstance(body, str) else json.dumps(body)).encode()
+    return parse_completion_request(raw, limits, MODELS)
+
+
+def refused(body, limits: Limits = LIMITS) -> RequestError:
+    with pytest.raises(RequestError) as info:
+        parse(body, limits)
+    return info.value
+
+
+def test_a_full_request_parses():
+    req = parse({"model": "/models/tiny", "prompt": ["a", "b"], "max_tokens": 8, "n": 2, "stop": "\n\n",
+                 "seed": MAX_SEED, "temperature": 0.5, "stream": True, "stream_options": {"include_usage": True}})
+    assert req.prompts == ["a", "b"] and req.stops == ("\n\n",) and req.seed == MAX_SEED and req.n == 2
+    req = parse({"model": "tiny", "prompt": "x"})
+    assert req.prompts == ["x"] and req.stops is None and req.max_tokens == 16 and req.temperature == 0.0
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param", "needle"),
+    [
+        (b"{not json", 400, None, "not valid JSON"),
+        (b"[1, 2]", 400, None, "JSON object"),
+        (b'{"model": "tiny", "prompt": "\xff"}', 400, None, "not valid UTF-8"),
+        ('{"model": "tiny", "prompt": "x", "temperature": NaN}', 400, None, "NaN is not a JSON number"),
+        ('{"model": "tiny", "prompt": "x", "temperature": -Infinity}', 400, None, "Infinity"),
+        ('{"model": "tiny", "prompt": "x", "temperature": 1e999}', 400, "temperature", "finite"),
+        ('{"model": "tiny", "prompt": "x", "max_tokens": 1' + "0" * 5000 + "}", 400, None, "not valid JSON"),
+        ('{"model": "tiny", "prompt": "\\ud800"}', 400, "prompt", "lone surrogate at character 0"),
+        ('{"model": "tiny", "prompt": ["ok", "a\\udc00"]}', 400, "prompt.1", "lone surrogate at character 1"),
+        ('{"model": "tiny", "prompt": "x", "user": "\\udfff"}', 400, "user", "lone surrogate"),
+        ('{"model": "tiny", "prompt": "x", "\\ud800": 1}', 400, None, "a key in the request"),
+        ('{"model": "tiny", "prompt": "\\ud83d\\ude00"}', 200, None, ""),  # a surrogate pair is one character
+        ({"model": "tiny", "prompt": "x", "seed": 2**64}, 400, "seed", "less than or equal to 9223372036854775807"),
+        ({"model": "tiny", "prompt": "x", "seed": -1}, 400, "seed", "greater than or equal to 0"),
+        ({"model": "tiny", "prompt": "x", "max_tokens": 10**4000}, 400, "max_tokens", "at most 32"),
+        ({"model": "tiny", "prompt": "x", "max_tokens": "many"}, 400, "max_tokens", "integer"),
+        ({"model": "tiny", "prompt": [1, 2]}, 400, "prompt", "token ids"),
+        ({"model": "tiny", "prompt": {"a": 1}}, 400, "prompt", "string"),
+        ({"model": "tiny", "prompt": []}, 400, "prompt", "empty"),
+        ({"prompt": "x"}, 400, "model", "Field required"),
+        ({"model": "other", "prompt": "x"}, 404, "model", "does not exist; this server has 'tiny'"),
+        ({"model": "tiny", "prompt": "x", "bogus": 1}, 400, "bogus", "Extra inputs"),
+        ({"model": "tiny", "prompt": "x", "a\nb": 1}, 400, "a\\nb", "a\\nb: Extra inputs"),  # on one line
+        ({"model": "x\n" * 1000, "prompt": "x"}, 404, "model", "'x\\nx\\n"),
+        ({"model": "tiny", "prompt": "x", "stream_options": {"x": 1}}, 400, "stream_options.x", "Extra inputs"),
+        ({"model": "tiny", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "1 to 4"),
+        ({"model": "tiny", "prompt": "x", "stop": ""}, 400, "stop", "non-empty"),
+        ({"model": "tiny", "prompt": ["x"] * 5, "n": 4}, 400, "n", "at most 16"),
+        ({"model": "tiny", "prompt": "x", "best_of": 17}, 400, "best_of", "at most 16"),
+        ({"model": "tiny", "prompt": "x", "best_of": 2, "n": 3}, 400, "best_of", "at least n"),
+        ({"model": "tiny", "prompt": "x", "best_of": 2, "temperature": 1}, 400, "best_of", "temperature 0"),
+        ({"model": "tiny", "prompt": "x", "temperature": 2.5}, 400, "temperature", "less than or equal to 2"),
+        ({"model": "tiny", "prompt": "x", "top_p": 0.5}, 400, "top_p", "not supported"),
+        ({"model": "tiny", "prompt": "x", "logprobs": 10**9}, 400, "logprobs", "less than or equal to 5"),
+        ({"model": "tiny", "prompt": "x", "echo": True}, 400, "echo", "not supported"),
+        ({"model": "tiny", "prompt": "x", "presence_penalty": 1}, 400, "presence_penalty", "not supported"),
+        ({"model": "tiny", "prompt": "x", "logit_bias": {"1": 1e9}}, 400, "logit_bias.1", "less than or equal"),
+    ],
+)
+def test_each_mistake_is_one_4xx_line(body, status, param, needle):
+    if status == 200:
+        assert parse(body).prompts
+        return
+    err = refused(body)
+    assert (err.status, err.param) == (status, param) and needle in err.message, vars(err)
+    assert "\n" not in err.message and len(err.message) < 200
+    shape = err.body()["error"]
+    assert shape["type"] == "invalid_request_error" and shape["message"] == err.message
+
+
+def test_limits_are_the_servers():
+    small = Limits(max_body_bytes=90, max_depth=3, max_tokens=4, max_choices=2, max_beams=2, max_stop_strings=1)
+    assert refused({"model": "tiny", "prompt": "x" * 80}, small).status == 413
+    assert refused({"model": "tiny", "prompt": [[["x"]]]}, small).message.endswith("more than 3 deep")
+    assert refused({"model": "tiny", "prompt": "x", "max_tokens": 5}, small).param == "max_tokens"
+    assert refused({"model": "tiny", "prompt": "x", "n": 3}, small).param == "n"
+    assert refused({"model": "tiny", "prompt": "x", "max_tokens": 1, "best_of": 3}, small).param == "best_of"
+    assert refused({"model": "tiny", "prompt": "x", "max_tokens": 1, "stop": ["a", "b"]}, small).param == "stop"
+    assert parse({"model": "tiny", "prompt": ["x"], "max_tokens": 4, "n": 2, "best_of": 2}, small).n == 2
+    with pytest.raises(ValueError):
+        Limits(bogus=1)
+
+
+def test_nesting_is_refused_before_it_is_parsed():
+    deep = b'{"model": "tiny", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    err = refused(deep)
+    assert err.status == 400 and "more than 16 deep" in err.message
+    # brackets inside strings are text, not nesting
+    assert parse({"model": "tiny", "prompt": "[[[[" * 100 + '"\\' + "{" * 50}).prompts
+
+
+def test_json_depth_of_hostile_bodies_is_linear():
+    """Unterminated strings and runs of quotes or backslashes: one pass each (these would be quadratic for a
+    string pattern that can fail and retry at every quote)."""
+    for body in (b'"' + b'\\"' * 300_000, b'"' * 600_000, b'"\\' * 300_000, b"[" * 600_000, b"[]" * 300_000):
+        assert json_depth(body) in (0, 1, 600_000)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(st.sampled_from('ab"\\[]{}\n')),
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(st.sampled_from('k"[\\{')), kids, max_size=3),
+    max_leaves=20,
+)
+
+
+def nesting(value) -> int:
+    if isinstance(value, list):
+        return 1 + max(map(nesting, value), default=0)
+    if isinstance(value, dict):
+        return 1 + max(map(nesting, value.values()), default=0)
+    return 0
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(json_values, st.booleans())
+def test_json_depth_is_the_nesting_of_the_parsed_value(value, indent):
+    assert json_depth(json.dumps(value, indent=1 if indent else None).encode()) == nesting(value)
+
+
+def test_error_bodies_escape_what_utf8_cannot_encode():
+    body = error_body("bad \ud800", "invalid_request_error", "a\udc00")
+    assert json.dumps(body, ensure_ascii=False).encode("utf-8")  # no UnicodeEncodeError
+    assert body["error"]["message"] == "bad \\ud800" and body["error"]["param"] == "a\\udc00"
+
+
+def test_parse_json_body_serves_any_endpoint_shape():
+    assert parse_json_body(b'{"input_prefix": "def f(", "n_predict": 8}', LIMITS) == {
+        "input_prefix": "def f(", "n_predict": 8
+    }
+
+
+def test_importable_without_fastapi_or_torch():
+    code = ("import sys; import kdcode.inference.requests; "
+            "bad = {'fastapi', 'starlette', 'torch'} & set(sys.modules); assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
