@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import platform
 import sys
-import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any

@@ -18,13 +18,12 @@ import json
 import tempfile
 from pathlib import Path
 
-from kdcode.bench import run_bench
-from kdcode.compress import CompressSpec, run_compress
-from kdcode.distil import run_distil
-from kdcode.evaluate import run_eval
-
+from kdcode.compression.compress import run_compress
+from kdcode.evaluation.bench import run_bench
+from kdcode.evaluation.evaluate import run_eval
 from kdcode.models import resolve_path
-from kdcode.spec import BenchSpec, DataSpec, EvalSpec, RunSpec
+from kdcode.spec import BenchSpec, CompressSpec, DataSpec, EvalSpec, RunSpec
+from kdcode.train.distil import run_distil
 
 
 def main() -> None:
@@ -69,8 +68,7 @@ def main() -> None:
                 "teacher": {"name": args.teacher},
                 "student": {
                     "layers": pruned_manifest["model"]["n_layer"],
-                    "init": "pretrained",
-                    "init_params": {"path": str(pruned)},
+                    "init": {"name": "pretrained", "params": {"path": str(pruned)}},
                 },
                 "data": {"source": args.data},
                 "train": {

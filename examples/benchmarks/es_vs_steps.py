@@ -15,15 +15,15 @@ import time
 from pathlib import Path
 
 import torch
-from kdcode.distil import _blocks, train_loop
 
-from kdcode.data import load_corpus
+from kdcode.data import load_corpus, split_blocks
 from kdcode.evaluation.completion_sets import build_line_samples
 from kdcode.evaluation.metrics import line_metrics
 from kdcode.inference.decode import DecodeOptions, VocabIndex, greedy
 from kdcode.models import load_model
 from kdcode.plugins import validate_plugins
 from kdcode.spec import RunSpec
+from kdcode.train.loop import train_loop
 
 
 def main() -> None:
@@ -47,7 +47,7 @@ def main() -> None:
     strategy, init = validate_plugins(spec)
     teacher = load_model(spec.teacher.name)
     corpus = load_corpus(spec.data)
-    train_blocks, valid_blocks = _blocks(corpus, teacher.tokenizer, spec.train.block_size)
+    train_blocks, valid_blocks = split_blocks(corpus, teacher.tokenizer, spec.train.block_size)
     samples = build_line_samples(corpus.splits["test"], args.samples, 0)
     gts = [s.gt for s in samples]
     student, layer_map = init.build(teacher.model, spec.student.layers)

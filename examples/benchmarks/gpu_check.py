@@ -16,11 +16,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from kdcode.distil import run_distil
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from kdcode.models import bundled_path, load_tokenizer
 from kdcode.spec import RunSpec
+from kdcode.train.distil import run_distil
 
 
 def main() -> None:

@@ -18,12 +18,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from kdcode.bench import run_bench
-from kdcode.compress import CompressSpec, run_compress
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from kdcode.compression.compress import run_compress
+from kdcode.evaluation.bench import run_bench
 from kdcode.models import load_tokenizer
-from kdcode.spec import BenchSpec
+from kdcode.spec import BenchSpec, CompressSpec
 
 
 def build(width: int, layers: int, folder: Path, seed: int) -> Path:

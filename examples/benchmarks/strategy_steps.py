@@ -20,13 +20,14 @@ import time
 from pathlib import Path
 
 import torch
-from kdcode.cache import build_cache, load_cache
-from kdcode.distil import cpu_has_bf16, pick_device, train_loop
 
 from kdcode.data import encode_documents, load_corpus, to_blocks
+from kdcode.device import cpu_has_bf16, resolve_device
 from kdcode.models import load_model
 from kdcode.plugins import make_init, make_strategy
 from kdcode.spec import DataSpec, TrainSpec
+from kdcode.train.loop import train_loop
+from kdcode.train.teacher_cache import build_cache, load_cache
 
 STRATEGIES = ["hard-only", "pretraining", "in-training", "jsd", "intermediate"]
 
@@ -96,7 +97,7 @@ def main() -> None:
         rows[name] = timed(name, teacher=copy.deepcopy(teacher.model))
     with tempfile.TemporaryDirectory() as tmp:
         cache_dir = Path(tmp) / "cache"
-        build_cache(teacher.model.to(pick_device()), blocks, cache_dir, args.top_k, 2.0, {"benchmark": True})
+        build_cache(teacher.model.to(resolve_device("auto")), blocks, cache_dir, args.top_k, 2.0, {"benchmark": True})
         rows[f"pretraining + cache (top-{args.top_k})"] = timed("pretraining", cache=load_cache(cache_dir))
     rows["hard-only (again, last)"] = timed("hard-only")
 

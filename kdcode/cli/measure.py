@@ -9,7 +9,6 @@ import typer
 
 from kdcode.cli._common import (
     AllowPickleOpt,
-    check_json_path,
     DataOpt,
     DeviceOpt,
     DtypeOpt,
@@ -19,6 +18,7 @@ from kdcode.cli._common import (
     RecordOpt,
     ThreadsOpt,
     TrustRemoteCodeOpt,
+    check_json_path,
     handle_errors,
     metrics_table,
     out_console,

@@ -21,7 +21,6 @@ out), so that a draft model's proposals can later be scored in one pass and the 
 
 from __future__ import annotations
 
-import inspect
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +29,15 @@ from typing import Any
 
 import torch
 
+from kdcode.inference.forward import (  # noqa: F401 - _forward_kwargs, _out_cache: kept importable here
+    Forward,
+    _forward_kwargs,
+    _grow,
+    _left_pad,
+    _out_cache,
+    _select_rows,
+)
+from kdcode.inference.vocab import VocabIndex
 from kdcode.models import context_length
 
 OnToken = Callable[[int, int], None]  # (prompt index, generated token id), for every generated token
@@ -82,83 +90,6 @@ def n_positions(model: Any) -> int:
     return context_length(model.config, 1024)  # type: ignore[return-value]
 
 
-# ---------------------------------------------------------------------------------------------- vocabulary
-class VocabIndex:
-    """A tokenizer's tables for decoding, built once and shared by every call: special, stop and pad ids,
-    every token's text, and the healing masks (cached per healed text). ``vocab_size`` is the model's
-    (its logits' width), which may differ from the tokenizer's length."""
-
-    def __init__(self, tokenizer: Any, vocab_size: int | None = None) -> None:
-        self.tokenizer = tokenizer
-        self.vocab_size = vocab_size if vocab_size is not None else len(tokenizer)
-        self.special_ids = frozenset(tokenizer.all_special_ids)
-        eol = tokenizer.convert_tokens_to_ids("<EOL>")
-        self.stop_ids = frozenset(
-            i for i in (eol, tokenizer.eos_token_id) if i is not None and i != tokenizer.unk_token_id
-        )
-        self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self._texts: list[str] | None = None
-        self._allowed: dict[str, torch.Tensor] = {}
-        self._partial: dict[str, torch.Tensor] = {}
-
-    @classmethod
-    def for_model(cls, model: Any, tokenizer: Any) -> VocabIndex:
-        return cls(tokenizer, getattr(model.config, "vocab_size", None))
-
-    @property
-    def token_texts(self) -> list[str]:
-        """The text of every token id (built on first use: only healing needs it)."""
-        if self._texts is None:
-            self._texts = [self.tokenizer.decode([i]) for i in range(len(self.tokenizer))]
-        return self._texts
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids))
-
-    def allowed_after(self, prefix: str) -> torch.Tensor:
-        """Vocabulary mask of the (non-special) tokens whose text starts with ``prefix``."""
-        if prefix not in self._allowed:
-            mask = torch.zeros(self.vocab_size, dtype=torch.bool)
-            for i, text in enumerate(self.token_texts[: self.vocab_size]):
-                if text.startswith(prefix) and i not in self.special_ids:
-                    mask[i] = True
-            self._allowed[prefix] = mask
-        return self._allowed[prefix]
-
-    def allowed_toward(self, rest: str) -> torch.Tensor:
-        """Vocabulary mask of the tokens that start with ``rest`` or produce a first part of it."""
-        if rest not in self._partial:
-            mask = self.allowed_after(rest).clone()
-            for i, text in enumerate(self.token_texts[: mask.numel()]):
-                if text and rest.startswith(text) and i not in self.special_ids:
-                    mask[i] = True
-            self._partial[rest] = mask
-        return self._partial[rest]
-
-    def heal_mask(self, gen_ids: Sequence[int], healed: str, partial: bool) -> torch.Tensor | None:
-        """Tokens that may come next while ``healed`` is not produced yet (None once it is); ``partial``:
-        it may be produced over several tokens."""
-        done = self.decode(gen_ids) if gen_ids else ""
-        if len(done) >= len(healed):
-            return None
-        rest = healed[len(done) :]
-        return self.allowed_toward(rest) if partial else self.allowed_after(rest)
-
-    def completion_text(self, gen_ids: Sequence[int], healed: str, stops: Sequence[str]) -> str:
-        """The completion the generated ids make: the healed text cut off, ended before the first stop."""
-        text = self.tokenizer.decode([i for i in gen_ids if i not in self.stop_ids], skip_special_tokens=False)
-        text = text[len(healed) :]
-        return text[: min((i for s in stops if (i := text.find(s)) >= 0), default=len(text))]
-
-    def ended(self, gen_ids: Sequence[int], healed: str, stops: Sequence[str]) -> bool:
-        """Whether the generated ids end the completion: a stop token, or a stop string in its text."""
-        if gen_ids and gen_ids[-1] in self.stop_ids:
-            return True
-        text = self.decode(gen_ids)[len(healed) :]
-        return any(s in text for s in stops)
-
-
-# ---------------------------------------------------------------------------------------------- prompts
 @dataclass(frozen=True)
 class Prompt:
     """A prompt as the model sees it: its last tokens, and the text healed off its end ('' when not healed),
@@ -230,79 +161,6 @@ class Hypothesis:
     token_ids: tuple[int, ...]
     logprob: float
     finished: bool
-
-
-# ---------------------------------------------------------------------------------------------- the model
-def _forward_kwargs(model: Any) -> tuple[str, bool]:
-    params = inspect.signature(model.forward).parameters
-    cache_kw = "cache" if "cache" in params else "past_key_values"
-    return cache_kw, "logits_to_keep" in params
-
-
-def _out_cache(out: Any) -> Any:
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
-
-
-@dataclass(frozen=True)
-class Forward:
-    """One forward pass over new tokens with a KV cache, spelled as the model's ``forward`` wants it."""
-
-    model: Any
-    device: torch.device
-    cache_kw: str
-    takes_keep: bool
-
-    @classmethod
-    def of(cls, model: Any, index: VocabIndex | None = None) -> Forward:
-        vocab = getattr(model.config, "vocab_size", None)
-        if index is not None and vocab is not None and vocab != index.vocab_size:
-            raise ValueError(f"the vocabulary index is {index.vocab_size} tokens wide but the model's is {vocab}")
-        return cls(model.eval(), next(model.parameters()).device, *_forward_kwargs(model))
-
-    def __call__(
-        self, input_ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any, keep: int = 1
-    ) -> tuple[torch.Tensor, Any]:
-        """Logits (float) at the last ``keep`` positions, (rows, keep, vocab), and the grown cache."""
-        kwargs: dict[str, Any] = {"attention_mask": mask, "position_ids": pos, "use_cache": True}
-        if cache is not None:
-            kwargs[self.cache_kw] = cache
-        if self.takes_keep:
-            kwargs["logits_to_keep"] = keep
-        out = self.model(input_ids, **kwargs)
-        return out.logits[:, -keep:].float(), _out_cache(out)
-
-    def last(
-        self, input_ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any
-    ) -> tuple[torch.Tensor, Any]:
-        """Logits (float) at the last position, (rows, vocab), and the grown cache."""
-        logits, cache = self(input_ids, mask, pos, cache)
-        return logits[:, -1], cache
-
-
-def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids left-padded to one width, and their attention mask."""
-    width = max(len(ids) for ids in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for row, ids in enumerate(rows):
-        if ids:
-            input_ids[row, width - len(ids) :] = torch.tensor(list(ids))
-            mask[row, width - len(ids) :] = 1
-    return input_ids.to(device), mask.to(device)
-
-
-def _grow(mask: torch.Tensor, rows: int | None = None) -> torch.Tensor:
-    """The attention mask one position longer (all ones for ``rows`` rows: beams have no padding)."""
-    if rows is not None:
-        return torch.ones((rows, mask.size(1) + 1), dtype=mask.dtype, device=mask.device)
-    return torch.cat([mask, torch.ones((mask.size(0), 1), dtype=mask.dtype, device=mask.device)], dim=1)
-
-
-def _select_rows(cache: Any, src: torch.Tensor, first: bool) -> None:
-    """Keep the cache rows the surviving beams come from (the first step repeats the prompt's one row)."""
-    if cache is not None:
-        cache.reorder_cache(src) if not first else cache.batch_repeat_interleave(len(src))
 
 
 def _restrict(scores: torch.Tensor, row: int, allowed: torch.Tensor) -> None:

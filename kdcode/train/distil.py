@@ -156,10 +156,8 @@ def run_cache_teacher(
     batch_size: int = 8, overwrite: bool = False, allow_pickle: bool = False,
 ) -> dict[str, Any]:
     """One teacher pass over the training blocks of ``data``, stored as top-k soft targets."""
-    from kdcode.models import load_model
+    from kdcode.models import load_model, resolve_path
     from kdcode.train.teacher_cache import build_cache
-
-    from kdcode.models import resolve_path
 
     check_output(out, overwrite, {"--teacher": resolve_path(teacher_name), "--data": data.source})
     teacher = load_model(teacher_name, allow_pickle=allow_pickle)

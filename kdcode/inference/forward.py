@@ -1,0 +1,86 @@
+"""The model's side of decoding: one forward step over new tokens with a KV cache, and the batch plumbing
+around it (left padding, growing masks, keeping beam rows). Speculative decoding scores a draft's k tokens
+through the same step (``keep=k``) and cuts the cache back."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kdcode.inference.vocab import VocabIndex
+
+
+def _forward_kwargs(model: Any) -> tuple[str, bool]:
+    params = inspect.signature(model.forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+    return cache_kw, "logits_to_keep" in params
+
+
+def _out_cache(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+@dataclass(frozen=True)
+class Forward:
+    """One forward pass over new tokens with a KV cache, spelled as the model's ``forward`` wants it."""
+
+    model: Any
+    device: torch.device
+    cache_kw: str
+    takes_keep: bool
+
+    @classmethod
+    def of(cls, model: Any, index: VocabIndex | None = None) -> Forward:
+        vocab = getattr(model.config, "vocab_size", None)
+        if index is not None and vocab is not None and vocab != index.vocab_size:
+            raise ValueError(f"the vocabulary index is {index.vocab_size} tokens wide but the model's is {vocab}")
+        return cls(model.eval(), next(model.parameters()).device, *_forward_kwargs(model))
+
+    def __call__(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any, keep: int = 1
+    ) -> tuple[torch.Tensor, Any]:
+        """Logits (float) at the last ``keep`` positions, (rows, keep, vocab), and the grown cache."""
+        kwargs: dict[str, Any] = {"attention_mask": mask, "position_ids": pos, "use_cache": True}
+        if cache is not None:
+            kwargs[self.cache_kw] = cache
+        if self.takes_keep:
+            kwargs["logits_to_keep"] = keep
+        out = self.model(input_ids, **kwargs)
+        return out.logits[:, -keep:].float(), _out_cache(out)
+
+    def last(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any
+    ) -> tuple[torch.Tensor, Any]:
+        """Logits (float) at the last position, (rows, vocab), and the grown cache."""
+        logits, cache = self(input_ids, mask, pos, cache)
+        return logits[:, -1], cache
+
+
+def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids left-padded to one width, and their attention mask."""
+    width = max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, ids in enumerate(rows):
+        if ids:
+            input_ids[row, width - len(ids) :] = torch.tensor(list(ids))
+            mask[row, width - len(ids) :] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+def _grow(mask: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """The attention mask one position longer (all ones for ``rows`` rows: beams have no padding)."""
+    if rows is not None:
+        return torch.ones((rows, mask.size(1) + 1), dtype=mask.dtype, device=mask.device)
+    return torch.cat([mask, torch.ones((mask.size(0), 1), dtype=mask.dtype, device=mask.device)], dim=1)
+
+
+def _select_rows(cache: Any, src: torch.Tensor, first: bool) -> None:
+    """Keep the cache rows the surviving beams come from (the first step repeats the prompt's one row)."""
+    if cache is not None:
+        cache.reorder_cache(src) if not first else cache.batch_repeat_interleave(len(src))
