@@ -35,14 +35,18 @@ class Corpus:
     source: str
     splits: dict[str, list[Document]]
     skipped: Counter = field(default_factory=Counter)
+    hub: dict[str, Any] | None = None  # a hub dataset: id, config, resolved revision (commit)
 
     def summary(self) -> dict[str, Any]:
-        return {
+        out = {
             "source": self.source,
             "files": {s: len(d) for s, d in self.splits.items()},
             "chars": {s: sum(len(x.text) for x in d) for s, d in self.splits.items()},
             "skipped": dict(self.skipped),
         }
+        if self.hub:
+            out["hub"] = self.hub
+        return out
 
 
 def stdlib_root() -> Path:
@@ -164,18 +168,23 @@ def _jsonl_docs(path: Path, spec: DataSpec, skipped: Counter) -> list[Document]:
     return docs
 
 
-def _hf_docs(name: str, spec: DataSpec, skipped: Counter) -> dict[str, list[Document]] | list[Document]:
+def _hf_docs(name: str, spec: DataSpec, skipped: Counter, origin: dict[str, Any]) -> Any:
+    """Documents of a hub dataset (its own splits when it has train/valid/test, else one list); ``origin`` gets
+    its id, config and resolved revision."""
     try:
         import datasets
     except ImportError as exc:  # pragma: no cover - datasets is a dependency
         raise KdcodeError("the 'datasets' package is needed for Hugging Face datasets: pip install datasets") from exc
     try:
-        ds = _load_dataset(datasets, name)
+        ds, resolved = _load_dataset(datasets, name, spec.revision)
+    except KdcodeError:
+        raise
     except Exception as exc:
         raise KdcodeError(
             f"--data {name!r} is neither a local file/folder nor a loadable Hugging Face dataset "
             f"({type(exc).__name__}); check the path, or download the dataset where the hub is reachable"
         ) from exc
+    origin.update(resolved)
     aliases = {"train": "train", "validation": "valid", "valid": "valid", "dev": "valid", "test": "test"}
     out: dict[str, list[Document]] = {s: [] for s in SPLITS}
     flat: list[Document] = []
@@ -276,12 +285,27 @@ def _json_records(path: Path) -> list[dict[str, Any]]:
 _CODEXGLUE_COMPLETION = ("code_x_glue_cc_code_completion_line", "code_x_glue_cc_code_completion_token")
 
 
-def _load_dataset(datasets: Any, source: str) -> Any:
-    """``datasets.load_dataset`` of ``NAME[:CONFIG]``; CodeXGLUE's completion sets default to their Python config."""
+def _load_dataset(datasets: Any, source: str, revision: str | None = None) -> tuple[Any, dict[str, Any]]:
+    """``datasets.load_dataset`` of ``NAME[:CONFIG]`` at ``revision`` (CodeXGLUE's completion sets default to
+    their Python config), and what a manifest records of it: id, config, the resolved revision (commit).
+
+    With the hub off or unreachable, a dataset in the Hugging Face hub cache (``datasets--ORG--NAME/snapshots``)
+    is read from its cached snapshot, so its exact commit is known; otherwise ``datasets`` fetches it."""
+    from kdcode import hub
+
     name, _, config = source.partition(":")
     if not config and name.rsplit("/", 1)[-1] in _CODEXGLUE_COMPLETION:
         config = "python"
-    return datasets.load_dataset(name, config) if config else datasets.load_dataset(name)
+    kwargs = {"revision": revision} if revision else {}
+    origin = {"id": name, "config": config or None, "requested_revision": revision, "revision": None}
+    if hub.cache_only():
+        folder = hub.snapshot(name, revision, repo_type="dataset")
+        if folder is not None:
+            ds = datasets.load_dataset(str(folder), config) if config else datasets.load_dataset(str(folder))
+            return ds, {**origin, "revision": folder.name, "snapshot": str(folder)}
+    ds = datasets.load_dataset(name, config, **kwargs) if config else datasets.load_dataset(name, **kwargs)
+    folder = hub.snapshot(name, revision, repo_type="dataset")
+    return ds, {**origin, "revision": folder.name if folder else None}
 
 
 def _hf_records(source: str, split: str) -> list[dict[str, Any]]:
@@ -290,7 +314,7 @@ def _hf_records(source: str, split: str) -> list[dict[str, Any]]:
     except ImportError as exc:  # pragma: no cover - datasets is a dependency
         raise KdcodeError("the 'datasets' package is needed for Hugging Face datasets: pip install datasets") from exc
     try:
-        ds = _load_dataset(datasets, source)
+        ds, _ = _load_dataset(datasets, source)
     except Exception as exc:
         raise KdcodeError(
             f"{source!r} is neither a local .jsonl/.json file nor a loadable Hugging Face dataset "
@@ -326,6 +350,7 @@ def load_records(source: str, split: str = "test") -> list[dict[str, Any]]:
 def load_corpus(spec: DataSpec) -> Corpus:
     """Read the corpus ``spec.source`` and split it by file (see ``split_of``)."""
     skipped: Counter = Counter()
+    origin: dict[str, Any] = {}
     source = spec.source
     if source == STDLIB:
         docs: Any = _folder_docs(stdlib_root(), spec, skipped)
@@ -345,7 +370,7 @@ def load_corpus(spec: DataSpec) -> Corpus:
         elif path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
             raise KdcodeError(f"--data {source!r} does not exist; pass a folder, a .jsonl file or a dataset id")
         else:
-            docs = _hf_docs(source, spec, skipped)
+            docs = _hf_docs(source, spec, skipped, origin)
     if isinstance(docs, dict):
         splits = docs
     else:
@@ -356,7 +381,7 @@ def load_corpus(spec: DataSpec) -> Corpus:
             splits[split_of(doc.key, spec.valid_fraction, spec.test_fraction)].append(doc)
     if spec.format == "py150":
         splits = {s: to_py150(d, skipped) for s, d in splits.items()}
-    return Corpus(source=source, splits=splits, skipped=skipped)
+    return Corpus(source=source, splits=splits, skipped=skipped, hub=origin or None)
 
 
 def fingerprint(docs: list[Document]) -> str:

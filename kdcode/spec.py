@@ -109,6 +109,7 @@ class DataSpec(_Spec):
     """Where the code comes from and how it is split (by a hash of each file's path)."""
 
     source: str = Field("stdlib", description="'stdlib', a folder, a .jsonl file, or a HF dataset id")
+    revision: str | None = Field(None, description="hub dataset revision (commit, branch or tag); default main")
     glob: str = "**/*.py"
     format: Literal["raw", "py150"] = "raw"
     field: str = Field("code", description="text field of .jsonl / HF dataset records")

@@ -131,7 +131,8 @@ def run_compress(
         reasons.append(f"int8 weights in {INT8_FILE}")
     parent = {
         "path": str(lm.path.resolve()) if lm.path else name,
-        "weights_sha256": weights_sha256(lm.path) if lm.path else {"hub": lm.fingerprint},
+        "weights_sha256": weights_sha256(lm.folder) if lm.folder else {"hub": lm.fingerprint},
+        "hub": lm.hub and {k: lm.hub[k] for k in ("id", "revision")},
     }
     manifest: dict[str, Any] = {
         "kind": "compressed",

@@ -87,7 +87,9 @@ def measure(
         "model": name,
         "params_m": round(params / 1e6, 3),
         "n_layer": lm.n_layer,
-        "size_mb": round(weights_size(lm.path) / 1e6, 3) if lm.path else None,
+        "size_mb": round(weights_size(lm.folder) / 1e6, 3) if lm.folder else None,  # a hub model: its cache files
+        "source": {"path": str(lm.folder) if lm.folder else None, "hub": lm.hub and {k: lm.hub[k] for k in
+                                                                                    ("id", "revision")}},
         "weights_memory_mb": round(memory_bytes(model) / 1e6, 3),
         "samples_per_s": round(len(timed) / wall, 3),
         "tokens_per_s": round(sum(gen.token_counts) / wall, 1),

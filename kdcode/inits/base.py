@@ -173,6 +173,7 @@ class Init:
 
     def __init__(self, params: InitParams | None = None, **kwargs: Any) -> None:
         self.params = params if params is not None else self.Params(**kwargs)
+        self.origin: dict[str, Any] | None = None  # a checkpoint the student starts from, as a manifest names it
 
     def build(
         self,

@@ -70,7 +70,7 @@ def run_distil(spec: RunSpec, overwrite: bool = False, resume: bool = False) -> 
         "spec": spec.model_dump(mode="json"),
         "teacher": teacher.describe(),
         "strategy": {"name": spec.strategy.name, "params": strategy.params.model_dump()},
-        "init": {"name": spec.student.init.name, "params": init.params.model_dump()},
+        "init": {"name": spec.student.init.name, "params": init.params.model_dump(), "origin": init.origin},
         "layer_map": layer_map,
         "model": {
             "n_layer": student.config.num_hidden_layers,
