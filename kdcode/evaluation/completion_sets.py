@@ -138,7 +138,8 @@ def read_completion_set(source: str, split: str = "test") -> tuple[list[LineSamp
     """
     from collections import Counter
 
-    from kdcode.data import load_records, to_py150
+    from kdcode.data import to_py150
+    from kdcode.records import load_records
 
     records = load_records(source, split)
     if all("input" in r and "gt" in r for r in records):
