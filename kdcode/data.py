@@ -283,7 +283,9 @@ def load_corpus(spec: DataSpec) -> Corpus:
         splits = docs
     else:
         if spec.max_files is not None:
-            docs = sorted(docs, key=lambda d: hashlib.sha256(d.key.encode()).hexdigest())[: spec.max_files]
+            # A hash of its own: sorting by split_of's hash would keep only the files that hash lowest, all test.
+            docs = sorted(docs, key=lambda d: hashlib.sha256(b"max_files:" + d.key.encode()).hexdigest())
+            docs = docs[: spec.max_files]
         splits = {s: [] for s in SPLITS}
         for doc in docs:
             splits[split_of(doc.key, spec.valid_fraction, spec.test_fraction)].append(doc)

@@ -291,3 +291,12 @@ def test_inputs_are_read_with_bounded_memory(tmp_path):
     corpus = load_corpus(DataSpec(source=str(jsonl), max_file_bytes=2**20, test_fraction=0, valid_fraction=0))
     assert sorted(d.text for d in corpus.splits["train"]) == ["a = 1", "c = 3"]
     assert dict(corpus.skipped) == {"over_max_file_bytes": 1}
+
+
+def test_max_files_keeps_every_split(tmp_path):
+    """A subset by max_files is drawn independently of the split (it used to keep only test files)."""
+    for i in range(400):
+        (tmp_path / f"m{i}.py").write_text(f"x = {i}\n")
+    corpus = load_corpus(DataSpec(source=str(tmp_path), max_files=100))
+    sizes = {k: len(v) for k, v in corpus.splits.items()}
+    assert sum(sizes.values()) == 100 and sizes["train"] > 80 and sizes["test"] < 15
