@@ -352,7 +352,8 @@ class BenchSpec(_Spec):
     """`kdcode bench`: size, memory and speed of a model on a fixed completion set."""
 
     data: DataSpec = Field(default_factory=DataSpec)
-    prompts: int = Field(32, ge=1)
+    prompts: int = Field(16, ge=1, description="timed completions per round")
+    rounds: int = Field(5, ge=1, description="interleaved rounds; figures are medians with their range")
     warmup: int = Field(2, ge=0)
     new_tokens: int = Field(16, ge=1, description="tokens generated per prompt (no early stop)")
     batch_size: int = Field(1, ge=1)

@@ -112,7 +112,8 @@ def bench(
     model: Annotated[str, typer.Argument(help="Model folder, 'bundled', or a HF id.")],
     compare: Annotated[str | None, typer.Option(help="Measure this model too (e.g. the teacher) and compare.")] = None,
     data: Annotated[str | None, typer.Option(help="Corpus for the prompts (default: the stdlib test split).")] = None,
-    prompts: Annotated[int, typer.Option(help="Timed completions.")] = 32,
+    prompts: Annotated[int, typer.Option(help="Timed completions per round.")] = 16,
+    rounds: Annotated[int, typer.Option(help="Interleaved rounds (A B, B A, ...): medians with their range.")] = 5,
     new_tokens: Annotated[int, typer.Option(help="Tokens generated per completion (no early stop).")] = 16,
     batch_size: Annotated[int, typer.Option(help="Prompts decoded together.")] = 1,
     device: DeviceOpt = "auto",
@@ -132,7 +133,7 @@ def bench(
     spec = build_spec(
         BenchSpec,
         {
-            "data": overrides({"source": data}), "prompts": prompts, "new_tokens": new_tokens,
+            "data": overrides({"source": data}), "prompts": prompts, "rounds": rounds, "new_tokens": new_tokens,
             "batch_size": batch_size, "threads": threads, "device": device, "dtype": dtype, "seed": seed,
         },
         "flags",
@@ -140,24 +141,41 @@ def bench(
     check_json_path(json_out, model, compare)
     result = run_bench(model, spec, compare=compare, verify=not no_verify, allow_pickle=allow_pickle,
                        trust_remote_code=trust_remote_code)
-    rows = [(model, result)] + ([(compare, result["compare"])] if compare else [])
+    rows = [(model, with_ranges(result))] + ([(compare, with_ranges(result["compare"]))] if compare else [])
     if str(json_out) != "-":
         console = out_console()
         console.print(
             metrics_table(
                 f"bench: {result['device']} ({result['cpu']}), {result['dtype']}, {result['threads']} threads, "
-                f"batch {spec.batch_size}, {spec.new_tokens} new tokens x {result['prompts']} prompts",
+                f"{result['backend']}, batch {spec.batch_size}, {spec.new_tokens} new tokens x {result['prompts']} "
+                f"prompts x {result['rounds']} interleaved rounds (median [min-max])",
                 rows,
                 BENCH_COLUMNS,
             )
         )
         if compare:
-            r = result["ratios"]
-            size = f"size x{r['size']}" if r.get("size") is not None else "size not measured"
-            console.print(f"vs {compare}: {r['speedup']}x throughput, {size}, params x{r['params']}")
+            console.print(ratio_line(compare, result["ratios"]), highlight=False)
     write_json(json_out, result)
     if record:
         record_metrics(model, "bench", {k: v for k, v in result.items() if k != "compare"})
+
+
+def with_ranges(result: dict) -> dict:
+    """A result whose timed figures read ``median [min-max]`` (the table's cells)."""
+    out = dict(result)
+    for key, value in result.items():
+        rng = result.get(f"{key}_range")
+        if rng is not None and value is not None:
+            out[key] = f"{value} [{rng[0]}-{rng[1]}]"
+    return out
+
+
+def ratio_line(compare: str, r: dict) -> str:
+    size = f"size x{r['size']}" if r.get("size") is not None else "size not measured"
+    lo, hi = r["speedup_range"]
+    rank = (f"ranges separate: {r['ranking']} is faster" if r["separated"]
+            else "ranges overlap: too close to rank; add --rounds or quiet the machine")
+    return f"vs {compare}: {r['speedup']}x throughput [{lo}-{hi}] ({rank}), {size}, params x{r['params']}"
 
 
 def register(app: typer.Typer) -> None:

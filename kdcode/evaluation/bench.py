@@ -1,9 +1,12 @@
 """Measurements of a model as it is: parameters, weight size on disk, peak memory, throughput, latency.
 
-Each model is measured in a fresh process (spawned), so that its peak memory is its own and not the
-high-water mark of whatever ran before it. Speed is measured on a fixed completion set: the same
-held-out prompts for every model, a fixed number of generated tokens per prompt (no early stop, so
-that a model that stops early does not look fast), greedy decoding with a KV cache, after warm-up.
+The protocol (one for `bench`, `bench --compare`, the sweep and the benchmarks): every model is loaded in a
+fresh process of its own (spawned, so that its peak memory is its own), warmed up, and then timed in
+**interleaved rounds**: round 1 of A, round 1 of B, round 2 of B, round 2 of A, ... (the order alternates,
+so a drift of the machine falls on both). A round completes the same fixed prompt set (held-out lines, a
+fixed number of new tokens each, no early stop, greedy with a KV cache). Each figure is reported as the
+median over rounds with its range (min-max); two models are ranked only when their throughput ranges do not
+overlap. The device, dtype, threads and backend are part of every result.
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ import multiprocessing as mp
 import platform
 import statistics
 import time
-from queue import Empty
 from typing import Any
 
 from kdcode.errors import KdcodeError
 from kdcode.spec import BenchSpec
+
+TIMED = ("samples_per_s", "tokens_per_s", "ms_per_token_p50", "ms_per_token_p95", "ms_first_token_p50")
+WAIT_S = 1.0
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -28,102 +33,193 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
-def measure(
-    name: str,
-    spec: BenchSpec,
-    verify: bool = True,
-    show_progress: bool = True,
-    allow_pickle: bool = False,
-    trust_remote_code: bool = False,
-) -> dict[str, Any]:
-    """Measure one model in this process (use ``run_bench`` for a clean peak-memory figure)."""
-    import torch
-
-    from kdcode.artifacts import weights_size
+def bench_prompts(spec: BenchSpec) -> list[str]:
+    """The fixed prompt set: ``warmup + prompts`` held-out line prefixes (the same for every model)."""
     from kdcode.data import load_corpus
-    from kdcode.device import peak_rss_mb, resolve_device, rss_mb
     from kdcode.evaluation.completion_sets import build_line_samples
-    from kdcode.inference.decode import DecodeOptions, VocabIndex, greedy, n_positions
-    from kdcode.inference.loader import load_for_inference
-    from kdcode.progress import make_progress
 
-    device = resolve_device(spec.device).type
     corpus = load_corpus(spec.data)
     docs = corpus.splits["test"] or [d for s in corpus.splits.values() for d in s]
-    samples = build_line_samples(docs, spec.prompts + spec.warmup, spec.seed, spec.data.format)
-    prompts = [s.input for s in samples]
-    base_rss = rss_mb()
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    lm = load_for_inference(name, spec.device, spec.dtype, spec.threads, verify=verify, allow_pickle=allow_pickle,
-                            trust_remote_code=trust_remote_code)
-    model = lm.model
-    # a fixed number of tokens per prompt (no early stop), so that a model that stops early does not look fast
-    opts = DecodeOptions(max_new_tokens=spec.new_tokens, heal=spec.data.format == "raw", fixed_length=True)
-    context = opts.context_for(n_positions(model))
-    index = VocabIndex.for_model(model, lm.tokenizer)
-    warm, timed = prompts[: spec.warmup], prompts[spec.warmup :]
-    if warm:
-        greedy(model, index, warm, opts, spec.batch_size)
-    with make_progress() as progress:
-        task = progress.add_task(f"bench {name}", total=len(timed), info="", visible=show_progress)
+    return [s.input for s in build_line_samples(docs, spec.prompts + spec.warmup, spec.seed, spec.data.format)]
 
-        def advance(k: int) -> None:
-            steps = gen.step_s if gen else []
-            progress.update(task, advance=k, info=f"{1000 * statistics.median(steps):.1f} ms/token" if steps else "")
 
-        gen = None
-        if device == "cuda":
-            torch.cuda.synchronize()
+class Runner:
+    """One loaded model, warmed up, that times rounds of the prompt set (in this process)."""
+
+    def __init__(self, name: str, spec: BenchSpec, verify: bool = True, **load: Any) -> None:
+        import torch
+
+        from kdcode.device import resolve_device, rss_mb
+        from kdcode.inference.decode import DecodeOptions, VocabIndex, greedy, n_positions
+        from kdcode.inference.loader import load_for_inference
+
+        self.name, self.spec = name, spec
+        self.device = resolve_device(spec.device)
+        prompts = bench_prompts(spec)
+        self.base_rss = rss_mb()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        self.lm = load_for_inference(name, spec.device, spec.dtype, spec.threads, verify=verify, **load)
+        # a fixed number of tokens per prompt (no early stop), so that a model that stops early does not look fast
+        self.opts = DecodeOptions(max_new_tokens=spec.new_tokens, heal=spec.data.format == "raw", fixed_length=True)
+        self.context = self.opts.context_for(n_positions(self.lm.model))
+        self.index = VocabIndex.for_model(self.lm.model, self.lm.tokenizer)
+        self._greedy = greedy
+        warm, self.prompts = prompts[: spec.warmup], prompts[spec.warmup :]
+        if warm:
+            greedy(self.lm.model, self.index, warm, self.opts, spec.batch_size)
+
+    def round(self) -> dict[str, float]:
+        """One timed pass over the prompt set."""
+        import torch
+
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
         start = time.perf_counter()
-        gen = greedy(model, index, timed, opts, spec.batch_size, on_batch=advance)
-        if device == "cuda":
-            torch.cuda.synchronize()
+        gen = self._greedy(self.lm.model, self.index, self.prompts, self.opts, self.spec.batch_size)
+        sync()
         wall = time.perf_counter() - start
-    from kdcode.compression.int8 import memory_bytes
+        return {
+            "samples_per_s": len(self.prompts) / wall,
+            "tokens_per_s": sum(gen.token_counts) / wall,
+            "ms_per_token_p50": 1000 * _percentile(gen.step_s, 0.5),
+            "ms_per_token_p95": 1000 * _percentile(gen.step_s, 0.95),
+            "ms_first_token_p50": 1000 * _percentile(gen.prefill_s, 0.5),
+        }
 
-    params = lm.params  # int8 weights counted too
-    out: dict[str, Any] = {
-        "model": name,
-        "params_m": round(params / 1e6, 3),
-        "n_layer": lm.n_layer,
-        "size_mb": round(weights_size(lm.folder) / 1e6, 3) if lm.folder else None,  # a hub model: its cache files
-        "source": {"path": str(lm.folder) if lm.folder else None, "hub": lm.hub and {k: lm.hub[k] for k in
-                                                                                    ("id", "revision")}},
-        "weights_memory_mb": round(memory_bytes(model) / 1e6, 3),
-        "samples_per_s": round(len(timed) / wall, 3),
-        "tokens_per_s": round(sum(gen.token_counts) / wall, 1),
-        "ms_per_token_p50": round(1000 * _percentile(gen.step_s, 0.5), 3),
-        "ms_per_token_p95": round(1000 * _percentile(gen.step_s, 0.95), 3),
-        "ms_first_token_p50": round(1000 * _percentile(gen.prefill_s, 0.5), 3),
-        "prompts": len(timed),
-        "new_tokens": spec.new_tokens,
-        "batch_size": spec.batch_size,
-        "context_tokens": context,
-        "device": device if device == "cpu" else lm.runtime["device"],
-        "cpu": platform.processor() or platform.machine(),
-        "dtype": lm.runtime["dtype"],
-        "threads": lm.runtime["threads"],
-        "runtime": lm.runtime,
-        "verified": lm.verified,
-    }
-    if device == "cuda":
-        out["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        out["memory_kind"] = "max CUDA memory allocated"
-    else:
-        out["peak_memory_mb"] = round(peak_rss_mb(), 1)
-        out["model_memory_mb"] = round(peak_rss_mb() - base_rss, 1)
-        out["memory_kind"] = "peak process RSS (model_memory_mb: above the RSS before loading the model)"
+    def info(self) -> dict[str, Any]:
+        """What does not change between rounds: size, memory, and what the figures were measured on."""
+        import torch
+
+        from kdcode.artifacts import weights_size
+        from kdcode.compression.int8 import memory_bytes
+        from kdcode.device import peak_rss_mb
+
+        lm = self.lm
+        out: dict[str, Any] = {
+            "model": self.name,
+            "params_m": round(lm.params / 1e6, 3),  # int8 weights counted too
+            "n_layer": lm.n_layer,
+            "size_mb": round(weights_size(lm.folder) / 1e6, 3) if lm.folder else None,  # a hub model: its cache
+            "source": {"path": str(lm.folder) if lm.folder else None,
+                       "hub": lm.hub and {k: lm.hub[k] for k in ("id", "revision")}},
+            "weights_memory_mb": round(memory_bytes(lm.model) / 1e6, 3),
+            "prompts": len(self.prompts),
+            "new_tokens": self.spec.new_tokens,
+            "batch_size": self.spec.batch_size,
+            "context_tokens": self.context,
+            "device": self.device.type if self.device.type == "cpu" else lm.runtime["device"],
+            "cpu": platform.processor() or platform.machine(),
+            "dtype": lm.runtime["dtype"],
+            "threads": lm.runtime["threads"],
+            "backend": "torch",
+            "runtime": {**lm.runtime, "backend": "torch"},
+            "verified": lm.verified,
+        }
+        if self.device.type == "cuda":
+            out["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            out["memory_kind"] = "max CUDA memory allocated"
+        else:
+            out["peak_memory_mb"] = round(peak_rss_mb(), 1)
+            out["model_memory_mb"] = round(peak_rss_mb() - self.base_rss, 1)
+            out["memory_kind"] = "peak process RSS (model_memory_mb: above the RSS before loading the model)"
+        return out
+
+
+def _serve(name: str, spec_json: str, verify: bool, load: dict[str, Any], conn: Any) -> None:
+    """A worker process: load one model, then answer "round" and "info" until "stop"."""
+    try:
+        runner = Runner(name, BenchSpec.model_validate_json(spec_json), verify, **load)
+        conn.send(("ready", None))
+        while (command := conn.recv()) != "stop":
+            conn.send(("ok", runner.round() if command == "round" else runner.info()))
+    except KdcodeError as exc:
+        conn.send(("error", str(exc)))
+    except Exception as exc:  # noqa: BLE001 - reported to the parent as one line
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+class Worker:
+    """A model in a process of its own (``isolate``) or in this one, driven round by round."""
+
+    def __init__(self, name: str, spec: BenchSpec, verify: bool, load: dict[str, Any], isolate: bool) -> None:
+        self.name, self.runner, self.proc = name, None, None
+        if not isolate:
+            self.runner = Runner(name, spec, verify, **load)
+            return
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(name, spec.model_dump_json(), verify, load, child), daemon=True)
+        self.proc.start()
+        self._answer()
+
+    def _answer(self) -> Any:
+        while not self.conn.poll(WAIT_S):
+            if not self.proc.is_alive():
+                raise KdcodeError(f"the benchmark process for {self.name} died (exit code {self.proc.exitcode})")
+        status, payload = self.conn.recv()
+        if status == "error":
+            raise KdcodeError(payload)
+        return payload
+
+    def ask(self, command: str) -> Any:
+        if self.runner is not None:
+            return self.runner.round() if command == "round" else self.runner.info()
+        self.conn.send(command)
+        return self._answer()
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.is_alive():
+            try:
+                self.conn.send("stop")
+            except OSError:
+                pass
+            self.proc.join(timeout=10)
+            if self.proc.is_alive():
+                self.proc.kill()
+
+
+def summarise(rounds: list[dict[str, float]]) -> dict[str, Any]:
+    """Median and range (min, max) of every timed figure over the rounds."""
+    out: dict[str, Any] = {}
+    for key in TIMED:
+        values = [r[key] for r in rounds]
+        decimals = 1 if key == "tokens_per_s" else 3
+        out[key] = round(statistics.median(values), decimals)
+        out[f"{key}_range"] = [round(min(values), decimals), round(max(values), decimals)]
+    out["rounds"] = len(rounds)
     return out
 
 
-def _child(name: str, spec_json: str, verify: bool, queue: Any, load: dict[str, bool] | None = None) -> None:
+def run_bench_many(
+    names: list[str], spec: BenchSpec, verify: bool = True, isolate: bool = True, **load: Any
+) -> list[dict[str, Any]]:
+    """Benchmark ``names`` together in interleaved rounds (see the module doc); one result per model."""
+    from kdcode.progress import make_progress
+
+    workers: list[Worker] = []
     try:
-        queue.put(("ok", measure(name, BenchSpec.model_validate_json(spec_json), verify, **(load or {}))))
-    except KdcodeError as exc:
-        queue.put(("error", str(exc)))
-    except Exception as exc:  # reported to the parent as one line
-        queue.put(("error", f"{type(exc).__name__}: {exc}"))
+        for name in names:
+            workers.append(Worker(name, spec, verify, load, isolate))
+        rounds: list[list[dict[str, float]]] = [[] for _ in workers]
+        with make_progress() as progress:
+            task = progress.add_task("bench", total=spec.rounds * len(workers), info=f"{len(workers)} model(s)")
+            for r in range(spec.rounds):
+                order = range(len(workers)) if r % 2 == 0 else reversed(range(len(workers)))
+                for i in order:
+                    rounds[i].append(workers[i].ask("round"))
+                    progress.update(task, advance=1, info=f"round {r + 1}/{spec.rounds}")
+        return [{**w.ask("info"), **summarise(rs), "round_figures": rs} for w, rs in zip(workers, rounds)]
+    finally:
+        for w in workers:
+            w.close()
+
+
+def separated(a: dict[str, Any], b: dict[str, Any], key: str = "samples_per_s") -> bool:
+    """True when two models' ranges of ``key`` do not overlap: only then is one ranked above the other."""
+    lo_a, hi_a = a[f"{key}_range"]
+    lo_b, hi_b = b[f"{key}_range"]
+    return hi_a < lo_b or hi_b < lo_a
 
 
 def run_bench(
@@ -135,36 +231,22 @@ def run_bench(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
 ) -> dict[str, Any]:
-    """Measure ``name`` (and ``compare``), each in its own process when ``isolate``."""
-    load = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
-
-    def one(target: str) -> dict[str, Any]:
-        if not isolate:
-            return measure(target, spec, verify, **load)
-        ctx = mp.get_context("spawn")
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_child, args=(target, spec.model_dump_json(), verify, queue, load))
-        proc.start()
-        while True:
-            try:
-                status, payload = queue.get(timeout=1.0)
-                break
-            except Empty:
-                if not proc.is_alive():
-                    raise KdcodeError(f"the benchmark process for {target} died (exit code {proc.exitcode})") from None
-        proc.join()
-        if status == "error":
-            raise KdcodeError(payload)
-        return payload
-
-    result = one(name)
+    """Measure ``name`` (and ``compare``, interleaved with it); ratios and whether the ranking holds."""
+    names = [name, compare] if compare else [name]
+    results = run_bench_many(names, spec, verify, isolate, allow_pickle=allow_pickle,
+                             trust_remote_code=trust_remote_code)
+    result = results[0]
     if compare:
-        other = one(compare)
-        result["compare"] = other
+        other = result["compare"] = results[1]
+        apart = separated(result, other)
         result["ratios"] = {
             "params": round(result["params_m"] / other["params_m"], 3),
             "size": round(result["size_mb"] / other["size_mb"], 3) if result["size_mb"] and other["size_mb"] else None,
             "speedup": round(result["samples_per_s"] / other["samples_per_s"], 3),
+            "speedup_range": [round(result["samples_per_s_range"][0] / other["samples_per_s_range"][1], 3),
+                              round(result["samples_per_s_range"][1] / other["samples_per_s_range"][0], 3)],
             "latency": round(result["ms_per_token_p50"] / other["ms_per_token_p50"], 3),
+            "separated": apart,
+            "ranking": (name if result["samples_per_s"] > other["samples_per_s"] else compare) if apart else None,
         }
     return result
