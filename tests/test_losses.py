@@ -97,3 +97,19 @@ def test_soft_loss_gradient_flows_to_student_only():
     make_strategy("pretraining", {}).loss(student, teacher, LABELS)["loss"].backward()
     assert s_logits.grad is not None and s_logits.grad.abs().sum() > 0
     assert t_logits.grad is None
+
+
+def test_tvd_golden_value_and_its_cached_form():
+    # p_t = [3/4, 1/4], p_s = [1/2, 1/2] at position 0: TVD = 1/2 (1/4 + 1/4) = 1/4; hard = ln 2
+    from kdcode.strategies.sparse import SparseTargets
+    from kdcode.strategies.tvd import tvd_dense, tvd_sparse
+
+    assert tvd_dense(STUDENT.logits, TEACHER.logits, LABELS, 1.0).item() == pytest.approx(0.25, abs=1e-6)
+    s = make_strategy("tvd", {})
+    terms = s.loss(STUDENT, TEACHER, LABELS)
+    assert terms["loss"].item() == pytest.approx(0.25 + 0.5 * math.log(2), abs=1e-6)
+    t = TEACHER.logits
+    full = SparseTargets(t.topk(2, -1).values, t.topk(2, -1).indices, torch.logsumexp(t, -1), 1.0)
+    assert tvd_sparse(STUDENT.logits, full, LABELS, 1.0).item() == pytest.approx(0.25, abs=1e-6)  # k = vocab: exact
+    top1 = SparseTargets(t.topk(1, -1).values, t.topk(1, -1).indices, torch.logsumexp(t, -1), 1.0)
+    assert tvd_sparse(STUDENT.logits, top1, LABELS, 1.0).item() == pytest.approx(0.25, abs=1e-6)  # 2 buckets

@@ -1,0 +1,217 @@
+"""Speculative decoding (Leviathan et al. 2023; Chen et al. 2023): a small draft model proposes ``k`` tokens, the
+target scores them in one forward pass, and the longest prefix the target agrees with is kept, plus the
+target's own next token. With greedy decoding the output is token for token the target's own greedy output;
+with sampling, each draft token is accepted with probability ``min(1, p/q)`` and a rejected one is replaced by a
+sample of ``norm(max(0, p - q))``, so the output follows the target's distribution.
+
+Both KV caches are kept across passes and cut back (``DynamicCache.crop``) to the accepted prefix. Batch 1.
+Token healing and stop strings work as in :mod:`kdcode.inference.decode` (the same masks at the same steps).
+
+Acceptance, the most direct measure of how faithfully a student imitates its teacher: ``accepted / proposed``
+draft tokens, and the mean tokens per target pass (accepted + the target's own one).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kdcode.errors import KdcodeError
+from kdcode.inference.decode import DecodeOptions, Generation, Prompt, encode_prompt, n_positions
+from kdcode.inference.forward import Forward
+from kdcode.inference.vocab import VocabIndex
+
+
+@dataclass
+class Acceptance:
+    """Draft tokens proposed and accepted, over target passes."""
+
+    k: int
+    passes: int = 0
+    proposed: int = 0
+    accepted: int = 0
+
+    def add(self, other: Acceptance) -> None:
+        self.passes += other.passes
+        self.proposed += other.proposed
+        self.accepted += other.accepted
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "draft_tokens": self.k,
+            "acceptance_rate": round(self.accepted / self.proposed, 4) if self.proposed else None,
+            "accepted_per_pass": round(self.accepted / self.passes, 3) if self.passes else None,
+            "tokens_per_pass": round((self.accepted + self.passes) / self.passes, 3) if self.passes else None,
+            "target_passes": self.passes,
+            "proposed": self.proposed,
+            "accepted": self.accepted,
+        }
+
+
+@dataclass
+class _Side:
+    """One model's cached state: the cache holds every context token but the last (fed with the next pass)."""
+
+    fwd: Forward
+    cache: Any = None
+    cached: int = 0  # tokens in the cache
+    pending: list[int] = field(default_factory=list)  # tokens to feed before the next new ones
+
+    def feed(self, tokens: list[int], keep: int) -> torch.Tensor:
+        """Feed pending + ``tokens``; the logits at the last ``keep`` positions, (keep, vocab)."""
+        ids = self.pending + tokens
+        x = torch.tensor([ids], device=self.fwd.device)
+        pos = torch.arange(self.cached, self.cached + len(ids), device=self.fwd.device)[None]
+        mask = torch.ones((1, self.cached + len(ids)), dtype=torch.long, device=self.fwd.device)
+        logits, self.cache = self.fwd(x, mask, pos, self.cache, keep=keep)
+        self.cached += len(ids)
+        self.pending = []
+        return logits[0]
+
+    def cut(self, remove: int) -> None:
+        if remove > 0:
+            self.cache.crop(-remove)
+            self.cached -= remove
+
+
+class _Masks:
+    """The healing mask before each generated token, as greedy decoding applies it."""
+
+    def __init__(self, index: VocabIndex, prompt: Prompt, opts: DecodeOptions) -> None:
+        self.index, self.healed, self.space = index, prompt.healed, opts.heal_space
+
+    def __call__(self, gen: list[int]) -> torch.Tensor | None:
+        if not self.healed or (gen and not self.space):
+            return None
+        return self.index.heal_mask(gen, self.healed, self.space)
+
+    def apply(self, logits: torch.Tensor, gen: list[int]) -> torch.Tensor:
+        allowed = self(gen)
+        if allowed is None:
+            return logits
+        out = logits.clone()
+        out[: allowed.numel()] = out[: allowed.numel()].masked_fill(~allowed.to(out.device), float("-inf"))
+        return out
+
+
+def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> tuple[int, torch.Tensor]:
+    """A token (argmax, or a sample at ``temperature``) and the distribution it came from."""
+    if temperature <= 0:
+        return int(logits.argmax()), logits
+    probs = torch.softmax(logits.float() / temperature, dim=-1).cpu()
+    return int(torch.multinomial(probs, 1, generator=generator)), probs
+
+
+@torch.inference_mode()
+def speculative_one(
+    target: Any,
+    draft: Any,
+    index: VocabIndex,
+    prompt: Prompt,
+    opts: DecodeOptions,
+    k: int,
+    generator: torch.Generator | None = None,
+) -> tuple[list[int], Acceptance, list[float]]:
+    """Decode one prompt: (generated ids, acceptance, seconds per target pass)."""
+    t, d = _Side(Forward.of(target, index)), _Side(Forward.of(draft, index))
+    masks = _Masks(index, prompt, opts)
+    ids = list(prompt.ids) or [index.pad_id]
+    if len(ids) > 1:  # both caches hold all but the last context token
+        t.feed(ids[:-1], keep=1)
+        d.feed(ids[:-1], keep=1)
+    last, gen, stats, times = ids[-1], [], Acceptance(k), []
+    temp = opts.temperature
+    while len(gen) < opts.max_new_tokens:
+        t0 = time.perf_counter()
+        kk = min(k, opts.max_new_tokens - len(gen) - 1)
+        proposals: list[int] = []
+        q_dists: list[torch.Tensor] = []
+        if kk:
+            logits = d.feed([last], keep=1)[-1]
+            for i in range(kk):
+                tok, q = _pick(masks.apply(logits, gen + proposals), temp, generator)
+                proposals.append(tok)
+                q_dists.append(q)
+                if i < kk - 1:
+                    logits = d.feed([tok], keep=1)[-1]
+        scores = t.feed([last, *proposals], keep=kk + 1)  # row i predicts the token after proposals[:i]
+        accepted, new = 0, []
+        for i, tok in enumerate(proposals):
+            p_logits = masks.apply(scores[i], gen + proposals[:i])
+            if temp <= 0:
+                if int(p_logits.argmax()) != tok:
+                    break
+            else:
+                p = torch.softmax(p_logits.float() / temp, dim=-1).cpu()
+                if torch.rand((), generator=generator) >= torch.clamp(p[tok] / q_dists[i][tok], max=1.0):
+                    residual = torch.clamp(p - q_dists[i], min=0)
+                    total = residual.sum()
+                    fix = residual / total if total > 0 else p
+                    new = [int(torch.multinomial(fix, 1, generator=generator))]
+                    break
+            accepted += 1
+        if not new:  # every proposal up to the first disagreement was kept: the target's own next token
+            new = [_pick(masks.apply(scores[accepted], gen + proposals[:accepted]), temp, generator)[0]]
+        stats.passes += 1
+        stats.proposed += kk
+        stats.accepted += accepted
+        produced = proposals[:accepted] + new
+        # roll back: the target keeps context + accepted proposals; the draft, what it has of them
+        t.cut(kk - accepted)
+        if not kk:  # the draft was not run this pass: it still owes the last context token
+            d.pending = d.pending + [last]
+        elif accepted == kk:
+            d.pending = [proposals[-1]]  # the last proposal was never fed to the draft
+        else:
+            d.cut(kk - 1 - accepted)
+        for tok in produced:
+            gen.append(tok)
+            if len(gen) >= opts.max_new_tokens or (
+                not opts.fixed_length and index.ended(gen, prompt.healed, opts.stop_strings)
+            ):
+                times.append(time.perf_counter() - t0)
+                return gen, stats, times
+        last = produced[-1]
+        times.append(time.perf_counter() - t0)
+    return gen, stats, times
+
+
+def check_pair(target_tok: Any, draft_tok: Any, target: str, draft: str) -> None:
+    """A draft must share the target's tokenizer: one clear line when it does not."""
+    if target_tok.get_vocab() != draft_tok.get_vocab():
+        raise KdcodeError(
+            f"the draft {draft} and the target {target} use different tokenizers (vocab {len(draft_tok)} vs "
+            f"{len(target_tok)}); speculative decoding needs one vocabulary: draft with a student of this teacher"
+        )
+
+
+def speculative(
+    target: Any,
+    draft: Any,
+    index: VocabIndex,
+    prompts: list[str | Prompt],
+    opts: DecodeOptions,
+    k: int = 4,
+) -> tuple[Generation, Acceptance]:
+    """Speculative decoding of every prompt (batch 1); the result is shaped as greedy decoding's."""
+    if k < 1:
+        raise KdcodeError(f"--draft-tokens must be at least 1, not {k}")
+    context = opts.context_for(min(n_positions(target), n_positions(draft)))
+    generator = None
+    if opts.temperature > 0:
+        generator = torch.Generator()
+        generator.manual_seed(opts.seed) if opts.seed is not None else generator.seed()
+    texts, token_ids, stopped, step_s = [], [], [], []
+    total = Acceptance(k)
+    for p in prompts:
+        prompt = p if isinstance(p, Prompt) else encode_prompt(index, p, opts, context)
+        gen, stats, times = speculative_one(target, draft, index, prompt, opts, k, generator)
+        total.add(stats)
+        texts.append(index.completion_text(gen, prompt.healed, opts.stop_strings))
+        token_ids.append(gen)
+        stopped.append(index.ended(gen, prompt.healed, opts.stop_strings))
+        step_s.extend(times)
+    return Generation(texts, token_ids, stopped, [], step_s), total
