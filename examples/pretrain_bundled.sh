@@ -12,14 +12,66 @@
 # (no test/ folders), on which `kdcode eval bundled` scores it, stay unseen.
 # Stage 3 (80 min) is more of stage 2 from its end at a lower peak learning rate (stage 2's held-out
 # loss was still falling when its cosine schedule ended); stage 4 (28 min) once more at 3e-4.
+# Stage 5 (issue 21, 60 min) teaches the four-stage teacher to fill in the middle: the same data with the
+# FIM transform on half of the training pieces (`--fim-rate 0.5`, PSM and SPM alike, two random split
+# points: `data.fim` in the manifest). Its tokenizer gets StarCoder's three FIM tokens (ids 8192-8194;
+# their embedding rows start at the mean of the others; `fim.added_tokens` and `fim.embedding_rows` in the
+# manifest). It replaces the bundled teacher only if its prefix-only line ES on the same 500 samples did
+# not drop by more than 0.5 points; the figures are in OUT.eval/ (before/after line ES, infill ES with the
+# prefix-only ES of the same holes) and, recorded, in the manifest's metrics.eval and metrics.infill.
 # Each stage's manifest records its recipe; its `init` section names the stage before by sha256, back to
 # stage 1 (stage 3 was run as `--init bundled` while the stage before was the bundled teacher:
 # the same weights).
+#   examples/pretrain_bundled.sh        stages 1-5
+#   examples/pretrain_bundled.sh fim    stage 5 alone, from the bundled teacher as it is (~70 min on 2 cores)
+# FIM_INIT, FIM_OUT, FIM_MINUTES, FIM_DATA, FIM_SAMPLES, FIM_BUNDLED (where the result goes) change stage 5's
+# inputs and outputs (a trial run on a tiny model: see the issue 21 note).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage1=${STAGE1:-runs/teacher_stage1}
 stage2=${STAGE2:-runs/teacher_stage2}
 stage3=${STAGE3:-runs/teacher_stage3}
+
+# fim_stage: stage 5 from ${FIM_INIT:-bundled}; kept as the bundled teacher if the prefix-only ES holds.
+fim_stage() {
+  local init=${FIM_INIT:-bundled} out=${FIM_OUT:-runs/teacher_stage5_fim} minutes=${FIM_MINUTES:-60}
+  local data=${FIM_DATA:-stdlib} samples=${FIM_SAMPLES:-500} bundled=${FIM_BUNDLED:-kdcode/bundled/teacher}
+  local runs=${out}.eval
+  mkdir -p "$runs"
+  kdcode eval "$init" --data "$data" --samples "$samples" --json "$runs/before_line.json" >/dev/null
+  kdcode pretrain \
+    --data "$data" --include-tests --init "$init" --block-size 256 \
+    --batch-size 16 --lr 3e-4 --warmup-steps 100 --max-minutes "$minutes" --eval-every 250 \
+    --precision auto --seed 4 \
+    --fim-rate 0.5 --fim-spm-rate 0.5 --fim-mode document \
+    --out "$out" --overwrite
+  kdcode eval "$out" --data "$data" --samples "$samples" --json "$runs/after_line.json"
+  kdcode eval "$out" --data "$data" --samples "$samples" --task infill --json "$runs/after_infill.json"
+  if python3 - "$runs" <<'PY'
+import json, sys
+runs = sys.argv[1]
+before, after, infill = (json.load(open(f"{runs}/{n}.json")) for n in ("before_line", "after_line", "after_infill"))
+drop = before["es"] - after["es"]
+print(f"prefix-only line ES {before['es']} -> {after['es']} (drop {drop:.2f}; at most 0.5 allowed), EM "
+      f"{before['em']} -> {after['em']}; infill ES {infill['es']} EM {infill['em']}, prefix-only on the same holes "
+      f"ES {infill['prefix_only']['es']} EM {infill['prefix_only']['em']}")
+sys.exit(0 if drop <= 0.5 else 1)
+PY
+  then
+    rm -rf "$bundled" && cp -r "$out" "$bundled"
+    kdcode eval "$bundled" --data "$data" --samples "$samples" --record >/dev/null
+    kdcode eval "$bundled" --data "$data" --samples "$samples" --task infill --record >/dev/null
+    echo "stage 5 is the bundled teacher now ($bundled)"
+  else
+    echo "stage 5 kept in $out only: its prefix-only ES dropped by more than 0.5" >&2
+    return 1
+  fi
+}
+
+if [[ "${1:-}" == "fim" ]]; then
+  fim_stage
+  exit
+fi
 kdcode pretrain \
   --data stdlib \
   --layers 12 --hidden 128 --heads 4 --vocab-size 8192 --block-size 256 \
@@ -38,3 +90,4 @@ go_on "$stage1" 1e-3 100 85 1 "$stage2"
 go_on "$stage2" 6e-4 100 80 2 "$stage3"
 go_on "$stage3" 3e-4 50 28 3 kdcode/bundled/teacher
 kdcode eval bundled --samples 500 --record
+fim_stage

@@ -346,9 +346,16 @@ def data_section(corpus: Corpus, train_blocks: Any, valid_blocks: Any, spec_form
     }
 
 
-def split_blocks(corpus: Corpus, tokenizer: Any, block_size: int) -> tuple[Any, Any]:
-    """Training blocks of the train split, and of the valid split (none when it is shorter than a block)."""
-    train = to_blocks(encode_documents(corpus.splits["train"], tokenizer), block_size)
+def train_blocks(corpus: Corpus, tokenizer: Any, block_size: int, fim: Any = None) -> Any:
+    """Training blocks of the train split; ``fim`` (a :class:`kdcode.fim.Transform`) rearranges them."""
+    stream = encode_documents(corpus.splits["train"], tokenizer)
+    return to_blocks(fim.stream(stream, block_size) if fim is not None else stream, block_size)
+
+
+def split_blocks(corpus: Corpus, tokenizer: Any, block_size: int, fim: Any = None) -> tuple[Any, Any]:
+    """Training blocks of the train split (FIM-transformed by ``fim``), and of the valid split (none when it is
+    shorter than a block). Validation blocks stay plain: held-out losses compare with runs without FIM."""
+    train = train_blocks(corpus, tokenizer, block_size, fim)
     valid_stream = encode_documents(corpus.splits["valid"], tokenizer)
     valid = to_blocks(valid_stream, block_size) if len(valid_stream) >= block_size else train[:0]
     return train, valid

@@ -23,6 +23,8 @@ COLUMNS = [
     ("ES", "eval", "es", 2),
     ("EM", "eval", "em", 2),
 ]
+# shown when a record has an infill eval (a sweep with `infill: true` / --task infill)
+INFILL_COLUMN = ("Infill ES", "infill", "es", 2)
 MD = "results.md"
 PNG = "pareto.png"
 NO_MATPLOTLIB = "matplotlib is not installed, so pareto.png was not drawn: pip install 'kdcode[plots]'"
@@ -81,18 +83,23 @@ def _fmt(v: float | None, decimals: int | None = None) -> str:
     return f"{v:.1f}" if abs(v) >= 10 else f"{v:.3g}"
 
 
+def _columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, str, int | None]]:
+    return COLUMNS + ([INFILL_COLUMN] if any(r.get("infill") for r in rows) else [])
+
+
 def table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Headers and rows (strings) of the results table: ok records only, each with its ratio to its teacher."""
     rows_in = [r for r in latest(records) if r.get("status") == "ok"]
     teachers = {r["name"]: r for r in rows_in if r.get("kind") == "teacher"}
+    columns = _columns(rows_in)
     headers = ["Model"]
-    for header, *_ in COLUMNS:
+    for header, *_ in columns:
         headers += [header, f"{header.split(' (')[0]} ratio"]
     rows = []
     for r in rows_in:
         base = teachers.get(r.get("baseline") or "")
         row = [r["name"]]
-        for _, section, key, decimals in COLUMNS:
+        for _, section, key, decimals in columns:
             v = value(r, section, key)
             t = value(base, section, key) if base else None
             row += [_fmt(v, decimals), f"{v / t:.2f}" if v is not None and t else "–"]
@@ -116,6 +123,13 @@ def markdown(records: list[dict[str, Any]]) -> str:
             f"{be.get('new_tokens')} new tokens each, batch {be.get('batch_size')}, on {be.get('device')} "
             f"({be.get('cpu')}), {be.get('dtype')}, {be.get('threads')} thread(s)."
         )
+        infill = [r for r in ok if r.get("infill")]
+        if infill:
+            lines.append(
+                f"Infill ES: {infill[0]['infill'].get('samples')} single-line holes of the same files (prefix and "
+                "suffix around one removed line, `kdcode eval --task infill`); prefix-only ES of the same holes: "
+                + ", ".join(f"{r['name']} {r['infill'].get('prefix_only', {}).get('es')}" for r in infill) + "."
+            )
     failed = [r for r in latest(records) if r.get("status") != "ok"]
     if failed:
         lines += ["", "## Failed points (rerun with `kdcode sweep ... --resume`)", ""]

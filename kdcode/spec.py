@@ -105,6 +105,27 @@ class StudentSpec(_Spec):
         return data
 
 
+FimFormatName = Literal["starcoder", "qwen", "codellama", "deepseek"]  # the keys of kdcode.fim.FORMATS
+FIM_FORMATS: tuple[str, ...] = typing.get_args(FimFormatName)
+
+
+class FimSpec(_Spec):
+    """Fill-in-the-middle training (Bavarian et al. 2022): a piece of a document (what of it one training block
+    holds) is split at two random points into prefix, middle and suffix and trained as PSM
+    (``<pre> prefix <suf> suffix <mid> middle``) or SPM (``<pre> <suf> suffix <mid> prefix middle``). Seeded per
+    block, so a teacher cache and a live teacher see the same blocks."""
+
+    rate: float = Field(0.5, ge=0.0, le=1.0, description="fraction of pieces rearranged (0: FIM off)")
+    spm_rate: float = Field(0.5, ge=0.0, le=1.0, description="fraction of the rearranged pieces in SPM order")
+    mode: Literal["document", "line"] = Field(
+        "document", description="document: two random characters; line: the middle is one whole non-blank line"
+    )
+    format: FimFormatName | None = Field(
+        None, description="FIM token names (fim_format; default: the tokenizer's, StarCoder's added if it has none)"
+    )
+    seed: int = Field(0, ge=0, description="seed of the split points (with the block index)")
+
+
 class DataSpec(_Spec):
     """Where the code comes from and how it is split (by a hash of each file's path)."""
 
@@ -122,6 +143,9 @@ class DataSpec(_Spec):
     )
     max_line_chars: int = Field(
         20_000, ge=1, description="skip (and count) source files with a longer line (generated data, not code)"
+    )
+    fim: FimSpec | None = Field(
+        None, description="fill-in-the-middle training blocks (null: off; distil: as its teacher was trained)"
     )
 
 
@@ -322,9 +346,17 @@ DtypeName = Literal["auto", "fp32", "fp16", "bf16"]
 
 
 class EvalSpec(_Spec):
-    """`kdcode eval`: line-level completion on held-out files, and perplexity on held-out blocks."""
+    """`kdcode eval`: line-level completion (or single-line infilling) on held-out files, and perplexity on
+    held-out blocks."""
 
     data: DataSpec = Field(default_factory=DataSpec)
+    task: Literal["line", "infill"] = Field(
+        "line", description="line: complete a line from the code before it; infill: fill a removed line from the "
+        "code before and after it (prefix-only completion of the same holes reported beside it)"
+    )
+    fim_format: FimFormatName | None = Field(
+        None, description="infill: the model's FIM token names (default: detected from its tokenizer)"
+    )
     split: Literal["test", "valid", "train", "all"] = "test"
     lines: str | None = Field(
         None,
@@ -381,6 +413,7 @@ class SweepSpec(_Spec):
     bench: dict[str, Any] = Field(default_factory=dict, description="a BenchSpec-shaped mapping (data: the point's)")
     teacher_cache: bool = Field(True, description="frozen-teacher points share one teacher-logit cache")
     teacher_cache_top_k: int = Field(64, ge=1, description="teacher logits kept per position in that cache")
+    infill: bool = Field(False, description="also score single-line infilling (kdcode eval --task infill)")
     out: str = "sweep"
 
     @model_validator(mode="after")

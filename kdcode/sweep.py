@@ -1,4 +1,5 @@
-"""`kdcode sweep`: a study in one command. Every point of a sweep is distilled, evaluated and benchmarked.
+"""`kdcode sweep`: a study in one command. Every point of a sweep is distilled, evaluated (with ``infill``,
+on single-line infilling too) and benchmarked.
 
 A sweep spec (``SweepSpec``) is a base run spec, a grid of dotted-key overrides and/or a list of named
 override sets. Points run in order (a point may start from an earlier point's student, through the
@@ -61,6 +62,7 @@ class Point:
     eval: EvalSpec
     bench: BenchSpec
     cache_group: int | None = None  # index into Plan.caches when the point trains from the shared cache
+    infill: EvalSpec | None = None  # the infilling eval, when the sweep asks for it
 
 
 @dataclass
@@ -71,6 +73,7 @@ class Baseline:
     run: RunSpec  # the first point that uses this teacher (its teacher and data)
     eval: EvalSpec
     bench: BenchSpec
+    infill: EvalSpec | None = None
 
 
 @dataclass
@@ -185,7 +188,8 @@ def plan_sweep(spec: SweepSpec, where: str = "sweep spec") -> Plan:
         run = resolve_run_spec(data, {}, f"{where} (point {name})")
         ev = build_spec(EvalSpec, _section(sections["eval"], run), f"{where} (eval, point {name})")
         be = build_spec(BenchSpec, _section(sections["bench"], run), f"{where} (bench, point {name})")
-        points.append(Point(name, overrides, run, ev, be))
+        infill = ev.model_copy(update={"task": "infill", "ppl_blocks": 0}) if spec.infill else None
+        points.append(Point(name, overrides, run, ev, be, infill=infill))
 
     # Plugin params, and points that start from a later point's student (they would find no folder).
     order = {p.name: i for i, p in enumerate(points)}
@@ -214,7 +218,7 @@ def plan_sweep(spec: SweepSpec, where: str = "sweep spec") -> Plan:
         if any(b.run.teacher == teacher for b in baselines):
             continue
         name = TEACHER if not baselines else f"{TEACHER}:{teacher.name}"
-        baselines.append(Baseline(name, p.run, p.eval, p.bench))
+        baselines.append(Baseline(name, p.run, p.eval, p.bench, p.infill))
     return Plan(spec, Path(out), baselines, points, caches)
 
 
@@ -255,16 +259,28 @@ def _plan_caches(points: list[Point], strategies: dict[str, Any], out: Path, cac
         p.run = p.run.model_copy(update={"teacher_cache": str(group.folder)})
 
 
-def _identity(run: RunSpec | None, ev: EvalSpec, be: BenchSpec) -> str:
-    """What a record must match to count as done on --resume: the same run, eval and bench specs."""
-    return json.dumps(
-        [run.model_dump(mode="json") if run else None, ev.model_dump(mode="json"), be.model_dump(mode="json")],
-        sort_keys=True,
-    )
+def _identity(run: RunSpec | None, ev: EvalSpec, be: BenchSpec, infill: EvalSpec | None = None) -> str:
+    """What a record must match to count as done on --resume: the same run, eval, bench and infill specs."""
+    dumps = [x.model_dump(mode="json") if x is not None else None for x in (run, ev, be, infill)]
+    return json.dumps(dumps, sort_keys=True)
 
 
 def _record_identity(record: dict[str, Any]) -> str:
-    return json.dumps([record.get("spec"), record.get("eval_spec"), record.get("bench_spec")], sort_keys=True)
+    keys = ("spec", "eval_spec", "bench_spec", "infill_spec")
+    return json.dumps([record.get(k) for k in keys], sort_keys=True)
+
+
+def _measure(record: dict[str, Any], model: str, m: Point | Baseline, load: dict[str, Any]) -> None:
+    """Eval, infill (when asked) and bench of ``model``: each stage's figures and wall time into ``record``."""
+    stages = (("eval", run_eval, m.eval), ("infill", run_eval, m.infill), ("bench", run_bench, m.bench))
+    for stage, fn, spec in stages:
+        if spec is None:
+            continue
+        record["stage"] = stage
+        t0 = time.perf_counter()
+        record[stage] = fn(model, spec, **load)
+        record["wall_s"][stage] = round(time.perf_counter() - t0, 2)
+    record["stage"] = None
 
 
 def _error(exc: BaseException) -> str:
@@ -295,44 +311,29 @@ def _reusable_student(folder: Path, run: RunSpec) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- run
+def _new_record(m: Point | Baseline, kind: str, baseline: str, spec: Any, folder: str | None) -> dict[str, Any]:
+    """A results.jsonl record before its stages have run: what is measured, and with which specs."""
+    return {
+        "name": m.name, "kind": kind, "status": "ok", "error": None, "stage": None,
+        "overrides": getattr(m, "overrides", {}), "spec": spec, "teacher": m.run.teacher.name, "baseline": baseline,
+        "folder": folder, "eval_spec": m.eval.model_dump(mode="json"), "bench_spec": m.bench.model_dump(mode="json"),
+        "infill_spec": m.infill.model_dump(mode="json") if m.infill else None,
+        "eval": None, "infill": None, "bench": None, "wall_s": {}, "started_at": _now(), "kdcode": __version__,
+    }
+
+
 def _measure_teacher(b: Baseline) -> dict[str, Any]:
     from kdcode.models import resolve_path
 
     t = b.run.teacher
     load = {"allow_pickle": t.allow_pickle, "trust_remote_code": t.trust_remote_code}
-    record: dict[str, Any] = {
-        "name": b.name,
-        "kind": "teacher",
-        "status": "ok",
-        "error": None,
-        "stage": None,
-        "overrides": {},
-        "spec": None,
-        "teacher": t.name,
-        "baseline": b.name,
-        "folder": None,
-        "eval_spec": b.eval.model_dump(mode="json"),
-        "bench_spec": b.bench.model_dump(mode="json"),
-        "eval": None,
-        "bench": None,
-        "wall_s": {},
-        "started_at": _now(),
-        "kdcode": __version__,
-    }
+    record = _new_record(b, "teacher", b.name, None, None)
     start = time.perf_counter()
     try:
         record["stage"] = "load"
         path = resolve_path(t.name)
         record["folder"] = str(path) if path else None
-        record["stage"] = "eval"
-        t0 = time.perf_counter()
-        record["eval"] = run_eval(t.name, b.eval, **load)
-        record["wall_s"]["eval"] = round(time.perf_counter() - t0, 2)
-        record["stage"] = "bench"
-        t0 = time.perf_counter()
-        record["bench"] = run_bench(t.name, b.bench, **load)
-        record["wall_s"]["bench"] = round(time.perf_counter() - t0, 2)
-        record["stage"] = None
+        _measure(record, t.name, b, load)
     except Exception as exc:  # recorded; the students still run
         record.update(status="failed", error=_error(exc), traceback=traceback.format_exc(limit=-8))
     record["wall_s"]["total"] = round(time.perf_counter() - start, 2)
@@ -342,28 +343,8 @@ def _measure_teacher(b: Baseline) -> dict[str, Any]:
 
 def _run_point(point: Point, baseline: str, root: Path, resume: bool, cache_note: Any) -> dict[str, Any]:
     folder = Path(point.run.out)
-    record: dict[str, Any] = {
-        "name": point.name,
-        "kind": "student",
-        "status": "ok",
-        "error": None,
-        "stage": None,
-        "overrides": point.overrides,
-        "spec": point.run.model_dump(mode="json"),
-        "teacher": point.run.teacher.name,
-        "baseline": baseline,
-        "folder": str(folder),
-        "eval_spec": point.eval.model_dump(mode="json"),
-        "bench_spec": point.bench.model_dump(mode="json"),
-        "teacher_cache": cache_note,
-        "reused_student": False,
-        "training": None,
-        "eval": None,
-        "bench": None,
-        "wall_s": {},
-        "started_at": _now(),
-        "kdcode": __version__,
-    }
+    record = _new_record(point, "student", baseline, point.run.model_dump(mode="json"), str(folder))
+    record.update(teacher_cache=cache_note, reused_student=False, training=None)
     load = {"trust_remote_code": point.run.teacher.trust_remote_code}
     start = time.perf_counter()
     try:
@@ -384,15 +365,7 @@ def _run_point(point: Point, baseline: str, root: Path, resume: bool, cache_note
             record["training"] = manifest.get("training")
             record["resumed_checkpoint"] = go_on
         record["wall_s"]["distil"] = round(time.perf_counter() - t0, 2)
-        record["stage"] = "eval"
-        t0 = time.perf_counter()
-        record["eval"] = run_eval(str(folder), point.eval, **load)
-        record["wall_s"]["eval"] = round(time.perf_counter() - t0, 2)
-        record["stage"] = "bench"
-        t0 = time.perf_counter()
-        record["bench"] = run_bench(str(folder), point.bench, **load)
-        record["wall_s"]["bench"] = round(time.perf_counter() - t0, 2)
-        record["stage"] = None
+        _measure(record, str(folder), point, load)
     except Interrupted:  # Ctrl-C / SIGTERM in training: the sweep stops (the point's checkpoint is kept)
         raise
     except Exception as exc:  # a failed point is recorded with its error; the sweep goes on
@@ -457,10 +430,10 @@ def run_sweep(spec: SweepSpec, resume: bool = False, where: str = "sweep spec", 
 
     written: list[dict[str, Any]] = []
     for b in plan.baselines:
-        if done(b.name, _identity(None, b.eval, b.bench)):
+        if done(b.name, _identity(None, b.eval, b.bench, b.infill)):
             log(f"{b.name}: done before, skipped")
             continue
-        log(f"{b.name} ({b.run.teacher.name}): eval -> bench")
+        log(f"{b.name} ({b.run.teacher.name}): eval -> {'infill -> ' if b.infill else ''}bench")
         record = _measure_teacher(b)
         append_record(results, record)
         written.append(record)
@@ -469,7 +442,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, where: str = "sweep spec", 
     cache_notes: dict[int, Any] = {}
     total = len(plan.points)
     for i, point in enumerate(plan.points, 1):
-        if done(point.name, _identity(point.run, point.eval, point.bench)):
+        if done(point.name, _identity(point.run, point.eval, point.bench, point.infill)):
             log(f"[{i}/{total}] {point.name}: done before, skipped")
             continue
         if point.cache_group is not None and point.cache_group not in cache_notes:
@@ -480,7 +453,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, where: str = "sweep spec", 
             )
         note = cache_notes.get(point.cache_group) if point.cache_group is not None else None
         baseline = next(b.name for b in plan.baselines if b.run.teacher == point.run.teacher)
-        log(f"[{i}/{total}] {point.name}: distil -> eval -> bench")
+        log(f"[{i}/{total}] {point.name}: distil -> eval -> {'infill -> ' if point.infill else ''}bench")
         record = _run_point(point, baseline, out, resume, note)
         if note and note.get("build_s") is not None:
             cache_notes[point.cache_group] = {**note, "build_s": None}  # the build is counted once
@@ -494,7 +467,8 @@ def _summary(record: dict[str, Any]) -> str:
     if record["status"] != "ok":
         return f"  {record['name']} failed at {record['stage']}: {record['error']}"
     ev, be = record["eval"], record["bench"]
+    infill = f", infill ES {record['infill'].get('es')}" if record.get("infill") else ""
     return (
-        f"  {record['name']}: ES {ev.get('es')}, EM {ev.get('em')}, {be.get('params_m')}M params, "
+        f"  {record['name']}: ES {ev.get('es')}, EM {ev.get('em')}{infill}, {be.get('params_m')}M params, "
         f"{be.get('size_mb')} MB, {be.get('samples_per_s')} samples/s ({record['wall_s']['total']:.0f} s)"
     )

@@ -94,3 +94,24 @@ def student(student_src, tmp_path) -> Path:
     dst = tmp_path / "student"
     shutil.copytree(student_src, dst)
     return dst
+
+
+def make_fim_model(folder: Path, base_dir: Path, seed: int = 0, n_layer: int = 4) -> Path:
+    """A plain Hugging Face folder: the tiny tokenizer of ``base_dir`` with StarCoder's FIM tokens added, and a
+    random GPT-2 whose embeddings have rows for them."""
+    from transformers import AutoTokenizer
+
+    from kdcode.fim import ensure_tokens
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    model = make_gpt2(tok, n_layer=n_layer, seed=seed)
+    ensure_tokens(tok, model, None)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def fim_teacher_dir(tmp_path_factory: pytest.TempPathFactory, teacher_dir) -> Path:
+    """The tiny teacher's shape and tokenizer, with FIM tokens (StarCoder's names): a model that 'infills'."""
+    return make_fim_model(tmp_path_factory.mktemp("fim_teacher"), teacher_dir)

@@ -72,7 +72,7 @@ def test_a_full_request_parses():
         ({"model": "tiny", "prompt": "x", "a\nb": 1}, 400, "a\\nb", "a\\nb: Extra inputs"),  # on one line
         ({"model": "x\n" * 1000, "prompt": "x"}, 404, "model", "'x\\nx\\n"),
         ({"model": "tiny", "prompt": "x", "stream_options": {"x": 1}}, 400, "stream_options.x", "Extra inputs"),
-        ({"model": "tiny", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "1 to 4"),
+        ({"model": "tiny", "prompt": "x", "stop": list("abcdefghijklmnopq")}, 400, "stop", "1 to 16"),
         ({"model": "tiny", "prompt": "x", "stop": ""}, 400, "stop", "non-empty"),
         ({"model": "tiny", "prompt": ["x"] * 5, "n": 4}, 400, "n", "at most 16"),
         ({"model": "tiny", "prompt": "x", "best_of": 17}, 400, "best_of", "at most 16"),
@@ -163,3 +163,61 @@ def test_importable_without_fastapi_or_torch():
             "bad = {'fastapi', 'starlette', 'torch'} & set(sys.modules); assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+# ------------------------------------------------------------------ editor shapes (issue 21)
+def test_editor_shapes_come_down_to_jobs():
+    from kdcode.inference.requests import Job, completion_job, parse_llama_request, parse_ollama_request
+
+    small = Limits(max_tokens=32, max_context_chars=100)
+    raw = lambda body: json.dumps(body).encode()  # noqa: E731
+    req, job = parse_llama_request(raw({"input_prefix": "a\n", "input_suffix": "\nb", "prompt": "  x", "n_predict": 256,
+                                        "top_k": 40, "samplers": ["infill"], "seed": -1}), small, infill=True)
+    assert job == Job(("a\n  x",), 32, "\nb") and req.input_extra is None  # capped, seed -1 is random
+    _, job = parse_llama_request(raw({"prompt": "p", "seed": 2**64 - 1, "temperature": 0.1, "stream": True,
+                                      "presence_penalty": 0.0, "penalty_last_n": 0}), small, infill=False)
+    assert job == Job(("p",), 32, None, temperature=0.1, seed=2**64 - 1, stream=True)
+    _, job = parse_ollama_request(raw({"model": "x", "prompt": "p", "suffix": "s", "options": {
+        "num_predict": 5, "stop": ["\n\n"], "num_ctx": 4096, "top_p": 0.9}, "keep_alive": 1800}), small)
+    assert job == Job(("p",), 5, "s", stop=("\n\n",), stream=True)  # Ollama streams unless told not to
+    _, job = parse_ollama_request(raw({"model": "x", "prompt": "p", "suffix": "", "stream": False}), small)
+    assert job.suffix is None and not job.stream and job.max_tokens == 32
+    openai = parse_completion_request(raw({"model": "any", "prompt": "p", "suffix": "s", "stop": []}), small)
+    assert completion_job(openai) == Job(("p",), 16, "s", stop=())  # any model name; [] turns the end of line off
+
+
+@pytest.mark.parametrize(
+    ("shape", "body", "param", "needle"),
+    [
+        ("infill", {"input_suffix": "s"}, "input_prefix", "input_prefix: Field required"),
+        ("infill", {"input_prefix": "p" * 101}, "input_prefix", "input_prefix is 101 characters"),
+        ("infill", {"input_prefix": "p", "prompt": "q" * 100}, "input_prefix", "at most 100"),  # prefix + prompt
+        ("infill", {"input_prefix": "p", "input_suffix": "s" * 101}, "input_suffix", "at most 100"),
+        ("infill", {"input_prefix": "p", "stop": [""]}, "stop", "non-empty"),
+        ("completion", {"prompt": ["a"]}, "prompt", "token ids"),
+        ("completion", {"prompt": "p", "seed": 2**64}, "seed", "less than or equal"),
+        ("completion", {"prompt": "p", "temperature": float("nan")}, None, "NaN"),
+        ("ollama", {"prompt": "p"}, "model", "Field required"),
+        ("ollama", {"model": "m", "prompt": "p", "suffix": "s" * 101}, "suffix", "at most 100"),
+        ("ollama", {"model": "m", "prompt": "p", "format": {"type": "object"}}, "format", "not supported"),
+        ("ollama", {"model": "m", "prompt": "p", "images": ["aGk="]}, "images", "not supported"),
+        ("ollama", {"model": "m", "options": {"stop": list("abcdefghijklmnopq")}}, "options.stop", "1 to 16"),
+        ("openai", {"model": "m", "prompt": "p", "suffix": "s" * 101}, "suffix", "context"),
+    ],
+)
+def test_editor_shape_mistakes_are_4xx(shape, body, param, needle):
+    from kdcode.inference.requests import parse_llama_request, parse_ollama_request
+
+    small = Limits(max_tokens=32, max_context_chars=100)
+    raw = json.dumps(body).encode()
+    with pytest.raises(RequestError) as info:
+        if shape == "ollama":
+            parse_ollama_request(raw, small)
+        elif shape == "openai":
+            parse_completion_request(raw, small)
+        else:
+            parse_llama_request(raw, small, infill=shape == "infill")
+    err = info.value
+    assert err.status == 400 and err.param == param and needle in err.message + str(err.code), vars(err)
+    assert err.body("ollama") == {"error": err.message}
+    assert err.body("llama") == {"error": {"code": 400, "message": err.message, "type": "invalid_request_error"}}

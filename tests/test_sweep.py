@@ -255,6 +255,31 @@ def test_sweep_end_to_end_resumes_after_a_failure(tmp_path, teacher_dir, corpus_
     assert matplotlib.image.imread(out / "pareto.png").ndim == 3
 
 
+@pytest.mark.slow
+def test_sweep_task_infill_adds_an_infill_es_column(tmp_path, fim_teacher_dir, corpus_dir, monkeypatch):
+    import kdcode.sweep
+
+    real_bench = kdcode.sweep.run_bench
+    monkeypatch.setattr(kdcode.sweep, "run_bench", lambda *a, **k: real_bench(*a, isolate=False, **k))
+    out = tmp_path / "sweep"
+    args = ["sweep", "--teacher", fim_teacher_dir, "--data", corpus_dir, "--layers", "1", "--max-steps", "1",
+            "--batch-size", "2", "--block-size", "64", "--precision", "fp32", "--samples", "4", "--prompts", "1",
+            "--new-tokens", "2", "--threads", "1", "--task", "infill", "--out", out]
+    r = run(*args)
+    assert r.exit_code == 0, r.output
+    got = records(out)
+    assert [x["name"] for x in got] == ["teacher", "1L"]
+    for x in got:
+        assert x["infill"]["task"] == "infill" and x["infill"]["samples"] == 4 and "infill" in x["wall_s"]
+        assert x["infill_spec"]["task"] == "infill" and x["eval"]["task"] == "line"
+        assert x["infill"]["prefix_only"]["es"] == x["eval"]["es"]  # the same holes as line completion
+    table = md_rows(out)
+    assert len(table["1L"]) == 1 + 2 * 6 and table["1L"][-2] == f"{got[1]['infill']['es']:.2f}"
+    assert "Infill ES" in (out / "results.md").read_text()
+    r = run(*args, "--resume")
+    assert r.exit_code == 0 and "done before, skipped" in r.output and len(records(out)) == 2
+
+
 def test_sweep_wiring_interrupt_stops_and_resume_continues_checkpoints(tmp_path, monkeypatch):
     """With the heavy calls faked: an eval error is recorded at its stage, Ctrl-C in training stops the
     sweep (nothing recorded for that point), and --resume continues the point's training checkpoint."""

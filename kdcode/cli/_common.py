@@ -183,3 +183,20 @@ DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (as the model's con
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads for torch.")]
 JsonFileOpt = Annotated[Path | None, typer.Option("--json", help="Also write the figures as JSON ('-': stdout only).")]
 RecordOpt = Annotated[bool, typer.Option("--record", help="Store the figures in the model's manifest.")]
+FimRateOpt = Annotated[
+    float | None,
+    typer.Option("--fim-rate", help="Fill-in-the-middle training: fraction of training pieces rearranged (0: off)."),
+]
+FimSpmRateOpt = Annotated[float | None, typer.Option("--fim-spm-rate", help="FIM: fraction in SPM order (else PSM).")]
+FimModeOpt = Annotated[
+    str | None, typer.Option("--fim-mode", help="FIM split: document (two random points) or line (one whole line).")
+]
+FimFormatOpt = Annotated[
+    str | None,
+    typer.Option("--fim-format", help="FIM token names: starcoder, qwen, codellama or deepseek (default: detected)."),
+]
+
+
+def fim_overrides(rate: float | None, spm_rate: float | None, mode: str | None, fmt: str | None) -> dict[str, Any]:
+    """The ``data.fim`` section the --fim-* flags give ({} when none is given)."""
+    return overrides({"rate": rate, "spm_rate": spm_rate, "mode": mode, "format": fmt})

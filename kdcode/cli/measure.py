@@ -12,6 +12,7 @@ from kdcode.cli._common import (
     DataOpt,
     DeviceOpt,
     DtypeOpt,
+    FimFormatOpt,
     GlobOpt,
     JsonFileOpt,
     NoVerifyOpt,
@@ -41,6 +42,8 @@ BENCH_COLUMNS = [
 ]
 RECORDED_EVAL = ("es", "em", "token_accuracy", "perplexity", "samples", "baseline", "decoding", "split", "seed",
                  "runtime")
+RECORDED_INFILL = ("es", "em", "samples", "prefix_only", "baseline", "fim", "window", "decoding", "split", "seed",
+                   "runtime")
 
 
 @handle_errors
@@ -49,6 +52,11 @@ def eval_cmd(
     data: DataOpt = None,
     glob: GlobOpt = None,
     data_format: Annotated[str | None, typer.Option("--format", help="raw or py150.")] = None,
+    task: Annotated[
+        str, typer.Option(help="line (complete a line from the code before it) or infill (fill a removed line from "
+                          "the code before and after it; prefix-only completion of the same holes beside it).")
+    ] = "line",
+    fim_format: FimFormatOpt = None,
     split: Annotated[str, typer.Option(help="test, valid, train, or all (every file of --data).")] = "test",
     lines: Annotated[
         Path | None,
@@ -74,7 +82,8 @@ def eval_cmd(
     trust_remote_code: TrustRemoteCodeOpt = False,
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
-    """Line-level code completion (ES, EM as CodeXGLUE defines them) and perplexity on held-out code."""
+    """Line-level code completion (ES, EM as CodeXGLUE defines them) and perplexity on held-out code; with
+    --task infill, single-line infilling of the same lines."""
     from kdcode.evaluation.evaluate import run_eval
     from kdcode.spec import EvalSpec, build_spec
 
@@ -83,6 +92,7 @@ def eval_cmd(
         {
             "data": overrides({"source": data, "glob": glob, "format": data_format}),
             "split": split, "lines": str(lines) if lines else None, "samples": samples, "seed": seed,
+            "task": task, "fim_format": fim_format,
             "beams": beams, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "ppl_blocks": ppl_blocks,
             "threads": threads, "device": device, "dtype": dtype,
         },
@@ -92,11 +102,13 @@ def eval_cmd(
     result = run_eval(model, spec, verify=not no_verify, predictions=predictions, allow_pickle=allow_pickle,
                       trust_remote_code=trust_remote_code)
     rows = [(model, result)]
-    if result.get("baseline"):
-        rows.append(("baseline: " + result["baseline"]["name"], result["baseline"]))
+    for key in ("prefix_only", "baseline"):
+        if result.get(key):
+            rows.append((f"{key.replace('_', '-')}: " + result[key]["name"], result[key]))
     if str(json_out) != "-":
         rt = result["runtime"]
-        title = (f"line completion, {spec.split} split, seed {seed} ({rt['device']}, {rt['dtype']}, "
+        what = "single-line infilling" if spec.task == "infill" else "line completion"
+        title = (f"{what}, {spec.split} split, seed {seed} ({rt['device']}, {rt['dtype']}, "
                  f"{rt['threads']} threads)")
         console = out_console()
         console.print(metrics_table(title, rows, EVAL_COLUMNS))
@@ -104,7 +116,8 @@ def eval_cmd(
             console.print("[yellow]note:[/] no kdcode.json manifest: weights unverified")
     write_json(json_out, result)
     if record:
-        record_metrics(model, "eval", {k: result.get(k) for k in RECORDED_EVAL})
+        name, keys = ("infill", RECORDED_INFILL) if spec.task == "infill" else ("eval", RECORDED_EVAL)
+        record_metrics(model, name, {k: result.get(k) for k in keys})
 
 
 @handle_errors

@@ -12,6 +12,7 @@ import typer
 from kdcode.cli._common import (
     DeviceOpt,
     DtypeOpt,
+    FimFormatOpt,
     NoVerifyOpt,
     ThreadsOpt,
     err_console,
@@ -39,13 +40,20 @@ def complete(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     threads: ThreadsOpt = None,
+    no_suffix: Annotated[
+        bool, typer.Option("--no-suffix", help="Complete from the text before the cursor alone, even if the model "
+                           "infills.")
+    ] = False,
+    fim_format: FimFormatOpt = None,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print JSON: completions, finish reasons, token counts, timings.")
     ] = False,
     no_verify: NoVerifyOpt = False,
 ) -> None:
-    """Complete the line at a cursor (--file/--line/--col, or the prefix on stdin) up to its end or --max-tokens."""
-    from kdcode.inference.engine import load_engine, prefix_at
+    """Complete the line at a cursor (--file/--line/--col, or the prefix on stdin) up to its end or --max-tokens.
+
+    When the model infills (it has FIM tokens), the text after the cursor in --file is its suffix."""
+    from kdcode.inference.engine import load_engine, prefix_at, suffix_at
 
     if file is not None:
         text = file.read_text(encoding="utf-8")
@@ -54,14 +62,18 @@ def complete(
     else:
         text = sys.stdin.read()
     prefix = prefix_at(text, line, col) if line is not None else text
-    engine = load_engine(model, device=device, dtype=dtype, threads=threads, verify=not no_verify, warm_up=False)
-    result = engine.complete(prefix, max_tokens, n=n, beams=beams, temperature=temperature, seed=seed)
+    engine = load_engine(model, device=device, dtype=dtype, threads=threads, verify=not no_verify, warm_up=False,
+                         fim_format=fim_format)
+    suffix = suffix_at(text, line, col) if line is not None and engine.fim is not None and not no_suffix else None
+    result = engine.complete(prefix, max_tokens, n=n, beams=beams, temperature=temperature, seed=seed, suffix=suffix)
     if json_out:
         typer.echo(
             json.dumps(
                 {
                     "model": model,
                     "runtime": engine.runtime,
+                    "infill": None if suffix is None else {"format": engine.fim.name,  # type: ignore[union-attr]
+                                                           "suffix_chars": len(suffix), "cut": result.truncated},
                     "prompt_tokens": result.prompt_tokens,
                     "completions": [vars(c) for c in result.choices],
                     "first_token_ms": None if result.first_token_s is None else round(1000 * result.first_token_s, 1),
@@ -87,12 +99,18 @@ def serve(
     body_timeout: Annotated[
         float, typer.Option(help="Seconds a client has to send a request's body (then 408 and the connection closed).")
     ] = 10.0,
+    max_context_chars: Annotated[
+        int, typer.Option(help="Longest prefix and suffix (each, in characters) an infill request may send; the "
+                          "model sees a window of them around the cursor.")
+    ] = 65_536,
+    fim_format: FimFormatOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     threads: ThreadsOpt = None,
     no_verify: NoVerifyOpt = False,
 ) -> None:
-    """An OpenAI-compatible completion server (POST /v1/completions, GET /v1/models, GET /health)."""
+    """A completion server for editors: OpenAI (POST /v1/completions, with suffix), llama.cpp (POST /infill,
+    POST /completion) and Ollama (POST /api/generate) shapes; GET /v1/models, GET /api/tags, GET /health."""
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -103,12 +121,16 @@ def serve(
     if not body_timeout > 0:
         fail(f"--body-timeout must be more than 0 seconds, not {body_timeout}")
     app_ = create_app(model, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
-                      body_timeout_s=body_timeout, threads=threads, device=device, dtype=dtype, verify=not no_verify)
+                      body_timeout_s=body_timeout, max_context_chars=max_context_chars, fim_format=fim_format,
+                      threads=threads, device=device, dtype=dtype, verify=not no_verify)
     if host not in ("127.0.0.1", "localhost", "::1"):
         warn(f"listening on {host}: anyone who can reach it can use the model (no auth)")
     rt = app_.state.engine.runtime
-    err_console().print(f"serving {model} on http://{host}:{port}/v1 (OpenAI completions API) on {rt['device']}, "
-                        f"{rt['dtype']}, {rt['threads']} threads; Ctrl-C stops")
+    fim = app_.state.engine.fim
+    infill = f"infills ({fim.name} FIM tokens)" if fim is not None else "does not infill (no FIM tokens)"
+    err_console().print(f"serving {model} on http://{host}:{port} (/v1/completions, /infill, /completion, "
+                        f"/api/generate) on {rt['device']}, {rt['dtype']}, {rt['threads']} threads; it {infill}; "
+                        "Ctrl-C stops")
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 

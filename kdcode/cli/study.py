@@ -69,6 +69,9 @@ def sweep(
     temperature: TemperatureOpt = None,
     precision: PrecisionOpt = None,
     samples: Annotated[int | None, typer.Option(help="Line completions scored per model (eval).")] = None,
+    task: Annotated[
+        str, typer.Option(help="line, or infill: also single-line infilling of the same lines (an Infill ES column).")
+    ] = "line",
     prompts: Annotated[int | None, typer.Option(help="Timed completions per model (bench).")] = None,
     new_tokens: Annotated[int | None, typer.Option(help="Longest eval completion and bench tokens per prompt.")] = None,
     threads: ThreadsOpt = None,
@@ -96,6 +99,10 @@ def sweep(
     bn = overrides({"prompts": prompts, "new_tokens": new_tokens, "threads": threads})
     where = str(spec) if spec else "flags"
     sweep_spec = build_sweep(read_spec_file(spec) if spec else {}, base, _depths(layers), ev, bn, out, where)
+    if task not in ("line", "infill"):
+        fail(f"--task {task!r}: use line or infill")
+    if task == "infill":
+        sweep_spec.infill = True
     if validate:
         plan = plan_sweep(sweep_spec, where)
         cached = sum(len(c.points) for c in plan.caches)

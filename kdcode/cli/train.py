@@ -10,6 +10,10 @@ import typer
 from kdcode.cli._common import (
     AllowPickleOpt,
     DataOpt,
+    FimFormatOpt,
+    FimModeOpt,
+    FimRateOpt,
+    FimSpmRateOpt,
     GlobOpt,
     InitOpt,
     OverwriteOpt,
@@ -18,6 +22,7 @@ from kdcode.cli._common import (
     TeacherOpt,
     TemperatureOpt,
     TrustRemoteCodeOpt,
+    fim_overrides,
     handle_errors,
     out_console,
     overrides,
@@ -54,6 +59,10 @@ def distil(
     hidden_size: Annotated[int | None, typer.Option(help="Narrower student width (random/pretrained init).")] = None,
     heads: Annotated[int | None, typer.Option(help="Attention heads of a narrower student.")] = None,
     teacher_cache: Annotated[str | None, typer.Option(help="Train from a teacher-logit cache (cache-teacher).")] = None,
+    fim_rate: FimRateOpt = None,
+    fim_spm_rate: FimSpmRateOpt = None,
+    fim_mode: FimModeOpt = None,
+    fim_format: FimFormatOpt = None,
     grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimiser step.")] = None,
     checkpoint_every: CheckpointEveryOpt = None,
     tensorboard: TensorboardOpt = False,
@@ -69,7 +78,9 @@ def distil(
         bool, typer.Option("--validate", help="Check the spec and plugin params, load nothing.")
     ] = False,
 ) -> None:
-    """Distil a teacher into a smaller student (default: the bundled teacher into 6 layers on the stdlib)."""
+    """Distil a teacher into a smaller student (default: the bundled teacher into 6 layers on the stdlib).
+
+    Without --fim-* flags (data.fim) the student is trained with fill-in-the-middle as its teacher was, if it was."""
     from kdcode.spec import dump_yaml, read_spec_file, resolve_run_spec
 
     flags = overrides({
@@ -82,6 +93,7 @@ def distil(
         "train.batch_size": batch_size, "train.block_size": block_size, "train.grad_accum": grad_accum,
         "train.checkpoint_every": checkpoint_every, "train.tensorboard": tensorboard or None,
         "train.precision": precision, "train.seed": seed, "out": out,
+        "data.fim": fim_overrides(fim_rate, fim_spm_rate, fim_mode, fim_format) or None,
     })
     run = resolve_run_spec(read_spec_file(spec) if spec else {}, flags, str(spec) if spec else "flags")
     if print_spec:
@@ -138,6 +150,10 @@ def pretrain(
     warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps.")] = 100,
     batch_size: Annotated[int, typer.Option(help="Blocks per step.")] = 16,
     eval_every: Annotated[int, typer.Option(help="Held-out loss every N steps.")] = 200,
+    fim_rate: FimRateOpt = None,
+    fim_spm_rate: FimSpmRateOpt = None,
+    fim_mode: FimModeOpt = None,
+    fim_format: FimFormatOpt = None,
     checkpoint_every: CheckpointEveryOpt = None,
     tensorboard: TensorboardOpt = False,
     resume: ResumeOpt = False,
@@ -146,7 +162,10 @@ def pretrain(
     out: Annotated[str, typer.Option(help="Model folder to write.")] = "pretrained",
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Train a byte-level BPE tokenizer and a GPT-2 from scratch on code (how the bundled teacher was made)."""
+    """Train a byte-level BPE tokenizer and a GPT-2 from scratch on code (how the bundled teacher was made).
+
+    --fim-rate trains fill-in-the-middle (FIM tokens are added to a tokenizer without them); with --init and no
+    --fim-* flags, FIM goes on as the --init model was trained."""
     from kdcode.spec import PretrainSpec, build_spec
     from kdcode.train.pretrain import run_pretrain
 
@@ -157,7 +176,8 @@ def pretrain(
             "model": overrides({"layers": layers, "hidden": hidden, "heads": heads, "vocab_size": vocab_size}),
             "tokenizer": tokenizer,
             "init": init,
-            "data": {"source": data, "glob": glob, "exclude_tests": not include_tests},
+            "data": {"source": data, "glob": glob, "exclude_tests": not include_tests,
+                     **overrides({"fim": fim_overrides(fim_rate, fim_spm_rate, fim_mode, fim_format) or None})},
             "train": {
                 "lr": lr, "warmup_steps": warmup_steps, "batch_size": batch_size, "block_size": block_size,
                 "eval_every": eval_every, "precision": precision, "seed": seed, "tensorboard": tensorboard,
@@ -198,13 +218,21 @@ def cache_teacher(
     top_k: Annotated[int, typer.Option(help="Teacher logits kept per position.")] = 64,
     temperature: Annotated[float, typer.Option(help="Temperature of the stored soft targets.")] = 2.0,
     batch_size: Annotated[int, typer.Option(help="Blocks per teacher forward pass.")] = 8,
+    fim_rate: FimRateOpt = None,
+    fim_spm_rate: FimSpmRateOpt = None,
+    fim_mode: FimModeOpt = None,
+    fim_format: FimFormatOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Run a frozen teacher once over the training blocks and store its top-k soft targets for reuse."""
+    """Run a frozen teacher once over the training blocks and store its top-k soft targets for reuse.
+
+    The blocks are FIM-transformed as `distil` will transform them: give it the same --fim-* flags."""
     from kdcode.spec import DataSpec, build_spec
     from kdcode.train.distil import run_cache_teacher
 
-    spec: Any = build_spec(DataSpec, {"source": data, "glob": glob, "format": data_format}, "flags")
+    fim = fim_overrides(fim_rate, fim_spm_rate, fim_mode, fim_format) or None
+    spec: Any = build_spec(DataSpec, {"source": data, "glob": glob, "format": data_format,
+                                      **overrides({"fim": fim})}, "flags")
     m = run_cache_teacher(teacher, spec, block_size, top_k, temperature, out, batch_size, overwrite)
     out_console().print(
         f"[green]teacher cache written to[/] {out}  ({m['blocks']} blocks of {m['block_size']} tokens, "

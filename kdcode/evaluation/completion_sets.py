@@ -69,39 +69,40 @@ def _py150_candidates(doc: Document, rng: random.Random) -> list[tuple[str, str,
 def build_line_samples(docs: list[Document], n: int, seed: int, fmt: str = "raw") -> list[LineSample]:
     """Up to ``n`` samples drawn uniformly (seeded) from every candidate line of ``docs``."""
     rng = random.Random(seed)
-    pool: list[LineSample | tuple[Document, int, str, str]] = []
+    if fmt != "py150":
+        return [LineSample(f"{d.key}@{offset}", d.text[:offset], gt, prev) for d, offset, gt, prev in
+                draw_raw_lines(docs, n, rng)]
+    pool: list[LineSample] = []
     for doc in docs:
-        if fmt == "py150":
-            for j, (inp, gt, prev) in enumerate(_py150_candidates(doc, rng)):
-                pool.append(LineSample(f"{doc.key}#{j}", inp, gt, prev))
-        else:
-            # the prefix is cut only for drawn samples: one copy per line of every file would take
-            # gigabytes on the stdlib's test split
-            pool += [(doc, offset, gt, prev) for offset, gt, prev in _raw_candidates(doc)]
+        for j, (inp, gt, prev) in enumerate(_py150_candidates(doc, rng)):
+            pool.append(LineSample(f"{doc.key}#{j}", inp, gt, prev))
     if not pool:
         raise KdcodeError("the evaluation files hold no non-blank line after the first; nothing to complete")
-    if fmt == "py150":
-        drawn = rng.sample(pool, min(n, len(pool)))
-    else:
-        # Files first, then a line in the file (CodeXGLUE takes one line per file): a uniform draw over
-        # all lines would let one huge file (the stdlib's pydoc_data/topics.py) dominate the set.
-        by_file: dict[str, list] = {}
-        for item in pool:
-            by_file.setdefault(item[0].key, []).append(item)  # type: ignore[index]
-        files = sorted(by_file)
-        for key in files:
-            rng.shuffle(by_file[key])
-        drawn = []
-        while len(drawn) < min(n, len(pool)):
-            key = rng.choice(files)
-            if by_file[key]:
-                drawn.append(by_file[key].pop())
-            else:
-                files.remove(key)
-    return [
-        s if isinstance(s, LineSample) else LineSample(f"{s[0].key}@{s[1]}", s[0].text[: s[1]], s[2], s[3])
-        for s in drawn
-    ]
+    return rng.sample(pool, min(n, len(pool)))
+
+
+def draw_raw_lines(docs: list[Document], n: int, rng: random.Random) -> list[tuple[Document, int, str, str]]:
+    """Up to ``n`` (document, offset of the line's start, stripped line, previous non-blank line) of raw code,
+    a file first, then a line in it (CodeXGLUE takes one line per file): a uniform draw over all lines would
+    let one huge file (the stdlib's pydoc_data/topics.py) dominate the set. The text before a line is cut only
+    for drawn samples: one copy per line of every file would take gigabytes on the stdlib's test split."""
+    pool = [(doc, offset, gt, prev) for doc in docs for offset, gt, prev in _raw_candidates(doc)]
+    if not pool:
+        raise KdcodeError("the evaluation files hold no non-blank line after the first; nothing to complete")
+    by_file: dict[str, list] = {}
+    for item in pool:
+        by_file.setdefault(item[0].key, []).append(item)
+    files = sorted(by_file)
+    for key in files:
+        rng.shuffle(by_file[key])
+    drawn: list[tuple[Document, int, str, str]] = []
+    while len(drawn) < min(n, len(pool)):
+        key = rng.choice(files)
+        if by_file[key]:
+            drawn.append(by_file[key].pop())
+        else:
+            files.remove(key)
+    return drawn
 
 
 def read_lines_file(path: Path) -> list[LineSample]:

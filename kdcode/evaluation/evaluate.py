@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kdcode.data import Document
+from kdcode.errors import KdcodeError
 from kdcode.evaluation.completion_sets import (
     _LINE_BREAKS,
     build_line_samples,
@@ -29,8 +30,9 @@ def run_eval(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate a model folder / id on line completion and perplexity; returns the metrics dict (with the
-    device, dtype and threads it ran with under ``runtime``)."""
+    """Evaluate a model folder / id on line completion and perplexity (``spec.task`` infill: on single-line
+    infilling, :mod:`kdcode.evaluation.infill`); returns the metrics dict (with the device, dtype and threads it
+    ran with under ``runtime``)."""
     from kdcode.inference.decode import DecodeOptions, VocabIndex, beam_search, greedy, n_positions
     from kdcode.inference.loader import load_for_inference
 
@@ -40,8 +42,15 @@ def run_eval(
 
         check_output(predictions, inputs={"MODEL": resolve_path(name), "--lines": spec.lines}, folder=False,
                      flag="--predictions")
+    if spec.task == "infill" and (spec.lines or spec.data.format == "py150"):
+        raise KdcodeError("--task infill removes whole lines from held-out raw code files; drop --lines and "
+                          "--format py150")
     lm = load_for_inference(name, spec.device, spec.dtype, spec.threads, verify=verify, allow_pickle=allow_pickle,
                             trust_remote_code=trust_remote_code)
+    if spec.task == "infill":
+        from kdcode.evaluation.infill import run_infill
+
+        return run_infill(name, lm, spec, *eval_docs(spec), predictions=predictions)
     fmt = spec.data.format
     docs: list[Document] = []
     data_summary: dict[str, Any] = {}
@@ -84,6 +93,7 @@ def run_eval(
         acc = token_accuracy(lm.model, lm.tokenizer, docs, spec.token_blocks, block)
     return {
         "model": name,
+        "task": "line",
         **metrics,
         **ppl,
         **acc,

@@ -1,10 +1,13 @@
-"""Completions for local use: one model loaded once, the prefix an editor sends (the text up to the cursor).
+"""Completions for local use: one model loaded once, the prefix an editor sends (the text up to the cursor),
+and the suffix (the text after it) when the model infills.
 
 ``prefix_at`` cuts a file's text at a cursor (1-based line and column). ``Engine`` completes a prefix with
 greedy decoding, beam search (the n best distinct alternatives) or sampling, with a KV cache, stopping at the
 end of the line (or at the given stop strings) or after ``max_tokens``; ``on_text`` receives the text as it
 is generated (streaming). A prompt that ends inside indentation or after a space is healed back over that
-whitespace (``DecodeOptions.heal_space``), so the model sees the prompt tokenized as in training.
+whitespace (``DecodeOptions.heal_space``), so the model sees the prompt tokenized as in training. With a
+``suffix`` the model fills the middle from its FIM prompt (:mod:`kdcode.inference.infill`: prefix and suffix
+each tokenized on its own, as in FIM training, so nothing is healed).
 """
 
 from __future__ import annotations
@@ -38,6 +41,11 @@ def prefix_at(text: str, line: int, col: int | None = None) -> str:
     return text[: offset + col - 1]
 
 
+def suffix_at(text: str, line: int, col: int | None = None) -> str:
+    """The text after the cursor :func:`prefix_at` places (the suffix an infilling model is given)."""
+    return text[len(prefix_at(text, line, col)) :]
+
+
 @dataclass
 class Choice:
     text: str
@@ -51,6 +59,7 @@ class Completion:
     prompt_tokens: int  # tokens in the prompt as given; the model sees at most its context minus max_tokens
     first_token_s: float | None  # from the call to the first generated token (None for beam search)
     total_s: float
+    truncated: bool = False  # infilling: code before or after the cursor was left out of the model's window
 
 
 def _settled(text: str, stops: Sequence[str]) -> str:
@@ -94,7 +103,8 @@ class _Stream:
 class Engine:
     """One model and tokenizer, ready to complete prefixes; not thread-safe (callers queue their calls)."""
 
-    def __init__(self, loaded: Any) -> None:
+    def __init__(self, loaded: Any, fim_format: str | None = None) -> None:
+        from kdcode import fim
         from kdcode.inference.decode import VocabIndex
         from kdcode.inference.loader import dtype_name
         from kdcode.models import context_length
@@ -108,6 +118,8 @@ class Engine:
         self.runtime = loaded.runtime or {"device": self.device, "dtype": self.dtype, "threads": None}
         self.index = VocabIndex.for_model(self.model, loaded.tokenizer)
         _ = self.index.token_texts  # built once here (healing needs it): every call shares it
+        # how it infills: the FIM tokens of its tokenizer (the named family's when given), None when it does not
+        self.fim = fim.require(self.tokenizer, fim_format, self.name) if fim_format else fim.detect(self.tokenizer)
 
     @property
     def tokenizer(self) -> Any:
@@ -132,11 +144,15 @@ class Engine:
         stop: Sequence[str] = DEFAULT_STOP,
         on_text: OnText | None = None,
         prompt_tokens: int | None = None,
+        suffix: str | None = None,
     ) -> Completion:
         """Complete ``prompt``: greedy (``beams=1, n=1``), the ``n`` best distinct beams of beam search
         (``temperature=0``, ``max(beams, n)`` beams), or ``n`` samples at ``temperature`` (seeded by ``seed``).
-        ``prompt_tokens``, when the caller has counted them, saves tokenizing a long prompt twice."""
+        ``prompt_tokens``, when the caller has counted them, saves tokenizing a long prompt twice. With a
+        ``suffix`` (even an empty one: the end of the file) the model fills in the middle between ``prompt``
+        and it; ``prompt_tokens`` is then the window's length."""
         from kdcode.inference.decode import DecodeOptions, beam_alternatives, encode_prompt, greedy, n_positions
+        from kdcode.inference.infill import encode_infill
 
         if not 1 <= max_tokens < self.n_positions:
             raise KdcodeError(
@@ -152,23 +168,34 @@ class Engine:
             raise KdcodeError("a stop string cannot be empty")
         if seed is not None and not -(2**63) <= seed < 2**64:
             raise KdcodeError(f"seed {seed} does not fit in 64 bits")
+        if suffix is not None and self.fim is None:
+            from kdcode.fim import require
+
+            require(self.tokenizer, None, self.name)  # raises: one line saying it does not infill
         t0 = time.perf_counter()
-        if prompt_tokens is None:
+        if prompt_tokens is None and suffix is None:
             prompt_tokens = self.count_tokens(prompt)
-        if not prompt.strip():  # nothing to condition on but the start of a file
+        if not prompt.strip() and suffix is None:  # nothing to condition on but the start of a file
             if self.tokenizer.bos_token is None:
                 raise KdcodeError("the prompt is empty and the tokenizer has no start-of-text token to stand for it")
             prompt = self.tokenizer.bos_token + prompt
         opts = DecodeOptions(
             max_new_tokens=max_tokens,
             context_tokens=self.n_positions - max_tokens,
-            heal="<EOL>" not in prompt,  # py150 text is whitespace-separated tokens: not healed, as in eval
+            # py150 text is whitespace-separated tokens: not healed, as in eval; FIM parts are tokenized apart
+            heal="<EOL>" not in prompt and suffix is None,
             heal_space=True,
             stop_strings=tuple(stop),
             temperature=temperature,
             seed=seed,
         )
-        encoded = encode_prompt(self.index, prompt, opts, opts.context_for(n_positions(self.model)))
+        context = opts.context_for(n_positions(self.model))
+        truncated = False
+        if suffix is not None:
+            encoded, window = encode_infill(self.index, self.fim, prompt, suffix, context)  # type: ignore[arg-type]
+            prompt_tokens, truncated = len(encoded.ids), window.cut
+        else:
+            encoded = encode_prompt(self.index, prompt, opts, context)
         stream = _Stream(self.index, opts, encoded.healed, on_text, t0)
         if temperature == 0 and (beams > 1 or n > 1):
             gen = beam_alternatives(self.model, self.index, encoded, opts, beams, n)
@@ -180,7 +207,7 @@ class Engine:
         ]
         for i, choice in enumerate(choices):
             stream.flush(i, choice.text)
-        return Completion(choices, prompt_tokens, stream.first_token_s, time.perf_counter() - t0)
+        return Completion(choices, prompt_tokens or 0, stream.first_token_s, time.perf_counter() - t0, truncated)
 
 
 def load_engine(
@@ -193,14 +220,16 @@ def load_engine(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     warm_up: bool = True,
+    fim_format: str | None = None,
 ) -> Engine:
     """Load a model folder / ``bundled`` / hub id through :func:`kdcode.inference.loader.load_for_inference`
-    (``device`` auto: CUDA when there is one; ``dtype`` auto: as its config names) and warm it up."""
+    (``device`` auto: CUDA when there is one; ``dtype`` auto: as its config names) and warm it up.
+    ``fim_format`` names its FIM token family when detection would pick another."""
     from kdcode.inference.loader import load_for_inference
 
     lm = load_for_inference(name, device, dtype, threads, verify=verify, allow_pickle=allow_pickle,
                             trust_remote_code=trust_remote_code)
-    engine = Engine(lm)
+    engine = Engine(lm, fim_format)
     if warm_up:
         engine.warm_up()
     return engine

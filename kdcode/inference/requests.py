@@ -1,5 +1,14 @@
 """The server's requests, validated without a server: a body's bytes in, a typed request or a
-:class:`RequestError` (HTTP status, one-line message, the parameter at fault, an OpenAI error code) out.
+:class:`RequestError` (HTTP status, one-line message, the parameter at fault, an OpenAI error code) out, and
+the :class:`Job` every endpoint shape comes down to (prompts, an optional suffix, how many tokens, stops).
+
+Shapes: OpenAI's completions (``POST /v1/completions``, strict: unknown fields are refused, as OpenAI refuses
+them), llama.cpp's ``POST /completion`` and ``POST /infill``, and Ollama's ``POST /api/generate``. The
+llama.cpp and Ollama shapes ignore fields they do not use (sampling knobs such as ``top_k``, ``top_p``,
+penalties, ``samplers``, ``cache_prompt``, timing limits, ``n_indent``, ``input_extra``, ``keep_alive``), as
+those servers ignore unknown ones: their editor clients send them on every request. Their ``n_predict`` /
+``num_predict`` is capped at the server's limit rather than refused (-1, "no limit", means the limit),
+as llama.cpp caps it.
 
 Everything a client sends is checked before any of it reaches the model: the body's size, that it is UTF-8,
 how deeply its JSON nests (counted before it is parsed, so that a body nested 100,000 deep is refused and
@@ -13,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import accumulate
 from typing import Annotated, Any
 
@@ -29,9 +39,15 @@ class RequestError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
 
-    def body(self) -> dict[str, Any]:
-        """OpenAI's error shape."""
+    def body(self, shape: str = "openai") -> dict[str, Any]:
+        """The error in the shape of the endpoint's API: OpenAI's (``{"error": {"message", "type", "param",
+        "code"}}``), llama.cpp's (``{"error": {"code": status, "message", "type"}}``) or Ollama's
+        (``{"error": message}``)."""
         type_ = "invalid_request_error" if self.status < 500 else "server_error"
+        if shape == "ollama":
+            return {"error": _printable(self.message)}
+        if shape == "llama":
+            return {"error": {"code": self.status, "message": _printable(self.message), "type": type_}}
         return error_body(self.message, type_, self.param, self.code)
 
 
@@ -61,7 +77,8 @@ class Limits(BaseModel):
     max_tokens: int = Field(128, ge=1)
     max_choices: int = Field(16, ge=1)  # prompts x n: one request cannot hold the model's queue for long
     max_beams: int = Field(16, ge=1)
-    max_stop_strings: int = Field(4, ge=1)  # as OpenAI
+    max_stop_strings: int = Field(16, ge=1)  # OpenAI allows 4; Continue's FIM templates send 7
+    max_context_chars: int = Field(65_536, ge=1)  # an infill's prefix and suffix, each (the window is cut from them)
 
 
 def _not_utf8(text: str) -> str | None:
@@ -186,8 +203,6 @@ def _unsupported(req: CompletionRequest) -> tuple[str, str] | None:
         return "echo", "echo is not supported"
     if req.logprobs:
         return "logprobs", "logprobs are not supported"
-    if req.suffix:
-        return "suffix", "suffix (fill-in-the-middle) is not supported"
     if req.presence_penalty or req.frequency_penalty:
         return "presence_penalty", "presence_penalty and frequency_penalty are not supported (use 0)"
     if req.logit_bias:
@@ -231,9 +246,9 @@ def parse_completion_request(body: bytes, limits: Limits, models: Sequence[str] 
             400, f"max_tokens is {shown(str(req.max_tokens), 20)}; this server allows at most {limits.max_tokens}",
             "max_tokens",
         )
-    stops = req.stops
-    if stops is not None and (len(stops) > limits.max_stop_strings or any(not s for s in stops)):
-        raise RequestError(400, f"stop must be 1 to {limits.max_stop_strings} non-empty strings", "stop")
+    _stops(req.stops, limits)
+    if req.suffix:
+        check_infill(max(req.prompts, key=len), req.suffix, limits)
     if req.best_of is not None and req.best_of > limits.max_beams:
         raise RequestError(400, f"best_of is at most {limits.max_beams} here", "best_of")
     if req.best_of is not None and req.best_of < req.n:
@@ -241,3 +256,151 @@ def parse_completion_request(body: bytes, limits: Limits, models: Sequence[str] 
     if req.temperature > 0 and (req.best_of or 1) > 1:
         raise RequestError(400, "best_of > 1 is beam search here, which needs temperature 0", "best_of")
     return req
+
+
+# -------------------------------------------------------------------------------------------------- jobs
+@dataclass(frozen=True)
+class Job:
+    """What a request asks of the model, whatever its shape: each prompt's ``n`` completions (beam search with
+    ``beams`` > 1, sampling at ``temperature`` > 0), infilling when ``suffix`` is not None, ending at a ``stop``
+    string (None: the end of the line) or after ``max_tokens`` (0: none are generated)."""
+
+    prompts: tuple[str, ...]
+    max_tokens: int
+    suffix: str | None = None
+    n: int = 1
+    beams: int = 1
+    temperature: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] | None = None
+    stream: bool = False
+
+
+def check_infill(prefix: str, suffix: str, limits: Limits, names: tuple[str, str] = ("prompt", "suffix")) -> None:
+    """An infill's prefix and suffix within ``limits.max_context_chars`` each (a 400 naming the longer one)."""
+    for text, name in zip((prefix, suffix), names):
+        if len(text) > limits.max_context_chars:
+            raise RequestError(
+                400, f"{name} is {len(text)} characters; this server takes at most {limits.max_context_chars} "
+                "(--max-context-chars; the model sees a window of it around the cursor)", name,
+                "context_length_exceeded",
+            )
+
+
+def _stops(stop: str | Sequence[str] | None, limits: Limits, param: str = "stop") -> tuple[str, ...] | None:
+    stops = None if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
+    if stops is not None and (len(stops) > limits.max_stop_strings or any(not s for s in stops)):
+        raise RequestError(400, f"{param} must be 1 to {limits.max_stop_strings} non-empty strings", param)
+    return stops  # None: the end of the line; () (an empty list): no stop string, the completion runs on
+
+
+def completion_job(req: CompletionRequest) -> Job:
+    """The job of an OpenAI completions request (an empty ``suffix`` is no suffix, as OpenAI reads it)."""
+    return Job(tuple(req.prompts), req.max_tokens, req.suffix or None, req.n, req.best_of or 1, req.temperature,
+               req.seed, req.stops, req.stream)
+
+
+def _parse(model: type[BaseModel], data: dict[str, Any]) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+
+
+def _capped(n: int | None, limits: Limits) -> int:
+    """llama.cpp's n_predict / Ollama's num_predict: None or < 0 (no limit) is the server's limit, as is more."""
+    return limits.max_tokens if n is None or n < 0 else min(n, limits.max_tokens)
+
+
+Seed = Annotated[int, Field(ge=-1, le=2**64 - 1)]  # llama.cpp: -1 is a random seed; Tabby sends any u64
+
+
+class _LlamaFields(BaseModel):
+    """What llama.cpp's /completion and /infill share; greedy unless ``temperature`` > 0 (llama.cpp's default is
+    0.8); other fields (sampling knobs, ``cache_prompt``, timing limits) are ignored."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    n_predict: int = Field(-1, ge=-2)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    seed: Seed | None = None
+    stop: list[Text] | None = None
+    stream: bool = False
+    response_fields: list[Text] | None = None  # the answer's fields to keep ("timings/prompt_n": one nested)
+
+    def job(self, prompt: str, suffix: str | None, limits: Limits) -> Job:
+        seed = None if self.seed is None or self.seed < 0 else self.seed
+        return Job((prompt,), _capped(self.n_predict, limits), suffix, temperature=self.temperature, seed=seed,
+                   stop=_stops(self.stop, limits), stream=self.stream)
+
+
+class LlamaCompletionRequest(_LlamaFields):
+    """llama.cpp's ``POST /completion`` (as Tabby's ``llama.cpp/completion`` backend sends it)."""
+
+    prompt: Text
+
+
+class LlamaInfillRequest(_LlamaFields):
+    """llama.cpp's ``POST /infill`` (as llama.vim sends it): the code before the cursor's line, the text after the
+    cursor, and ``prompt``, the cursor line's text before the cursor (it ends the prefix here).
+    ``input_extra`` (other files' chunks) is accepted and not used: the model's window is the nearest code."""
+
+    input_prefix: Text
+    input_suffix: Text = ""
+    input_extra: list[Any] | None = None
+    prompt: Text = ""
+
+
+def parse_llama_request(body: bytes, limits: Limits, infill: bool) -> tuple[_LlamaFields, Job]:
+    """A ``POST /infill`` (``infill``) or ``POST /completion`` body: the request and its job, or a RequestError."""
+    data = parse_json_body(body, limits)
+    if not isinstance(data.get("prompt", ""), str):
+        raise RequestError(400, "prompt must be a string (token ids are not supported)", "prompt")
+    if infill:
+        req = _parse(LlamaInfillRequest, data)
+        check_infill(req.input_prefix + req.prompt, req.input_suffix, limits, ("input_prefix", "input_suffix"))
+        return req, req.job(req.input_prefix + req.prompt, req.input_suffix, limits)
+    req = _parse(LlamaCompletionRequest, data)
+    return req, req.job(req.prompt, None, limits)
+
+
+class OllamaOptions(BaseModel):
+    """The Modelfile options of an Ollama request that apply here; the rest are ignored."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    num_predict: int | None = Field(None, ge=-2)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)  # Ollama's default is 0.8: greedy here unless asked
+    seed: Seed | None = None
+    stop: Text | list[Text] | None = None
+
+
+class OllamaGenerateRequest(BaseModel):
+    """Ollama's ``POST /api/generate``. ``stream`` defaults to true, as in Ollama; ``raw`` needs no template here
+    (a prompt holding the model's FIM template is read as prefix and suffix either way)."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model: Text
+    prompt: Text = ""
+    suffix: Text | None = None
+    stream: bool = True
+    raw: bool = False
+    format: Any = None
+    images: list[Any] | None = None
+    options: OllamaOptions = Field(default_factory=OllamaOptions)
+
+
+def parse_ollama_request(body: bytes, limits: Limits) -> tuple[OllamaGenerateRequest, Job]:
+    """A ``POST /api/generate`` body: the request and its job, or a RequestError (its message in Ollama's shape)."""
+    req = _parse(OllamaGenerateRequest, parse_json_body(body, limits))
+    if req.format not in (None, ""):
+        raise RequestError(400, f"format {shown(json.dumps(req.format), 40)} is not supported (no structured "
+                           "output here; leave it out)", "format")
+    if req.images:
+        raise RequestError(400, "images are not supported (a code model)", "images")
+    suffix = req.suffix or None  # Ollama's templates treat an empty suffix as none
+    if suffix is not None:
+        check_infill(req.prompt, suffix, limits)
+    o = req.options
+    seed = None if o.seed is None or o.seed < 0 else o.seed
+    job = Job((req.prompt,), _capped(o.num_predict, limits), suffix, temperature=o.temperature, seed=seed,
+              stop=_stops(o.stop, limits, "options.stop"), stream=req.stream)
+    return req, job

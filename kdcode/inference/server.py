@@ -1,34 +1,39 @@
-"""An OpenAI-compatible completion server over one local model (FastAPI + uvicorn: ``pip install 'kdcode[serve]'``).
+"""A completion server over one local model, in the shapes editors speak (FastAPI + uvicorn:
+``pip install 'kdcode[serve]'``). One handler per endpoint shape:
 
-``POST /v1/completions`` takes OpenAI's completions request (``model``, ``prompt`` as a string or a list of
-strings, ``max_tokens``, ``temperature``, ``stop``, ``n``, ``best_of``, ``seed``, ``stream``,
-``stream_options``) and answers in its response shape, or as server-sent events ending with ``data: [DONE]``.
-Where this server differs: ``temperature`` defaults to 0 (greedy; OpenAI's default is 1), and with no ``stop``
-a completion ends at the end of its line; at temperature 0, ``n`` > 1 gives the n best distinct beams of a
-beam search (``best_of`` beams); penalties, ``logit_bias``, ``logprobs``, ``echo`` and ``suffix`` are refused
-with a 400 rather than ignored. Errors are JSON in OpenAI's error shape.
+- ``POST /v1/completions`` — OpenAI's completions (``model``, ``prompt`` as a string or a list of strings,
+  ``suffix``, ``max_tokens``, ``temperature``, ``stop``, ``n``, ``best_of``, ``seed``, ``stream``,
+  ``stream_options``), answered in its response shape or as server-sent events ending with ``data: [DONE]``.
+- ``POST /infill`` — llama.cpp server's infill (``input_prefix``, ``input_suffix``, ``prompt``: the cursor
+  line's start, ``n_predict``, ``stream``, ``stop``; as llama.vim sends it) and ``POST /completion``,
+  llama.cpp's native completion (``prompt``, ``n_predict``, ``temperature``, ``seed``, ``stream``; as Tabby's
+  ``llama.cpp/completion`` backend sends it): ``{"content", "stop", "timings", ...}``, streamed as
+  ``data: {"content": ..., "stop": false}`` events, the last one with ``"stop": true`` (no ``[DONE]``).
+- ``POST /api/generate`` — Ollama's (``model``, ``prompt``, ``suffix``, ``stream``, default true, as
+  newline-delimited JSON; ``options.num_predict``, ``options.temperature``, ``options.stop``).
+- ``GET /v1/models`` and ``GET /api/tags`` list the model, ``POST /api/show`` describes it (Continue reads
+  its ``template`` to decide whether to send ``suffix``), ``GET /health``.
 
-Requests are validated in :mod:`kdcode.inference.requests` before anything reaches the model; a client's
-mistake is a 4xx, never a 500. A body that does not arrive within ``body_timeout_s`` is answered 408 and its
-connection closed. An internal error is a 500 that leaves the connection and the server as they were.
-
-All model work runs on one worker thread, so concurrent requests queue in arrival order and never use the
-model (or the tokenizer, which is not thread-safe) at the same time; the event loop stays free to answer
-``/health`` and to stream. Each endpoint shape is one handler over the shared :class:`ServerState`.
+One model per server: a request may name any model (editor plugins make users type one) and every answer
+names the real one. With a suffix the model fills in the middle (it must have FIM tokens: a 400 otherwise);
+a prompt that holds the model's own FIM template, as Continue and Tabby build it, is read back as prefix and
+suffix, so that the server can cut a long one to the model's window around the cursor
+(:mod:`kdcode.inference.infill`). Where this server differs from the APIs it imitates: ``temperature``
+defaults to 0 (greedy), a completion ends at the end of its line unless ``stop`` says otherwise (``stop: []``:
+no stop string), at temperature 0 OpenAI's ``n`` > 1 gives the n best distinct beams (``best_of`` beams);
+OpenAI's penalties, ``logit_bias``, ``logprobs`` and ``echo`` are refused with a 400, the other shapes'
+sampling knobs are ignored. Errors are JSON in each API's error shape; a client's mistake is a 4xx, never a
+500; a body that does not arrive within ``body_timeout_s`` is answered 408 and its connection closed.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -37,136 +42,36 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kdcode.errors import KdcodeError
 from kdcode.inference.engine import DEFAULT_STOP, Completion, Engine, load_engine
-from kdcode.inference.requests import CompletionRequest, Limits, RequestError, error_body, parse_completion_request
+from kdcode.inference.http import (
+    InternalErrors,
+    ServerState,
+    error_response,
+    events,
+    read_body,
+    stream_error,
+)
+from kdcode.inference.requests import (
+    Job,
+    Limits,
+    RequestError,
+    completion_job,
+    error_body,
+    parse_completion_request,
+    parse_llama_request,
+    parse_ollama_request,
+)
 
-log = logging.getLogger("kdcode.serve")
-OnText = Callable[[int, str], None]
-
-
-def error_response(exc: RequestError) -> JSONResponse:
-    # A body that was not read to its end leaves the connection out of step: close it after the answer.
-    headers = {"Connection": "close"} if exc.status in (408, 413) else None
-    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+SSE = {"media_type": "text/event-stream", "headers": {"Cache-Control": "no-cache"}}
 
 
 def _sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-class InternalErrors:
-    """ASGI middleware: an unexpected exception becomes a 500 in OpenAI's error shape, logged here, and goes
-    no further. (Starlette's own handler re-raises after answering, and uvicorn then drops the connection,
-    which reset the client's next keep-alive request.) A response already under way cannot be answered
-    again: its connection is closed."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def tracked(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracked)
-        except Exception as exc:
-            log.exception("internal error answering %s %s", scope.get("method"), scope.get("path"))
-            if started:
-                raise
-            body = error_body(f"internal error: {type(exc).__name__}", "server_error")
-            await JSONResponse(body, status_code=500)(scope, receive, send)
-
-
-async def read_body(request: Request, limits: Limits) -> bytes:
-    """The request's body, at most ``limits.max_body_bytes`` (413), arriving within ``limits.body_timeout_s``
-    (408): a client that announces a length and sends less cannot hold a connection open."""
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limits.max_body_bytes:  # refused before it is read
-        raise RequestError(413, f"the request body is over {limits.max_body_bytes} bytes")
-
-    async def read() -> bytes:
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limits.max_body_bytes:
-                raise RequestError(413, f"the request body is over {limits.max_body_bytes} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    try:
-        return await asyncio.wait_for(read(), limits.body_timeout_s)
-    except asyncio.TimeoutError:
-        raise RequestError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s") from None
-    except ClientDisconnect:
-        raise RequestError(400, "the client disconnected before sending the whole body") from None
-
-
-@dataclass
-class ServerState:
-    """What every handler shares: the engine, its one worker thread, the names it answers to, the limits."""
-
-    engine: Engine
-    name: str
-    aliases: tuple[str, ...]  # the names a request may give the model: its own first
-    limits: Limits
-    prompt_limit: int  # tokens
-    created: int = field(default_factory=lambda: int(time.time()))
-    worker: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcode-model")
-    )
-
-    def run(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
-        """``fn(*args)`` on the model's worker thread, after the calls queued before it."""
-        return asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
-
-    def count_prompts(self, prompts: list[str]) -> list[int]:
-        """Token counts of the prompts (worker thread), or a 400 for one over ``prompt_limit``."""
-        counts = [self.engine.count_tokens(p) for p in prompts]
-        for i, k in enumerate(counts):
-            if k > self.prompt_limit:
-                where = f"prompt {i}" if len(prompts) > 1 else "the prompt"
-                raise RequestError(
-                    400,
-                    f"{where} has {k} tokens; this server accepts at most {self.prompt_limit} (--max-prompt-tokens)",
-                    "prompt",
-                    "context_length_exceeded",
-                )
-        return counts
-
-    def generate(self, req: CompletionRequest, counts: list[int], on_text: OnText | None) -> list[Completion]:
-        """Every prompt's ``n`` completions (worker thread); choice ``i * n + j`` streams to ``on_text``."""
-        stop = DEFAULT_STOP if req.stops is None else req.stops
-        out = []
-        for i, prompt in enumerate(req.prompts):
-            emit = None if on_text is None else (lambda j, d, base=i * req.n: on_text(base + j, d))
-            result = self.engine.complete(
-                prompt,
-                req.max_tokens,
-                n=req.n,
-                beams=req.best_of or 1,
-                temperature=req.temperature,
-                seed=req.seed,
-                stop=stop,
-                on_text=emit,
-                prompt_tokens=counts[i],
-            )
-            # beams may agree on fewer than n distinct texts (an empty line): repeat the last, n choices stay n
-            result.choices += result.choices[-1:] * (req.n - len(result.choices))
-            out.append(result)
-        return out
-
-
+# ------------------------------------------------------------------------------------------- OpenAI
 def _usage(results: list[Completion]) -> dict[str, int]:
     prompt = sum(r.prompt_tokens for r in results)
     completion = sum(c.tokens for r in results for c in r.choices)
@@ -178,20 +83,17 @@ def openai_completions(state: ServerState) -> Callable[[Request], Any]:
 
     async def completions(request: Request) -> Response:
         try:
-            req = parse_completion_request(await read_body(request, state.limits), state.limits, state.aliases)
-            counts = await state.run(state.count_prompts, req.prompts)
+            req = parse_completion_request(await read_body(request, state.limits), state.limits)
+            job = completion_job(req)
+            parts = await state.run(state.prepare, job)
+            results = None if job.stream else await state.answer(job, parts)
         except RequestError as exc:
             return error_response(exc)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": state.name}
-        if req.stream:
-            return StreamingResponse(
-                _stream(state, req, counts, head), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-            )
-        try:
-            results = await state.run(state.generate, req, counts, None)
-        except KdcodeError as exc:
-            return error_response(RequestError(400, str(exc)))
+        if results is None:
+            usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(_openai_stream(state, job, parts, head, usage), **SSE)  # type: ignore[arg-type]
         choices = [
             {"text": c.text, "index": i, "logprobs": None, "finish_reason": c.finish_reason}
             for i, c in enumerate(c for r in results for c in r.choices)
@@ -201,48 +103,172 @@ def openai_completions(state: ServerState) -> Callable[[Request], Any]:
     return completions
 
 
-async def _stream(
-    state: ServerState, req: CompletionRequest, counts: list[int], head: dict[str, Any]
+async def _openai_stream(
+    state: ServerState, job: Job, parts: list[Any], head: dict[str, Any], usage: bool
 ) -> AsyncIterator[str]:
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[int, str] | None] = asyncio.Queue()
-    gone = threading.Event()
-
-    def on_text(index: int, delta: str) -> None:
-        if gone.is_set():  # the client left: stop generating for it
-            raise ConnectionAbortedError("client disconnected")
-        loop.call_soon_threadsafe(queue.put_nowait, (index, delta))
-
-    future = state.run(state.generate, req, counts, on_text)
-
-    def done(f: asyncio.Future[Any]) -> None:
-        if not f.cancelled():
-            f.exception()  # retrieved here too, so that a stream the client left logs no stray warning
-        queue.put_nowait(None)
-
-    future.add_done_callback(done)
-    try:
-        while (item := await queue.get()) is not None:
-            choice = {"text": item[1], "index": item[0], "logprobs": None, "finish_reason": None}
-            yield _sse({**head, "choices": [choice]})
-        exc = future.exception()
-        if exc is not None:
-            if not isinstance(exc, KdcodeError):
-                log.error("internal error while streaming", exc_info=exc)
-            message = str(exc) if isinstance(exc, KdcodeError) else f"internal error: {type(exc).__name__}"
-            yield _sse(error_body(message, "invalid_request_error" if isinstance(exc, KdcodeError) else "server_error"))
+    async for event in events(state, job, parts):
+        if isinstance(event, tuple):
+            yield _sse({**head, "choices": [{"text": event[1], "index": event[0], "logprobs": None,
+                                              "finish_reason": None}]})
+        elif isinstance(event, BaseException):
+            yield _sse(stream_error(event).body())
         else:
-            results = future.result()
-            for i, c in enumerate(c for r in results for c in r.choices):
-                choice = {"text": "", "index": i, "logprobs": None, "finish_reason": c.finish_reason}
-                yield _sse({**head, "choices": [choice]})
-            if req.stream_options and req.stream_options.include_usage:
-                yield _sse({**head, "choices": [], "usage": _usage(results)})
-        yield _sse("[DONE]")
-    finally:
-        gone.set()
+            for i, c in enumerate(c for r in event for c in r.choices):
+                yield _sse({**head, "choices": [{"text": "", "index": i, "logprobs": None,
+                                                  "finish_reason": c.finish_reason}]})
+            if usage:
+                yield _sse({**head, "choices": [], "usage": _usage(event)})
+    yield _sse("[DONE]")
 
 
+# ------------------------------------------------------------------------------------------- llama.cpp
+def _llama_body(state: ServerState, job: Job, result: Completion) -> dict[str, Any]:
+    """llama.cpp's answer to /completion and /infill (its fields that have a meaning here)."""
+    choice = result.choices[0]
+    first = result.first_token_s or 0.0
+    predict_s = max(result.total_s - first, 0.0)
+    timings = {
+        "prompt_n": result.prompt_tokens,
+        "prompt_ms": round(1000 * first, 3),
+        "prompt_per_token_ms": round(1000 * first / max(result.prompt_tokens, 1), 3),
+        "prompt_per_second": round(result.prompt_tokens / first, 1) if first else 0.0,
+        "predicted_n": choice.tokens,
+        "predicted_ms": round(1000 * predict_s, 3),
+        "predicted_per_token_ms": round(1000 * predict_s / max(choice.tokens - 1, 1), 3),
+        "predicted_per_second": round((choice.tokens - 1) / predict_s, 1) if predict_s else 0.0,
+    }
+    return {
+        "content": choice.text, "index": 0, "id_slot": 0, "stop": True, "model": state.name,
+        "tokens_predicted": choice.tokens, "tokens_evaluated": result.prompt_tokens, "tokens_cached": 0,
+        "truncated": result.truncated, "stop_type": "limit" if choice.finish_reason == "length" else "eos",
+        "stopping_word": "",
+        "generation_settings": {"n_predict": job.max_tokens, "temperature": job.temperature, "seed": job.seed,
+                                "stop": list(DEFAULT_STOP if job.stop is None else job.stop)},
+        "timings": timings,
+    }
+
+
+def _fields(body: dict[str, Any], fields: list[str] | None) -> dict[str, Any]:
+    """llama.cpp's ``response_fields``: only those fields, a nested one named by its path ("timings/prompt_n")."""
+    if not fields:
+        return body
+    out = {}
+    for path in fields:
+        node: Any = body
+        for key in path.split("/"):
+            node = node.get(key) if isinstance(node, dict) else None
+        if node is not None:
+            out[path] = node
+    return out
+
+
+def llama_completion(state: ServerState, infill: bool) -> Callable[[Request], Any]:
+    """The handler of llama.cpp's ``POST /infill`` (``infill``) and ``POST /completion``: one answer shape."""
+
+    async def completion(request: Request) -> Response:
+        try:
+            req, job = parse_llama_request(await read_body(request, state.limits), state.limits, infill)
+            parts = await state.run(state.prepare, job)
+            results = None if job.stream else await state.answer(job, parts)
+        except RequestError as exc:
+            return error_response(exc, "llama")
+        if results is None:
+            return StreamingResponse(_llama_stream(state, job, parts, req.response_fields), **SSE)  # type: ignore[arg-type]
+        return JSONResponse(_fields(_llama_body(state, job, results[0]), req.response_fields))
+
+    return completion
+
+
+async def _llama_stream(state: ServerState, job: Job, parts: list[Any], fields: list[str] | None) -> AsyncIterator[str]:
+    async for event in events(state, job, parts):
+        if isinstance(event, tuple):
+            yield _sse({"content": event[1], "stop": False, "index": 0, "id_slot": 0})
+        elif isinstance(event, BaseException):
+            yield _sse(stream_error(event).body("llama"))
+        else:
+            yield _sse(_fields({**_llama_body(state, job, event[0]), "content": ""}, fields))
+
+
+# ------------------------------------------------------------------------------------------- Ollama
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _ollama_done(result: Completion) -> dict[str, Any]:
+    choice, first = result.choices[0], result.first_token_s or 0.0
+    return {
+        "done": True, "done_reason": "length" if choice.finish_reason == "length" else "stop", "context": [],
+        "total_duration": int(result.total_s * 1e9), "load_duration": 0,
+        "prompt_eval_count": result.prompt_tokens, "prompt_eval_duration": int(first * 1e9),
+        "eval_count": choice.tokens, "eval_duration": int(max(result.total_s - first, 0.0) * 1e9),
+    }
+
+
+def ollama_generate(state: ServerState) -> Callable[[Request], Any]:
+    """The handler of Ollama's ``POST /api/generate``."""
+
+    async def generate(request: Request) -> Response:
+        try:
+            req, job = parse_ollama_request(await read_body(request, state.limits), state.limits)
+            if not req.prompt and job.suffix is None:  # Ollama loads the model and says so
+                return JSONResponse({"model": state.name, "created_at": _now(), "response": "", "done": True,
+                                     "done_reason": "load"})
+            parts = await state.run(state.prepare, job)
+            results = None if job.stream else await state.answer(job, parts)
+        except RequestError as exc:
+            return error_response(exc, "ollama")
+        if results is None:
+            return StreamingResponse(_ollama_stream(state, job, parts), media_type="application/x-ndjson")
+        text = results[0].choices[0].text
+        return JSONResponse({"model": state.name, "created_at": _now(), "response": text, **_ollama_done(results[0])})
+
+    return generate
+
+
+async def _ollama_stream(state: ServerState, job: Job, parts: list[Any]) -> AsyncIterator[str]:
+    async for event in events(state, job, parts):
+        if isinstance(event, tuple):
+            line: dict[str, Any] = {"model": state.name, "created_at": _now(), "response": event[1], "done": False}
+        elif isinstance(event, BaseException):
+            line = stream_error(event).body("ollama")
+        else:
+            line = {"model": state.name, "created_at": _now(), "response": "", **_ollama_done(event[0])}
+        yield json.dumps(line) + "\n"
+
+
+def _ollama_model(state: ServerState) -> dict[str, Any]:
+    """The model as Ollama's /api/tags and /api/show describe one."""
+    engine = state.engine
+    loaded = engine.loaded
+    folder = getattr(loaded, "folder", None)
+    size = sum(p.stat().st_size for p in Path(folder).glob("*.safetensors")) if folder else 0
+    details = {"format": "safetensors", "family": getattr(engine.model.config, "model_type", ""),
+               "parameter_size": f"{loaded.params / 1e6:.1f}M", "quantization_level": engine.dtype}
+    return {"name": state.name, "model": state.name, "modified_at": _now(), "size": size,
+            "digest": str(getattr(loaded, "fingerprint", "")), "details": details}
+
+
+def ollama_show(state: ServerState) -> Callable[[Request], Any]:
+    """The handler of Ollama's ``POST /api/show``: a template with ``.Suffix`` when the model infills, which is
+    how Continue decides to send prefix and suffix apart."""
+
+    async def show(_: Request) -> dict[str, Any]:
+        fim = state.engine.fim
+        template = "{{ .Prompt }}"
+        if fim is not None:
+            template = ("{{- if .Suffix }}" + fim.format.template("{{ .Prompt }}", "{{ .Suffix }}")
+                        + "{{- else }}{{ .Prompt }}{{- end }}")
+        model = _ollama_model(state)
+        return {"modelfile": f"# served by kdcode\nFROM {state.name}\n", "parameters": "", "template": template,
+                "details": model["details"], "modified_at": model["modified_at"],
+                "model_info": {"general.architecture": model["details"]["family"],
+                               "general.context_length": state.engine.n_positions},
+                "capabilities": ["completion"] + (["insert"] if fim is not None else [])}
+
+    return show
+
+
+# ------------------------------------------------------------------------------------------- the app
 def create_app(
     model_dir: str,
     *,
@@ -252,6 +278,8 @@ def create_app(
     max_tokens_limit: int = 128,
     max_body_bytes: int = 2**20,
     body_timeout_s: float = 10.0,
+    max_context_chars: int = 65_536,
+    fim_format: str | None = None,
     threads: int | None = None,
     device: str = "auto",
     dtype: str = "auto",
@@ -259,28 +287,32 @@ def create_app(
 ) -> FastAPI:
     """A FastAPI app serving ``model_dir`` (a folder, ``bundled`` or a hub id; or an already loaded ``engine``).
 
-    ``max_prompt_tokens`` (default: the model's context) refuses longer prompts with a 400; a prompt within it
-    but longer than the context left after ``max_tokens`` is cut to its last tokens, as in ``kdcode eval``.
+    ``max_prompt_tokens`` (default: the model's context) refuses longer plain prompts with a 400; a prompt
+    within it but longer than the context left after ``max_tokens`` is cut to its last tokens, as in ``kdcode
+    eval``. An infill's prefix and suffix are cut to the model's window; over ``max_context_chars`` characters
+    each, they are refused. ``fim_format`` names the model's FIM token family when detection would not find it.
     """
-    engine = engine or load_engine(model_dir, device=device, dtype=dtype, threads=threads, verify=verify)
+    engine = engine or load_engine(model_dir, device=device, dtype=dtype, threads=threads, verify=verify,
+                                   fim_format=fim_format)
     name = model_name or (Path(model_dir).name if model_dir != "bundled" and Path(model_dir).exists() else model_dir)
     prompt_limit = max_prompt_tokens or engine.n_positions
     tokens_limit = min(max_tokens_limit, engine.n_positions - 1)
     if prompt_limit < 1 or tokens_limit < 1:
         raise KdcodeError("--max-prompt-tokens and --max-tokens-limit must be at least 1")
     try:
-        limits = Limits(max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s, max_tokens=tokens_limit)
+        limits = Limits(max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s, max_tokens=tokens_limit,
+                        max_context_chars=max_context_chars)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         raise KdcodeError(f"server limit {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-    state = ServerState(engine, name, (name, model_dir), limits, prompt_limit)
+    state = ServerState(engine, name, limits, prompt_limit)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         state.worker.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="kdcode", summary=f"OpenAI-compatible completions from {name}", lifespan=lifespan)
+    app = FastAPI(title="kdcode", summary=f"code completions from {name}", lifespan=lifespan)
     app.state.engine = engine
     app.state.server = state
     app.add_middleware(InternalErrors)
@@ -297,12 +329,21 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": name, "device": engine.device, "dtype": engine.dtype}
+        return {"status": "ok", "model": name, "device": engine.device, "dtype": engine.dtype,
+                "infill": engine.fim.name if engine.fim is not None else None}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         model = {"id": name, "object": "model", "created": state.created, "owned_by": "kdcode"}
         return {"object": "list", "data": [model]}
 
+    @app.get("/api/tags")
+    async def tags() -> dict[str, Any]:
+        return {"models": [_ollama_model(state)]}
+
     app.post("/v1/completions", response_model=None)(openai_completions(state))
+    app.post("/infill", response_model=None)(llama_completion(state, infill=True))
+    app.post("/completion", response_model=None)(llama_completion(state, infill=False))
+    app.post("/api/generate", response_model=None)(ollama_generate(state))
+    app.post("/api/show", response_model=None)(ollama_show(state))
     return app

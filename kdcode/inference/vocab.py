@@ -17,10 +17,13 @@ class VocabIndex:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size if vocab_size is not None else len(tokenizer)
         self.special_ids = frozenset(tokenizer.all_special_ids)
+        from kdcode.fim import stop_ids as fim_stops
+
         eol = tokenizer.convert_tokens_to_ids("<EOL>")
+        # the end of a line (py150), of the text, and of a middle: a FIM sentinel or end-of-middle token
         self.stop_ids = frozenset(
             i for i in (eol, tokenizer.eos_token_id) if i is not None and i != tokenizer.unk_token_id
-        )
+        ) | fim_stops(tokenizer)
         self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._texts: list[str] | None = None
         self._allowed: dict[str, torch.Tensor] = {}

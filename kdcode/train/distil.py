@@ -11,7 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from kdcode.artifacts import check_output, check_trainable, record_layout
-from kdcode.data import Corpus, data_section, encode_documents, fingerprint, load_corpus, split_blocks, to_blocks
+from kdcode.data import (
+    Corpus,
+    data_section,
+    encode_documents,
+    fingerprint,
+    load_corpus,
+    split_blocks,
+    to_blocks,
+    train_blocks,
+)
 from kdcode.device import resolve_device
 from kdcode.errors import KdcodeError
 from kdcode.spec import RunSpec
@@ -52,14 +61,19 @@ def run_distil(spec: RunSpec, overwrite: bool = False, resume: bool = False) -> 
     run = run_context(spec, resume, spec.train.tensorboard)
     teacher = load_model(spec.teacher.name, revision=spec.teacher.revision,
                          trust_remote_code=spec.teacher.trust_remote_code, allow_pickle=spec.teacher.allow_pickle)
+    from kdcode import fim
+
+    # FIM as the spec says, else as the teacher was trained (a FIM teacher's students keep infilling)
+    transform, fim_section = fim.prepare(fim.effective(spec.data.fim, teacher.manifest), teacher.tokenizer,
+                                         teacher.model)
     _check_teacher(spec, strategy, teacher)
     corpus = load_corpus(spec.data)
-    cache, train_blocks, valid_blocks = _training_blocks(spec, strategy, teacher, corpus)
+    cache, blocks, valid_blocks = _training_blocks(spec, strategy, teacher, corpus, transform)
     student, layer_map = init.build(
         teacher.model, spec.student.layers, spec.student.hidden_size, spec.student.heads, tokenizer=teacher.tokenizer
     )
     check_round_trip(student, teacher.tokenizer)
-    result = train_loop(student, strategy, train_blocks, valid_blocks, spec.train,
+    result = train_loop(student, strategy, blocks, valid_blocks, spec.train,
                         teacher=None if cache is not None else teacher.model,
                         description=f"distil {teacher.n_layer}->{spec.student.layers} layers",
                         layer_map=layer_map, cache=cache, run=run)
@@ -77,7 +91,8 @@ def run_distil(spec: RunSpec, overwrite: bool = False, resume: bool = False) -> 
             "hidden_size": student.config.hidden_size,
             "params_m": round(count_params(student) / 1e6, 3),
         },
-        "data": data_section(corpus, train_blocks, valid_blocks, spec.data.format),
+        "data": data_section(corpus, blocks, valid_blocks, spec.data.format),
+        "fim": fim_section,
         "teacher_cache": {"path": spec.teacher_cache, "top_k": cache.manifest["top_k"]} if cache else None,
         "training": result.summary(),
     }
@@ -113,12 +128,14 @@ def _check_teacher(spec: RunSpec, strategy: Any, teacher: Any) -> None:
         raise KdcodeError("data.format py150 needs a tokenizer with the <EOL> token (CodeGPT-style)")
 
 
-def _training_blocks(spec: RunSpec, strategy: Any, teacher: Any, corpus: Corpus) -> tuple[Any, Any, Any]:
+def _training_blocks(
+    spec: RunSpec, strategy: Any, teacher: Any, corpus: Corpus, fim: Any
+) -> tuple[Any, Any, Any]:
     """(teacher cache or None, training blocks, validation blocks): the cache's blocks when it is used."""
     from kdcode.train.teacher_cache import check_cache, load_cache
 
     if not spec.teacher_cache:
-        return (None, *split_blocks(corpus, teacher.tokenizer, spec.train.block_size))
+        return (None, *split_blocks(corpus, teacher.tokenizer, spec.train.block_size, fim))
     # The cache replaces the teacher's forward passes; the teacher's weights are still read once
     # for the init (layer-copy inits copy its blocks), then dropped.
     cache = load_cache(Path(spec.teacher_cache))
@@ -131,7 +148,7 @@ def _training_blocks(spec: RunSpec, strategy: Any, teacher: Any, corpus: Corpus)
             f"teacher cache {spec.teacher_cache} holds soft targets at T={have_t}, the strategy asks for "
             f"T={wanted_t}; pass --temperature {have_t} or rebuild the cache"
         )
-    key = cache_key(teacher, corpus, spec.data.format, spec.train.block_size)
+    key = cache_key(teacher, corpus, spec.data.format, spec.train.block_size, fim)
     check_cache(cache, key, Path(spec.teacher_cache))
     valid_stream = encode_documents(corpus.splits["valid"], teacher.tokenizer)
     bs = spec.train.block_size
@@ -139,8 +156,10 @@ def _training_blocks(spec: RunSpec, strategy: Any, teacher: Any, corpus: Corpus)
     return cache, cache.input_ids, valid_blocks
 
 
-def cache_key(teacher: Any, corpus: Corpus, fmt: str, block_size: int) -> dict[str, Any]:
-    """What a teacher cache must match to be reused: teacher, tokenizer, training data, block size."""
+def cache_key(teacher: Any, corpus: Corpus, fmt: str, block_size: int, fim: Any = None) -> dict[str, Any]:
+    """What a teacher cache must match to be reused: teacher, tokenizer, training data, block size, and the FIM
+    transform of the blocks (None: none)."""
+    from kdcode.fim import cache_key as fim_key
     from kdcode.train.teacher_cache import tokenizer_hash
 
     return {
@@ -148,6 +167,7 @@ def cache_key(teacher: Any, corpus: Corpus, fmt: str, block_size: int) -> dict[s
         "tokenizer_hash": tokenizer_hash(teacher.tokenizer),
         "data_fingerprint": f"{fmt}:{fingerprint(corpus.splits['train'])}",
         "block_size": block_size,
+        "fim": fim_key(fim),
     }
 
 
@@ -155,17 +175,21 @@ def run_cache_teacher(
     teacher_name: str, data: Any, block_size: int, top_k: int, temperature: float, out: Path,
     batch_size: int = 8, overwrite: bool = False, allow_pickle: bool = False,
 ) -> dict[str, Any]:
-    """One teacher pass over the training blocks of ``data``, stored as top-k soft targets."""
+    """One teacher pass over the training blocks of ``data``, stored as top-k soft targets; FIM-transformed as
+    `distil` would transform them (``data.fim``, else as the teacher was trained)."""
+    from kdcode import fim
     from kdcode.models import load_model, resolve_path
     from kdcode.train.teacher_cache import build_cache
 
     check_output(out, overwrite, {"--teacher": resolve_path(teacher_name), "--data": data.source})
     teacher = load_model(teacher_name, allow_pickle=allow_pickle)
     check_block_size(teacher.model, block_size, "the teacher")
+    transform, _ = fim.prepare(fim.effective(data.fim, teacher.manifest), teacher.tokenizer, teacher.model)
     corpus = load_corpus(data)
-    blocks = to_blocks(encode_documents(corpus.splits["train"], teacher.tokenizer), block_size)
+    blocks = train_blocks(corpus, teacher.tokenizer, block_size, transform)
     teacher.model.to(resolve_device("auto"))
-    meta = {"teacher": teacher_name, **cache_key(teacher, corpus, data.format, block_size), "data": corpus.summary()}
+    key = cache_key(teacher, corpus, data.format, block_size, transform)
+    meta = {"teacher": teacher_name, **key, "data": corpus.summary()}
     return build_cache(teacher.model, blocks, out, top_k, temperature, meta, batch_size, overwrite)
 
 

@@ -58,6 +58,7 @@ def _init_model(spec: PretrainSpec) -> tuple[Any, Any, Any, dict[str, Any]]:
         # everything the parent has seen, its own parents included; this run's tokens are added at the end
         "tokens_seen_total": grand.get("tokens_seen_total") or parent.get("tokens_seen") or 0,
         "parent_init": grand or None,
+        "fim": (loaded.manifest or {}).get("fim"),  # the parent's FIM training (a stage goes on with it)
     }
     return model.float(), tokenizer, type(spec.model)(**actual), lineage
 
@@ -103,7 +104,13 @@ def run_pretrain(spec: PretrainSpec, overwrite: bool = False, resume: bool = Fal
         if saved_tokenizer is not None:
             tokenizer.save_pretrained(saved_tokenizer)  # a resumed run must see the same vocabulary
     tok_time = time.perf_counter() - t0
-    train_blocks, valid_blocks = split_blocks(corpus, tokenizer, spec.train.block_size)
+    from kdcode import fim
+
+    # FIM as the spec says, else as the --init model was trained; missing FIM tokens are added (and rows to the
+    # --init model's embeddings; a new model is built with the tokenizer's length)
+    fim_spec = fim.effective(spec.data.fim, {"fim": (lineage or {}).get("fim")})
+    transform, fim_section = fim.prepare(fim_spec, tokenizer, model if spec.init else None)
+    train_blocks, valid_blocks = split_blocks(corpus, tokenizer, spec.train.block_size, transform)
     if not spec.init:
         config = GPT2Config(
             vocab_size=len(tokenizer),
@@ -136,6 +143,7 @@ def run_pretrain(spec: PretrainSpec, overwrite: bool = False, resume: bool = Fal
             "seconds": round(tok_time, 1),
         },
         "data": data_section(corpus, train_blocks, valid_blocks, spec.data.format),
+        "fim": fim_section,
         "training": result.summary(),
     }
     if lineage is not None:

@@ -127,12 +127,14 @@ def load_cache(folder: Path) -> TeacherCache:
 
 
 def check_cache(cache: TeacherCache, expected: dict[str, Any], folder: Path) -> None:
-    """Refuse a cache made from another teacher, tokenizer, data or block size, naming the mismatch."""
+    """Refuse a cache made from another teacher, tokenizer, data, block size or FIM transform (a cache made
+    before FIM existed records none, which matches a run without it), naming the mismatch."""
     for key, what in (
         ("teacher_fingerprint", "teacher"),
         ("tokenizer_hash", "tokenizer"),
         ("data_fingerprint", "training data"),
         ("block_size", "block size"),
+        ("fim", "FIM transform (data.fim)"),
     ):
         if key in expected and cache.manifest.get(key) != expected[key]:
             raise KdcodeError(

@@ -1,0 +1,140 @@
+"""Infilling: the prompt window (what of the prefix and suffix is kept), `kdcode eval --task infill` on a tiny
+model (the same holes for every model, prefix-only beside it), and `kdcode complete` with the text after the
+cursor as the suffix."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from kdcode import fim
+from kdcode.cli import app
+from kdcode.data import load_corpus
+from kdcode.evaluation.completion_sets import build_line_samples
+from kdcode.evaluation.evaluate import run_eval
+from kdcode.evaluation.infill import build_infill_samples
+from kdcode.inference.decode import DecodeOptions, greedy
+from kdcode.inference.engine import Engine, load_engine, prefix_at, suffix_at
+from kdcode.inference.infill import encode_infill
+from kdcode.spec import DataSpec, EvalSpec
+
+runner = CliRunner(env={"COLUMNS": "160", "TERM": "dumb"})
+SOURCE = "import os\n\n\ndef main(argv):\n    path = os.path.join(argv[0], 'x')\n    return path\n"
+
+
+@pytest.fixture(scope="module")
+def engine(fim_teacher_dir) -> Engine:
+    return load_engine(str(fim_teacher_dir), device="cpu", warm_up=False)
+
+
+def ids(engine: Engine, text: str) -> list[int]:
+    return engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_the_window_keeps_the_code_nearest_the_hole(engine, corpus_dir):
+    t = engine.fim
+    text = sorted(corpus_dir.glob("*.py"))[1].read_text(encoding="utf-8")
+    prefix, suffix = text[: len(text) // 2], text[len(text) // 2 :]
+    prompt, window = encode_infill(engine.index, t, prefix, suffix, 100)
+    p, s = ids(engine, prefix), ids(engine, suffix)
+    assert len(prompt.ids) == 100 and window.cut_prefix and window.cut_suffix and not prompt.healed
+    assert window.suffix_tokens == 97 // 4 and window.prefix_tokens == 97 - 97 // 4
+    want = [t.prefix_id, *p[-window.prefix_tokens :], t.suffix_id, *s[: window.suffix_tokens], t.middle_id]
+    assert list(prompt.ids) == want  # the prefix's last tokens and the suffix's first, as whole-text tokenization
+    # a short prefix leaves the suffix the rest of the window; short both: nothing is cut
+    short, window = encode_infill(engine.index, t, "x = ", suffix, 100)
+    assert window.prefix_tokens == len(ids(engine, "x = ")) and window.suffix_tokens == 97 - window.prefix_tokens
+    assert window.cut_suffix and not window.cut_prefix
+    both, window = encode_infill(engine.index, t, "x = ", "\ny = 2\n", 100)
+    assert list(both.ids) == [t.prefix_id, *ids(engine, "x = "), t.suffix_id, *ids(engine, "\ny = 2\n"), t.middle_id]
+    assert not window.cut
+    empty, _ = encode_infill(engine.index, t, "", "", 100)
+    assert list(empty.ids) == [t.prefix_id, t.suffix_id, t.middle_id]
+
+
+def test_infill_samples_are_the_line_completion_holes(corpus_dir):
+    docs = load_corpus(DataSpec(source=str(corpus_dir))).splits["test"]
+    holes = build_infill_samples(docs, 30, 5)
+    lines = build_line_samples(docs, 30, 5)
+    assert [h.id for h in holes] == [s.id for s in lines] and len(holes) == 30
+    for h, s in zip(holes, lines):
+        assert h.prefix == s.input and h.gt == s.gt and h.prev == s.prev
+        assert "\n" not in h.middle and h.middle.strip() and (h.suffix == "" or h.suffix[0] in "\r\n")
+        key = h.id.rsplit("@", 1)[0]
+        assert h.prefix + h.middle + h.suffix == next(d.text for d in docs if d.key == key)
+
+
+@pytest.mark.slow
+def test_eval_infill_on_a_tiny_model(tmp_path, fim_teacher_dir, corpus_dir, teacher_dir):
+    from conftest import make_fim_model
+
+    spec = EvalSpec(data={"source": str(corpus_dir)}, task="infill", samples=12, max_new_tokens=6, batch_size=4)
+    preds = tmp_path / "preds.txt"
+    a = run_eval(str(fim_teacher_dir), spec, predictions=preds)
+    assert a["task"] == "infill" and a["samples"] == 12 and a["fim"]["format"] == "starcoder"
+    assert a["window"]["context_tokens"] == 128 - 6 and a["decoding"]["heal"] is False
+    assert len(preds.read_text(encoding="utf-8").splitlines()) == 12
+    # the prefix-only figures are line completion of the same holes
+    line = run_eval(str(fim_teacher_dir), spec.model_copy(update={"task": "line", "ppl_blocks": 0}))
+    assert {k: a["prefix_only"][k] for k in ("es", "em", "samples")} == {k: line[k] for k in ("es", "em", "samples")}
+    # the same holes, with the same ids, for another model
+    other = run_eval(str(make_fim_model(tmp_path / "other", teacher_dir, seed=7, n_layer=1)), spec)
+    assert [e["id"] for e in other["examples"]] == [e["id"] for e in a["examples"]]
+    assert other["baseline"] == a["baseline"]
+    # the infill figures are the ES/EM of what the model fills in
+    from kdcode.evaluation.metrics import line_metrics
+
+    gts = [s.gt for s in build_infill_samples(load_corpus(spec.data).splits["test"], 12, 0)]
+    assert line_metrics(preds.read_text(encoding="utf-8").splitlines(), gts)["es"] == a["es"]
+
+
+def test_eval_infill_refusals_are_one_line(teacher_dir, corpus_dir):
+    r = runner.invoke(app, ["eval", str(teacher_dir), "--data", str(corpus_dir), "--task", "infill",
+                            "--samples", "2"])
+    assert r.exit_code == 2 and "does not infill" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["eval", str(teacher_dir), "--task", "fill"])
+    assert r.exit_code == 2 and "task" in r.output
+    r = runner.invoke(app, ["eval", str(teacher_dir), "--task", "infill", "--format", "py150"])
+    assert r.exit_code == 2 and "raw code" in r.output
+
+
+def test_engine_infills_between_prefix_and_suffix(engine):
+    prefix, suffix = prefix_at(SOURCE, 5), suffix_at(SOURCE, 5)
+    assert prefix + suffix == SOURCE and suffix.startswith("path =")
+    got = engine.complete(prefix, 8, suffix=suffix)
+    prompt, window = encode_infill(engine.index, engine.fim, prefix, suffix, engine.n_positions - 8)
+    want = greedy(engine.model, engine.index, [prompt], DecodeOptions(8, heal=False))
+    assert got.choices[0].text == want.texts[0] and "\n" not in got.choices[0].text
+    assert got.prompt_tokens == len(prompt.ids) and got.truncated is window.cut is False
+    beams = engine.complete(prefix, 6, suffix=suffix, n=2, beams=3)
+    assert 1 <= len(beams.choices) <= 2
+    sampled = [engine.complete(prefix, 6, suffix=suffix, temperature=0.8, seed=3).choices[0].text for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+def test_complete_uses_the_suffix_when_the_model_infills(tmp_path, engine, fim_teacher_dir, teacher_dir):
+    src = tmp_path / "f.py"
+    src.write_text(SOURCE, encoding="utf-8")
+    r = runner.invoke(app, ["complete", str(fim_teacher_dir), "--file", str(src), "--line", "5", "--col", "9",
+                            "--max-tokens", "6", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    prefix, suffix = prefix_at(SOURCE, 5, 9), suffix_at(SOURCE, 5, 9)
+    assert out["infill"] == {"format": "starcoder", "suffix_chars": len(suffix), "cut": False}
+    assert out["completions"][0]["text"] == engine.complete(prefix, 6, suffix=suffix).choices[0].text
+    r = runner.invoke(app, ["complete", str(fim_teacher_dir), "--file", str(src), "--line", "5", "--col", "9",
+                            "--max-tokens", "6", "--json", "--no-suffix"])
+    out = json.loads(r.output)
+    assert out["infill"] is None and out["completions"][0]["text"] == engine.complete(prefix, 6).choices[0].text
+    r = runner.invoke(app, ["complete", str(teacher_dir), "--file", str(src), "--line", "5", "--max-tokens", "4",
+                            "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["infill"] is None  # no FIM tokens: the prefix alone
+    r = runner.invoke(app, ["complete", str(teacher_dir), "--file", str(src), "--line", "5", "--fim-format", "qwen"])
+    assert r.exit_code == 2 and "does not infill" in r.output and "qwen FIM tokens" in r.output
+
+
+def test_vocab_index_stops_at_fim_tokens(engine):
+    t = fim.detect(engine.tokenizer)
+    assert {t.prefix_id, t.suffix_id, t.middle_id} <= engine.index.stop_ids
