@@ -23,8 +23,8 @@
 # stage 1 (stage 3 was run as `--init bundled` while the stage before was the bundled teacher:
 # the same weights).
 #   examples/pretrain_bundled.sh        stages 1-5
-#   examples/pretrain_bundled.sh fim    stage 5 alone, from the bundled teacher as it is (~70 min on 2 cores)
-# FIM_INIT, FIM_OUT, FIM_MINUTES, FIM_DATA, FIM_SAMPLES, FIM_BUNDLED (where the result goes) change stage 5's
+#   examples/pretrain_bundled.sh fim    stage 5 alone, from the bundled teacher as it is (1,500 steps: ~40 min on 2 idle cores)
+# FIM_INIT, FIM_OUT, FIM_STEPS (a step budget: the result does not depend on how busy the CPU is), FIM_DATA, FIM_SAMPLES, FIM_BUNDLED (where the result goes) change stage 5's
 # inputs and outputs (a trial run on a tiny model: see the issue 21 note).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,14 +34,14 @@ stage3=${STAGE3:-runs/teacher_stage3}
 
 # fim_stage: stage 5 from ${FIM_INIT:-bundled}; kept as the bundled teacher if the prefix-only ES holds.
 fim_stage() {
-  local init=${FIM_INIT:-bundled} out=${FIM_OUT:-runs/teacher_stage5_fim} minutes=${FIM_MINUTES:-60}
+  local init=${FIM_INIT:-bundled} out=${FIM_OUT:-runs/teacher_stage5_fim} steps=${FIM_STEPS:-1500}
   local data=${FIM_DATA:-stdlib} samples=${FIM_SAMPLES:-500} bundled=${FIM_BUNDLED:-kdcode/bundled/teacher}
   local runs=${out}.eval
   mkdir -p "$runs"
   kdcode eval "$init" --data "$data" --samples "$samples" --json "$runs/before_line.json" >/dev/null
   kdcode pretrain \
     --data "$data" --include-tests --init "$init" --block-size 256 \
-    --batch-size 16 --lr 3e-4 --warmup-steps 100 --max-minutes "$minutes" --eval-every 250 \
+    --batch-size 16 --lr 3e-4 --warmup-steps 100 --max-steps "$steps" --eval-every 250 \
     --precision auto --seed 4 \
     --fim-rate 0.5 --fim-spm-rate 0.5 --fim-mode document \
     --out "$out" --overwrite
