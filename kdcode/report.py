@@ -98,13 +98,27 @@ def table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for r in rows_in:
         base = teachers.get(r.get("baseline") or "")
-        row = [r["name"]]
-        for _, section, key, decimals in columns:
-            v = value(r, section, key)
-            t = value(base, section, key) if base else None
-            row += [_fmt(v, decimals), f"{v / t:.2f}" if v is not None and t else "–"]
-        rows.append(row)
+        for shown in [r, *([_trivial_baseline(r)] if r.get("kind") == "teacher" else [])]:
+            if shown is None:
+                continue
+            row = [shown["name"]]
+            for _, section, key, decimals in columns:
+                v = value(shown, section, key)
+                t = value(base or r, section, key)
+                row += [_fmt(v, decimals), f"{v / t:.2f}" if v is not None and t else "–"]
+            rows.append(row)
     return headers, rows
+
+
+def _trivial_baseline(teacher: dict[str, Any]) -> dict[str, Any] | None:
+    """The repeat-the-previous-line baseline, scored on the teacher's samples, as a row of its own: no table hides
+    that a model is below it."""
+    line = (teacher.get("eval") or {}).get("baseline")
+    if not line:
+        return None
+    infill = (teacher.get("infill") or {}).get("baseline")
+    return {"name": f"baseline: {line.get('name', 'repeat previous line')}", "eval": line,
+            "infill": infill or {}, "bench": {}}
 
 
 def markdown(records: list[dict[str, Any]]) -> str:

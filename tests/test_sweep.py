@@ -248,8 +248,10 @@ def test_sweep_end_to_end_resumes_after_a_failure(tmp_path, teacher_dir, corpus_
     assert after[3]["teacher_cache"]["build_s"] is None  # the cache was reused
 
     table = md_rows(out)
-    assert list(table) == ["teacher", "1L", "2L"]
+    assert list(table) == ["teacher", "baseline: repeat previous line", "1L", "2L"]
     assert table["teacher"][2] == "1.00" and float(table["1L"][2]) < float(table["2L"][2]) < 1
+    base = table["baseline: repeat previous line"]  # the trivial floor is a row of its own, ES/EM only
+    assert base[1] == "–" and float(base[7]) > 0 and base[8] == f"{float(base[7]) / float(table['teacher'][7]):.2f}"
     png = (out / "pareto.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert matplotlib.image.imread(out / "pareto.png").ndim == 3
