@@ -9,11 +9,14 @@ import typer
 
 from kdcode.cli._common import (
     AllowPickleOpt,
+    BackendOpt,
+    CompileOpt,
     DataOpt,
     DeviceOpt,
     DtypeOpt,
     GlobOpt,
     JsonFileOpt,
+    KvCacheOpt,
     NoVerifyOpt,
     RecordOpt,
     ThreadsOpt,
@@ -24,6 +27,7 @@ from kdcode.cli._common import (
     out_console,
     overrides,
     record_metrics,
+    runtime_flags,
     write_json,
 )
 
@@ -65,6 +69,9 @@ def eval_cmd(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     threads: ThreadsOpt = None,
+    backend: BackendOpt = "auto",
+    kv_cache: KvCacheOpt = "dynamic",
+    compile_step: CompileOpt = False,
     predictions: Annotated[
         Path | None, typer.Option(help="Write predictions, one per line (CodeXGLUE format).")
     ] = None,
@@ -88,16 +95,17 @@ def eval_cmd(
         },
         "flags",
     )
+    runtime = runtime_flags(backend, kv_cache, compile_step)
     check_json_path(json_out, model)
     result = run_eval(model, spec, verify=not no_verify, predictions=predictions, allow_pickle=allow_pickle,
-                      trust_remote_code=trust_remote_code)
+                      trust_remote_code=trust_remote_code, runtime=runtime)
     rows = [(model, result)]
     if result.get("baseline"):
         rows.append(("baseline: " + result["baseline"]["name"], result["baseline"]))
     if str(json_out) != "-":
         rt = result["runtime"]
         title = (f"line completion, {spec.split} split, seed {seed} ({rt['device']}, {rt['dtype']}, "
-                 f"{rt['threads']} threads)")
+                 f"{rt['threads']} threads, {rt.get('backend', 'torch')})")
         console = out_console()
         console.print(metrics_table(title, rows, EVAL_COLUMNS))
         if result.get("verified") is None:
@@ -119,6 +127,9 @@ def bench(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     threads: ThreadsOpt = None,
+    backend: BackendOpt = "auto",
+    kv_cache: KvCacheOpt = "dynamic",
+    compile_step: CompileOpt = False,
     seed: Annotated[int, typer.Option(help="Seed of the prompt draw.")] = 0,
     json_out: JsonFileOpt = None,
     record: RecordOpt = False,
@@ -138,9 +149,10 @@ def bench(
         },
         "flags",
     )
+    runtime = runtime_flags(backend, kv_cache, compile_step)
     check_json_path(json_out, model, compare)
     result = run_bench(model, spec, compare=compare, verify=not no_verify, allow_pickle=allow_pickle,
-                       trust_remote_code=trust_remote_code)
+                       trust_remote_code=trust_remote_code, runtime=runtime)
     rows = [(model, with_ranges(result))] + ([(compare, with_ranges(result["compare"]))] if compare else [])
     if str(json_out) != "-":
         console = out_console()

@@ -10,13 +10,17 @@ from typing import Annotated
 import typer
 
 from kdcode.cli._common import (
+    BackendOpt,
+    CompileOpt,
     DeviceOpt,
     DtypeOpt,
+    KvCacheOpt,
     NoVerifyOpt,
     ThreadsOpt,
     err_console,
     fail,
     handle_errors,
+    runtime_flags,
     warn,
 )
 
@@ -39,6 +43,9 @@ def complete(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     threads: ThreadsOpt = None,
+    backend: BackendOpt = "auto",
+    kv_cache: KvCacheOpt = "dynamic",
+    compile_step: CompileOpt = False,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print JSON: completions, finish reasons, token counts, timings.")
     ] = False,
@@ -54,7 +61,9 @@ def complete(
     else:
         text = sys.stdin.read()
     prefix = prefix_at(text, line, col) if line is not None else text
-    engine = load_engine(model, device=device, dtype=dtype, threads=threads, verify=not no_verify, warm_up=False)
+    runtime = runtime_flags(backend, kv_cache, compile_step)
+    engine = load_engine(model, device=device, dtype=dtype, threads=threads, verify=not no_verify, warm_up=False,
+                         runtime=runtime)
     result = engine.complete(prefix, max_tokens, n=n, beams=beams, temperature=temperature, seed=seed)
     if json_out:
         typer.echo(
@@ -90,6 +99,9 @@ def serve(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     threads: ThreadsOpt = None,
+    backend: BackendOpt = "auto",
+    kv_cache: KvCacheOpt = "dynamic",
+    compile_step: CompileOpt = False,
     no_verify: NoVerifyOpt = False,
 ) -> None:
     """An OpenAI-compatible completion server (POST /v1/completions, GET /v1/models, GET /health)."""
@@ -98,17 +110,20 @@ def serve(
         import uvicorn
     except ImportError:
         fail("kdcode serve needs FastAPI and uvicorn: pip install 'kdcode\\[serve]'")  # \\[ escapes rich markup
+    from kdcode.inference.engine import load_engine
     from kdcode.inference.server import create_app
 
     if not body_timeout > 0:
         fail(f"--body-timeout must be more than 0 seconds, not {body_timeout}")
-    app_ = create_app(model, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
-                      body_timeout_s=body_timeout, threads=threads, device=device, dtype=dtype, verify=not no_verify)
+    engine = load_engine(model, device=device, dtype=dtype, threads=threads, verify=not no_verify,
+                         runtime=runtime_flags(backend, kv_cache, compile_step))
+    app_ = create_app(model, engine=engine, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
+                      body_timeout_s=body_timeout)
     if host not in ("127.0.0.1", "localhost", "::1"):
         warn(f"listening on {host}: anyone who can reach it can use the model (no auth)")
     rt = app_.state.engine.runtime
     err_console().print(f"serving {model} on http://{host}:{port}/v1 (OpenAI completions API) on {rt['device']}, "
-                        f"{rt['dtype']}, {rt['threads']} threads; Ctrl-C stops")
+                        f"{rt['dtype']}, {rt['threads']} threads, {rt.get('backend', 'torch')}; Ctrl-C stops")
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
