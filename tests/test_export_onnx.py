@@ -106,3 +106,22 @@ def test_export_refuses_an_existing_folder_and_the_source(real, tmp_path):
         run_export(str(src), ExportSpec(format="onnx"), src / "onnx")
     with pytest.raises(ValueError, match="--int8 is for --format onnx"):
         ExportSpec(format="gguf", int8=True)
+
+
+def test_cli_export_onnx_then_eval(student_src, corpus_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from kdcode.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "onnx-int8"
+    made = runner.invoke(app, ["export", str(student_src), "--format", "onnx", "--int8", "--out", str(out)])
+    assert made.exit_code == 0, made.output
+    assert "ONNX export written to" in made.output and (out / "model.onnx").is_file()
+    ev = runner.invoke(app, ["eval", str(out), "--data", str(corpus_dir), "--samples", "5", "--max-new-tokens", "4",
+                             "--ppl-blocks", "2", "--json", str(tmp_path / "eval.json")])
+    assert ev.exit_code == 0, ev.output
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["runtime"]["backend"] == "onnxruntime" and result["perplexity"] > 1
+    again = runner.invoke(app, ["export", str(student_src), "--format", "onnx", "--out", str(out)])
+    assert again.exit_code == 2 and "not empty" in again.output

@@ -118,3 +118,40 @@ def test_bench_gives_each_model_its_own_runtime(teacher_dir, corpus_dir):
     assert dynamic["runtime"]["kv_cache"] == "dynamic" and static["runtime"]["kv_cache"] == "static"
     assert dynamic["backend"] == static["backend"] == "torch"
     assert dynamic["size_mb"] == static["size_mb"] > 0 and dynamic["params_m"] == static["params_m"]
+
+
+def _benchmark_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "benchmarks" / "runtimes.py"
+    spec = importlib.util.spec_from_file_location("runtimes_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(speed: float, spread: float = 0.05, **kw) -> dict:
+    return {"samples_per_s": speed, "samples_per_s_range": [speed * (1 - spread), speed * (1 + spread)],
+            "ms_per_token_p50": 1.0, **kw}
+
+
+def test_the_runtimes_benchmark_checks_the_issue_goals_on_its_table():
+    script = _benchmark_script()
+    rows = {
+        ("teacher", "ort-fp32"): _row(10.0, size_mb=14.0, es=40.0),
+        ("student", "torch-fp32"): _row(9.0, size_mb=9.0, es=34.0, line_ms_p50=80.0),
+        ("student", "ort-fp32"): _row(23.0, size_mb=9.2, es=34.0, line_ms_p50=45.0),
+        ("student", "ort-int8"): _row(36.0, size_mb=2.5, es=33.5, line_ms_p50=35.0),
+        ("student", "llama-f32"): _row(14.0, size_mb=9.4, es=34.0, tensor_mb=9.1),
+        ("student", "llama-q8_0"): _row(19.0, size_mb=2.8, es=33.9, tensor_mb=2.5),
+    }
+    goals = script.check_goals(rows)
+    assert goals[0].startswith("PASS student vs teacher in the fastest backend (onnxruntime, ort-fp32): 2.30x")
+    assert any(g.startswith("PASS 8-bit ort-int8 vs ort-fp32: 1.57x") for g in goals)
+    q8 = next(g for g in goals if "llama-q8_0" in g)
+    assert q8.startswith("FAIL") and "3.36x smaller" in q8 and "tensors alone: 3.64x" in q8
+    assert goals[-1].startswith("PASS line completion of the fastest student (ort-int8): p50 35.0 ms")
+    table = script.markdown(rows, ["header"], goals)
+    assert "| student | onnxruntime | int8 | past key values | 2.5 | 36.0 [" in table
+    assert table.count("\n| ") == len(rows) + 1 and "Goals:" in table
