@@ -41,6 +41,7 @@ def test_static_cache_reports_itself_and_counts_the_same_model(teacher_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inside inductor
 def test_compiled_decode_step_equals_eager(teacher_dir, corpus_dir):
     pytest.importorskip("torch._inductor", reason="torch.compile needs inductor")
     prompts = held_out_prompts(corpus_dir, 12)
@@ -81,18 +82,26 @@ def test_a_backend_that_does_not_fit_is_one_line(tmp_path, teacher_dir):
         load_for_inference(str(gguf), "cpu", "fp16")
 
 
-def test_missing_extras_are_named(monkeypatch, tmp_path):
+def test_missing_extras_are_named(monkeypatch, tmp_path, teacher_dir):
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
     onnx = tmp_path / "onnx"
     onnx.mkdir()
     (onnx / "model.onnx").write_bytes(b"x")
-    monkeypatch.setitem(sys.modules, "llama_cpp", None)
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    (onnx / "kdcode.json").write_text('{"format": "onnx"}')
+    for name in ("llama_cpp", "gguf", "onnxruntime", "onnxscript"):
+        monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(KdcodeError, match=r"pip install 'kdcode\[llamacpp\]'"):
         load_for_inference(str(gguf), "cpu")
     with pytest.raises(KdcodeError, match=r"pip install 'kdcode\[onnx\]'"):
         load_for_inference(str(onnx), "cpu")
+    from kdcode.export.run import run_export
+    from kdcode.spec import ExportSpec
+
+    with pytest.raises(KdcodeError, match=r"--format gguf needs gguf: pip install 'kdcode\[gguf\]'"):
+        run_export(str(teacher_dir), ExportSpec(format="gguf"), tmp_path / "t.gguf")
+    with pytest.raises(KdcodeError, match=r"--format onnx needs .*onnxscript.*: pip install 'kdcode\[onnx\]'"):
+        run_export(str(teacher_dir), ExportSpec(format="onnx"), tmp_path / "t-onnx")
 
 
 @pytest.mark.slow

@@ -79,6 +79,7 @@ def run_export(name: str, spec: ExportSpec, out: Path, overwrite: bool = False,
 
     source = resolve_path(name)
     size = weights_bytes(name)
+    _check_extra(spec.format)
     if spec.format == "gguf":
         out = Path(out)
         if out.suffix != ".gguf":
@@ -91,6 +92,16 @@ def run_export(name: str, spec: ExportSpec, out: Path, overwrite: bool = False,
         return out, _export_gguf(_load(name, verify), spec, out)
     check_output(out, overwrite, {"MODEL": source}, need_bytes=2 * size if size else None)
     return out, _export_onnx(_load(name, verify), spec, out, overwrite)
+
+
+def _check_extra(fmt: str) -> None:
+    """The packages an export needs, named before any work."""
+    import importlib.util
+
+    need = {"gguf": (["gguf"], "gguf"), "onnx": (["onnx", "onnxscript", "onnxruntime"], "onnx")}[fmt]
+    missing = [m for m in need[0] if importlib.util.find_spec(m) is None]
+    if missing:
+        raise KdcodeError(f"--format {fmt} needs {', '.join(missing)}: pip install 'kdcode[{need[1]}]'")
 
 
 def _provenance(lm: Any, spec: ExportSpec) -> dict[str, Any]:
@@ -131,10 +142,6 @@ def _export_onnx(lm: Any, spec: ExportSpec, out: Path, overwrite: bool) -> dict[
     from kdcode.export.onnx_graph import export_onnx, quantize_int8
     from kdcode.quiet import quiet_hf, quiet_loggers
 
-    try:
-        import onnxruntime  # noqa: F401 - the int8 step and every later run need it
-    except ImportError as exc:
-        raise KdcodeError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'kdcode[onnx]'") from exc
     manifest = _provenance(lm, spec)
     with atomic_dir(out, overwrite) as tmp, quiet_loggers("torch.onnx", "torch.export", "onnxscript", ""):
         graph = export_onnx(lm.model, tmp / ("float.onnx" if spec.int8 else "model.onnx"), spec.opset,

@@ -229,17 +229,18 @@ class LlamaModel(StepModel):
 def load_gguf(path: Path, threads: int, verify: bool) -> tuple[LlamaModel, Any, dict[str, Any] | None, bool | None]:
     """A GGUF file for the llama.cpp backend: (model, tokenizer, manifest (its sidecar, else the provenance
     inside it), verified: True when the sidecar's sha256 matches, None without a sidecar)."""
-    import gguf
+    try:
+        import gguf
+        import llama_cpp  # noqa: F401
+    except ImportError as exc:
+        raise KdcodeError("the llama.cpp backend needs llama-cpp-python and gguf: pip install 'kdcode[llamacpp]'") \
+            from exc
 
     from kdcode.artifacts import sha256_file
     from kdcode.export.gguf_file import gguf_manifest, read_fields
     from kdcode.export.gguf_vocab import tokenizer_from_gguf
     from kdcode.export.run import sidecar_path
 
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError as exc:
-        raise KdcodeError("the llama.cpp backend needs llama-cpp-python: pip install 'kdcode[llamacpp]'") from exc
     fields = read_fields(path)
     sidecar = sidecar_path(path)
     manifest = read_manifest_file(sidecar) if sidecar.is_file() else None

@@ -94,14 +94,14 @@ def load_onnx(folder: Path, threads: int, verify: bool) -> tuple[OrtModel, dict[
     from kdcode.artifacts import read_manifest
     from kdcode.artifacts import verify as verify_folder
 
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError as exc:
-        raise KdcodeError("the onnxruntime backend needs ONNX Runtime: pip install 'kdcode[onnx]'") from exc
     manifest = read_manifest(folder)
     if not (folder / "model.onnx").is_file() or not manifest or manifest.get("format") != "onnx":
         raise KdcodeError(f"{folder} is not a kdcode ONNX export (model.onnx + kdcode.json); make one with "
                           f"kdcode export MODEL --format onnx --out {folder}")
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        raise KdcodeError("the onnxruntime backend needs ONNX Runtime: pip install 'kdcode[onnx]'") from exc
     verified = verify_folder(folder) if verify else False
     config = AutoConfig.from_pretrained(str(folder))
     return OrtModel(folder, config, manifest, threads), manifest, verified
