@@ -154,15 +154,18 @@ def bench(
     result = run_bench(model, spec, compare=compare, verify=not no_verify, allow_pickle=allow_pickle,
                        trust_remote_code=trust_remote_code, runtime=runtime)
     rows = [(model, with_ranges(result))] + ([(compare, with_ranges(result["compare"]))] if compare else [])
+    # models on different backends or dtypes (a GGUF against its torch folder): each row says its own
+    mixed = bool(compare) and any(result[k] != result["compare"][k] for k in ("backend", "dtype"))
     if str(json_out) != "-":
         console = out_console()
         console.print(
             metrics_table(
-                f"bench: {result['device']} ({result['cpu']}), {result['dtype']}, {result['threads']} threads, "
-                f"{result['backend']}, batch {spec.batch_size}, {spec.new_tokens} new tokens x {result['prompts']} "
-                f"prompts x {result['rounds']} interleaved rounds (median [min-max])",
+                f"bench: {result['device']} ({result['cpu']}), "
+                + ("" if mixed else f"{result['dtype']}, {result['backend']}, ")
+                + f"{result['threads']} threads, batch {spec.batch_size}, {spec.new_tokens} new tokens x "
+                f"{result['prompts']} prompts x {result['rounds']} interleaved rounds (median [min-max])",
                 rows,
-                BENCH_COLUMNS,
+                [("backend", "backend"), ("dtype", "dtype"), *BENCH_COLUMNS] if mixed else BENCH_COLUMNS,
             )
         )
         if compare:
