@@ -125,6 +125,45 @@ def clean_stale_temps(out: Path) -> list[Path]:
     return removed
 
 
+def clean_stale_temp_files(out: Path) -> list[Path]:
+    """Remove the temp files (``.{out.name}.tmp-{pid}-*``) that killed runs writing the single file ``out`` left;
+    the same rules as :func:`clean_stale_temps` (older than this process, owner gone), files only."""
+    import glob
+
+    import psutil
+
+    removed = []
+    for path in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
+        try:
+            if path.is_symlink() or not path.is_file() or path.stat().st_mtime >= _STARTED:
+                continue
+        except OSError:
+            continue
+        owner = _temp_owner(path, out)
+        if owner is None or owner == os.getpid() or psutil.pid_exists(owner):
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+@contextmanager
+def atomic_file(out: Path, mode: int = 0o644) -> Iterator[Path]:
+    """Yield a temp file path beside ``out``; on success it replaces ``out`` in one rename (a killed run leaves
+    ``out`` as it was, and a temp file that the next run writing ``out`` removes)."""
+    clean_stale_temp_files(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, mode & ~_umask())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _inside(a: Path, b: Path) -> bool:
     try:
         a.relative_to(b)

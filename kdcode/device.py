@@ -47,6 +47,13 @@ def set_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
+def model_device(model: Any) -> Any:
+    """The device a model's logits come out on: its parameters', or what a backend's model says
+    (:class:`kdcode.inference.backends.base.StepModel`)."""
+    device = getattr(model, "backend_device", None)
+    return device if device is not None else next(model.parameters()).device
+
+
 def cpu_name() -> str:
     return platform.processor() or platform.machine()
 

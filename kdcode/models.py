@@ -44,7 +44,8 @@ class Loaded:
 
     @property
     def params(self) -> int:
-        return count_params(self.model)
+        own = getattr(self.model, "param_count", None)  # a backend's model (kdcode.inference.backends) counts its own
+        return int(own) if own is not None else count_params(self.model)
 
     def describe(self) -> dict[str, Any]:
         """What a manifest records of a model: enough to find the exact same one again."""
@@ -138,6 +139,12 @@ def resolve_path(name: str) -> Path | None:
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(("/", "\\")):
         raise KdcodeError(f"model folder {name} does not exist; check the path")
     return None
+
+
+def input_path(name: str) -> Path | None:
+    """The file or folder on disk a model name refers to (a GGUF export is a file), for output checks."""
+    path = Path(name).expanduser()
+    return path if path.is_file() else resolve_path(name)
 
 
 def _check_local(path: Path, allow_pickle: bool) -> None:

@@ -32,3 +32,23 @@ def quiet_hf() -> Iterator[None]:
         hf_logging.set_verbosity(verbosity)
         if enable_progress_bars and not hub_bars_off:
             enable_progress_bars()
+
+
+@contextlib.contextmanager
+def quiet_loggers(*names: str) -> Iterator[None]:
+    """Python warnings off, and the named loggers ("" is the root logger) at ERROR, for the length of a block:
+    exporters' advice ("torchvision is not installed", "consider pre-processing") is not kdcode's output."""
+    import logging
+    import warnings
+
+    loggers = [logging.getLogger(n or None) for n in names]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)

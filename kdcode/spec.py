@@ -343,6 +343,24 @@ def dump_yaml(spec: BaseModel) -> str:
 
 DeviceName = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")]
 DtypeName = Literal["auto", "fp32", "fp16", "bf16"]
+# Where a model runs (kdcode.inference.backends): "auto" picks by what the path is (a .gguf file: llama.cpp, a
+# folder with model.onnx: onnxruntime, else torch).
+BackendName = Literal["auto", "torch", "onnxruntime", "llama.cpp"]
+KvCacheName = Literal["dynamic", "static"]
+
+
+class RuntimeSpec(_Spec):
+    """How a model runs for eval / bench / complete / serve: the backend, and torch's decode path."""
+
+    backend: BackendName = "auto"
+    kv_cache: KvCacheName = Field("dynamic", description="torch: a cache that grows, or one allocated once (static)")
+    compile: bool = Field(False, description="torch: torch.compile the decode step (implies kv_cache static)")
+
+    @model_validator(mode="after")
+    def _torch_only(self) -> RuntimeSpec:
+        if self.backend in ("onnxruntime", "llama.cpp") and (self.compile or self.kv_cache != "dynamic"):
+            raise ValueError(f"--compile and --kv-cache are torch options; the {self.backend} backend has its own")
+        return self
 
 
 class EvalSpec(_Spec):
@@ -437,3 +455,25 @@ class CompressSpec(_Spec):
     calib_batches: int = Field(8, ge=1)
     calib_batch_size: int = Field(8, ge=1)
     calib_block_size: int | None = Field(None, ge=8, description="tokens per calibration block (default 256)")
+
+
+GGUF_QUANTS = ("f32", "f16", "q8_0", "q4_0")
+
+
+class ExportSpec(_Spec):
+    """`kdcode export`: a model folder as one GGUF file (llama.cpp, ollama) or an ONNX folder (ONNX Runtime)."""
+
+    format: Literal["gguf", "onnx"]
+    quant: Literal["f32", "f16", "q8_0", "q4_0"] | None = Field(
+        None, description="GGUF weight type of the 2-D matrices (default f32); norms and biases stay f32"
+    )
+    int8: bool = Field(False, description="ONNX: dynamic int8 weights through ONNX Runtime's quantizer")
+    opset: int = Field(18, ge=17, le=23, description="ONNX opset")
+
+    @model_validator(mode="after")
+    def _one_format(self) -> ExportSpec:
+        if self.format == "onnx" and self.quant is not None:
+            raise ValueError("--quant is for --format gguf; ONNX takes --int8")
+        if self.format == "gguf" and self.int8:
+            raise ValueError("--int8 is for --format onnx; GGUF takes --quant q8_0")
+        return self

@@ -117,9 +117,9 @@ def check_json_path(path: Path | None, model: str, compare: str | None = None) -
     if path is None or str(path) == "-":
         return
     from kdcode.artifacts import check_output
-    from kdcode.models import resolve_path
+    from kdcode.models import input_path
 
-    inputs = {"MODEL": resolve_path(model), "--compare": resolve_path(compare) if compare else None}
+    inputs = {"MODEL": input_path(model), "--compare": input_path(compare) if compare else None}
     check_output(path, inputs=inputs, folder=False, flag="--json")
 
 
@@ -200,3 +200,18 @@ FimFormatOpt = Annotated[
 def fim_overrides(rate: float | None, spm_rate: float | None, mode: str | None, fmt: str | None) -> dict[str, Any]:
     """The ``data.fim`` section the --fim-* flags give ({} when none is given)."""
     return overrides({"rate": rate, "spm_rate": spm_rate, "mode": mode, "format": fmt})
+
+
+BackendOpt = Annotated[str, typer.Option("--backend", help="auto (a .gguf file: llama.cpp, an ONNX export folder: "
+                                         "onnxruntime, else torch), torch, onnxruntime or llama.cpp.")]
+KvCacheOpt = Annotated[str, typer.Option("--kv-cache", help="torch: dynamic (grows each step) or static (allocated "
+                                         "once at the model's context).")]
+CompileOpt = Annotated[bool, typer.Option("--compile", help="torch: torch.compile the decode step (static KV cache).")]
+
+
+def runtime_flags(backend: str, kv_cache: str, compile_step: bool) -> dict[str, Any]:
+    """--backend / --kv-cache / --compile, validated (kdcode.spec.RuntimeSpec), as the dict loaders take."""
+    from kdcode.spec import RuntimeSpec, build_spec
+
+    spec = build_spec(RuntimeSpec, {"backend": backend, "kv_cache": kv_cache, "compile": compile_step}, "flags")
+    return spec.model_dump()

@@ -9,12 +9,15 @@ import typer
 
 from kdcode.cli._common import (
     AllowPickleOpt,
+    BackendOpt,
+    CompileOpt,
     DataOpt,
     DeviceOpt,
     DtypeOpt,
     FimFormatOpt,
     GlobOpt,
     JsonFileOpt,
+    KvCacheOpt,
     NoVerifyOpt,
     RecordOpt,
     ThreadsOpt,
@@ -25,6 +28,7 @@ from kdcode.cli._common import (
     out_console,
     overrides,
     record_metrics,
+    runtime_flags,
     write_json,
 )
 
@@ -73,6 +77,9 @@ def eval_cmd(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     threads: ThreadsOpt = None,
+    backend: BackendOpt = "auto",
+    kv_cache: KvCacheOpt = "dynamic",
+    compile_step: CompileOpt = False,
     predictions: Annotated[
         Path | None, typer.Option(help="Write predictions, one per line (CodeXGLUE format).")
     ] = None,
@@ -98,9 +105,10 @@ def eval_cmd(
         },
         "flags",
     )
+    runtime = runtime_flags(backend, kv_cache, compile_step)
     check_json_path(json_out, model)
     result = run_eval(model, spec, verify=not no_verify, predictions=predictions, allow_pickle=allow_pickle,
-                      trust_remote_code=trust_remote_code)
+                      trust_remote_code=trust_remote_code, runtime=runtime)
     rows = [(model, result)]
     for key in ("prefix_only", "baseline"):
         if result.get(key):
@@ -109,7 +117,7 @@ def eval_cmd(
         rt = result["runtime"]
         what = "single-line infilling" if spec.task == "infill" else "line completion"
         title = (f"{what}, {spec.split} split, seed {seed} ({rt['device']}, {rt['dtype']}, "
-                 f"{rt['threads']} threads)")
+                 f"{rt['threads']} threads, {rt.get('backend', 'torch')})")
         console = out_console()
         console.print(metrics_table(title, rows, EVAL_COLUMNS))
         if result.get("verified") is None:
@@ -132,6 +140,9 @@ def bench(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     threads: ThreadsOpt = None,
+    backend: BackendOpt = "auto",
+    kv_cache: KvCacheOpt = "dynamic",
+    compile_step: CompileOpt = False,
     seed: Annotated[int, typer.Option(help="Seed of the prompt draw.")] = 0,
     json_out: JsonFileOpt = None,
     record: RecordOpt = False,
@@ -151,19 +162,23 @@ def bench(
         },
         "flags",
     )
+    runtime = runtime_flags(backend, kv_cache, compile_step)
     check_json_path(json_out, model, compare)
     result = run_bench(model, spec, compare=compare, verify=not no_verify, allow_pickle=allow_pickle,
-                       trust_remote_code=trust_remote_code)
+                       trust_remote_code=trust_remote_code, runtime=runtime)
     rows = [(model, with_ranges(result))] + ([(compare, with_ranges(result["compare"]))] if compare else [])
+    # models on different backends or dtypes (a GGUF against its torch folder): each row says its own
+    mixed = bool(compare) and any(result[k] != result["compare"][k] for k in ("backend", "dtype"))
     if str(json_out) != "-":
         console = out_console()
         console.print(
             metrics_table(
-                f"bench: {result['device']} ({result['cpu']}), {result['dtype']}, {result['threads']} threads, "
-                f"{result['backend']}, batch {spec.batch_size}, {spec.new_tokens} new tokens x {result['prompts']} "
-                f"prompts x {result['rounds']} interleaved rounds (median [min-max])",
+                f"bench: {result['device']} ({result['cpu']}), "
+                + ("" if mixed else f"{result['dtype']}, {result['backend']}, ")
+                + f"{result['threads']} threads, batch {spec.batch_size}, {spec.new_tokens} new tokens x "
+                f"{result['prompts']} prompts x {result['rounds']} interleaved rounds (median [min-max])",
                 rows,
-                BENCH_COLUMNS,
+                [("backend", "backend"), ("dtype", "dtype"), *BENCH_COLUMNS] if mixed else BENCH_COLUMNS,
             )
         )
         if compare:

@@ -10,14 +10,18 @@ from typing import Annotated
 import typer
 
 from kdcode.cli._common import (
+    BackendOpt,
+    CompileOpt,
     DeviceOpt,
     DtypeOpt,
     FimFormatOpt,
+    KvCacheOpt,
     NoVerifyOpt,
     ThreadsOpt,
     err_console,
     fail,
     handle_errors,
+    runtime_flags,
     warn,
 )
 
@@ -45,6 +49,9 @@ def complete(
                            "infills.")
     ] = False,
     fim_format: FimFormatOpt = None,
+    backend: BackendOpt = "auto",
+    kv_cache: KvCacheOpt = "dynamic",
+    compile_step: CompileOpt = False,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print JSON: completions, finish reasons, token counts, timings.")
     ] = False,
@@ -62,8 +69,9 @@ def complete(
     else:
         text = sys.stdin.read()
     prefix = prefix_at(text, line, col) if line is not None else text
+    runtime = runtime_flags(backend, kv_cache, compile_step)
     engine = load_engine(model, device=device, dtype=dtype, threads=threads, verify=not no_verify, warm_up=False,
-                         fim_format=fim_format)
+                         fim_format=fim_format, runtime=runtime)
     suffix = suffix_at(text, line, col) if line is not None and engine.fim is not None and not no_suffix else None
     result = engine.complete(prefix, max_tokens, n=n, beams=beams, temperature=temperature, seed=seed, suffix=suffix)
     if json_out:
@@ -107,6 +115,9 @@ def serve(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     threads: ThreadsOpt = None,
+    backend: BackendOpt = "auto",
+    kv_cache: KvCacheOpt = "dynamic",
+    compile_step: CompileOpt = False,
     no_verify: NoVerifyOpt = False,
 ) -> None:
     """A completion server for editors: OpenAI (POST /v1/completions, with suffix), llama.cpp (POST /infill,
@@ -116,21 +127,23 @@ def serve(
         import uvicorn
     except ImportError:
         fail("kdcode serve needs FastAPI and uvicorn: pip install 'kdcode\\[serve]'")  # \\[ escapes rich markup
+    from kdcode.inference.engine import load_engine
     from kdcode.inference.server import create_app
 
     if not body_timeout > 0:
         fail(f"--body-timeout must be more than 0 seconds, not {body_timeout}")
-    app_ = create_app(model, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
-                      body_timeout_s=body_timeout, max_context_chars=max_context_chars, fim_format=fim_format,
-                      threads=threads, device=device, dtype=dtype, verify=not no_verify)
+    engine = load_engine(model, device=device, dtype=dtype, threads=threads, verify=not no_verify,
+                         fim_format=fim_format, runtime=runtime_flags(backend, kv_cache, compile_step))
+    app_ = create_app(model, engine=engine, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
+                      body_timeout_s=body_timeout, max_context_chars=max_context_chars, fim_format=fim_format)
     if host not in ("127.0.0.1", "localhost", "::1"):
         warn(f"listening on {host}: anyone who can reach it can use the model (no auth)")
     rt = app_.state.engine.runtime
     fim = app_.state.engine.fim
     infill = f"infills ({fim.name} FIM tokens)" if fim is not None else "does not infill (no FIM tokens)"
     err_console().print(f"serving {model} on http://{host}:{port} (/v1/completions, /infill, /completion, "
-                        f"/api/generate) on {rt['device']}, {rt['dtype']}, {rt['threads']} threads; it {infill}; "
-                        "Ctrl-C stops")
+                        f"/api/generate) on {rt['device']}, {rt['dtype']}, {rt['threads']} threads, "
+                        f"{rt.get('backend', 'torch')}; it {infill}; Ctrl-C stops")
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 

@@ -96,14 +96,16 @@ class Runner:
         from kdcode.device import peak_rss_mb
 
         lm = self.lm
+        stepped = getattr(lm.model, "files", None) is not None  # a backend's model: its files are its weights
+        size = lm.model.weight_bytes if stepped else weights_size(lm.folder) if lm.folder else None
         out: dict[str, Any] = {
             "model": self.name,
             "params_m": round(lm.params / 1e6, 3),  # int8 weights counted too
             "n_layer": lm.n_layer,
-            "size_mb": round(weights_size(lm.folder) / 1e6, 3) if lm.folder else None,  # a hub model: its cache
+            "size_mb": round(size / 1e6, 3) if size is not None else None,  # a hub model: its cache
             "source": {"path": str(lm.folder) if lm.folder else None,
                        "hub": lm.hub and {k: lm.hub[k] for k in ("id", "revision")}},
-            "weights_memory_mb": round(memory_bytes(lm.model) / 1e6, 3),
+            "weights_memory_mb": round((lm.model.memory_bytes if stepped else memory_bytes(lm.model)) / 1e6, 3),
             "prompts": len(self.prompts),
             "new_tokens": self.spec.new_tokens,
             "batch_size": self.spec.batch_size,
@@ -112,8 +114,8 @@ class Runner:
             "cpu": platform.processor() or platform.machine(),
             "dtype": lm.runtime["dtype"],
             "threads": lm.runtime["threads"],
-            "backend": "torch",
-            "runtime": {**lm.runtime, "backend": "torch"},
+            "backend": lm.runtime.get("backend", "torch"),
+            "runtime": {"backend": "torch", **lm.runtime},
             "verified": lm.verified,
         }
         if self.device.type == "cuda":
@@ -192,15 +194,18 @@ def summarise(rounds: list[dict[str, float]]) -> dict[str, Any]:
 
 
 def run_bench_many(
-    names: list[str], spec: BenchSpec, verify: bool = True, isolate: bool = True, **load: Any
+    names: list[str], spec: BenchSpec, verify: bool = True, isolate: bool = True,
+    runtimes: list[dict[str, Any] | None] | None = None, **load: Any
 ) -> list[dict[str, Any]]:
-    """Benchmark ``names`` together in interleaved rounds (see the module doc); one result per model."""
+    """Benchmark ``names`` together in interleaved rounds (see the module doc); one result per model.
+    ``runtimes`` gives each model its own backend / decode path (:class:`kdcode.spec.RuntimeSpec` fields)."""
     from kdcode.progress import make_progress
 
     workers: list[Worker] = []
     try:
-        for name in names:
-            workers.append(Worker(name, spec, verify, load, isolate))
+        for i, name in enumerate(names):
+            own = (runtimes or [None] * len(names))[i]
+            workers.append(Worker(name, spec, verify, {**load, **({"runtime": own} if own else {})}, isolate))
         rounds: list[list[dict[str, float]]] = [[] for _ in workers]
         with make_progress() as progress:
             task = progress.add_task("bench", total=spec.rounds * len(workers), info=f"{len(workers)} model(s)")
@@ -230,10 +235,12 @@ def run_bench(
     isolate: bool = True,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    runtime: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Measure ``name`` (and ``compare``, interleaved with it); ratios and whether the ranking holds."""
+    """Measure ``name`` (and ``compare``, interleaved with it, in the same ``runtime``); ratios and whether the
+    ranking holds."""
     names = [name, compare] if compare else [name]
-    results = run_bench_many(names, spec, verify, isolate, allow_pickle=allow_pickle,
+    results = run_bench_many(names, spec, verify, isolate, [runtime] * len(names), allow_pickle=allow_pickle,
                              trust_remote_code=trust_remote_code)
     result = results[0]
     if compare:

@@ -29,24 +29,26 @@ def run_eval(
     predictions: Path | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    runtime: Any = None,
 ) -> dict[str, Any]:
-    """Evaluate a model folder / id on line completion and perplexity (``spec.task`` infill: on single-line
-    infilling, :mod:`kdcode.evaluation.infill`); returns the metrics dict (with the device, dtype and threads it
-    ran with under ``runtime``)."""
+    """Evaluate a model folder / id (or a GGUF / ONNX export, in the backend ``runtime`` names: a
+    :class:`kdcode.spec.RuntimeSpec` or its dict) on line completion and perplexity (``spec.task`` infill: on
+    single-line infilling, :mod:`kdcode.evaluation.infill`); returns the metrics dict (with the device, dtype,
+    threads and backend it ran with under ``runtime``)."""
     from kdcode.inference.decode import DecodeOptions, VocabIndex, beam_search, greedy, n_positions
     from kdcode.inference.loader import load_for_inference
 
     if predictions is not None:
         from kdcode.artifacts import check_output
-        from kdcode.models import resolve_path
+        from kdcode.models import input_path
 
-        check_output(predictions, inputs={"MODEL": resolve_path(name), "--lines": spec.lines}, folder=False,
+        check_output(predictions, inputs={"MODEL": input_path(name), "--lines": spec.lines}, folder=False,
                      flag="--predictions")
     if spec.task == "infill" and (spec.lines or spec.data.format == "py150"):
         raise KdcodeError("--task infill removes whole lines from held-out raw code files; drop --lines and "
                           "--format py150")
     lm = load_for_inference(name, spec.device, spec.dtype, spec.threads, verify=verify, allow_pickle=allow_pickle,
-                            trust_remote_code=trust_remote_code)
+                            trust_remote_code=trust_remote_code, runtime=runtime)
     if spec.task == "infill":
         from kdcode.evaluation.infill import run_infill
 

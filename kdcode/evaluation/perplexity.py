@@ -44,6 +44,8 @@ def perplexity(model: Any, tokenizer: Any, docs: list[Any], max_blocks: int, blo
     if n == 0:
         return {"perplexity": None, "ppl_tokens": 0, "ppl_block_size": block_size}
     blocks = torch.tensor(stream[: n * block_size]).view(n, block_size)
-    device = next(model.parameters()).device
+    from kdcode.device import model_device
+
+    device = model_device(model)
     loss = held_out_loss(model, blocks, 8, None, device)
     return {"perplexity": round(math.exp(loss), 3), "ppl_tokens": n * (block_size - 1), "ppl_block_size": block_size}

@@ -95,7 +95,9 @@ def token_accuracy(model: Any, tokenizer: Any, docs: list[Document], max_blocks:
         for ids in tokenizer(texts[i : i + 256], add_special_tokens=False)["input_ids"]:
             stream.extend(ids)
     blocks = _eval_blocks(stream, block_size, starts, boundary, bos)[:max_blocks]
-    device = next(model.parameters()).device
+    from kdcode.device import model_device
+
+    device = model_device(model)
     vocab = int(getattr(model.config, "vocab_size", len(tokenizer)) or len(tokenizer))
     batch = max(1, min(8, 2**25 // max(1, block_size * vocab)))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0

@@ -105,6 +105,7 @@ class Engine:
 
     def __init__(self, loaded: Any, fim_format: str | None = None) -> None:
         from kdcode import fim
+        from kdcode.device import model_device
         from kdcode.inference.decode import VocabIndex
         from kdcode.inference.loader import dtype_name
         from kdcode.models import context_length
@@ -114,7 +115,7 @@ class Engine:
         self.model = loaded.model.eval()
         self.n_positions = context_length(self.model.config, 1024)
         self.dtype = dtype_name(self.model)
-        self.device = str(next(self.model.parameters()).device)
+        self.device = str(model_device(self.model))
         self.runtime = loaded.runtime or {"device": self.device, "dtype": self.dtype, "threads": None}
         self.index = VocabIndex.for_model(self.model, loaded.tokenizer)
         _ = self.index.token_texts  # built once here (healing needs it): every call shares it
@@ -221,14 +222,16 @@ def load_engine(
     trust_remote_code: bool = False,
     warm_up: bool = True,
     fim_format: str | None = None,
+    runtime: Any = None,
 ) -> Engine:
     """Load a model folder / ``bundled`` / hub id through :func:`kdcode.inference.loader.load_for_inference`
-    (``device`` auto: CUDA when there is one; ``dtype`` auto: as its config names) and warm it up.
-    ``fim_format`` names its FIM token family when detection would pick another."""
+    (``device`` auto: CUDA when there is one; ``dtype`` auto: as its config names; ``runtime``: the backend, a
+    :class:`kdcode.spec.RuntimeSpec` or its dict) and warm it up. ``fim_format`` names its FIM token family
+    when detection would pick another."""
     from kdcode.inference.loader import load_for_inference
 
     lm = load_for_inference(name, device, dtype, threads, verify=verify, allow_pickle=allow_pickle,
-                            trust_remote_code=trust_remote_code)
+                            trust_remote_code=trust_remote_code, runtime=runtime)
     engine = Engine(lm, fim_format)
     if warm_up:
         engine.warm_up()

@@ -1,6 +1,7 @@
 """The model's side of decoding: one forward step over new tokens with a KV cache, and the batch plumbing
 around it (left padding, growing masks, keeping beam rows). Speculative decoding scores a draft's k tokens
-through the same step (``keep=k``) and cuts the cache back."""
+through the same step (``keep=k``) and cuts the cache back. A model of another backend (ONNX Runtime,
+llama.cpp, torch with a static cache: :mod:`kdcode.inference.backends`) brings its own step, called the same way."""
 
 from __future__ import annotations
 
@@ -33,18 +34,24 @@ class Forward:
     device: torch.device
     cache_kw: str
     takes_keep: bool
+    step: Any = None  # a backend's own step (kdcode.inference.backends.base.StepModel.decode_step)
 
     @classmethod
     def of(cls, model: Any, index: VocabIndex | None = None) -> Forward:
         vocab = getattr(model.config, "vocab_size", None)
         if index is not None and vocab is not None and vocab != index.vocab_size:
             raise ValueError(f"the vocabulary index is {index.vocab_size} tokens wide but the model's is {vocab}")
+        step = getattr(model, "decode_step", None)
+        if step is not None:  # ONNX Runtime, llama.cpp, torch with a static cache: same call, their own step
+            return cls(model, model.backend_device, "", True, step)
         return cls(model.eval(), next(model.parameters()).device, *_forward_kwargs(model))
 
     def __call__(
         self, input_ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any, keep: int = 1
     ) -> tuple[torch.Tensor, Any]:
         """Logits (float) at the last ``keep`` positions, (rows, keep, vocab), and the grown cache."""
+        if self.step is not None:
+            return self.step(input_ids, mask, pos, cache, keep)
         kwargs: dict[str, Any] = {"attention_mask": mask, "position_ids": pos, "use_cache": True}
         if cache is not None:
             kwargs[self.cache_kw] = cache

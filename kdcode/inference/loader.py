@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from kdcode.errors import KdcodeError
+from kdcode.spec import RuntimeSpec
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 DTYPE_HELP = "auto (the dtype the model's config names), fp32, fp16 or bf16."
@@ -22,8 +23,11 @@ def torch_dtype(name: str) -> Any:
 
 
 def dtype_name(model: Any) -> str:
-    """The dtype a model runs in, as kdcode reports it (int8 folders say so)."""
+    """The dtype a model runs in, as kdcode reports it (int8 folders and other backends' models say so)."""
     from kdcode.compression.int8 import Int8Linear
+
+    if isinstance(getattr(model, "dtype_name", None), str):  # kdcode.inference.backends.base.StepModel
+        return model.dtype_name
 
     params = list(model.parameters())
     base = str(params[0].dtype).replace("torch.", "") if params else "float32"
@@ -42,14 +46,23 @@ def load_for_inference(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     revision: str | None = None,
+    runtime: RuntimeSpec | dict[str, Any] | None = None,
 ) -> Any:
-    """Load ``name`` (a folder, ``bundled`` or a hub id) for inference: on ``device`` (``auto``: CUDA when
-    present), in ``dtype``, with ``threads`` CPU threads. Returns :class:`kdcode.models.Loaded` whose
-    ``runtime`` says the device, dtype and threads used."""
+    """Load ``name`` (a folder, ``bundled`` or a hub id; a GGUF file or an ONNX export for those backends) for
+    inference: on ``device`` (``auto``: CUDA when present), in ``dtype``, with ``threads`` CPU threads, in the
+    backend and decode path ``runtime`` asks for (:class:`kdcode.spec.RuntimeSpec`). Returns
+    :class:`kdcode.models.Loaded` whose ``runtime`` says the device, dtype, threads and backend used."""
     from kdcode.artifacts import kdcode_layout
     from kdcode.device import describe_device, resolve_device, set_threads
+    from kdcode.inference.backends import detect_backend, load_backend
     from kdcode.models import load_model, resolve_path
 
+    rt = runtime if isinstance(runtime, RuntimeSpec) else RuntimeSpec.model_validate(runtime or {})
+    backend = detect_backend(name) if rt.backend == "auto" else rt.backend
+    if backend != "torch":
+        return load_backend(name, backend, device, dtype, threads, verify)
+    if detect_backend(name) != "torch":
+        raise KdcodeError(f"{name} is a {detect_backend(name)} model; run it with --backend {detect_backend(name)}")
     dev = resolve_device(device)
     wanted = torch_dtype(dtype)
     n_threads = set_threads(threads)
@@ -66,5 +79,13 @@ def load_for_inference(
     lm = load_model(name, revision=revision, check=verify, allow_pickle=allow_pickle,
                     trust_remote_code=trust_remote_code, dtype=wanted)
     lm.model.to(dev).eval()
-    lm.runtime = {"device": describe_device(dev), "dtype": dtype_name(lm.model), "threads": n_threads}
+    lm.runtime = {"device": describe_device(dev), "dtype": dtype_name(lm.model), "threads": n_threads,
+                  "backend": "torch", "kv_cache": "static" if rt.compile else rt.kv_cache, "compile": rt.compile}
+    if rt.compile or rt.kv_cache == "static":
+        from kdcode.artifacts import weight_files
+        from kdcode.inference.backends.static import StaticTorch
+        from kdcode.models import count_params
+
+        files = weight_files(lm.folder) if lm.folder else []
+        lm.model = StaticTorch(lm.model, rt.compile, count_params(lm.model), files, lm.runtime["dtype"])
     return lm

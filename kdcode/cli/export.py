@@ -1,0 +1,47 @@
+"""`kdcode export`: a model folder as a GGUF file (llama.cpp, ollama) or an ONNX folder (ONNX Runtime)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kdcode.cli._common import NoVerifyOpt, OverwriteOpt, handle_errors, out_console
+
+
+@handle_errors
+def export(
+    model: Annotated[str, typer.Argument(help="Model folder (or 'bundled') to export.")],
+    out: Annotated[Path, typer.Option(help="GGUF: the file F.gguf to write; ONNX: the folder to write.")],
+    fmt: Annotated[str, typer.Option("--format", help="gguf (llama.cpp, ollama) or onnx (ONNX Runtime).")],
+    quant: Annotated[
+        str | None, typer.Option(help="GGUF weight type: f32 (default), f16, q8_0 or q4_0.")
+    ] = None,
+    int8: Annotated[
+        bool, typer.Option("--int8", help="ONNX: int8 weights (ONNX Runtime's dynamic quantizer).")
+    ] = False,
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 18,
+    overwrite: OverwriteOpt = False,
+    no_verify: NoVerifyOpt = False,
+) -> None:
+    """Export for another runtime, with the tokenizer, the source's sha256 and the settings recorded."""
+    from kdcode.export.run import modelfile_path, run_export, sidecar_path
+    from kdcode.spec import ExportSpec, build_spec
+
+    spec = build_spec(ExportSpec, {"format": fmt, "quant": quant, "int8": int8, "opset": opset}, "flags")
+    path, manifest = run_export(model, spec, out, overwrite=overwrite, verify=not no_verify)
+    console = out_console()
+    size = f"{manifest['bytes'] / 1e6:.2f} MB"
+    if spec.format == "gguf":
+        console.print(f"[green]GGUF written to[/] {path} ({manifest['gguf']['quant']}, {size}); provenance in its "
+                      f"kdcode.manifest key and {sidecar_path(path).name}; ollama: {modelfile_path(path).name}")
+        console.print(f"next:\n  kdcode bench {path} --compare {model} --device cpu\n"
+                      f"  ollama create NAME -f {modelfile_path(path)}", highlight=False)
+    else:
+        console.print(f"[green]ONNX export written to[/] {path} ({'int8' if spec.int8 else 'float32'}, {size})")
+        console.print(f"next:\n  kdcode bench {path} --compare {model} --device cpu", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(export)

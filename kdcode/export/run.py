@@ -1,0 +1,169 @@
+"""`kdcode export`: a model folder as one GGUF file or an ONNX folder, with the manifest chain.
+
+Both record the source (its path, the sha256 of its weight files, its own manifest) and the export settings:
+
+- ONNX: ``OUT/kdcode.json`` (kind ``export``), with the sha256 of ``model.onnx`` under ``weights_sha256`` so that
+  loading checks it as it checks any kdcode folder; the folder also holds ``config.json`` and the tokenizer.
+- GGUF: the provenance inside the file (key ``kdcode.manifest``: source, settings, kdcode version), and a sidecar
+  ``F.kdcode.json`` beside ``F.gguf`` with the same plus the GGUF's own sha256 (checked on load when present),
+  and the ollama ``F.Modelfile``.
+
+Outputs are checked before the model is loaded (never inside the source, writable, enough space) and written
+atomically: a killed export leaves no half-written file or folder under the asked name.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from kdcode.errors import KdcodeError
+from kdcode.spec import ExportSpec
+
+BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+
+
+def sidecar_path(gguf: Path) -> Path:
+    return gguf.with_name(gguf.name.removesuffix(".gguf") + ".kdcode.json")
+
+
+def modelfile_path(gguf: Path) -> Path:
+    return gguf.with_name(gguf.name.removesuffix(".gguf") + ".Modelfile")
+
+
+def _libraries(*names: str) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from kdcode.artifacts import library_versions
+
+    out = library_versions()
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _source(lm: Any) -> dict[str, Any]:
+    from kdcode.artifacts import weights_sha256
+
+    return {"name": lm.name, "path": str(lm.folder.resolve()) if lm.folder else None,
+            "weights_sha256": weights_sha256(lm.folder) if lm.folder else {"hub": lm.fingerprint},
+            "hub": lm.hub and {k: lm.hub[k] for k in ("id", "revision")}, "verified": lm.verified,
+            "n_layer": lm.n_layer, "params_m": round(lm.params / 1e6, 3)}
+
+
+def _load(name: str, verify: bool) -> Any:
+    import torch
+
+    from kdcode.artifacts import kdcode_layout
+    from kdcode.models import load_model
+
+    lm = load_model(name, check=verify, dtype=torch.float32)
+    layout = kdcode_layout(lm.manifest)
+    if layout.get("int8") or layout.get("heads_per_layer"):
+        kind = "int8" if layout.get("int8") else "head-pruned (layers differ in heads)"
+        raise KdcodeError(f"{name} is {kind}, which GGUF and ONNX cannot hold as it is; export its float parent "
+                          "and quantize there (--quant q8_0, --int8)")
+    lm.model.float().eval()
+    return lm
+
+
+def run_export(name: str, spec: ExportSpec, out: Path, overwrite: bool = False,
+               verify: bool = True) -> tuple[Path, dict[str, Any]]:
+    """Export ``name`` as ``spec`` says to ``out`` (a .gguf file, or a folder for ONNX). Returns (out, manifest)."""
+    from kdcode.artifacts import check_output
+    from kdcode.models import resolve_path, weights_bytes
+
+    source = resolve_path(name)
+    size = weights_bytes(name)
+    _check_extra(spec.format)
+    if spec.format == "gguf":
+        out = Path(out)
+        if out.suffix != ".gguf":
+            raise KdcodeError(f"--out {out}: a GGUF export is one file; name it F.gguf")
+        need = int(size / 4 * BYTES_PER_WEIGHT[spec.quant or "f32"]) if size else None
+        check_output(out, overwrite, {"MODEL": source}, need_bytes=need, folder=False)
+        for path in (out, sidecar_path(out), modelfile_path(out)):
+            if path.exists() and not overwrite:
+                raise KdcodeError(f"{path} exists; choose another --out or pass --overwrite")
+        return out, _export_gguf(_load(name, verify), spec, out)
+    check_output(out, overwrite, {"MODEL": source}, need_bytes=2 * size if size else None)
+    return out, _export_onnx(_load(name, verify), spec, out, overwrite)
+
+
+def _check_extra(fmt: str) -> None:
+    """The packages an export needs, named before any work."""
+    import importlib.util
+
+    need = {"gguf": (["gguf"], "gguf"), "onnx": (["onnx", "onnxscript", "onnxruntime"], "onnx")}[fmt]
+    missing = [m for m in need[0] if importlib.util.find_spec(m) is None]
+    if missing:
+        raise KdcodeError(f"--format {fmt} needs {', '.join(missing)}: pip install 'kdcode[{need[1]}]'")
+
+
+def _provenance(lm: Any, spec: ExportSpec) -> dict[str, Any]:
+    from kdcode import __version__
+
+    return {"kind": "export", "kdcode_version": __version__,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "export": spec.model_dump(mode="json"), "source": _source(lm)}
+
+
+def _export_gguf(lm: Any, spec: ExportSpec, out: Path) -> dict[str, Any]:
+    from kdcode.artifacts import atomic_file, sha256_file, write_error, write_json, write_text_atomic
+    from kdcode.export.gguf_file import MANIFEST_KEY, write_gguf
+    from kdcode.export.modelfile import modelfile
+    from kdcode.models import context_length
+
+    quant = spec.quant or "f32"
+    inside = _provenance(lm, spec)
+    try:
+        with atomic_file(out) as tmp:  # renamed into place last: the GGUF appears whole, its sidecar beside it
+            summary = write_gguf(tmp, lm.model, lm.tokenizer, quant, inside)
+            n_ctx = context_length(lm.model.config, 1024)
+            manifest = {**inside, "format": "gguf", "file": out.name, "sha256": sha256_file(tmp),
+                        "bytes": tmp.stat().st_size,
+                        "gguf": {**summary, "quant": quant, "n_ctx": n_ctx, "provenance_key": MANIFEST_KEY},
+                        "parent_manifest": lm.manifest, "libraries": _libraries("gguf")}
+            write_json(sidecar_path(out), manifest)
+            write_text_atomic(modelfile_path(out), modelfile(out.name, lm.tokenizer, n_ctx, lm.name))
+    except KdcodeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - disk full, read-only, a library's wrapper of them
+        raise write_error(exc, out) from exc
+    return manifest
+
+
+def _export_onnx(lm: Any, spec: ExportSpec, out: Path, overwrite: bool) -> dict[str, Any]:
+    from kdcode.artifacts import MANIFEST, atomic_dir, read_manifest, sha256_file, write_json
+    from kdcode.export.onnx_graph import export_onnx, quantize_int8
+    from kdcode.quiet import quiet_hf, quiet_loggers
+
+    manifest = _provenance(lm, spec)
+    with atomic_dir(out, overwrite) as tmp, quiet_loggers("torch.onnx", "torch.export", "onnxscript", ""):
+        graph = export_onnx(lm.model, tmp / ("float.onnx" if spec.int8 else "model.onnx"), spec.opset,
+                            head_as_matmul=spec.int8)
+        tied = graph.pop("tied_embedding")
+        if spec.int8:
+            graph["int8"] = quantize_int8(tmp / "float.onnx", tmp / "model.onnx", tied)
+            for leftover in tmp.glob("float.onnx*"):
+                leftover.unlink()
+        with quiet_hf():
+            lm.model.config.save_pretrained(tmp)
+            lm.tokenizer.save_pretrained(tmp)
+        files = sorted(p for p in tmp.iterdir() if p.name.startswith("model.onnx"))
+        manifest.update({
+            "format": "onnx", "onnx": {**graph, "opset": spec.opset, "files": [p.name for p in files]},
+            "weights_sha256": {p.name: sha256_file(p) for p in files},
+            "bytes": sum(p.stat().st_size for p in files),
+            "model": {"n_layer": lm.n_layer, "params": lm.params, "params_m": round(lm.params / 1e6, 3)},
+            "parent_manifest": lm.manifest, "libraries": _libraries("onnx", "onnxscript", "onnxruntime"),
+        })
+        write_json(tmp / MANIFEST, manifest)
+        (tmp / "README.md").write_text(
+            f"# ONNX export of {lm.name} (kdcode)\n\nRun it with `kdcode bench|eval|complete|serve DIR --backend "
+            "onnxruntime`; the graph takes past key values (see kdcode.json).\n", encoding="utf-8")
+    return read_manifest(out) or manifest

@@ -1,0 +1,155 @@
+"""The llama.cpp backend (issue 19.3): a GGUF export run by llama.cpp under kdcode's own decoder gives torch
+fp32's greedy completions, beams and perplexity; llama.cpp's own tokenizer agrees with transformers on the
+exported vocabulary (what ollama will use); q8_0 runs; the CLI commands take a .gguf file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+pytest.importorskip("gguf", reason="GGUF export needs the gguf package: pip install 'kdcode[gguf]'")
+llama_cpp = pytest.importorskip("llama_cpp", reason="the llama.cpp backend needs llama-cpp-python: "
+                                "pip install 'kdcode[llamacpp]'")
+
+from runtime_models import completions, differences, held_out_prompts, tiny_llama, two_layer_teacher  # noqa: E402
+
+from kdcode.cli import app  # noqa: E402
+from kdcode.errors import KdcodeError  # noqa: E402
+from kdcode.export.run import run_export, sidecar_path  # noqa: E402
+from kdcode.inference.loader import load_for_inference  # noqa: E402
+from kdcode.spec import ExportSpec  # noqa: E402
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    """The two-layer cut of the bundled teacher, and its f32 and q8_0 GGUF exports."""
+    root = tmp_path_factory.mktemp("gguf")
+    src = two_layer_teacher(root / "t2")
+    for quant in ("f32", "q8_0"):
+        run_export(str(src), ExportSpec(format="gguf", quant=quant), root / f"t2.{quant}.gguf")
+    return src, root / "t2.f32.gguf", root / "t2.q8_0.gguf"
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(student_src, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "s.gguf"
+    run_export(str(student_src), ExportSpec(format="gguf"), out)
+    return out
+
+
+def _llama_tokenize(model, text: str) -> list[int]:
+    vocab = llama_cpp.llama_model_get_vocab(model.model)
+    data = text.encode("utf-8")
+    buf = (llama_cpp.llama_token * (len(data) + 8))()
+    n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, len(buf), False, False)
+    assert n >= 0
+    return list(buf[:n])
+
+
+def test_llama_cpp_tokenizes_the_exported_vocabulary_as_transformers(tiny_gguf, tokenizer, corpus_dir):
+    lm = load_for_inference(str(tiny_gguf), "cpu")
+    assert lm.runtime["backend"] == "llama.cpp" and lm.runtime["dtype"] == "f32 (GGUF)" and lm.verified is True
+    for path in sorted(corpus_dir.glob("*.py"))[:6]:
+        text = path.read_text(encoding="utf-8")
+        assert _llama_tokenize(lm.model, text) == tokenizer(text, add_special_tokens=False)["input_ids"], path.name
+
+
+@pytest.mark.slow
+def test_greedy_from_the_f32_gguf_equals_torch_fp32_on_100_held_out_prompts(real, corpus_dir):
+    """llama.cpp's GELU reads an fp16 table, so a near-tie between two tokens can flip (the full 12-layer teacher
+    flips 1 of 100 such completions); this two-layer model has none on these prompts."""
+    src, f32, _ = real
+    prompts = held_out_prompts(corpus_dir, 100)
+    ref = completions(str(src), prompts)
+    assert sum(ref.token_counts) > 500  # real completions, not all empty lines
+    assert not differences(ref, completions(str(f32), prompts))  # batches of 8, left-padded
+    assert not differences(ref, completions(str(f32), prompts[:20], batch_size=1))
+
+
+@pytest.mark.slow
+def test_beam_search_and_perplexity_through_llama_cpp(real, corpus_dir):
+    from kdcode.evaluation.evaluate import run_eval
+    from kdcode.spec import EvalSpec
+
+    src, f32, _ = real
+    prompts = held_out_prompts(corpus_dir, 8)
+    ref = completions(str(src), prompts, beams=3)
+    assert ref.token_ids == completions(str(f32), prompts, beams=3).token_ids  # rows reordered by seq_cp
+    spec = EvalSpec(data={"source": str(corpus_dir)}, samples=10, max_new_tokens=8, ppl_blocks=4, device="cpu")
+    torch_ppl, cpp_ppl = run_eval(str(src), spec)["perplexity"], run_eval(str(f32), spec)["perplexity"]
+    assert abs(cpp_ppl - torch_ppl) / torch_ppl < 2e-3
+
+
+@pytest.mark.slow
+def test_a_llama_family_gguf_equals_torch(tokenizer, corpus_dir, tmp_path):
+    src = tiny_llama(tmp_path / "llama", tokenizer)
+    run_export(str(src), ExportSpec(format="gguf"), tmp_path / "llama.gguf")
+    prompts = held_out_prompts(corpus_dir, 100)
+    ref = completions(str(src), prompts)
+    assert sum(ref.token_counts) > 500
+    assert not differences(ref, completions(str(tmp_path / "llama.gguf"), prompts))
+
+
+@pytest.mark.slow
+def test_q8_0_runs_close_to_f32(real, corpus_dir):
+    src, f32, q8 = real
+    prompts = held_out_prompts(corpus_dir, 40)
+    ref, quant = completions(str(src), prompts), completions(str(q8), prompts)
+    assert len(differences(ref, quant)) <= len(prompts) // 4  # 8-bit weights move a few near-ties, not most
+    assert load_for_inference(str(q8), "cpu").runtime["dtype"] == "q8_0 (GGUF)"
+    assert q8.stat().st_size < f32.stat().st_size / 3
+
+
+def test_one_live_cache_per_model_and_rows_grow_for_a_prompt(tiny_gguf):
+    import torch
+
+    model = load_for_inference(str(tiny_gguf), "cpu").model
+    ids = torch.tensor([[5, 6, 7]])
+    mask, pos = torch.ones_like(ids), torch.arange(3)[None]
+    _, old = model.decode_step(ids, mask, pos, None, 1)
+    model.decode_step(ids, mask, pos, None, 1)
+    with pytest.raises(KdcodeError, match="replaced by a newer prompt"):
+        model.decode_step(ids[:, :1], torch.ones(1, 4, dtype=torch.long), pos[:, :1] + 3, old, 1)
+    many = ids.repeat(20, 1)
+    logits, cache = model.decode_step(many, torch.ones_like(many), pos.repeat(20, 1), None, 2)
+    assert logits.shape == (20, 2, 512) and model.rows >= 20 and cache.get_seq_length() == 3
+    assert torch.allclose(logits[0], logits[19])
+
+
+def test_a_changed_gguf_is_refused_unless_no_verify(tiny_gguf, tmp_path):
+    copy = tmp_path / "c.gguf"
+    data = bytearray(tiny_gguf.read_bytes())
+    data[-100] ^= 0xFF  # one weight byte changed
+    copy.write_bytes(bytes(data))
+    sidecar_path(copy).write_text(sidecar_path(tiny_gguf).read_text())
+    with pytest.raises(KdcodeError, match="does not match the sha256"):
+        load_for_inference(str(copy), "cpu")
+    assert load_for_inference(str(copy), "cpu", verify=False).verified is False
+    sidecar_path(copy).unlink()
+    assert load_for_inference(str(copy), "cpu").verified is None  # a GGUF made elsewhere: nothing to check against
+
+
+@pytest.mark.slow
+def test_cli_export_then_complete_eval_and_bench_a_gguf(student_src, corpus_dir, tmp_path):
+    out = tmp_path / "s.gguf"
+    made = runner.invoke(app, ["export", str(student_src), "--format", "gguf", "--quant", "q8_0", "--out", str(out)])
+    assert made.exit_code == 0, made.output
+    assert "ollama create" in made.output and (tmp_path / "s.Modelfile").is_file()
+    done = runner.invoke(app, ["complete", str(out), "--json", "--max-tokens", "4"], input="import os\n")
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.output)["runtime"]["backend"] == "llama.cpp"
+    ev = runner.invoke(app, ["eval", str(out), "--data", str(corpus_dir), "--samples", "5", "--max-new-tokens", "4",
+                             "--ppl-blocks", "2", "--json", str(tmp_path / "eval.json")])
+    assert ev.exit_code == 0, ev.output
+    assert json.loads((tmp_path / "eval.json").read_text())["runtime"]["dtype"] == "q8_0 (GGUF)"
+    bench = runner.invoke(app, ["bench", str(out), "--compare", str(student_src), "--data", str(corpus_dir),
+                                "--prompts", "2", "--rounds", "2", "--new-tokens", "3", "--json",
+                                str(tmp_path / "bench.json")])
+    assert bench.exit_code == 0, bench.output
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["backend"] == "llama.cpp" and result["compare"]["backend"] == "torch"
+    assert result["size_mb"] == round(out.stat().st_size / 1e6, 3) and result["params_m"] > 0
