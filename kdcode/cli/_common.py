@@ -140,12 +140,14 @@ def write_json(path: Path | None, data: Any) -> None:
 
 
 def metrics_table(title: str, rows: list[tuple[str, dict[str, Any]]], columns: list[tuple[str, str]]) -> Table:
-    table = Table(title=title)
+    from rich.markup import escape
+
+    table = Table(title=escape(title))  # "[min-max]" is text, not a markup tag
     table.add_column("model")
     for _, header in columns:
         table.add_column(header, justify="right")
     for label, row in rows:
-        table.add_row(label, *("" if row.get(k) is None else str(row.get(k)) for k, _ in columns))
+        table.add_row(escape(label), *("" if row.get(k) is None else escape(str(row.get(k))) for k, _ in columns))
     return table
 
 
