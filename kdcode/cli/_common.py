@@ -217,3 +217,21 @@ def runtime_flags(backend: str, kv_cache: str, compile_step: bool) -> dict[str, 
 
     spec = build_spec(RuntimeSpec, {"backend": backend, "kv_cache": kv_cache, "compile": compile_step}, "flags")
     return spec.model_dump()
+
+
+DraftOpt = Annotated[
+    str | None, typer.Option("--draft", help="A student of this model drafting for it (speculative decoding: the "
+                             "model's own output, faster when the student guesses well).")
+]
+
+
+def parse_draft_tokens(value: str) -> int | str:
+    """--draft-tokens: a count of at least 1, or auto (calibrated on a few completions)."""
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        fail(f"--draft-tokens {value!r}: give a number of tokens (1 or more) or auto")
+    return int(value)
+
+
+DraftTokensOpt = Annotated[str, typer.Option("--draft-tokens", help="Tokens the draft proposes per pass, or auto.")]

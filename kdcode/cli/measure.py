@@ -13,6 +13,8 @@ from kdcode.cli._common import (
     CompileOpt,
     DataOpt,
     DeviceOpt,
+    DraftOpt,
+    DraftTokensOpt,
     DtypeOpt,
     FimFormatOpt,
     GlobOpt,
@@ -83,6 +85,9 @@ def eval_cmd(
     predictions: Annotated[
         Path | None, typer.Option(help="Write predictions, one per line (CodeXGLUE format).")
     ] = None,
+    draft_for: Annotated[str | None, typer.Option(help="Measure MODEL as this teacher's speculative draft: "
+                                                "acceptance on the held-out lines.")] = None,
+    draft_tokens: DraftTokensOpt = "4",
     json_out: JsonFileOpt = None,
     record: RecordOpt = False,
     no_verify: NoVerifyOpt = False,
@@ -107,6 +112,10 @@ def eval_cmd(
     )
     runtime = runtime_flags(backend, kv_cache, compile_step)
     check_json_path(json_out, model)
+    if draft_for:
+        from kdcode.cli.speculate import eval_acceptance
+
+        return eval_acceptance(model, draft_for, spec, draft_tokens, not no_verify, json_out, record)
     result = run_eval(model, spec, verify=not no_verify, predictions=predictions, allow_pickle=allow_pickle,
                       trust_remote_code=trust_remote_code, runtime=runtime)
     rows = [(model, result)]
@@ -144,6 +153,8 @@ def bench(
     kv_cache: KvCacheOpt = "dynamic",
     compile_step: CompileOpt = False,
     seed: Annotated[int, typer.Option(help="Seed of the prompt draw.")] = 0,
+    draft: DraftOpt = None,
+    draft_tokens: DraftTokensOpt = "4",
     json_out: JsonFileOpt = None,
     record: RecordOpt = False,
     no_verify: NoVerifyOpt = False,
@@ -164,6 +175,11 @@ def bench(
     )
     runtime = runtime_flags(backend, kv_cache, compile_step)
     check_json_path(json_out, model, compare)
+    if draft:
+        from kdcode.cli.speculate import bench_draft
+
+        return bench_draft(model, spec, draft, draft_tokens, not no_verify, json_out, record, BENCH_COLUMNS,
+                           with_ranges)
     result = run_bench(model, spec, compare=compare, verify=not no_verify, allow_pickle=allow_pickle,
                        trust_remote_code=trust_remote_code, runtime=runtime)
     rows = [(model, with_ranges(result))] + ([(compare, with_ranges(result["compare"]))] if compare else [])

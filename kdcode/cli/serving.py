@@ -13,6 +13,8 @@ from kdcode.cli._common import (
     BackendOpt,
     CompileOpt,
     DeviceOpt,
+    DraftOpt,
+    DraftTokensOpt,
     DtypeOpt,
     FimFormatOpt,
     KvCacheOpt,
@@ -21,6 +23,7 @@ from kdcode.cli._common import (
     err_console,
     fail,
     handle_errors,
+    parse_draft_tokens,
     runtime_flags,
     warn,
 )
@@ -52,6 +55,8 @@ def complete(
     backend: BackendOpt = "auto",
     kv_cache: KvCacheOpt = "dynamic",
     compile_step: CompileOpt = False,
+    draft: DraftOpt = None,
+    draft_tokens: DraftTokensOpt = "4",
     json_out: Annotated[
         bool, typer.Option("--json", help="Print JSON: completions, finish reasons, token counts, timings.")
     ] = False,
@@ -71,7 +76,8 @@ def complete(
     prefix = prefix_at(text, line, col) if line is not None else text
     runtime = runtime_flags(backend, kv_cache, compile_step)
     engine = load_engine(model, device=device, dtype=dtype, threads=threads, verify=not no_verify, warm_up=False,
-                         fim_format=fim_format, runtime=runtime)
+                         fim_format=fim_format, runtime=runtime, draft=draft,
+                         draft_tokens=parse_draft_tokens(draft_tokens))
     suffix = suffix_at(text, line, col) if line is not None and engine.fim is not None and not no_suffix else None
     result = engine.complete(prefix, max_tokens, n=n, beams=beams, temperature=temperature, seed=seed, suffix=suffix)
     if json_out:
@@ -118,6 +124,8 @@ def serve(
     backend: BackendOpt = "auto",
     kv_cache: KvCacheOpt = "dynamic",
     compile_step: CompileOpt = False,
+    draft: DraftOpt = None,
+    draft_tokens: DraftTokensOpt = "4",
     no_verify: NoVerifyOpt = False,
 ) -> None:
     """A completion server for editors: OpenAI (POST /v1/completions, with suffix), llama.cpp (POST /infill,
@@ -133,7 +141,8 @@ def serve(
     if not body_timeout > 0:
         fail(f"--body-timeout must be more than 0 seconds, not {body_timeout}")
     engine = load_engine(model, device=device, dtype=dtype, threads=threads, verify=not no_verify,
-                         fim_format=fim_format, runtime=runtime_flags(backend, kv_cache, compile_step))
+                         fim_format=fim_format, runtime=runtime_flags(backend, kv_cache, compile_step), draft=draft,
+                         draft_tokens=parse_draft_tokens(draft_tokens))
     app_ = create_app(model, engine=engine, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
                       body_timeout_s=body_timeout, max_context_chars=max_context_chars, fim_format=fim_format)
     if host not in ("127.0.0.1", "localhost", "::1"):

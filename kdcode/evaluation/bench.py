@@ -11,6 +11,8 @@ overlap. The device, dtype, threads and backend are part of every result.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import multiprocessing as mp
 import platform
 import statistics
@@ -46,7 +48,8 @@ def bench_prompts(spec: BenchSpec) -> list[str]:
 class Runner:
     """One loaded model, warmed up, that times rounds of the prompt set (in this process)."""
 
-    def __init__(self, name: str, spec: BenchSpec, verify: bool = True, **load: Any) -> None:
+    def __init__(self, name: str, spec: BenchSpec, verify: bool = True, draft: str | None = None,
+                 draft_tokens: int | str = 4, **load: Any) -> None:
         import torch
 
         from kdcode.device import resolve_device, rss_mb
@@ -66,8 +69,26 @@ class Runner:
         self.index = VocabIndex.for_model(self.lm.model, self.lm.tokenizer)
         self._greedy = greedy
         warm, self.prompts = prompts[: spec.warmup], prompts[spec.warmup :]
+        self.draft, self.draft_tokens = None, draft_tokens
+        if draft is not None:  # speculative decoding: the same model's own output, drafted by a student
+            from kdcode.evaluation.acceptance import auto_k
+            from kdcode.inference.speculative import check_pair
+
+            if spec.batch_size != 1:
+                raise KdcodeError("--draft runs at batch 1 (speculative decoding); drop --batch-size")
+            self.draft = load_for_inference(draft, spec.device, spec.dtype, spec.threads, verify=verify)
+            check_pair(self.lm.tokenizer, self.draft.tokenizer, name, draft)
+            if draft_tokens == "auto":
+                self.draft_tokens = auto_k(self.lm.model, self.draft.model, self.index, prompts[:4], self.opts)
         if warm:
-            greedy(self.lm.model, self.index, warm, self.opts, spec.batch_size)
+            self._decode(warm)
+
+    def _decode(self, prompts: list[str]) -> tuple[Any, Any]:
+        if self.draft is None:
+            return self._greedy(self.lm.model, self.index, prompts, self.opts, self.spec.batch_size), None
+        from kdcode.inference.speculative import speculative
+
+        return speculative(self.lm.model, self.draft.model, self.index, prompts, self.opts, int(self.draft_tokens))
 
     def round(self) -> dict[str, float]:
         """One timed pass over the prompt set."""
@@ -76,16 +97,22 @@ class Runner:
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         sync()
         start = time.perf_counter()
-        gen = self._greedy(self.lm.model, self.index, self.prompts, self.opts, self.spec.batch_size)
+        gen, acceptance = self._decode(self.prompts)
         sync()
         wall = time.perf_counter() - start
-        return {
+        tokens = sum(gen.token_counts)
+        out: dict[str, Any] = {
             "samples_per_s": len(self.prompts) / wall,
-            "tokens_per_s": sum(gen.token_counts) / wall,
-            "ms_per_token_p50": 1000 * _percentile(gen.step_s, 0.5),
-            "ms_per_token_p95": 1000 * _percentile(gen.step_s, 0.95),
-            "ms_first_token_p50": 1000 * _percentile(gen.prefill_s, 0.5),
+            "tokens_per_s": tokens / wall,
+            # speculative passes make several tokens: their per-token time is the pass over its tokens
+            "ms_per_token_p50": 1000 * _percentile(gen.step_s, 0.5) if acceptance is None else 1000 * wall / tokens,
+            "ms_per_token_p95": 1000 * _percentile(gen.step_s, 0.95) if acceptance is None else 1000 * wall / tokens,
+            "ms_first_token_p50": 1000 * _percentile(gen.prefill_s, 0.5) if gen.prefill_s else float("nan"),
+            "outputs_sha256": hashlib.sha256(json.dumps(gen.token_ids).encode()).hexdigest(),
         }
+        if acceptance is not None:
+            out["acceptance"] = acceptance.summary()
+        return out
 
     def info(self) -> dict[str, Any]:
         """What does not change between rounds: size, memory, and what the figures were measured on."""
@@ -181,9 +208,11 @@ class Worker:
                 self.proc.kill()
 
 
-def summarise(rounds: list[dict[str, float]]) -> dict[str, Any]:
+def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """Median and range (min, max) of every timed figure over the rounds."""
     out: dict[str, Any] = {}
+    if rounds and "acceptance" in rounds[0]:
+        out["acceptance"] = rounds[-1]["acceptance"]  # the same prompts every round: the same figures
     for key in TIMED:
         values = [r[key] for r in rounds]
         decimals = 1 if key == "tokens_per_s" else 3
@@ -195,17 +224,20 @@ def summarise(rounds: list[dict[str, float]]) -> dict[str, Any]:
 
 def run_bench_many(
     names: list[str], spec: BenchSpec, verify: bool = True, isolate: bool = True,
-    runtimes: list[dict[str, Any] | None] | None = None, **load: Any
+    runtimes: list[dict[str, Any] | None] | None = None, drafts: list[dict[str, Any] | None] | None = None,
+    **load: Any
 ) -> list[dict[str, Any]]:
     """Benchmark ``names`` together in interleaved rounds (see the module doc); one result per model.
-    ``runtimes`` gives each model its own backend / decode path (:class:`kdcode.spec.RuntimeSpec` fields)."""
+    ``runtimes`` gives each model its own backend / decode path (:class:`kdcode.spec.RuntimeSpec` fields);
+    ``drafts`` its draft model for speculative decoding (``{"draft": DIR, "draft_tokens": k|"auto"}``)."""
     from kdcode.progress import make_progress
 
     workers: list[Worker] = []
     try:
         for i, name in enumerate(names):
             own = (runtimes or [None] * len(names))[i]
-            workers.append(Worker(name, spec, verify, {**load, **({"runtime": own} if own else {})}, isolate))
+            draft = (drafts or [None] * len(names))[i] or {}
+            workers.append(Worker(name, spec, verify, {**load, **({"runtime": own} if own else {}), **draft}, isolate))
         rounds: list[list[dict[str, float]]] = [[] for _ in workers]
         with make_progress() as progress:
             task = progress.add_task("bench", total=spec.rounds * len(workers), info=f"{len(workers)} model(s)")
@@ -257,3 +289,23 @@ def run_bench(
             "ranking": (name if result["samples_per_s"] > other["samples_per_s"] else compare) if apart else None,
         }
     return result
+
+
+def run_bench_draft(
+    name: str, spec: BenchSpec, draft: str, draft_tokens: int | str = 4, verify: bool = True, isolate: bool = True,
+    **load: Any,
+) -> dict[str, Any]:
+    """``name`` alone and with ``draft`` drafting for it (speculative decoding), the same prompts, interleaved
+    rounds; the ratio of their speeds, the acceptance, and whether the outputs were identical."""
+    alone, drafted = run_bench_many([name, name], spec, verify, isolate,
+                                    drafts=[None, {"draft": draft, "draft_tokens": draft_tokens}], **load)
+    alone["with_draft"] = {**drafted, "draft": draft}
+    alone["ratios"] = {
+        "speedup": round(drafted["samples_per_s"] / alone["samples_per_s"], 3),
+        "speedup_range": [round(drafted["samples_per_s_range"][0] / alone["samples_per_s_range"][1], 3),
+                          round(drafted["samples_per_s_range"][1] / alone["samples_per_s_range"][0], 3)],
+        "separated": separated(drafted, alone),
+        "identical_output": {r["outputs_sha256"] for r in alone["round_figures"] + drafted["round_figures"]} ==
+        {alone["round_figures"][0]["outputs_sha256"]},
+    }
+    return alone

@@ -103,7 +103,7 @@ class _Stream:
 class Engine:
     """One model and tokenizer, ready to complete prefixes; not thread-safe (callers queue their calls)."""
 
-    def __init__(self, loaded: Any, fim_format: str | None = None) -> None:
+    def __init__(self, loaded: Any, fim_format: str | None = None, draft: Any = None, draft_tokens: int = 4) -> None:
         from kdcode import fim
         from kdcode.device import model_device
         from kdcode.inference.decode import VocabIndex
@@ -118,6 +118,12 @@ class Engine:
         self.device = str(model_device(self.model))
         self.runtime = loaded.runtime or {"device": self.device, "dtype": self.dtype, "threads": None}
         self.index = VocabIndex.for_model(self.model, loaded.tokenizer)
+        self.draft, self.draft_tokens = draft, draft_tokens  # a student drafting for it (speculative decoding)
+        if draft is not None:
+            from kdcode.inference.speculative import check_pair
+
+            check_pair(loaded.tokenizer, draft.tokenizer, loaded.name, draft.name)
+            self.runtime = {**self.runtime, "draft": draft.name}
         _ = self.index.token_texts  # built once here (healing needs it): every call shares it
         # how it infills: the FIM tokens of its tokenizer (the named family's when given), None when it does not
         self.fim = fim.require(self.tokenizer, fim_format, self.name) if fim_format else fim.detect(self.tokenizer)
@@ -128,6 +134,17 @@ class Engine:
 
     def count_tokens(self, prompt: str) -> int:
         return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+    def calibrate_draft(self) -> int:
+        """``--draft-tokens auto``: the k with the most tokens per second on a few short completions."""
+        from kdcode.evaluation.acceptance import auto_k
+        from kdcode.inference.decode import DecodeOptions
+
+        opts = DecodeOptions(max_new_tokens=16, heal_space=True)
+        texts = ["import os\n\n\ndef main():\n    ", "class Config:\n    def __init__(self, path):\n        "]
+        self.draft_tokens = auto_k(self.model, self.draft.model, self.index, texts, opts)
+        self.runtime = {**self.runtime, "draft_tokens": self.draft_tokens}
+        return self.draft_tokens
 
     def warm_up(self) -> None:
         """One short completion, so that the first real one does not pay for lazy initialisation."""
@@ -200,6 +217,11 @@ class Engine:
         stream = _Stream(self.index, opts, encoded.healed, on_text, t0)
         if temperature == 0 and (beams > 1 or n > 1):
             gen = beam_alternatives(self.model, self.index, encoded, opts, beams, n)
+        elif self.draft is not None and n == 1:  # the model's own output, drafted by the student
+            from kdcode.inference.speculative import speculative
+
+            gen, _ = speculative(self.model, self.draft.model, self.index, [encoded], opts, self.draft_tokens,
+                                 on_token=stream.on_token)
         else:
             rows = n if temperature > 0 else 1
             gen = greedy(self.model, self.index, [encoded] * rows, opts, batch_size=rows, on_token=stream.on_token)
@@ -223,6 +245,8 @@ def load_engine(
     warm_up: bool = True,
     fim_format: str | None = None,
     runtime: Any = None,
+    draft: str | None = None,
+    draft_tokens: int | str = 4,
 ) -> Engine:
     """Load a model folder / ``bundled`` / hub id through :func:`kdcode.inference.loader.load_for_inference`
     (``device`` auto: CUDA when there is one; ``dtype`` auto: as its config names; ``runtime``: the backend, a
@@ -232,7 +256,12 @@ def load_engine(
 
     lm = load_for_inference(name, device, dtype, threads, verify=verify, allow_pickle=allow_pickle,
                             trust_remote_code=trust_remote_code, runtime=runtime)
-    engine = Engine(lm, fim_format)
+    helper = None
+    if draft is not None:  # ``draft``: a student of this model drafting for it; ``draft_tokens``: k, or "auto"
+        helper = load_for_inference(draft, device, dtype, threads, verify=verify)
+    engine = Engine(lm, fim_format, helper, 4 if draft_tokens == "auto" else int(draft_tokens))
+    if helper is not None and draft_tokens == "auto":
+        engine.calibrate_draft()
     if warm_up:
         engine.warm_up()
     return engine

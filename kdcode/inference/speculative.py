@@ -114,8 +114,10 @@ def speculative_one(
     opts: DecodeOptions,
     k: int,
     generator: torch.Generator | None = None,
+    on_token: Any = None,
 ) -> tuple[list[int], Acceptance, list[float]]:
-    """Decode one prompt: (generated ids, acceptance, seconds per target pass)."""
+    """Decode one prompt: (generated ids, acceptance, seconds per target pass); ``on_token(0, id)`` sees every
+    token as it is produced (several per pass)."""
     t, d = _Side(Forward.of(target, index)), _Side(Forward.of(draft, index))
     masks = _Masks(index, prompt, opts)
     ids = list(prompt.ids) or [index.pad_id]
@@ -169,6 +171,8 @@ def speculative_one(
             d.cut(kk - 1 - accepted)
         for tok in produced:
             gen.append(tok)
+            if on_token is not None:
+                on_token(0, tok)
             if len(gen) >= opts.max_new_tokens or (
                 not opts.fixed_length and index.ended(gen, prompt.healed, opts.stop_strings)
             ):
@@ -195,8 +199,10 @@ def speculative(
     prompts: list[str | Prompt],
     opts: DecodeOptions,
     k: int = 4,
+    on_token: Any = None,
 ) -> tuple[Generation, Acceptance]:
-    """Speculative decoding of every prompt (batch 1); the result is shaped as greedy decoding's."""
+    """Speculative decoding of every prompt (batch 1); the result is shaped as greedy decoding's (``prefill_s``:
+    each prompt's first pass; ``step_s``: every later pass, each making one or more tokens)."""
     if k < 1:
         raise KdcodeError(f"--draft-tokens must be at least 1, not {k}")
     context = opts.context_for(min(n_positions(target), n_positions(draft)))
@@ -204,14 +210,16 @@ def speculative(
     if opts.temperature > 0:
         generator = torch.Generator()
         generator.manual_seed(opts.seed) if opts.seed is not None else generator.seed()
-    texts, token_ids, stopped, step_s = [], [], [], []
+    texts, token_ids, stopped, prefill_s, step_s = [], [], [], [], []
     total = Acceptance(k)
     for p in prompts:
         prompt = p if isinstance(p, Prompt) else encode_prompt(index, p, opts, context)
-        gen, stats, times = speculative_one(target, draft, index, prompt, opts, k, generator)
+        row_token = None if on_token is None else (lambda _row, tok, i=len(texts): on_token(i, tok))
+        gen, stats, times = speculative_one(target, draft, index, prompt, opts, k, generator, row_token)
         total.add(stats)
         texts.append(index.completion_text(gen, prompt.healed, opts.stop_strings))
         token_ids.append(gen)
         stopped.append(index.ended(gen, prompt.healed, opts.stop_strings))
-        step_s.extend(times)
-    return Generation(texts, token_ids, stopped, [], step_s), total
+        prefill_s.extend(times[:1])
+        step_s.extend(times[1:])
+    return Generation(texts, token_ids, stopped, prefill_s, step_s), total

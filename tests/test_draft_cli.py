@@ -1,0 +1,80 @@
+"""The student as a draft through the commands (issue 22): complete/serve give the teacher's own output,
+eval --draft-for measures acceptance (and records it), bench --draft compares speeds with identical outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import make_gpt2
+from typer.testing import CliRunner
+
+from kdcode.artifacts import MANIFEST, save_model
+from kdcode.cli import app
+
+runner = CliRunner(env={"COLUMNS": "200"})
+SOURCE = "import os\n\n\ndef main(argv):\n    path = os.path.join(argv[0], 'x')\n    return path\n"
+
+
+@pytest.fixture(scope="module")
+def draft_dir(tmp_path_factory, teacher_dir, tokenizer):
+    """A 2-layer student whose blocks are the teacher's first two (as a layer-copy init starts)."""
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    student = make_gpt2(tokenizer, n_layer=2)
+    student.load_state_dict({k: v for k, v in teacher.state_dict().items()
+                             if not k.startswith("transformer.h.") or int(k.split(".")[2]) < 2})
+    return save_model(tmp_path_factory.mktemp("draft") / "s2", student, tokenizer, {"kind": "student"})
+
+
+def run(*args, **kw):
+    return runner.invoke(app, [str(a) for a in args], **kw)
+
+
+@pytest.mark.slow
+def test_complete_with_a_draft_is_the_teachers_own_output(teacher_dir, draft_dir, tmp_path):
+    src = tmp_path / "a.py"
+    src.write_text(SOURCE)
+    plain = run("complete", teacher_dir, "--file", src, "--line", 5, "--max-tokens", 12, "--json", "--device", "cpu")
+    drafted = run("complete", teacher_dir, "--file", src, "--line", 5, "--max-tokens", 12, "--json", "--device",
+                  "cpu", "--draft", draft_dir, "--draft-tokens", "3")
+    assert plain.exit_code == 0 and drafted.exit_code == 0, drafted.output
+    a, b = json.loads(plain.stdout), json.loads(drafted.stdout)
+    assert a["completions"] == b["completions"] and b["runtime"]["draft"] == str(draft_dir)
+    auto = run("complete", teacher_dir, "--max-tokens", 8, "--json", "--draft", draft_dir, "--draft-tokens", "auto",
+               input=SOURCE[:40])
+    assert auto.exit_code == 0 and json.loads(auto.stdout)["runtime"]["draft_tokens"] in (1, 2, 3, 4, 6, 8)
+    bad = run("complete", teacher_dir, "--draft", draft_dir, "--draft-tokens", "0", input="x = ")
+    assert bad.exit_code == 2 and "--draft-tokens '0'" in bad.output
+
+
+@pytest.mark.slow
+def test_eval_draft_for_measures_and_records_acceptance(teacher_dir, draft_dir, corpus_dir):
+    r = run("eval", draft_dir, "--draft-for", teacher_dir, "--data", corpus_dir, "--samples", 8,
+            "--max-new-tokens", 8, "--draft-tokens", 3, "--json", "-", "--record")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert result["draft_tokens"] == 3 and 0 < result["acceptance_rate"] <= 1
+    assert result["identical_to_teacher_greedy"] is True and result["samples"] == 8
+    recorded = json.loads((draft_dir / MANIFEST).read_text())["metrics"]["acceptance"]
+    assert recorded["acceptance_rate"] == result["acceptance_rate"] and recorded["teacher"] == str(teacher_dir)
+
+
+@pytest.mark.slow
+def test_bench_with_a_draft_compares_speeds_on_identical_outputs(teacher_dir, draft_dir, corpus_dir):
+    r = run("bench", teacher_dir, "--draft", draft_dir, "--data", corpus_dir, "--prompts", 3, "--rounds", 2,
+            "--new-tokens", 6, "--device", "cpu", "--json", "-")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert result["ratios"]["identical_output"] is True and result["ratios"]["speedup"] > 0
+    assert result["with_draft"]["acceptance"]["draft_tokens"] == 4 and result["with_draft"]["draft"] == str(draft_dir)
+
+
+def test_a_draft_of_another_vocabulary_is_one_line(teacher_dir, tmp_path, corpus_dir):
+    from kdcode.bpe import train_bpe
+
+    other_tok = train_bpe([p.read_text() for p in sorted(corpus_dir.glob("*.py"))[:3]], vocab_size=300)
+    other = save_model(tmp_path / "other", make_gpt2(other_tok, n_layer=1), other_tok, {"kind": "student"})
+    r = run("complete", teacher_dir, "--draft", other, input="x = ")
+    assert r.exit_code == 2 and "use different tokenizers" in r.output and "Traceback" not in r.output
