@@ -55,6 +55,9 @@ def distil(
     heads: Annotated[int | None, typer.Option(help="Attention heads of a narrower student.")] = None,
     teacher_cache: Annotated[str | None, typer.Option(help="Train from a teacher-logit cache (cache-teacher).")] = None,
     grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimiser step.")] = None,
+    loss_chunk: Annotated[
+        int | None, typer.Option(help="Positions per chunk of the KD loss (default: ~32 MB chunks; 0: one pass).")
+    ] = None,
     checkpoint_every: CheckpointEveryOpt = None,
     tensorboard: TensorboardOpt = False,
     resume: ResumeOpt = False,
@@ -80,6 +83,7 @@ def distil(
         "teacher_cache": teacher_cache, "data.source": data, "data.glob": glob,
         "train.max_steps": max_steps, "train.epochs": epochs, "train.max_minutes": max_minutes, "train.lr": lr,
         "train.batch_size": batch_size, "train.block_size": block_size, "train.grad_accum": grad_accum,
+        "train.loss_chunk": loss_chunk,
         "train.checkpoint_every": checkpoint_every, "train.tensorboard": tensorboard or None,
         "train.precision": precision, "train.seed": seed, "out": out,
     })

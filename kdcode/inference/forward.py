@@ -27,19 +27,23 @@ def _out_cache(out: Any) -> Any:
 
 @dataclass(frozen=True)
 class Forward:
-    """One forward pass over new tokens with a KV cache, spelled as the model's ``forward`` wants it."""
+    """One forward pass over new tokens with a KV cache, spelled as the model's ``forward`` wants it. Logits past
+    the tokenizer's ``tokens`` (LM-head padding, e.g. Qwen2.5's) are -inf: no decoding picks a token that is none."""
 
     model: Any
     device: torch.device
     cache_kw: str
     takes_keep: bool
+    tokens: int | None = None
 
     @classmethod
     def of(cls, model: Any, index: VocabIndex | None = None) -> Forward:
         vocab = getattr(model.config, "vocab_size", None)
         if index is not None and vocab is not None and vocab != index.vocab_size:
             raise ValueError(f"the vocabulary index is {index.vocab_size} tokens wide but the model's is {vocab}")
-        return cls(model.eval(), next(model.parameters()).device, *_forward_kwargs(model))
+        n = len(index.tokenizer) if index is not None else None
+        padded = n is not None and vocab is not None and n < vocab
+        return cls(model.eval(), next(model.parameters()).device, *_forward_kwargs(model), n if padded else None)
 
     def __call__(
         self, input_ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any, keep: int = 1
@@ -51,7 +55,10 @@ class Forward:
         if self.takes_keep:
             kwargs["logits_to_keep"] = keep
         out = self.model(input_ids, **kwargs)
-        return out.logits[:, -keep:].float(), _out_cache(out)
+        logits = out.logits[:, -keep:].float()
+        if self.tokens is not None:
+            logits[..., self.tokens :] = float("-inf")
+        return logits, _out_cache(out)
 
     def last(
         self, input_ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any

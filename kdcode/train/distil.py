@@ -58,11 +58,12 @@ def run_distil(spec: RunSpec, overwrite: bool = False, resume: bool = False) -> 
     student, layer_map = init.build(
         teacher.model, spec.student.layers, spec.student.hidden_size, spec.student.heads, tokenizer=teacher.tokenizer
     )
+    check_vocab(student, teacher.tokenizer, "the student")
     check_round_trip(student, teacher.tokenizer)
     result = train_loop(student, strategy, train_blocks, valid_blocks, spec.train,
                         teacher=None if cache is not None else teacher.model,
                         description=f"distil {teacher.n_layer}->{spec.student.layers} layers",
-                        layer_map=layer_map, cache=cache, run=run)
+                        layer_map=layer_map, cache=cache, run=run, vocab=len(teacher.tokenizer))
     if not result.is_main:  # data-parallel workers: the main process writes the student
         return out, {}
     manifest = {
@@ -95,8 +96,21 @@ def _plugins(spec: RunSpec) -> tuple[Any, Any]:
     return strategy, init
 
 
+def check_vocab(model: Any, tokenizer: Any, what: str) -> None:
+    """``model`` scores every token of ``tokenizer`` (its LM head may be padded beyond them, never shorter)."""
+    head = model.get_output_embeddings()
+    width = int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
+    if width < len(tokenizer):
+        raise KdcodeError(
+            f"{what} scores {width} tokens but the tokenizer has {len(tokenizer)}: they are not one tokenizer's "
+            "model; KD needs a teacher and student of one tokenizer"
+        )
+
+
 def _check_teacher(spec: RunSpec, strategy: Any, teacher: Any) -> None:
-    """What the loaded teacher must allow: the block size, training it (in-training KD), the step's memory."""
+    """What the loaded teacher must allow: its vocabulary, the block size, training it (in-training KD), the step's
+    memory."""
+    check_vocab(teacher.model, teacher.tokenizer, f"teacher {spec.teacher.name}")
     check_block_size(teacher.model, spec.train.block_size, "the teacher")
     if strategy.needs_teacher_grad:
         check_trainable(teacher.manifest, f"teacher {spec.teacher.name} (strategy {spec.strategy.name!r} trains it)")
@@ -166,6 +180,8 @@ def run_cache_teacher(
     blocks = to_blocks(encode_documents(corpus.splits["train"], teacher.tokenizer), block_size)
     teacher.model.to(resolve_device("auto"))
     meta = {"teacher": teacher_name, **cache_key(teacher, corpus, data.format, block_size), "data": corpus.summary()}
-    return build_cache(teacher.model, blocks, out, top_k, temperature, meta, batch_size, overwrite)
+    check_vocab(teacher.model, teacher.tokenizer, f"teacher {teacher_name}")
+    return build_cache(teacher.model, blocks, out, top_k, temperature, meta, batch_size, overwrite,
+                       vocab=len(teacher.tokenizer))
 
 

@@ -97,8 +97,10 @@ def train_loop(
     layer_map: list[int | None] | None = None,
     cache: Any = None,
     run: RunContext | None = None,
+    vocab: int | None = None,
 ) -> TrainResult:
-    """Train ``student`` with ``strategy`` on ``train_blocks`` (or the cached teacher targets of ``cache``).
+    """Train ``student`` with ``strategy`` on ``train_blocks`` (or the cached teacher targets of ``cache``); the
+    losses see the first ``vocab`` logits (the tokenizer's tokens; None: all).
 
     Data-parallel under ``accelerate launch`` / ``torchrun`` (each process takes its slice of every global
     batch of ``batch_size`` blocks); single process otherwise.
@@ -116,6 +118,7 @@ def train_loop(
     blocks = cache.input_ids if cache is not None else train_blocks
     budget = Budget.plan(cfg, len(blocks), world)
     student.to(device).train()
+    strategy.use_logits(vocab, cfg.loss_chunk)
     extra = strategy.setup(student, source.model, layer_map) if source.model is not None else []
     trainable = torch.nn.ModuleList([student, *extra])
     step_fn = Stepper(accelerator, student, trainable, extra, strategy, source,

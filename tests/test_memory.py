@@ -1,0 +1,130 @@
+"""Memory at real size (issue 18.6). The fused KD loss, chunked along the sequence, gives the unchunked values
+and gradients bit for bit, allocates nothing vocabulary-sized but the gradient, and reads the tokenizer's
+columns only (LM-head padding is in no softmax and gets no gradient)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from kdcode.errors import KdcodeError
+from kdcode.strategies.fused import chunk_positions, dense_kd_terms, sparse_kd_terms
+from kdcode.strategies.losses import causal_ce, soft_kl
+
+B, T, V = 3, 17, 50
+
+
+def _inputs(seed: int = 0, pad_s: int = 0, pad_t: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    s = 3 * torch.randn(B, T, V + pad_s, generator=g)
+    t = 3 * torch.randn(B, T, V + pad_t, generator=g)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :5] = -100
+    return s, t, labels
+
+
+def _run(fn, s0: torch.Tensor, weight: float = 0.3):
+    s = s0.clone().requires_grad_(True)
+    soft, hard = fn(s)
+    (weight * soft + (1 - weight) * hard).backward()
+    return soft.detach(), hard.detach(), s.grad
+
+
+def _sparse(t: torch.Tensor, temp: float, k: int = 6):
+    top = t.topk(k, dim=-1)
+    return top.values.half(), top.indices.to(torch.int16), torch.logsumexp(t / temp, -1)
+
+
+@pytest.mark.parametrize("temp", [1.0, 2.0, 1.5])
+@pytest.mark.parametrize("chunk", [1, 4, 7, None])
+def test_chunked_equals_unchunked_bit_for_bit(temp, chunk):
+    s0, t, labels = _inputs()
+    dense = [_run(lambda s, c=c: dense_kd_terms(s, t, labels, temp, chunk=c), s0) for c in (0, chunk)]
+    top = _sparse(t, temp)
+    sparse = [_run(lambda s, c=c: sparse_kd_terms(s, *top, labels, temp, chunk=c), s0) for c in (0, chunk)]
+    for whole, chunked in (dense, sparse):
+        assert all(torch.equal(a, b) for a, b in zip(whole, chunked))
+    # and the unchunked pass is the autograd reference
+    ref = _run(lambda s: (soft_kl(s, t, labels, temp), causal_ce(s, labels)), s0)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(dense[0], ref))
+
+
+def test_chunked_bf16_logits_give_bf16_gradients_equal_to_unchunked():
+    s0, t, labels = _inputs(1)
+    runs = [_run(lambda s, c=c: dense_kd_terms(s, t.bfloat16(), labels, 2.0, chunk=c), s0.bfloat16()) for c in (0, 5)]
+    assert runs[0][2].dtype == torch.bfloat16
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_padding_columns_are_in_no_softmax_and_get_no_gradient(chunk):
+    # a student head padded by 9 rows and a teacher's by 3, over one tokenizer of V tokens
+    s0, t, labels = _inputs(2, pad_s=9, pad_t=3)
+    s0[..., V:] = 40.0  # padding that would dominate any softmax it took part in
+    soft, hard, grad = _run(lambda s: dense_kd_terms(s, t, labels, 2.0, vocab=V, chunk=chunk), s0)
+    ref = _run(lambda s: (soft_kl(s, t[..., :V], labels, 2.0), causal_ce(s, labels)), s0[..., :V].contiguous())
+    assert torch.allclose(soft, ref[0], atol=1e-6) and torch.allclose(hard, ref[1], atol=1e-6)
+    assert torch.allclose(grad[..., :V], ref[2], atol=1e-6)
+    assert grad[..., V:].abs().sum() == 0
+    top = _sparse(t[..., :V], 2.0)
+    sparse = _run(lambda s: sparse_kd_terms(s, *top, labels, 2.0, vocab=V, chunk=chunk), s0)
+    unpadded = _run(lambda s: sparse_kd_terms(s, *top, labels, 2.0), s0[..., :V].contiguous())
+    assert torch.allclose(sparse[0], unpadded[0]) and torch.allclose(sparse[2][..., :V], unpadded[2])
+    assert sparse[2][..., V:].abs().sum() == 0
+
+
+def test_widths_that_do_not_cover_the_tokenizer_are_one_clear_line():
+    s, t, labels = _inputs(3, pad_t=2)
+    with pytest.raises(KdcodeError, match="give the tokenizer's length"):
+        dense_kd_terms(s, t, labels, 2.0)  # widths differ and nobody said which columns are tokens
+    with pytest.raises(KdcodeError, match="fewer than the tokenizer's 60 tokens"):
+        dense_kd_terms(s, t, labels, 2.0, vocab=60)
+
+
+class _Allocations(TorchDispatchMode):
+    """The element counts of every tensor an op creates (views and in-place results are not new memory)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[tuple[str, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor)}
+        for o in torch.utils._pytree.tree_leaves(out):
+            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in inputs:
+                self.sizes.append((str(func), o.numel()))
+        return out
+
+
+def _allocations(chunk: int | None, sparse: bool) -> list[tuple[str, int]]:
+    s0, t, labels = _inputs(4)
+    s = s0.clone().requires_grad_(True)
+    top = _sparse(t, 2.0)
+    with _Allocations() as seen:
+        if sparse:
+            soft, hard = sparse_kd_terms(s, *top, labels, 2.0, chunk=chunk)
+        else:
+            soft, hard = dense_kd_terms(s, t, labels, 2.0, chunk=chunk)
+        (soft + hard).backward()
+    return seen.sizes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sparse", [False, True])
+def test_chunks_allocate_nothing_vocabulary_sized_but_the_gradient(sparse):
+    full = B * T * V
+    whole = [n for _, n in _allocations(0, sparse) if n >= B * (T - 1) * V]
+    assert len(whole) >= 4  # unchunked: the float copy, its softmaxes (and the teacher's), the gradient
+    chunk = 4
+    big = [(f, n) for f, n in _allocations(chunk, sparse) if n > B * chunk * V]
+    assert [n for _, n in big] == [full], big  # one tensor of the logits' size: the gradient of the logits
+
+
+def test_automatic_chunks_are_about_32_mb_of_float32():
+    assert chunk_positions(4, 511, 50001, None) == 41  # 4 x 41 x 50001 floats ~ 32 MB
+    assert chunk_positions(4, 63, 512, None) >= 63  # tiny vocabularies: one chunk, as before chunking
+    assert chunk_positions(4, 63, 512, 0) == 63 and chunk_positions(4, 63, 512, 5) == 5
+
