@@ -49,6 +49,9 @@ class TeacherSpec(_Spec):
 
     name: str = BUNDLED
     revision: str | None = None
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="hold the frozen teacher in this dtype (auto: as its weights are stored)"
+    )
     trust_remote_code: bool = False
     allow_pickle: bool = Field(False, description="load pickle weights (pytorch_model.bin); they can run code")
 

@@ -1,13 +1,17 @@
 """Memory at real size (issue 18.6). The fused KD loss, chunked along the sequence, gives the unchunked values
 and gradients bit for bit, allocates nothing vocabulary-sized but the gradient, and reads the tokenizer's
-columns only (LM-head padding is in no softmax and gets no gradient)."""
+columns only (LM-head padding is in no softmax and gets no gradient). The frozen teacher can be held in
+bf16/fp16 while the student starts from its weights as stored and trains in float32."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_gpt2
 from torch.utils._python_dispatch import TorchDispatchMode
+from typer.testing import CliRunner
 
+from kdcode.cli import app
 from kdcode.errors import KdcodeError
 from kdcode.strategies.fused import chunk_positions, dense_kd_terms, sparse_kd_terms
 from kdcode.strategies.losses import causal_ce, soft_kl
@@ -128,3 +132,71 @@ def test_automatic_chunks_are_about_32_mb_of_float32():
     assert chunk_positions(4, 63, 512, None) >= 63  # tiny vocabularies: one chunk, as before chunking
     assert chunk_positions(4, 63, 512, 0) == 63 and chunk_positions(4, 63, 512, 5) == 5
 
+
+# ------------------------------------------------------------------------------------ teacher dtype
+runner = CliRunner(env={"COLUMNS": "200", "TERM": "dumb"})
+FAST = ["--layers", "2", "--max-steps", "1", "--batch-size", "2", "--block-size", "32", "--precision", "fp32"]
+
+
+def _captured_run(monkeypatch, tmp_path, teacher_dir, corpus_dir, *flags):
+    """Run `kdcode distil` with the training loop replaced by a recorder of what it would have trained."""
+    import kdcode.train.distil as distil
+
+    seen = {}
+
+    def fake_loop(student, strategy, *args, teacher=None, **kwargs):
+        seen.update(student=student, teacher=teacher, vocab=kwargs["vocab"], strategy=strategy)
+        raise KdcodeError("stopped before training")
+
+    monkeypatch.setattr(distil, "train_loop", fake_loop)
+    r = runner.invoke(app, ["distil", "--teacher", str(teacher_dir), "--data", str(corpus_dir), *FAST,
+                            "--out", str(tmp_path / "s"), *flags])
+    assert "stopped before training" in r.output, r.output
+    return seen
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_teacher_held_in_half_precision_student_copied_from_its_stored_weights(
+    monkeypatch, tmp_path, teacher_dir, corpus_dir, dtype
+):
+    from transformers import AutoModelForCausalLM
+
+    seen = _captured_run(monkeypatch, tmp_path, teacher_dir, corpus_dir, "--teacher-dtype", dtype)
+    assert seen["teacher"].dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    stored = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    student = seen["student"]
+    assert student.dtype == torch.float32
+    for i, j in enumerate([0, 3]):  # spread 4 -> 2: the float32 blocks, not their bf16 roundings
+        a, b = student.transformer.h[i].state_dict(), stored.transformer.h[j].state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert seen["vocab"] == stored.config.vocab_size
+
+
+def test_teacher_stored_in_bf16_gives_a_float32_student(monkeypatch, tmp_path, tokenizer, corpus_dir):
+    folder = tmp_path / "bf16_teacher"
+    make_gpt2(tokenizer).to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    seen = _captured_run(monkeypatch, tmp_path, folder, corpus_dir)
+    assert seen["teacher"].dtype == torch.bfloat16 and seen["student"].dtype == torch.float32
+    seen = _captured_run(monkeypatch, tmp_path, folder, corpus_dir, "--strategy", "in-training")
+    assert seen["teacher"].dtype == torch.float32  # a teacher that trains keeps float32 weights
+
+
+def test_half_precision_teacher_that_trains_is_refused_before_loading(tmp_path, corpus_dir):
+    r = runner.invoke(app, ["distil", "--teacher", str(tmp_path / "nowhere"), "--strategy", "in-training",
+                            "--teacher-dtype", "bf16", "--data", str(corpus_dir), *FAST, "--out", str(tmp_path / "s")])
+    assert r.exit_code == 2, r.output
+    assert "trains the teacher, which keeps float32 weights; drop teacher.dtype bf16" in r.output
+    r = runner.invoke(app, ["distil", "--teacher-dtype", "int4", "--print-spec"])
+    assert r.exit_code == 2 and "teacher.dtype" in r.output
+
+
+@pytest.mark.slow
+def test_distil_with_a_bf16_teacher_and_small_chunks_trains(tmp_path, teacher_dir, corpus_dir):
+    r = runner.invoke(app, ["distil", "--teacher", str(teacher_dir), "--data", str(corpus_dir), *FAST,
+                            "--teacher-dtype", "bf16", "--loss-chunk", "5", "--out", str(tmp_path / "s")])
+    assert r.exit_code == 0, r.output
+    import json
+
+    spec = json.loads((tmp_path / "s" / "kdcode.json").read_text())["spec"]
+    assert spec["teacher"]["dtype"] == "bf16" and spec["train"]["loss_chunk"] == 5

@@ -39,6 +39,9 @@ def distil(
     teacher_revision: Annotated[
         str | None, typer.Option(help="Hub revision (commit, branch or tag) of a hub teacher.")
     ] = None,
+    teacher_dtype: Annotated[
+        str | None, typer.Option(help="Hold the frozen teacher in fp32, bf16 or fp16 (default: as stored).")
+    ] = None,
     layers: Annotated[int | None, typer.Option(help="Student depth (transformer blocks).")] = None,
     strategy: StrategyOpt = None,
     init: InitOpt = None,
@@ -76,7 +79,7 @@ def distil(
     from kdcode.spec import dump_yaml, read_spec_file, resolve_run_spec
 
     flags = overrides({
-        "teacher.name": teacher, "teacher.revision": teacher_revision,
+        "teacher.name": teacher, "teacher.revision": teacher_revision, "teacher.dtype": teacher_dtype,
         "teacher.trust_remote_code": trust_remote_code or None, "teacher.allow_pickle": allow_pickle or None,
         "student.layers": layers, "student.init.name": init, "student.hidden_size": hidden_size,
         "student.heads": heads, "strategy.name": strategy, "strategy.params.temperature": temperature,

@@ -58,4 +58,4 @@ class Pretrained(Init):
             raise KdcodeError(
                 f"checkpoint {self.params.path} has vocab {cfg.vocab_size}, the teacher {teacher.config.vocab_size}"
             )
-        return start.model.train(), [None] * cfg.num_hidden_layers
+        return start.model.float().train(), [None] * cfg.num_hidden_layers

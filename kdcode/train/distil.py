@@ -60,6 +60,7 @@ def run_distil(spec: RunSpec, overwrite: bool = False, resume: bool = False) -> 
     )
     check_vocab(student, teacher.tokenizer, "the student")
     check_round_trip(student, teacher.tokenizer)
+    _hold_teacher(spec, strategy, teacher.model)  # after the init: the student copies the weights as stored
     result = train_loop(student, strategy, train_blocks, valid_blocks, spec.train,
                         teacher=None if cache is not None else teacher.model,
                         description=f"distil {teacher.n_layer}->{spec.student.layers} layers",
@@ -93,7 +94,20 @@ def _plugins(spec: RunSpec) -> tuple[Any, Any]:
     strategy, init = validate_plugins(spec)
     if spec.teacher_cache and not strategy.supports_cache:
         raise KdcodeError(f"strategy {spec.strategy.name!r} cannot train from a teacher cache; drop teacher_cache")
+    if spec.teacher.dtype not in ("auto", "fp32") and strategy.needs_teacher_grad:
+        raise KdcodeError(f"strategy {spec.strategy.name!r} trains the teacher, which keeps float32 weights; "
+                          f"drop teacher.dtype {spec.teacher.dtype}")
     return strategy, init
+
+
+def _hold_teacher(spec: RunSpec, strategy: Any, model: Any) -> None:
+    """The teacher in ``teacher.dtype``; one that trains alongside the student keeps float32 weights."""
+    from kdcode.inference.loader import torch_dtype
+
+    if strategy.needs_teacher_grad:
+        model.float()
+    elif spec.teacher.dtype != "auto":
+        model.to(torch_dtype(spec.teacher.dtype))
 
 
 def check_vocab(model: Any, tokenizer: Any, what: str) -> None:
