@@ -112,8 +112,7 @@ def _hold_teacher(spec: RunSpec, strategy: Any, model: Any) -> None:
 
 def check_vocab(model: Any, tokenizer: Any, what: str) -> None:
     """``model`` scores every token of ``tokenizer`` (its LM head may be padded beyond them, never shorter)."""
-    head = model.get_output_embeddings()
-    width = int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
+    width = int(model.config.vocab_size)
     if width < len(tokenizer):
         raise KdcodeError(
             f"{what} scores {width} tokens but the tokenizer has {len(tokenizer)}: they are not one tokenizer's "
