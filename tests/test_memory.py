@@ -1,7 +1,7 @@
 """Memory at real size (issue 18.6). The fused KD loss, chunked along the sequence, gives the unchunked values
-and gradients bit for bit, allocates nothing vocabulary-sized but the gradient, and reads the tokenizer's
-columns only (LM-head padding is in no softmax and gets no gradient). The frozen teacher can be held in
-bf16/fp16 while the student starts from its weights as stored and trains in float32."""
+and gradients bit for bit, allocates nothing vocabulary-sized (a model's logits become their own gradient), and
+reads the tokenizer's columns only (LM-head padding is in no softmax and gets no gradient). The frozen teacher
+can be held in bf16/fp16 while the student starts from its weights as stored and trains in float32."""
 
 from __future__ import annotations
 
@@ -28,11 +28,12 @@ def _inputs(seed: int = 0, pad_s: int = 0, pad_t: int = 0):
     return s, t, labels
 
 
-def _run(fn, s0: torch.Tensor, weight: float = 0.3):
-    s = s0.clone().requires_grad_(True)
+def _run(fn, s0: torch.Tensor, weight: float = 0.3, model_output: bool = False):
+    leaf = s0.clone().requires_grad_(True)
+    s = leaf.clone() if model_output else leaf  # a model's logits are not a leaf: their gradient is written over them
     soft, hard = fn(s)
     (weight * soft + (1 - weight) * hard).backward()
-    return soft.detach(), hard.detach(), s.grad
+    return soft.detach(), hard.detach(), leaf.grad
 
 
 def _sparse(t: torch.Tensor, temp: float, k: int = 6):
@@ -41,12 +42,14 @@ def _sparse(t: torch.Tensor, temp: float, k: int = 6):
 
 
 @pytest.mark.parametrize("temp", [1.0, 2.0, 1.5])
-@pytest.mark.parametrize("chunk", [1, 4, 7, None])
-def test_chunked_equals_unchunked_bit_for_bit(temp, chunk):
+@pytest.mark.parametrize(("chunk", "model_output"), [(1, False), (4, True), (7, False), (None, True)])
+def test_chunked_equals_unchunked_bit_for_bit(temp, chunk, model_output):
     s0, t, labels = _inputs()
-    dense = [_run(lambda s, c=c: dense_kd_terms(s, t, labels, temp, chunk=c), s0) for c in (0, chunk)]
+    dense = [_run(lambda s, c=c: dense_kd_terms(s, t, labels, temp, chunk=c), s0, model_output=m)
+             for c, m in ((0, False), (chunk, model_output))]
     top = _sparse(t, temp)
-    sparse = [_run(lambda s, c=c: sparse_kd_terms(s, *top, labels, temp, chunk=c), s0) for c in (0, chunk)]
+    sparse = [_run(lambda s, c=c: sparse_kd_terms(s, *top, labels, temp, chunk=c), s0, model_output=m)
+              for c, m in ((0, False), (chunk, model_output))]
     for whole, chunked in (dense, sparse):
         assert all(torch.equal(a, b) for a, b in zip(whole, chunked))
     # and the unchunked pass is the autograd reference
@@ -56,23 +59,24 @@ def test_chunked_equals_unchunked_bit_for_bit(temp, chunk):
 
 def test_chunked_bf16_logits_give_bf16_gradients_equal_to_unchunked():
     s0, t, labels = _inputs(1)
-    runs = [_run(lambda s, c=c: dense_kd_terms(s, t.bfloat16(), labels, 2.0, chunk=c), s0.bfloat16()) for c in (0, 5)]
+    runs = [_run(lambda s, c=c: dense_kd_terms(s, t.bfloat16(), labels, 2.0, chunk=c), s0.bfloat16(), model_output=True)
+            for c in (0, 5)]
     assert runs[0][2].dtype == torch.bfloat16
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
-@pytest.mark.parametrize("chunk", [0, 4])
-def test_padding_columns_are_in_no_softmax_and_get_no_gradient(chunk):
+@pytest.mark.parametrize(("chunk", "model_output"), [(0, False), (4, False), (4, True)])
+def test_padding_columns_are_in_no_softmax_and_get_no_gradient(chunk, model_output):
     # a student head padded by 9 rows and a teacher's by 3, over one tokenizer of V tokens
     s0, t, labels = _inputs(2, pad_s=9, pad_t=3)
     s0[..., V:] = 40.0  # padding that would dominate any softmax it took part in
-    soft, hard, grad = _run(lambda s: dense_kd_terms(s, t, labels, 2.0, vocab=V, chunk=chunk), s0)
+    soft, hard, grad = _run(lambda s: dense_kd_terms(s, t, labels, 2.0, vocab=V, chunk=chunk), s0, 0.3, model_output)
     ref = _run(lambda s: (soft_kl(s, t[..., :V], labels, 2.0), causal_ce(s, labels)), s0[..., :V].contiguous())
     assert torch.allclose(soft, ref[0], atol=1e-6) and torch.allclose(hard, ref[1], atol=1e-6)
     assert torch.allclose(grad[..., :V], ref[2], atol=1e-6)
     assert grad[..., V:].abs().sum() == 0
     top = _sparse(t[..., :V], 2.0)
-    sparse = _run(lambda s: sparse_kd_terms(s, *top, labels, 2.0, vocab=V, chunk=chunk), s0)
+    sparse = _run(lambda s: sparse_kd_terms(s, *top, labels, 2.0, vocab=V, chunk=chunk), s0, 0.3, model_output)
     unpadded = _run(lambda s: sparse_kd_terms(s, *top, labels, 2.0), s0[..., :V].contiguous())
     assert torch.allclose(sparse[0], unpadded[0]) and torch.allclose(sparse[2][..., :V], unpadded[2])
     assert sparse[2][..., V:].abs().sum() == 0
@@ -103,28 +107,31 @@ class _Allocations(TorchDispatchMode):
         return out
 
 
-def _allocations(chunk: int | None, sparse: bool) -> list[tuple[str, int]]:
+def _allocations(chunk: int | None, sparse: bool, model_output: bool) -> tuple[list[tuple[str, int]], bool]:
+    """Every allocation of the loss's forward and backward, and whether the gradient took the logits' memory."""
     s0, t, labels = _inputs(4)
-    s = s0.clone().requires_grad_(True)
+    leaf = s0.clone().requires_grad_(True)
+    s = leaf.clone() if model_output else leaf
     top = _sparse(t, 2.0)
     with _Allocations() as seen:
         if sparse:
             soft, hard = sparse_kd_terms(s, *top, labels, 2.0, chunk=chunk)
         else:
             soft, hard = dense_kd_terms(s, t, labels, 2.0, chunk=chunk)
-        (soft + hard).backward()
-    return seen.sizes
+        (grad,) = torch.autograd.grad(soft + hard, s)
+    return seen.sizes, grad.data_ptr() == s.data_ptr()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sparse", [False, True])
-def test_chunks_allocate_nothing_vocabulary_sized_but_the_gradient(sparse):
-    full = B * T * V
-    whole = [n for _, n in _allocations(0, sparse) if n >= B * (T - 1) * V]
-    assert len(whole) >= 4  # unchunked: the float copy, its softmaxes (and the teacher's), the gradient
+def test_chunks_allocate_nothing_vocabulary_sized(sparse):
+    whole, in_place = _allocations(0, sparse, model_output=True)
+    assert len([n for _, n in whole if n >= B * (T - 1) * V]) >= 4 and not in_place  # the float copy, softmaxes...
     chunk = 4
-    big = [(f, n) for f, n in _allocations(chunk, sparse) if n > B * chunk * V]
-    assert [n for _, n in big] == [full], big  # one tensor of the logits' size: the gradient of the logits
+    big, in_place = _allocations(chunk, sparse, model_output=True)
+    assert [(f, n) for f, n in big if n > B * chunk * V] == [] and in_place  # a model's logits become their gradient
+    big, in_place = _allocations(chunk, sparse, model_output=False)  # a leaf is left as it is: one new gradient
+    assert [n for _, n in big if n > B * chunk * V] == [B * T * V] and not in_place
 
 
 def test_automatic_chunks_are_about_32_mb_of_float32():

@@ -18,9 +18,10 @@ the same tensor) and the backward writes one gradient. Two teacher forms:
 Memory: the float32 work (a copy of the student's logits, their two softmaxes, the teacher's softmax) is done
 ``chunk`` sequence positions at a time. With one chunk (short sequences, small vocabularies: the default sizes a
 chunk to about 32 MB of float32) the softmaxes are kept for the backward, as before chunking existed; with
-several, only per-position sums are kept and the backward recomputes each chunk's softmaxes from the logits.
-Either way the values and gradients are the same, and the vocabulary-sized tensors alive at once are the
-student's and the teacher's logits and the gradient of the student's. ``vocab`` keeps the first ``vocab``
+several, only per-position sums are kept and the backward recomputes each chunk's softmaxes from the logits,
+then writes the chunk's gradient over those logits when they are a model's output (not a leaf; as
+Liger-Kernel's losses do): the only vocabulary-sized tensors are then the student's logits (which become their
+gradient) and the teacher's. Values and gradients are the same either way. ``vocab`` keeps the first ``vocab``
 columns of both (the tokenizer's tokens): LM-head padding rows take part in no softmax and get no gradient.
 
 Both return (soft, hard) as means over counted positions (labels != -100), equal to
@@ -143,6 +144,9 @@ class _ChunkedKD(torch.autograd.Function):
             hards.append(hard)
         kl, hard = (torch.cat(v, dim=1) if len(v) > 1 else v[0] for v in (kls, hards))
         ctx.recompute = len(spans) > 1
+        # A model's logits (not a leaf) are needed by nothing but this loss once it has run: their gradient is
+        # written over them, chunk by chunk, as each chunk's softmaxes are recomputed from them.
+        ctx.in_place = ctx.recompute and s_logits.grad_fn is not None
         if ctx.recompute:  # the logits stay; each chunk's softmaxes are computed again in the backward
             ctx.save_for_backward(w, y, s_logits, *teacher)
         else:  # one chunk: keep its softmaxes (the logits themselves can go), as before chunking
@@ -156,10 +160,15 @@ class _ChunkedKD(torch.autograd.Function):
         w, y, *rest = ctx.saved_tensors
         c_hard = (g_hard * w)[..., None]
         c_soft = (g_soft * ctx.t * w)[..., None]
-        out = w.new_zeros(ctx.shape, dtype=ctx.dtype)  # padding columns and the last position get no gradient
+        s_logits, *teacher = rest if ctx.recompute else (None,)
+        if ctx.in_place:  # padding columns and the last position (it predicts nothing) get no gradient
+            out = s_logits
+            out[:, y.size(1) :].zero_()
+            out[..., ctx.vocab :].zero_()
+        else:
+            out = w.new_zeros(ctx.shape, dtype=ctx.dtype)
         for a, b in ctx.spans:
-            if ctx.recompute:
-                s_logits, *teacher = rest
+            if ctx.recompute:  # a float copy of the chunk is taken before its logits are overwritten
                 parts = ctx.chunk_fn(s_logits[:, a:b, : ctx.vocab], *(x[:, a:b] for x in teacher), y[:, a:b], ctx.t)[2]
             else:
                 parts = rest
