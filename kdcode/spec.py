@@ -150,6 +150,10 @@ class TrainSpec(_Spec):
     checkpoint_every: int | None = Field(None, ge=1, description="checkpoint into OUT.ckpt every N steps")
     tensorboard: bool = Field(False, description="also log to OUT.tensorboard (needs the tensorboard package)")
     teacher_lr: float | None = Field(None, gt=0, description="in-training KD: teacher LR (default: lr / 10)")
+    activation_checkpointing: bool = Field(
+        False, description="recompute each student block's activations in the backward instead of keeping them "
+        "(gradient checkpointing): about a third more student compute for a fraction of its activation memory"
+    )
     loss_chunk: int | None = Field(
         None, ge=0, description="sequence positions per chunk of the fused KD loss (default: chunks of ~32 MB of "
         "float32; 0: one pass, the fastest when memory allows)"

@@ -207,3 +207,31 @@ def test_distil_with_a_bf16_teacher_and_small_chunks_trains(tmp_path, teacher_di
 
     spec = json.loads((tmp_path / "s" / "kdcode.json").read_text())["spec"]
     assert spec["teacher"]["dtype"] == "bf16" and spec["train"]["loss_chunk"] == 5
+
+
+# ------------------------------------------------------------------------------------ activation checkpointing
+@pytest.mark.slow
+def test_activation_checkpointing_trains_the_same_student(tmp_path, teacher_dir, corpus_dir):
+    from safetensors.torch import load_file
+
+    weights = []
+    for flag in ([], ["--activation-checkpointing"]):
+        out = tmp_path / f"s{len(flag)}"
+        r = runner.invoke(app, ["distil", "--teacher", str(teacher_dir), "--data", str(corpus_dir), *FAST,
+                                "--max-steps", "3", "--loss-chunk", "7", "--out", str(out), *flag])
+        assert r.exit_code == 0, r.output
+        weights.append(load_file(str(out / "model.safetensors")))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-6) for k in weights[0])
+
+
+def test_activation_checkpointing_on_and_off_and_refused_where_missing(tokenizer):
+    from kdcode.train.resources import recompute_activations
+
+    model = make_gpt2(tokenizer).train()
+    recompute_activations(model, True)
+    assert model.is_activation_checkpointing
+    recompute_activations(model, False)
+    assert not model.is_activation_checkpointing  # the saved student carries nothing of it
+    with pytest.raises(KdcodeError, match="cannot recompute its activations"):
+        recompute_activations(torch.nn.Linear(2, 2), True)

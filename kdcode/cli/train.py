@@ -61,6 +61,9 @@ def distil(
     loss_chunk: Annotated[
         int | None, typer.Option(help="Positions per chunk of the KD loss (default: ~32 MB chunks; 0: one pass).")
     ] = None,
+    activation_checkpointing: Annotated[bool, typer.Option(
+        "--activation-checkpointing", help="Recompute the student's activations in the backward (less memory).")
+    ] = False,
     checkpoint_every: CheckpointEveryOpt = None,
     tensorboard: TensorboardOpt = False,
     resume: ResumeOpt = False,
@@ -86,7 +89,7 @@ def distil(
         "teacher_cache": teacher_cache, "data.source": data, "data.glob": glob,
         "train.max_steps": max_steps, "train.epochs": epochs, "train.max_minutes": max_minutes, "train.lr": lr,
         "train.batch_size": batch_size, "train.block_size": block_size, "train.grad_accum": grad_accum,
-        "train.loss_chunk": loss_chunk,
+        "train.loss_chunk": loss_chunk, "train.activation_checkpointing": activation_checkpointing or None,
         "train.checkpoint_every": checkpoint_every, "train.tensorboard": tensorboard or None,
         "train.precision": precision, "train.seed": seed, "out": out,
     })

@@ -188,12 +188,12 @@ def run_cache_teacher(
 
     check_output(out, overwrite, {"--teacher": resolve_path(teacher_name), "--data": data.source})
     teacher = load_model(teacher_name, allow_pickle=allow_pickle)
+    check_vocab(teacher.model, teacher.tokenizer, f"teacher {teacher_name}")
     check_block_size(teacher.model, block_size, "the teacher")
     corpus = load_corpus(data)
     blocks = to_blocks(encode_documents(corpus.splits["train"], teacher.tokenizer), block_size)
     teacher.model.to(resolve_device("auto"))
     meta = {"teacher": teacher_name, **cache_key(teacher, corpus, data.format, block_size), "data": corpus.summary()}
-    check_vocab(teacher.model, teacher.tokenizer, f"teacher {teacher_name}")
     return build_cache(teacher.model, blocks, out, top_k, temperature, meta, batch_size, overwrite,
                        vocab=len(teacher.tokenizer))
 

@@ -30,7 +30,7 @@ from kdcode.evaluation.perplexity import held_out_loss
 from kdcode.spec import TrainSpec
 from kdcode.train.budget import Budget
 from kdcode.train.optim import lr_at, make_optimizer
-from kdcode.train.resources import launcher, pick_precision
+from kdcode.train.resources import launcher, pick_precision, recompute_activations
 from kdcode.train.runlog import RunLog
 from kdcode.train.state import Checkpointer, RunContext, TrainState
 from kdcode.train.step import Stepper
@@ -118,6 +118,7 @@ def train_loop(
     blocks = cache.input_ids if cache is not None else train_blocks
     budget = Budget.plan(cfg, len(blocks), world)
     student.to(device).train()
+    recompute_activations(student, cfg.activation_checkpointing)
     strategy.use_logits(vocab, cfg.loss_chunk)
     extra = strategy.setup(student, source.model, layer_map) if source.model is not None else []
     trainable = torch.nn.ModuleList([student, *extra])
@@ -178,6 +179,7 @@ def train_loop(
     if has_valid:
         final["valid_loss"] = valid_loss()
         final["valid_ppl"] = math.exp(min(final["valid_loss"], 50))
+    recompute_activations(student, False)
     student.eval()
     return TrainResult(
         steps=state.step, tokens_seen=state.tokens, wall_time_s=round(wall, 2),
