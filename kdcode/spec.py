@@ -49,6 +49,9 @@ class TeacherSpec(_Spec):
 
     name: str = BUNDLED
     revision: str | None = None
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="hold the frozen teacher in this dtype (auto: as its weights are stored)"
+    )
     trust_remote_code: bool = False
     allow_pickle: bool = Field(False, description="load pickle weights (pytorch_model.bin); they can run code")
 
@@ -172,6 +175,14 @@ class TrainSpec(_Spec):
     checkpoint_every: int | None = Field(None, ge=1, description="checkpoint into OUT.ckpt every N steps")
     tensorboard: bool = Field(False, description="also log to OUT.tensorboard (needs the tensorboard package)")
     teacher_lr: float | None = Field(None, gt=0, description="in-training KD: teacher LR (default: lr / 10)")
+    activation_checkpointing: bool = Field(
+        False, description="recompute each student block's activations in the backward instead of keeping them "
+        "(gradient checkpointing): about a third more student compute for a fraction of its activation memory"
+    )
+    loss_chunk: int | None = Field(
+        None, ge=0, description="sequence positions per chunk of the fused KD loss (default: chunks of ~32 MB of "
+        "float32; 0: one pass, the fastest when memory allows)"
+    )
 
     @model_validator(mode="after")
     def _one_budget(self) -> TrainSpec:

@@ -117,3 +117,25 @@ def test_distil_eval_bench_end_to_end(tmp_path, teacher_dir, corpus_dir):
     assert b["threads"] == 1 and b["dtype"] == "float32" and b["device"] == "cpu"
     assert b["params_m"] < b["compare"]["params_m"]
     assert b["size_mb"] < b["compare"]["size_mb"]
+
+
+def test_a_third_party_warning_is_shown_once_after_the_command(tmp_path):
+    # re-showing a caught warning while still recording them appended it to the list being read, forever
+    import warnings
+
+    import typer
+
+    from kdcode.cli._common import handle_errors
+
+    demo = typer.Typer()
+
+    @demo.command()
+    @handle_errors
+    def hello() -> None:
+        warnings.warn("an old name is deprecated", FutureWarning, stacklevel=1)
+        typer.echo("done")
+
+    with pytest.warns(FutureWarning, match="an old name is deprecated") as shown:
+        r = CliRunner().invoke(demo, [])
+    assert r.exit_code == 0, r.output
+    assert "done" in r.output and len(shown) == 1

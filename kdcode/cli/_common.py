@@ -58,31 +58,34 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, _kdcode_ctx: typer.Context, **kwargs: Any) -> Any:
         debug = bool((_kdcode_ctx.find_root().obj or {}).get("debug"))
         name = _kdcode_ctx.info_name or fn.__name__
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", KdcodeDeprecation)
-            try:
-                return fn(*args, **kwargs)
-            except typer.Exit:
-                raise
-            except KdcodeError as exc:
-                if debug:
+        caught: list[warnings.WarningMessage] = []
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", KdcodeDeprecation)
+                try:
+                    return fn(*args, **kwargs)
+                except typer.Exit:
                     raise
-                fail(str(exc), code=exc.exit_code)
-            except KeyboardInterrupt:
-                fail("interrupted; no output folder was written", code=130)
-            except Exception as exc:  # noqa: BLE001 - people get one line; --debug gives the traceback
-                if debug:
-                    raise
-                if _is_write_error(exc):
-                    fail(f"cannot write: {_one_line(exc)} (free space or permissions?; --debug shows the traceback)")
-                fail(f"{name} failed: {type(exc).__name__}: {_one_line(exc)} (kdcode --debug {name} ... shows the "
-                     "traceback)", code=1)
-            finally:
-                for w in caught:
-                    if issubclass(w.category, KdcodeDeprecation):
-                        warn(str(w.message))
-                    else:
-                        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+                except KdcodeError as exc:
+                    if debug:
+                        raise
+                    fail(str(exc), code=exc.exit_code)
+                except KeyboardInterrupt:
+                    fail("interrupted; no output folder was written", code=130)
+                except Exception as exc:  # noqa: BLE001 - people get one line; --debug gives the traceback
+                    if debug:
+                        raise
+                    if _is_write_error(exc):
+                        fail(f"cannot write: {_one_line(exc)} (free space or permissions?; --debug shows the "
+                             "traceback)")
+                    fail(f"{name} failed: {type(exc).__name__}: {_one_line(exc)} (kdcode --debug {name} ... shows "
+                         "the traceback)", code=1)
+        finally:  # shown once recording has stopped (while recording, showing a warning records it again)
+            for w in list(caught):
+                if issubclass(w.category, KdcodeDeprecation):
+                    warn(str(w.message))
+                else:
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
     ctx_param = inspect.Parameter("_kdcode_ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
     wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), ctx_param])  # type: ignore[attr-defined]

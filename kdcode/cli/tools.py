@@ -78,8 +78,10 @@ def compress(
     int8: Annotated[
         bool, typer.Option("--int8", help="Dynamic int8 quantization of Linear/Conv1D weights, for CPU inference.")
     ] = False,
-    prune_heads: Annotated[float, typer.Option(help="Fraction of attention heads removed per layer.")] = 0.0,
-    prune_ffn: Annotated[float, typer.Option(help="Fraction of MLP neurons removed per layer.")] = 0.0,
+    prune_heads: Annotated[
+        float, typer.Option(help="Fraction of attention heads removed per layer (GPT-2, Llama-style; GQA: per group).")
+    ] = 0.0,
+    prune_ffn: Annotated[float, typer.Option(help="Fraction of MLP neurons / gated channels removed per layer.")] = 0.0,
     data: DataOpt = None,
     glob: GlobOpt = None,
     calib_batches: Annotated[int, typer.Option(help="Calibration batches that score heads/neurons.")] = 8,

@@ -44,6 +44,9 @@ def distil(
     teacher_revision: Annotated[
         str | None, typer.Option(help="Hub revision (commit, branch or tag) of a hub teacher.")
     ] = None,
+    teacher_dtype: Annotated[
+        str | None, typer.Option(help="Hold the frozen teacher in fp32, bf16 or fp16 (default: as stored).")
+    ] = None,
     layers: Annotated[int | None, typer.Option(help="Student depth (transformer blocks).")] = None,
     strategy: StrategyOpt = None,
     init: InitOpt = None,
@@ -64,6 +67,12 @@ def distil(
     fim_mode: FimModeOpt = None,
     fim_format: FimFormatOpt = None,
     grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimiser step.")] = None,
+    loss_chunk: Annotated[
+        int | None, typer.Option(help="Positions per chunk of the KD loss (default: ~32 MB chunks; 0: one pass).")
+    ] = None,
+    activation_checkpointing: Annotated[bool, typer.Option(
+        "--activation-checkpointing", help="Recompute the student's activations in the backward (less memory).")
+    ] = False,
     checkpoint_every: CheckpointEveryOpt = None,
     tensorboard: TensorboardOpt = False,
     resume: ResumeOpt = False,
@@ -84,13 +93,14 @@ def distil(
     from kdcode.spec import dump_yaml, read_spec_file, resolve_run_spec
 
     flags = overrides({
-        "teacher.name": teacher, "teacher.revision": teacher_revision,
+        "teacher.name": teacher, "teacher.revision": teacher_revision, "teacher.dtype": teacher_dtype,
         "teacher.trust_remote_code": trust_remote_code or None, "teacher.allow_pickle": allow_pickle or None,
         "student.layers": layers, "student.init.name": init, "student.hidden_size": hidden_size,
         "student.heads": heads, "strategy.name": strategy, "strategy.params.temperature": temperature,
         "teacher_cache": teacher_cache, "data.source": data, "data.glob": glob,
         "train.max_steps": max_steps, "train.epochs": epochs, "train.max_minutes": max_minutes, "train.lr": lr,
         "train.batch_size": batch_size, "train.block_size": block_size, "train.grad_accum": grad_accum,
+        "train.loss_chunk": loss_chunk, "train.activation_checkpointing": activation_checkpointing or None,
         "train.checkpoint_every": checkpoint_every, "train.tensorboard": tensorboard or None,
         "train.precision": precision, "train.seed": seed, "out": out,
         "data.fim": fim_overrides(fim_rate, fim_spm_rate, fim_mode, fim_format) or None,

@@ -1,10 +1,11 @@
 """`kdcode compress`: prune, then quantize or cast a model folder, keeping the manifest chain.
 
-Steps run in a fixed order, each optional: **prune** (attention heads and/or MLP neurons of a GPT-2;
-:mod:`kdcode.compression.prune`), then **store** (``--dtype fp16|bf16``, or ``--int8``;
-:mod:`kdcode.compression.int8`). fp16/bf16 and FFN-pruned folders are plain Hugging Face folders;
-head-pruned and int8 folders load through :func:`kdcode.models.load_model`, which rebuilds them from
-``kdcode.json``'s ``compression.layout`` (:mod:`kdcode.compression.load`).
+Steps run in a fixed order, each optional: **prune** (attention heads and/or MLP neurons of a GPT-2,
+:mod:`kdcode.compression.prune`, or of Llama-style blocks, :mod:`kdcode.compression.prune_llama`), then **store**
+(``--dtype fp16|bf16``, or ``--int8``; :mod:`kdcode.compression.int8`). fp16/bf16, FFN-pruned and pruned
+Llama-style folders are plain Hugging Face folders; head-pruned GPT-2 and int8 folders load through
+:func:`kdcode.models.load_model`, which rebuilds them from ``kdcode.json``'s ``compression.layout``
+(:mod:`kdcode.compression.load`).
 """
 
 from __future__ import annotations
@@ -16,16 +17,8 @@ import torch
 from torch import nn
 
 from kdcode.compression.int8 import INT8_FILE, INT8_SCHEME, quantize_model
-from kdcode.compression.prune import (
-    FFN_SCORE,
-    HEAD_SCORE,
-    gpt2_blocks,
-    heads_per_layer,
-    keep_top,
-    prune_ffn,
-    prune_heads,
-    unit_importance,
-)
+from kdcode.compression.prune import GPT2Pruner, heads_per_layer
+from kdcode.compression.prune_llama import LlamaPruner
 from kdcode.errors import KdcodeError
 from kdcode.spec import CompressSpec
 
@@ -46,6 +39,33 @@ def calibration_blocks(spec: CompressSpec, tokenizer: Any, n_positions: int) -> 
         if len(stream) >= need * block:
             break
     return to_blocks(stream, block)[:need]
+
+
+def prune_model(model: nn.Module, spec: CompressSpec, tokenizer: Any) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """Score every head and MLP unit on calibration batches, cut the lowest ``spec.prune_*`` fraction of each
+    layer's: GPT-2 in place (layers may keep different heads), Llama-style blocks rebuilt from a smaller config.
+    Returns the pruned model and the steps for the manifest."""
+    from kdcode.models import context_length
+
+    heads, ffn = bool(spec.prune_heads), bool(spec.prune_ffn)
+    kind = GPT2Pruner if getattr(model.config, "model_type", None) == "gpt2" else LlamaPruner
+    pruner = kind(model, heads, ffn)
+    units = pruner.units()  # check the fractions before the calibration pass
+    if heads:
+        pruner.keep_heads(torch.zeros(units["heads"]), spec.prune_heads)
+    if ffn:
+        pruner.keep_ffn(torch.zeros(units["ffn"]), spec.prune_ffn)
+    blocks = calibration_blocks(spec, tokenizer, context_length(model.config, 1024))
+    scores = pruner.importance(blocks, spec.calib_batch_size, heads, ffn)
+    calib = {"data": spec.data.source, "split": "train", "blocks": len(blocks), "block_size": blocks.size(1),
+             "batch_size": spec.calib_batch_size}
+    keep_heads = [pruner.keep_heads(s, spec.prune_heads) for s in scores["heads"]] if heads else None
+    keep_ffn = [pruner.keep_ffn(s, spec.prune_ffn) for s in scores["ffn"]] if ffn else None
+    steps = [{"step": step, "fraction": fraction, "score": score, "calibration": calib, "kept": keep}
+             for step, fraction, score, keep in (("prune-heads", spec.prune_heads, pruner.head_score, keep_heads),
+                                                 ("prune-ffn", spec.prune_ffn, pruner.ffn_score, keep_ffn))
+             if fraction]
+    return pruner.apply(keep_heads, keep_ffn), steps
 
 
 class _Int8Folder:
@@ -70,7 +90,7 @@ def run_compress(
 ) -> tuple[Path, dict[str, Any]]:
     """Load ``name``, prune then quantize / cast it as ``spec`` says, and write ``out`` with the manifest chain."""
     from kdcode.artifacts import check_output, kdcode_layout, save_model, weights_sha256
-    from kdcode.models import context_length, count_params, load_model, resolve_path, weights_bytes
+    from kdcode.models import count_params, load_model, resolve_path, weights_bytes
 
     if spec.int8 and spec.dtype not in (None, "fp32"):
         raise KdcodeError(f"--int8 keeps the non-quantized tensors in fp32; drop --dtype {spec.dtype}")
@@ -85,33 +105,7 @@ def run_compress(
     params_before = count_params(model)
     steps: list[dict[str, Any]] = []
     if spec.prune_heads or spec.prune_ffn:
-        first = gpt2_blocks(model)[0]  # check the fractions before the calibration pass
-        if spec.prune_heads:
-            keep_top(torch.zeros(first.attn.num_heads), spec.prune_heads, "heads")
-        if spec.prune_ffn:
-            keep_top(torch.zeros(first.mlp.c_fc.nf), spec.prune_ffn, "MLP neurons")
-        n_pos = context_length(model.config, 1024)
-        blocks = calibration_blocks(spec, lm.tokenizer, n_pos)
-        scores = unit_importance(
-            model, blocks, spec.calib_batch_size, heads=bool(spec.prune_heads), ffn=bool(spec.prune_ffn)
-        )
-        calib = {
-            "data": spec.data.source,
-            "split": "train",
-            "blocks": len(blocks),
-            "block_size": blocks.size(1),
-            "batch_size": spec.calib_batch_size,
-        }
-        units = (
-            ("prune-heads", spec.prune_heads, "heads", "heads", prune_heads, HEAD_SCORE),
-            ("prune-ffn", spec.prune_ffn, "ffn", "MLP neurons", prune_ffn, FFN_SCORE),
-        )
-        for step, fraction, key, what, prune, score in units:
-            if not fraction:
-                continue
-            keep = [keep_top(s, fraction, what) for s in scores[key]]
-            prune(model, keep)
-            steps.append({"step": step, "fraction": fraction, "score": score, "calibration": calib, "kept": keep})
+        model, steps = prune_model(model, spec, lm.tokenizer)
     heads = heads_per_layer(model)
     int8_layout = None
     if spec.int8:
@@ -142,6 +136,7 @@ def run_compress(
             "params_m_before": round(params_before / 1e6, 3),
             "heads_per_layer": heads,
             "n_inner": getattr(model.config, "n_inner", None),
+            "intermediate_size": getattr(model.config, "intermediate_size", None),
         },
         "compression": {
             "spec": spec.model_dump(mode="json"),

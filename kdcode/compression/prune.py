@@ -1,4 +1,5 @@
-"""Structured pruning of GPT-2 blocks: attention heads and MLP neurons, scored on calibration batches.
+"""Structured pruning of GPT-2 blocks: attention heads and MLP neurons, scored on calibration batches (Llama-style
+blocks: :mod:`kdcode.compression.prune_llama`, scored the same way by :func:`mask_scores`).
 
 In every layer the fraction F of units that matter least by a first-order Taylor score is removed. A mask
 ``xi = 1`` is put on each unit's output (each head's slice of the attention output before ``c_proj``, each
@@ -37,22 +38,25 @@ def unit_importance(
 ) -> dict[str, list[torch.Tensor]]:
     """Per layer, the score of every head and MLP neuron: sum over batches of |dL/d mask| (see module doc)."""
     layers = gpt2_blocks(model)
-    head_masks = [torch.ones(b.attn.num_heads, requires_grad=True) for b in layers] if heads else []
-    ffn_masks = [torch.ones(b.mlp.c_fc.nf, requires_grad=True) for b in layers] if ffn else []
-    hooks = []
-    for i, b in enumerate(layers):
-        if heads:
-            hd = b.attn.head_dim
-            hooks.append(
-                b.attn.c_proj.register_forward_pre_hook(
-                    lambda m, a, k=head_masks[i], hd=hd: (a[0] * k.repeat_interleave(hd).to(a[0].dtype),)
-                )
-            )
-        if ffn:
-            hooks.append(
-                b.mlp.c_proj.register_forward_pre_hook(lambda m, a, k=ffn_masks[i]: (a[0] * k.to(a[0].dtype),))
-            )
-    masks = head_masks + ffn_masks
+    head_sites = [(b.attn.c_proj, b.attn.num_heads, b.attn.head_dim) for b in layers] if heads else []
+    ffn_sites = [(b.mlp.c_proj, b.mlp.c_fc.nf, 1) for b in layers] if ffn else []
+    scores = mask_scores(model, head_sites + ffn_sites, blocks, batch_size)
+    return {"heads": scores[: len(head_sites)], "ffn": scores[len(head_sites) :]}
+
+
+def mask_scores(
+    model: nn.Module, sites: list[tuple[nn.Module, int, int]], blocks: torch.Tensor, batch_size: int
+) -> list[torch.Tensor]:
+    """For each site ``(module, units, width)``, a mask ``xi = 1`` of ``units`` entries on the module's input (unit
+    u is input features u*width..(u+1)*width) and the score ``sum over batches |dL/dxi|`` of every unit, L the
+    next-token cross-entropy. The model runs as it will run (eval mode); it gets no gradient."""
+    masks = [torch.ones(units, requires_grad=True) for _, units, _ in sites]
+    hooks = [
+        module.register_forward_pre_hook(
+            lambda m, a, k=mask, w=width: (a[0] * k.repeat_interleave(w).to(a[0].dtype), *a[1:])
+        )
+        for (module, _, width), mask in zip(sites, masks)
+    ]
     scores = [torch.zeros_like(m) for m in masks]
     was_training = model.training
     model.eval()  # no dropout: the score of the model as it will run
@@ -68,8 +72,7 @@ def unit_importance(
         for h in hooks:
             h.remove()
         model.train(was_training)
-    n = len(head_masks)
-    return {"heads": scores[:n], "ffn": scores[n:]}
+    return scores
 
 
 def keep_top(scores: torch.Tensor, fraction: float, what: str) -> list[int]:
@@ -133,3 +136,33 @@ def heads_per_layer(model: nn.Module) -> list[int] | None:
         return None
     counts = [int(b.attn.num_heads) for b in blocks]
     return counts if any(c != model.config.n_head for c in counts) else None
+
+
+class GPT2Pruner:
+    """The GPT-2 side of `kdcode compress --prune-heads/--prune-ffn` (as :class:`~kdcode.compression.prune_llama.
+    LlamaPruner` is the Llama-style side): score, select, cut in place."""
+
+    head_score, ffn_score = HEAD_SCORE, FFN_SCORE
+
+    def __init__(self, model: nn.Module, heads: bool, ffn: bool) -> None:
+        self.model = model
+        self.first = gpt2_blocks(model)[0]
+
+    def units(self) -> dict[str, int]:
+        return {"heads": int(self.first.attn.num_heads), "ffn": int(self.first.mlp.c_fc.nf)}
+
+    def importance(self, blocks: torch.Tensor, batch_size: int, heads: bool, ffn: bool) -> dict[str, list]:
+        return unit_importance(self.model, blocks, batch_size, heads=heads, ffn=ffn)
+
+    def keep_heads(self, scores: torch.Tensor, fraction: float) -> list[int]:
+        return keep_top(scores, fraction, "heads")
+
+    def keep_ffn(self, scores: torch.Tensor, fraction: float) -> list[int]:
+        return keep_top(scores, fraction, "MLP neurons")
+
+    def apply(self, heads: list[list[int]] | None, ffn: list[list[int]] | None) -> nn.Module:
+        if heads:
+            prune_heads(self.model, heads)
+        if ffn:
+            prune_ffn(self.model, ffn)
+        return self.model

@@ -28,23 +28,27 @@ def _out_cache(out: Any) -> Any:
 
 @dataclass(frozen=True)
 class Forward:
-    """One forward pass over new tokens with a KV cache, spelled as the model's ``forward`` wants it."""
+    """One forward pass over new tokens with a KV cache, spelled as the model's ``forward`` wants it. Logits past
+    the tokenizer's ``tokens`` (LM-head padding, e.g. Qwen2.5's) are -inf: no decoding picks a token that is none."""
 
     model: Any
     device: torch.device
     cache_kw: str
     takes_keep: bool
     step: Any = None  # a backend's own step (kdcode.inference.backends.base.StepModel.decode_step)
+    tokens: int | None = None
 
     @classmethod
     def of(cls, model: Any, index: VocabIndex | None = None) -> Forward:
         vocab = getattr(model.config, "vocab_size", None)
         if index is not None and vocab is not None and vocab != index.vocab_size:
             raise ValueError(f"the vocabulary index is {index.vocab_size} tokens wide but the model's is {vocab}")
+        n = len(index.tokenizer) if index is not None else None
+        padded = n if n is not None and vocab is not None and n < vocab else None
         step = getattr(model, "decode_step", None)
         if step is not None:  # ONNX Runtime, llama.cpp, torch with a static cache: same call, their own step
-            return cls(model, model.backend_device, "", True, step)
-        return cls(model.eval(), next(model.parameters()).device, *_forward_kwargs(model))
+            return cls(model, model.backend_device, "", True, step, padded)
+        return cls(model.eval(), next(model.parameters()).device, *_forward_kwargs(model), tokens=padded)
 
     def __call__(
         self, input_ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any, keep: int = 1
@@ -58,7 +62,10 @@ class Forward:
         if self.takes_keep:
             kwargs["logits_to_keep"] = keep
         out = self.model(input_ids, **kwargs)
-        return out.logits[:, -keep:].float(), _out_cache(out)
+        logits = out.logits[:, -keep:].float()
+        if self.tokens is not None:
+            logits[..., self.tokens :] = float("-inf")
+        return logits, _out_cache(out)
 
     def last(
         self, input_ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any

@@ -54,12 +54,15 @@ def evenly_spaced(n_teacher: int, layers: int) -> list[int]:
 
 # Lists in configs that are never per-layer, whatever their length (token ids, class names, labels).
 _NOT_PER_LAYER = ("token", "architectures", "label", "words")
+# Names of lists that name layers by index (``mlp_only_layers``, ``moe_layers``, ``full_attn_idxs``).
+_INDEX_WORDS = ("layer", "idx", "indices")
 
 
 def _is_layer_index_list(key: str, value: Any, n_teacher: int) -> bool:
-    """A list naming some layers by index (e.g. ``mlp_only_layers: [0, 3]``), not one entry per layer."""
+    """A list naming some layers by index (e.g. ``mlp_only_layers: [0, 3]``, ``moe_layers: [0, 1, 2, 3]``), not one
+    entry per layer: increasing distinct layer numbers under an index-like name."""
     return (
-        "layer" in key
+        any(w in key for w in _INDEX_WORDS)
         and isinstance(value, (list, tuple))
         and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
         and all(0 <= v < n_teacher for v in value)
@@ -73,20 +76,22 @@ def reindex_per_layer_fields(config: Any, n_teacher: int, layer_map: list[int]) 
     A field is per-layer when it is a list or tuple whose length is the teacher's depth (``layer_types``,
     sliding-window patterns, per-layer rope or MoE settings, ...): student block i takes entry
     ``layer_map[i]``, so a block copied from teacher layer j keeps layer j's type. A list of layer indices
-    (``mlp_only_layers: [0, 3]``) keeps the student blocks whose teacher block it names. Found generically,
-    not by name; a layer-like field of another shape is refused (it cannot be mapped).
+    (``mlp_only_layers: [0, 3]``, ``moe_layers: [0, 1, 2, 3]``: increasing layer numbers under an index-like name,
+    whatever its length) keeps the student blocks whose teacher block it names. Found generically, not by name;
+    a layer-like field of another shape is refused (it cannot be mapped).
     """
     changed = []
-    for key, value in sorted(config.to_dict().items()):
-        if not isinstance(value, (list, tuple)) or any(w in key for w in _NOT_PER_LAYER):
+    for key, listed in sorted(config.to_dict().items()):
+        value = getattr(config, key, listed)  # as the config holds it (to_dict gives lists for tuples)
+        if not isinstance(value, (list, tuple)) or any(w in key for w in _NOT_PER_LAYER) or n_teacher < 2:
             continue
-        if len(value) == n_teacher and n_teacher > 1:
+        if value and _is_layer_index_list(key, value, n_teacher):
+            named = set(value)
+            setattr(config, key, type(value)(i for i, j in enumerate(layer_map) if j in named))
+            changed.append(key)
+        elif len(value) == n_teacher:
             setattr(config, key, type(value)(value[j] for j in layer_map))
             changed.append(key)
-        elif _is_layer_index_list(key, value, n_teacher):
-            if value:
-                setattr(config, key, type(value)(i for i, j in enumerate(layer_map) if j in set(value)))
-                changed.append(key)
         elif "layer" in key and value and any(isinstance(v, (list, tuple, dict)) for v in value):
             raise KdcodeError(
                 f"the teacher's config field {key!r} looks per-layer but has {len(value)} entries for "
@@ -121,9 +126,11 @@ def student_config(
 
 
 def new_model(config: Any) -> torch.nn.Module:
+    """A model of ``config`` with float32 weights, whatever dtype the teacher is stored in: the optimiser's
+    updates need them (bf16/fp16 compute is autocast's job)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_config(config)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
 def copy_weights(
@@ -152,10 +159,11 @@ def copy_weights(
         else:
             unfit.append(src)
     if unfit:
+        kind = getattr(teacher.config, "model_type", "?")
         raise KdcodeError(
             f"cannot copy the teacher's {unfit[0]} into the student ({len(unfit)} tensors missing or of another "
             "shape: a head-pruned or int8 teacher from kdcode compress?); distil from its float, unpruned parent "
-            "or use --init random"
+            f"or use --init random (a plain {kind} teacher: a per-layer setting kdcode cannot map; please report it)"
         )
     student.load_state_dict(new_state, strict=False)
     if getattr(student.config, "tie_word_embeddings", False):

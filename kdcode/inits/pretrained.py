@@ -59,4 +59,4 @@ class Pretrained(Init):
                 f"checkpoint {self.params.path} has vocab {cfg.vocab_size}, the teacher {teacher.config.vocab_size}"
             )
         self.origin = start.describe()  # the checkpoint it starts from (its hub id and commit, or path and sha256)
-        return start.model.train(), [None] * cfg.num_hidden_layers
+        return start.model.float().train(), [None] * cfg.num_hidden_layers

@@ -41,7 +41,9 @@ class Strategy:
     """A KD strategy: ``loss`` maps the student's (and teacher's) outputs to named loss terms.
 
     ``loss`` returns a dict whose ``"loss"`` entry is what the student's optimiser minimises; every
-    other entry is a logged term. Flags tell the training loop what the strategy needs.
+    other entry is a logged term. Flags tell the training loop what the strategy needs. Before training, the
+    loop tells it the tokenizer's length (:meth:`use_logits`): logits beyond ``vocab`` are LM-head padding
+    (Qwen2.5's 151,936 or 152,064 rows for 151,665 tokens) and take part in no loss; :meth:`logits` slices them.
     """
 
     name: ClassVar[str] = ""
@@ -53,6 +55,18 @@ class Strategy:
 
     def __init__(self, params: StrategyParams | None = None, **kwargs: Any) -> None:
         self.params = params if params is not None else self.Params(**kwargs)
+        self.vocab: int | None = None  # the tokenizer's length (None: every column of the logits)
+        self.chunk: int | None = None  # positions per chunk of the fused KD pass (None: automatic, 0: one pass)
+
+    def use_logits(self, vocab: int | None, chunk: int | None = None) -> None:
+        """The run's shared vocabulary (the tokenizer's length) and the fused KD pass's chunk (positions)."""
+        self.vocab, self.chunk = vocab, chunk
+
+    def logits(self, out: Any) -> torch.Tensor:
+        """``out.logits`` without LM-head padding (a view)."""
+        from kdcode.strategies.losses import within
+
+        return within(out.logits, self.vocab)
 
     @property
     def needs_hidden_states(self) -> bool:
@@ -88,4 +102,4 @@ class Strategy:
         """The teacher's own objective when it trains alongside the student (in-training KD)."""
         from kdcode.strategies.losses import causal_ce
 
-        return causal_ce(teacher.logits, labels)
+        return causal_ce(self.logits(teacher), labels)

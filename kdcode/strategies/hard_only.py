@@ -18,5 +18,5 @@ class HardOnly(Strategy):
     needs_teacher = False
 
     def loss(self, student: Any, teacher: Any | None, labels: torch.Tensor, progress: float = 0.0):
-        hard = causal_ce(student.logits, labels)
+        hard = causal_ce(self.logits(student), labels)
         return {"loss": hard, "hard": hard}

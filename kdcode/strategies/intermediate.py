@@ -77,7 +77,7 @@ class IntermediateKD(Strategy):
     def loss(self, student: Any, teacher: Any | None, labels: torch.Tensor, progress: float = 0.0):
         p = self.params
         assert teacher is not None, "intermediate KD needs teacher outputs"
-        soft, hard = logit_terms(student.logits, teacher, labels, p.temperature_at(progress))
+        soft, hard = logit_terms(student.logits, teacher, labels, p.temperature_at(progress), self.vocab, self.chunk)
         terms = {"soft": soft, "hard": hard}
         total = p.alpha_ce * terms["soft"] + p.alpha_clm * terms["hard"]
         counted = labels != IGNORE  # every position's hidden state, as it is (no shift)

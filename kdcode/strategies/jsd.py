@@ -61,9 +61,10 @@ class JSDKD(Strategy):
     def loss(self, student: Any, teacher: Any | None, labels: torch.Tensor, progress: float = 0.0):
         p = self.params
         assert teacher is not None, "jsd needs teacher outputs"
+        s = self.logits(student)
         terms = {
-            "jsd": generalised_jsd(student.logits, teacher.logits.detach(), labels, p.beta, p.temperature_at(progress)),
-            "hard": causal_ce(student.logits, labels),
+            "jsd": generalised_jsd(s, self.logits(teacher).detach(), labels, p.beta, p.temperature_at(progress)),
+            "hard": causal_ce(s, labels),
         }
         terms["loss"] = p.alpha_kd * terms["jsd"] + p.alpha_clm * terms["hard"]
         return terms

@@ -17,6 +17,11 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
+def within(logits: torch.Tensor, vocab: int | None) -> torch.Tensor:
+    """The first ``vocab`` columns of ``logits`` (a view): the tokenizer's tokens, without LM-head padding."""
+    return logits if vocab is None or logits.size(-1) == vocab else logits[..., :vocab]
+
+
 def shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Align predictions with next tokens: (logits[:, :-1], labels[:, 1:], mask of counted positions)."""
     logits = logits[:, :-1]

@@ -44,7 +44,7 @@ class PretrainingKD(Strategy):
     def loss(self, student: Any, teacher: Any | None, labels: torch.Tensor, progress: float = 0.0):
         p = self.params
         assert teacher is not None, "pretraining KD needs teacher outputs"
-        soft, hard = logit_terms(student.logits, teacher, labels, p.temperature_at(progress))
+        soft, hard = logit_terms(student.logits, teacher, labels, p.temperature_at(progress), self.vocab, self.chunk)
         terms: dict[str, torch.Tensor] = {"soft": soft, "hard": hard}
         total = p.alpha_ce * terms["soft"] + p.alpha_clm * terms["hard"]
         if p.alpha_cos > 0:
@@ -57,11 +57,17 @@ class PretrainingKD(Strategy):
 
 
 def logit_terms(
-    s_logits: torch.Tensor, teacher: Any, labels: torch.Tensor, temperature: float
+    s_logits: torch.Tensor,
+    teacher: Any,
+    labels: torch.Tensor,
+    temperature: float,
+    vocab: int | None = None,
+    chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(soft KL, hard CE) in one fused pass: against a live teacher's logits or cached top-k soft targets."""
+    """(soft KL, hard CE) in one fused pass over the first ``vocab`` tokens: against a live teacher's logits or
+    cached top-k soft targets, ``chunk`` positions at a time (:mod:`kdcode.strategies.fused`)."""
     from kdcode.strategies.sparse import SparseTargets, sparse_kd_terms
 
     if isinstance(teacher, SparseTargets):
-        return sparse_kd_terms(s_logits, teacher, labels, temperature)
-    return dense_kd_terms(s_logits, teacher.logits, labels, temperature)
+        return sparse_kd_terms(s_logits, teacher, labels, temperature, vocab, chunk)
+    return dense_kd_terms(s_logits, teacher.logits, labels, temperature, vocab, chunk)

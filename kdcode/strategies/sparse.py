@@ -43,12 +43,18 @@ def sparse_kl(s_logits: torch.Tensor, targets: SparseTargets, labels: torch.Tens
 
 
 def sparse_kd_terms(
-    s_logits: torch.Tensor, targets: SparseTargets, labels: torch.Tensor, temperature: float
+    s_logits: torch.Tensor,
+    targets: SparseTargets,
+    labels: torch.Tensor,
+    temperature: float,
+    vocab: int | None = None,
+    chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sparse KL as in :func:`sparse_kl`, hard next-token CE), fused (:mod:`kdcode.strategies.fused`)."""
+    """(sparse KL as in :func:`sparse_kl`, hard next-token CE) over the first ``vocab`` tokens, fused and chunked
+    (:mod:`kdcode.strategies.fused`)."""
     if not math.isclose(temperature, targets.temperature, rel_tol=1e-6):
         raise KdcodeError(
             f"the teacher cache holds soft targets at T={targets.temperature}, the strategy asks for "
             f"T={temperature}; pass --temperature {targets.temperature} or rebuild the cache"
         )
-    return fused(s_logits, targets.topk_logits, targets.topk_ids, targets.lse, labels, temperature)
+    return fused(s_logits, targets.topk_logits, targets.topk_ids, targets.lse, labels, temperature, vocab, chunk)

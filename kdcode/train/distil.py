@@ -72,11 +72,13 @@ def run_distil(spec: RunSpec, overwrite: bool = False, resume: bool = False) -> 
     student, layer_map = init.build(
         teacher.model, spec.student.layers, spec.student.hidden_size, spec.student.heads, tokenizer=teacher.tokenizer
     )
+    check_vocab(student, teacher.tokenizer, "the student")
     check_round_trip(student, teacher.tokenizer)
+    _hold_teacher(spec, strategy, teacher.model)  # after the init: the student copies the weights as stored
     result = train_loop(student, strategy, blocks, valid_blocks, spec.train,
                         teacher=None if cache is not None else teacher.model,
                         description=f"distil {teacher.n_layer}->{spec.student.layers} layers",
-                        layer_map=layer_map, cache=cache, run=run)
+                        layer_map=layer_map, cache=cache, run=run, vocab=len(teacher.tokenizer))
     if not result.is_main:  # data-parallel workers: the main process writes the student
         return out, {}
     manifest = {
@@ -107,11 +109,36 @@ def _plugins(spec: RunSpec) -> tuple[Any, Any]:
     strategy, init = validate_plugins(spec)
     if spec.teacher_cache and not strategy.supports_cache:
         raise KdcodeError(f"strategy {spec.strategy.name!r} cannot train from a teacher cache; drop teacher_cache")
+    if spec.teacher.dtype not in ("auto", "fp32") and strategy.needs_teacher_grad:
+        raise KdcodeError(f"strategy {spec.strategy.name!r} trains the teacher, which keeps float32 weights; "
+                          f"drop teacher.dtype {spec.teacher.dtype}")
     return strategy, init
 
 
+def _hold_teacher(spec: RunSpec, strategy: Any, model: Any) -> None:
+    """The teacher in ``teacher.dtype``; one that trains alongside the student keeps float32 weights."""
+    from kdcode.inference.loader import torch_dtype
+
+    if strategy.needs_teacher_grad:
+        model.float()
+    elif spec.teacher.dtype != "auto":
+        model.to(torch_dtype(spec.teacher.dtype))
+
+
+def check_vocab(model: Any, tokenizer: Any, what: str) -> None:
+    """``model`` scores every token of ``tokenizer`` (its LM head may be padded beyond them, never shorter)."""
+    width = int(model.config.vocab_size)
+    if width < len(tokenizer):
+        raise KdcodeError(
+            f"{what} scores {width} tokens but the tokenizer has {len(tokenizer)}: they are not one tokenizer's "
+            "model; KD needs a teacher and student of one tokenizer"
+        )
+
+
 def _check_teacher(spec: RunSpec, strategy: Any, teacher: Any) -> None:
-    """What the loaded teacher must allow: the block size, training it (in-training KD), the step's memory."""
+    """What the loaded teacher must allow: its vocabulary, the block size, training it (in-training KD), the step's
+    memory."""
+    check_vocab(teacher.model, teacher.tokenizer, f"teacher {spec.teacher.name}")
     check_block_size(teacher.model, spec.train.block_size, "the teacher")
     if strategy.needs_teacher_grad:
         check_trainable(teacher.manifest, f"teacher {spec.teacher.name} (strategy {spec.strategy.name!r} trains it)")
@@ -183,6 +210,7 @@ def run_cache_teacher(
 
     check_output(out, overwrite, {"--teacher": resolve_path(teacher_name), "--data": data.source})
     teacher = load_model(teacher_name, allow_pickle=allow_pickle)
+    check_vocab(teacher.model, teacher.tokenizer, f"teacher {teacher_name}")
     check_block_size(teacher.model, block_size, "the teacher")
     transform, _ = fim.prepare(fim.effective(data.fim, teacher.manifest), teacher.tokenizer, teacher.model)
     corpus = load_corpus(data)
@@ -190,6 +218,7 @@ def run_cache_teacher(
     teacher.model.to(resolve_device("auto"))
     key = cache_key(teacher, corpus, data.format, block_size, transform)
     meta = {"teacher": teacher_name, **key, "data": corpus.summary()}
-    return build_cache(teacher.model, blocks, out, top_k, temperature, meta, batch_size, overwrite)
+    return build_cache(teacher.model, blocks, out, top_k, temperature, meta, batch_size, overwrite,
+                       vocab=len(teacher.tokenizer))
 
 

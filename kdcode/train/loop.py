@@ -30,7 +30,7 @@ from kdcode.evaluation.perplexity import held_out_loss
 from kdcode.spec import TrainSpec
 from kdcode.train.budget import Budget
 from kdcode.train.optim import lr_at, make_optimizer
-from kdcode.train.resources import launcher, pick_precision
+from kdcode.train.resources import launcher, pick_precision, recompute_activations
 from kdcode.train.runlog import RunLog
 from kdcode.train.state import Checkpointer, RunContext, TrainState
 from kdcode.train.step import Stepper
@@ -97,8 +97,10 @@ def train_loop(
     layer_map: list[int | None] | None = None,
     cache: Any = None,
     run: RunContext | None = None,
+    vocab: int | None = None,
 ) -> TrainResult:
-    """Train ``student`` with ``strategy`` on ``train_blocks`` (or the cached teacher targets of ``cache``).
+    """Train ``student`` with ``strategy`` on ``train_blocks`` (or the cached teacher targets of ``cache``); the
+    losses see the first ``vocab`` logits (the tokenizer's tokens; None: all).
 
     Data-parallel under ``accelerate launch`` / ``torchrun`` (each process takes its slice of every global
     batch of ``batch_size`` blocks); single process otherwise.
@@ -116,6 +118,8 @@ def train_loop(
     blocks = cache.input_ids if cache is not None else train_blocks
     budget = Budget.plan(cfg, len(blocks), world)
     student.to(device).train()
+    recompute_activations(student, cfg.activation_checkpointing)
+    strategy.use_logits(vocab, cfg.loss_chunk)
     extra = strategy.setup(student, source.model, layer_map) if source.model is not None else []
     trainable = torch.nn.ModuleList([student, *extra])
     step_fn = Stepper(accelerator, student, trainable, extra, strategy, source,
@@ -175,6 +179,7 @@ def train_loop(
     if has_valid:
         final["valid_loss"] = valid_loss()
         final["valid_ppl"] = math.exp(min(final["valid_loss"], 50))
+    recompute_activations(student, False)
     student.eval()
     return TrainResult(
         steps=state.step, tokens_seen=state.tokens, wall_time_s=round(wall, 2),

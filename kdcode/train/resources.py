@@ -34,6 +34,20 @@ def pick_precision(requested: str, device: Any) -> str:
     return requested
 
 
+def recompute_activations(model: Any, on: bool) -> None:
+    """Turn activation (gradient) checkpointing of ``model``'s blocks on or off; a family without it is one line."""
+    if not on:  # (transformers 5 renamed gradient checkpointing; its old names warn)
+        new = hasattr(type(model), "is_activation_checkpointing")
+        if getattr(model, "is_activation_checkpointing" if new else "is_gradient_checkpointing", False):
+            (model.activation_checkpointing_disable if new else model.gradient_checkpointing_disable)()
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise KdcodeError(f"{type(model).__name__} cannot recompute its activations (no gradient checkpointing in "
+                          "transformers for it); drop activation_checkpointing")
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+
+
 def launcher() -> str:
     """How this process was started: plain, ``torchrun`` or ``accelerate launch``."""
     if os.environ.get("ACCELERATE_MIXED_PRECISION") is not None or os.environ.get("ACCELERATE_USE_CPU"):

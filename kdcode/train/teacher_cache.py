@@ -30,8 +30,13 @@ def tokenizer_hash(tokenizer: Any) -> str:
 
 
 @torch.no_grad()
-def teacher_targets(teacher: Any, x: torch.Tensor, top_k: int, temperature: float) -> tuple[torch.Tensor, ...]:
-    logits = teacher(x).logits.float()
+def teacher_targets(
+    teacher: Any, x: torch.Tensor, top_k: int, temperature: float, vocab: int | None = None
+) -> tuple[torch.Tensor, ...]:
+    """Top-k logits, their ids and logsumexp(logits / T) over the first ``vocab`` tokens (LM-head padding left out)."""
+    from kdcode.strategies.losses import within
+
+    logits = within(teacher(x).logits, vocab).float()
     top = logits.topk(top_k, dim=-1)
     lse = torch.logsumexp(logits / temperature, dim=-1)
     return top.values, top.indices, lse
@@ -50,14 +55,16 @@ def build_cache(
     meta: dict[str, Any],
     batch_size: int = 8,
     overwrite: bool = False,
+    vocab: int | None = None,
 ) -> dict[str, Any]:
-    """Run the teacher over ``blocks`` and write the cache folder atomically."""
+    """Run the teacher over ``blocks`` and write the cache folder atomically; soft targets over the first ``vocab``
+    tokens (the tokenizer's; default: the teacher's whole LM head)."""
     from safetensors.torch import save_file
 
     from kdcode.artifacts import atomic_dir, write_json
     from kdcode.progress import make_progress
 
-    vocab = int(teacher.config.vocab_size)
+    vocab = int(vocab or teacher.config.vocab_size)
     if not 1 <= top_k <= vocab:
         raise KdcodeError(f"--top-k {top_k} must be between 1 and the vocabulary size {vocab}")
     device = next(teacher.parameters()).device
@@ -69,7 +76,7 @@ def build_cache(
             chunk = blocks[s0 : s0 + SHARD_BLOCKS]
             vals, ids, lses = [], [], []
             for b0 in range(0, len(chunk), batch_size):
-                v, i, lse = teacher_targets(teacher, chunk[b0 : b0 + batch_size].to(device), top_k, temperature)
+                v, i, lse = teacher_targets(teacher, chunk[b0 : b0 + batch_size].to(device), top_k, temperature, vocab)
                 vals.append(v.to(torch.float16).cpu())
                 ids.append(i.to(id_dtype(vocab)).cpu())
                 lses.append(lse.cpu())

@@ -35,15 +35,16 @@ class TopKKL(Strategy):
 
     def loss(self, student: Any, teacher: Any | None, labels: torch.Tensor, progress: float = 0.0):
         p = self.params
-        s, _, mask = shift(student.logits, labels)
-        t = teacher.logits[:, :-1].detach().float()
+        logits = self.logits(student)  # the tokenizer's columns: LM-head padding left out
+        s, _, mask = shift(logits, labels)
+        t = self.logits(teacher)[:, :-1].detach().float()
         top = t.topk(min(p.k, t.size(-1)), dim=-1)
         log_p = torch.log_softmax(top.values / p.temperature, dim=-1)
         log_q = torch.log_softmax(s.float().gather(-1, top.indices) / p.temperature, dim=-1)
         kl = (log_p.exp() * (log_p - log_q)).sum(-1)
         terms = {
             "topk_kl": masked_mean(kl, mask) * p.temperature**2,
-            "hard": causal_ce(student.logits, labels),
+            "hard": causal_ce(logits, labels),
         }
         terms["loss"] = p.alpha_kd * terms["topk_kl"] + p.alpha_clm * terms["hard"]
         return terms
