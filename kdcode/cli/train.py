@@ -41,12 +41,8 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the interrup
 def distil(
     spec: Annotated[Path | None, typer.Option("--spec", help="Run spec (YAML/JSON); flags override it.")] = None,
     teacher: TeacherOpt = None,
-    teacher_revision: Annotated[
-        str | None, typer.Option(help="Hub revision (commit, branch or tag) of a hub teacher.")
-    ] = None,
-    teacher_dtype: Annotated[
-        str | None, typer.Option(help="Hold the frozen teacher in fp32, bf16 or fp16 (default: as stored).")
-    ] = None,
+    teacher_revision: Annotated[str | None, typer.Option(help="Hub revision (commit, branch, tag).")] = None,
+    teacher_dtype: Annotated[str | None, typer.Option(help="Teacher held in fp32, bf16 or fp16.")] = None,
     layers: Annotated[int | None, typer.Option(help="Student depth (transformer blocks).")] = None,
     strategy: StrategyOpt = None,
     init: InitOpt = None,
@@ -67,9 +63,7 @@ def distil(
     fim_mode: FimModeOpt = None,
     fim_format: FimFormatOpt = None,
     grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimiser step.")] = None,
-    loss_chunk: Annotated[
-        int | None, typer.Option(help="Positions per chunk of the KD loss (default: ~32 MB chunks; 0: one pass).")
-    ] = None,
+    loss_chunk: Annotated[int | None, typer.Option(help="Positions per KD-loss chunk (0: one pass).")] = None,
     activation_checkpointing: Annotated[bool, typer.Option(
         "--activation-checkpointing", help="Recompute the student's activations in the backward (less memory).")
     ] = False,
@@ -83,9 +77,7 @@ def distil(
     trust_remote_code: TrustRemoteCodeOpt = False,
     allow_pickle: AllowPickleOpt = False,
     print_spec: Annotated[bool, typer.Option("--print-spec", help="Print the resolved spec as YAML and exit.")] = False,
-    validate: Annotated[
-        bool, typer.Option("--validate", help="Check the spec and plugin params, load nothing.")
-    ] = False,
+    validate: Annotated[bool, typer.Option("--validate", help="Check the spec and plugins only.")] = False,
 ) -> None:
     """Distil a teacher into a smaller student (default: the bundled teacher into 6 layers on the stdlib).
 
