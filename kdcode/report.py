@@ -25,6 +25,9 @@ COLUMNS = [
 ]
 # shown when a record has an infill eval (a sweep with `infill: true` / --task infill)
 INFILL_COLUMN = ("Infill ES", "infill", "es", 2)
+# shown when a sweep measures its students as the teacher's speculative drafts (`draft_tokens: k`)
+ACCEPTANCE_COLUMNS = [("Accepted/pass", "acceptance", "accepted_per_pass", 2),
+                      ("Acceptance", "acceptance", "acceptance_rate", 2)]
 MD = "results.md"
 PNG = "pareto.png"
 NO_MATPLOTLIB = "matplotlib is not installed, so pareto.png was not drawn: pip install 'kdcode[plots]'"
@@ -84,7 +87,8 @@ def _fmt(v: float | None, decimals: int | None = None) -> str:
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, str, int | None]]:
-    return COLUMNS + ([INFILL_COLUMN] if any(r.get("infill") for r in rows) else [])
+    return (COLUMNS + ([INFILL_COLUMN] if any(r.get("infill") for r in rows) else [])
+            + (ACCEPTANCE_COLUMNS if any(r.get("acceptance") for r in rows) else []))
 
 
 def table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
@@ -143,6 +147,14 @@ def markdown(records: list[dict[str, Any]]) -> str:
                 f"Infill ES: {infill[0]['infill'].get('samples')} single-line holes of the same files (prefix and "
                 "suffix around one removed line, `kdcode eval --task infill`); prefix-only ES of the same holes: "
                 + ", ".join(f"{r['name']} {r['infill'].get('prefix_only', {}).get('es')}" for r in infill) + "."
+            )
+        drafts = [r for r in ok if r.get("acceptance")]
+        if drafts:
+            a = drafts[0]["acceptance"]
+            lines.append(
+                f"Accepted/pass, Acceptance: each student drafting for its teacher (greedy, k={a.get('draft_tokens')} "
+                f"draft tokens per teacher pass, `kdcode eval --draft-for`) on {a.get('samples')} of the same held-out "
+                "lines: draft tokens accepted per teacher pass, and the share of draft tokens accepted."
             )
     failed = [r for r in latest(records) if r.get("status") != "ok"]
     if failed:

@@ -443,6 +443,10 @@ class SweepSpec(_Spec):
     teacher_cache: bool = Field(True, description="frozen-teacher points share one teacher-logit cache")
     teacher_cache_top_k: int = Field(64, ge=1, description="teacher logits kept per position in that cache")
     infill: bool = Field(False, description="also score single-line infilling (kdcode eval --task infill)")
+    draft_tokens: int | None = Field(
+        None, ge=1, le=16, description="also measure each student as its teacher's speculative draft with this k "
+        "(kdcode eval --draft-for): acceptance columns"
+    )
     out: str = "sweep"
 
     @model_validator(mode="after")

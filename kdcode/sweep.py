@@ -19,6 +19,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,7 @@ class Point:
     bench: BenchSpec
     cache_group: int | None = None  # index into Plan.caches when the point trains from the shared cache
     infill: EvalSpec | None = None  # the infilling eval, when the sweep asks for it
+    draft_tokens: int | None = None  # k of the acceptance measurement (as the teacher's draft), when asked
 
 
 @dataclass
@@ -189,7 +191,7 @@ def plan_sweep(spec: SweepSpec, where: str = "sweep spec") -> Plan:
         ev = build_spec(EvalSpec, _section(sections["eval"], run), f"{where} (eval, point {name})")
         be = build_spec(BenchSpec, _section(sections["bench"], run), f"{where} (bench, point {name})")
         infill = ev.model_copy(update={"task": "infill", "ppl_blocks": 0}) if spec.infill else None
-        points.append(Point(name, overrides, run, ev, be, infill=infill))
+        points.append(Point(name, overrides, run, ev, be, infill=infill, draft_tokens=spec.draft_tokens))
 
     # Plugin params, and points that start from a later point's student (they would find no folder).
     order = {p.name: i for i, p in enumerate(points)}
@@ -259,20 +261,35 @@ def _plan_caches(points: list[Point], strategies: dict[str, Any], out: Path, cac
         p.run = p.run.model_copy(update={"teacher_cache": str(group.folder)})
 
 
-def _identity(run: RunSpec | None, ev: EvalSpec, be: BenchSpec, infill: EvalSpec | None = None) -> str:
-    """What a record must match to count as done on --resume: the same run, eval, bench and infill specs."""
-    dumps = [x.model_dump(mode="json") if x is not None else None for x in (run, ev, be, infill)]
-    return json.dumps(dumps, sort_keys=True)
+def _identity(m: Point | Baseline) -> str:
+    """What a record must match to count as done on --resume: the same run, eval, bench and infill specs (and the
+    same draft k, when acceptance is measured)."""
+    run = m.run if isinstance(m, Point) else None
+    dumps = [x.model_dump(mode="json") if x is not None else None for x in (run, m.eval, m.bench, m.infill)]
+    k = getattr(m, "draft_tokens", None)
+    return json.dumps(dumps + ([k] if k else []), sort_keys=True)
 
 
 def _record_identity(record: dict[str, Any]) -> str:
     keys = ("spec", "eval_spec", "bench_spec", "infill_spec")
-    return json.dumps([record.get(k) for k in keys], sort_keys=True)
+    k = record.get("draft_tokens")
+    return json.dumps([record.get(k) for k in keys] + ([k] if k else []), sort_keys=True)
+
+
+def _acceptance(model: str, spec: EvalSpec, teacher: str, k: int, **_load: Any) -> dict[str, Any]:
+    """The student as its teacher's speculative draft on the eval's held-out lines (greedy, k draft tokens)."""
+    from kdcode.evaluation.acceptance import run_acceptance
+
+    result = run_acceptance(model, teacher, spec.model_copy(update={"lines": None}), k)
+    return {key: v for key, v in result.items() if key != "runtime"}
 
 
 def _measure(record: dict[str, Any], model: str, m: Point | Baseline, load: dict[str, Any]) -> None:
     """Eval, infill (when asked) and bench of ``model``: each stage's figures and wall time into ``record``."""
     stages = (("eval", run_eval, m.eval), ("infill", run_eval, m.infill), ("bench", run_bench, m.bench))
+    k = getattr(m, "draft_tokens", None)
+    if k:
+        stages += (("acceptance", partial(_acceptance, teacher=m.run.teacher.name, k=k), m.eval),)
     for stage, fn, spec in stages:
         if spec is None:
             continue
@@ -318,7 +335,9 @@ def _new_record(m: Point | Baseline, kind: str, baseline: str, spec: Any, folder
         "overrides": getattr(m, "overrides", {}), "spec": spec, "teacher": m.run.teacher.name, "baseline": baseline,
         "folder": folder, "eval_spec": m.eval.model_dump(mode="json"), "bench_spec": m.bench.model_dump(mode="json"),
         "infill_spec": m.infill.model_dump(mode="json") if m.infill else None,
-        "eval": None, "infill": None, "bench": None, "wall_s": {}, "started_at": _now(), "kdcode": __version__,
+        "draft_tokens": getattr(m, "draft_tokens", None),
+        "eval": None, "infill": None, "bench": None, "acceptance": None, "wall_s": {}, "started_at": _now(),
+        "kdcode": __version__,
     }
 
 
@@ -430,7 +449,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, where: str = "sweep spec", 
 
     written: list[dict[str, Any]] = []
     for b in plan.baselines:
-        if done(b.name, _identity(None, b.eval, b.bench, b.infill)):
+        if done(b.name, _identity(b)):
             log(f"{b.name}: done before, skipped")
             continue
         log(f"{b.name} ({b.run.teacher.name}): eval -> {'infill -> ' if b.infill else ''}bench")
@@ -442,7 +461,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, where: str = "sweep spec", 
     cache_notes: dict[int, Any] = {}
     total = len(plan.points)
     for i, point in enumerate(plan.points, 1):
-        if done(point.name, _identity(point.run, point.eval, point.bench, point.infill)):
+        if done(point.name, _identity(point)):
             log(f"[{i}/{total}] {point.name}: done before, skipped")
             continue
         if point.cache_group is not None and point.cache_group not in cache_notes:
@@ -453,7 +472,8 @@ def run_sweep(spec: SweepSpec, resume: bool = False, where: str = "sweep spec", 
             )
         note = cache_notes.get(point.cache_group) if point.cache_group is not None else None
         baseline = next(b.name for b in plan.baselines if b.run.teacher == point.run.teacher)
-        log(f"[{i}/{total}] {point.name}: distil -> eval -> {'infill -> ' if point.infill else ''}bench")
+        log(f"[{i}/{total}] {point.name}: distil -> eval -> {'infill -> ' if point.infill else ''}bench"
+            f"{' -> acceptance' if point.draft_tokens else ''}")
         record = _run_point(point, baseline, out, resume, note)
         if note and note.get("build_s") is not None:
             cache_notes[point.cache_group] = {**note, "build_s": None}  # the build is counted once
@@ -468,6 +488,8 @@ def _summary(record: dict[str, Any]) -> str:
         return f"  {record['name']} failed at {record['stage']}: {record['error']}"
     ev, be = record["eval"], record["bench"]
     infill = f", infill ES {record['infill'].get('es')}" if record.get("infill") else ""
+    if record.get("acceptance"):
+        infill += f", {record['acceptance'].get('accepted_per_pass')} accepted per teacher pass"
     return (
         f"  {record['name']}: ES {ev.get('es')}, EM {ev.get('em')}{infill}, {be.get('params_m')}M params, "
         f"{be.get('size_mb')} MB, {be.get('samples_per_s')} samples/s ({record['wall_s']['total']:.0f} s)"

@@ -168,6 +168,19 @@ def test_report_rebuilds_table_and_plot_and_copes_without_matplotlib(tmp_path, m
     assert "matplotlib is not installed" in r.output
 
 
+def test_report_shows_acceptance_columns_when_students_were_measured_as_drafts():
+    from kdcode.report import table
+
+    teacher = _fake("teacher", "teacher", 124.0, 510.0, 26.0, 39.1, 14.5)
+    student = _fake("4L", "student", 68.0, 280.0, 43.0, 27.6, 5.9)
+    student["acceptance"] = {"accepted_per_pass": 2.345, "acceptance_rate": 0.586, "draft_tokens": 4, "samples": 4}
+    headers, rows = table([teacher, student])
+    assert headers[-4:] == ["Accepted/pass", "Accepted/pass ratio", "Acceptance", "Acceptance ratio"]
+    assert rows[0][-4:] == ["–", "–", "–", "–"]  # the teacher drafts for nobody
+    assert rows[1][-4:] == ["2.35", "–", "0.59", "–"]
+    assert "Accepted/pass" not in table([teacher, _fake("4L", "student", 68.0, 280.0, 43.0, 27.6, 5.9)])[0]
+
+
 # -------------------------------------------------------------------------------------- end to end
 @pytest.mark.slow
 def test_sweep_end_to_end_resumes_after_a_failure(tmp_path, teacher_dir, corpus_dir, monkeypatch):
@@ -280,6 +293,33 @@ def test_sweep_task_infill_adds_an_infill_es_column(tmp_path, fim_teacher_dir, c
     assert "Infill ES" in (out / "results.md").read_text()
     r = run(*args, "--resume")
     assert r.exit_code == 0 and "done before, skipped" in r.output and len(records(out)) == 2
+
+
+@pytest.mark.slow
+def test_sweep_draft_tokens_measures_each_student_as_the_teachers_draft(tmp_path, teacher_dir, corpus_dir,
+                                                                        monkeypatch):
+    import kdcode.sweep
+
+    real_bench = kdcode.sweep.run_bench
+    monkeypatch.setattr(kdcode.sweep, "run_bench", lambda *a, **k: real_bench(*a, isolate=False, **k))
+    out = tmp_path / "sweep"
+    args = ["sweep", "--teacher", teacher_dir, "--data", corpus_dir, "--layers", "1", "--max-steps", "1",
+            "--batch-size", "2", "--block-size", "64", "--precision", "fp32", "--samples", "3", "--prompts", "1",
+            "--new-tokens", "3", "--threads", "1", "--draft-tokens", "2", "--out", out]
+    r = run(*args)
+    assert r.exit_code == 0, r.output
+    teacher, student = records(out)
+    assert teacher["acceptance"] is None and "acceptance" not in teacher["wall_s"]
+    acc = student["acceptance"]
+    assert acc["draft_tokens"] == 2 and acc["samples"] == 3 and acc["teacher"] == str(teacher_dir)
+    assert acc["identical_to_teacher_greedy"] is True and 0 <= acc["acceptance_rate"] <= 1
+    assert student["draft_tokens"] == 2 and "acceptance" in student["wall_s"]
+    table = md_rows(out)
+    assert table["1L"][-4] == f"{acc['accepted_per_pass']:.2f}"
+    assert "k=2 draft tokens" in (out / "results.md").read_text()
+    assert "1L: done before, skipped" in run(*args, "--resume").output
+    again = run(*args[:-4], "--draft-tokens", "3", "--out", out, "--resume").output  # another k: measured again
+    assert "1L: done before, skipped" not in again and "bench -> acceptance" in again
 
 
 def test_sweep_wiring_interrupt_stops_and_resume_continues_checkpoints(tmp_path, monkeypatch):

@@ -72,6 +72,8 @@ def sweep(
     task: Annotated[
         str, typer.Option(help="line, or infill: also single-line infilling of the same lines (an Infill ES column).")
     ] = "line",
+    draft_tokens: Annotated[int | None, typer.Option(
+        help="Also measure each student as the teacher's speculative draft with k draft tokens (acceptance).")] = None,
     prompts: Annotated[int | None, typer.Option(help="Timed completions per model (bench).")] = None,
     new_tokens: Annotated[int | None, typer.Option(help="Longest eval completion and bench tokens per prompt.")] = None,
     threads: ThreadsOpt = None,
@@ -103,6 +105,8 @@ def sweep(
         fail(f"--task {task!r}: use line or infill")
     if task == "infill":
         sweep_spec.infill = True
+    if draft_tokens is not None:
+        sweep_spec.draft_tokens = draft_tokens
     if validate:
         plan = plan_sweep(sweep_spec, where)
         cached = sum(len(c.points) for c in plan.caches)
