@@ -100,6 +100,22 @@ def test_padded_teacher_and_student_of_other_size_distil_live_and_cached(tmp_pat
     assert manifest["teacher_cache"]["top_k"] == 8
 
 
+def test_tvd_and_jsd_leave_the_padding_out():
+    from kdcode.plugins import make_strategy
+
+    torch.manual_seed(0)
+    labels = torch.randint(0, 10, (2, 6))
+    s, t = torch.randn(2, 6, 10), torch.randn(2, 6, 10)
+    pad_s = torch.cat([s, torch.full((2, 6, 6), 9.0)], -1)  # padding rows that would dominate any softmax
+    pad_t = torch.cat([t, torch.full((2, 6, 3), 9.0)], -1)
+    for name in ("tvd", "jsd"):
+        strategy = make_strategy(name, {})
+        strategy.use_logits(10)
+        want = strategy.loss(SimpleNamespace(logits=s), SimpleNamespace(logits=t), labels)
+        got = strategy.loss(SimpleNamespace(logits=pad_s), SimpleNamespace(logits=pad_t), labels)
+        assert torch.allclose(got["loss"], want["loss"]), name
+
+
 def test_decoding_never_picks_a_padding_row(padded, tokenizer):
     model = AutoModelForCausalLM.from_pretrained(padded.start)
     x = torch.tensor([tokenizer("def f(x):\n    return x")["input_ids"]])

@@ -57,10 +57,11 @@ class TVDKD(Strategy):
         p = self.params
         assert teacher is not None, "tvd needs teacher outputs"
         temperature = p.temperature_at(progress)
+        s = self.logits(student)  # the tokenizer's tokens: LM-head padding is no token either model can draft
         if isinstance(teacher, SparseTargets):
-            tvd = tvd_sparse(student.logits, teacher, labels, temperature)
+            tvd = tvd_sparse(s, teacher, labels, temperature)
         else:
-            tvd = tvd_dense(student.logits, teacher.logits.detach(), labels, temperature)
-        terms = {"tvd": tvd, "hard": causal_ce(student.logits, labels)}
+            tvd = tvd_dense(s, self.logits(teacher).detach(), labels, temperature)
+        terms = {"tvd": tvd, "hard": causal_ce(s, labels)}
         terms["loss"] = p.alpha_tvd * terms["tvd"] + p.alpha_clm * terms["hard"]
         return terms
