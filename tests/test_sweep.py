@@ -270,16 +270,21 @@ def test_sweep_end_to_end_resumes_after_a_failure(tmp_path, teacher_dir, corpus_
     assert matplotlib.image.imread(out / "pareto.png").ndim == 3
 
 
-@pytest.mark.slow
-def test_sweep_task_infill_adds_an_infill_es_column(tmp_path, fim_teacher_dir, corpus_dir, monkeypatch):
+def _one_layer_sweep(monkeypatch, teacher, corpus, samples: str, new_tokens: str, *extra: object) -> list:
+    """The arguments of a one-point sweep (1 layer, 1 step), its bench in this process."""
     import kdcode.sweep
 
     real_bench = kdcode.sweep.run_bench
     monkeypatch.setattr(kdcode.sweep, "run_bench", lambda *a, **k: real_bench(*a, isolate=False, **k))
+    return ["sweep", "--teacher", teacher, "--data", corpus, "--layers", "1", "--max-steps", "1", "--batch-size", "2",
+            "--block-size", "64", "--precision", "fp32", "--samples", samples, "--prompts", "1", "--new-tokens",
+            new_tokens, "--threads", "1", *extra]
+
+
+@pytest.mark.slow
+def test_sweep_task_infill_adds_an_infill_es_column(tmp_path, fim_teacher_dir, corpus_dir, monkeypatch):
     out = tmp_path / "sweep"
-    args = ["sweep", "--teacher", fim_teacher_dir, "--data", corpus_dir, "--layers", "1", "--max-steps", "1",
-            "--batch-size", "2", "--block-size", "64", "--precision", "fp32", "--samples", "4", "--prompts", "1",
-            "--new-tokens", "2", "--threads", "1", "--task", "infill", "--out", out]
+    args = _one_layer_sweep(monkeypatch, fim_teacher_dir, corpus_dir, "4", "2", "--task", "infill", "--out", out)
     r = run(*args)
     assert r.exit_code == 0, r.output
     got = records(out)
@@ -298,14 +303,8 @@ def test_sweep_task_infill_adds_an_infill_es_column(tmp_path, fim_teacher_dir, c
 @pytest.mark.slow
 def test_sweep_draft_tokens_measures_each_student_as_the_teachers_draft(tmp_path, teacher_dir, corpus_dir,
                                                                         monkeypatch):
-    import kdcode.sweep
-
-    real_bench = kdcode.sweep.run_bench
-    monkeypatch.setattr(kdcode.sweep, "run_bench", lambda *a, **k: real_bench(*a, isolate=False, **k))
     out = tmp_path / "sweep"
-    args = ["sweep", "--teacher", teacher_dir, "--data", corpus_dir, "--layers", "1", "--max-steps", "1",
-            "--batch-size", "2", "--block-size", "64", "--precision", "fp32", "--samples", "3", "--prompts", "1",
-            "--new-tokens", "3", "--threads", "1", "--draft-tokens", "2", "--out", out]
+    args = _one_layer_sweep(monkeypatch, teacher_dir, corpus_dir, "3", "3", "--draft-tokens", "2", "--out", out)
     r = run(*args)
     assert r.exit_code == 0, r.output
     teacher, student = records(out)
