@@ -145,3 +145,13 @@ def test_family_distils_reloads_and_runs_every_command(family, tmp_path, tokeniz
     cli("compress", student, "--int8", "--out", tmp_path / "q8")
     out = cli("complete", tmp_path / "q8", "--file", tmp_path / "sample.py", "--line", 3, "--max-tokens", 3, "--json")
     assert json.loads(out)["runtime"]["dtype"].startswith("int8")
+
+
+def test_blocks_of_any_layout_are_the_one_list_as_long_as_the_model_is_deep():
+    config = transformers.BioGptConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                       intermediate_size=64, max_position_embeddings=64)
+    model = transformers.BioGptForCausalLM(config)
+    assert block_path(model) == "biogpt.layers"  # none of the named layouts: found by its depth
+    model.extra = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(3)])  # two candidates: ambiguous
+    with pytest.raises(Exception, match="cannot find the transformer blocks of BioGptForCausalLM"):
+        block_path(model)

@@ -35,6 +35,11 @@ def block_path(model: torch.nn.Module) -> str:
             obj = getattr(obj, part, None)
         if isinstance(obj, torch.nn.ModuleList):
             return path
+    # Any other layout (biogpt.layers, bert.encoder.layer, ...): the one ModuleList as long as the model is deep.
+    depth = getattr(model.config, "num_hidden_layers", None)
+    found = [name for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == depth]
+    if len(found) == 1:
+        return found[0]
     raise KdcodeError(
         f"cannot find the transformer blocks of {type(model).__name__} (looked for {', '.join(BLOCK_PATHS)}); "
         "this architecture is not supported for layer-copy inits yet, use --init random"
