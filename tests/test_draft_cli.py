@@ -78,3 +78,22 @@ def test_a_draft_of_another_vocabulary_is_one_line(teacher_dir, tmp_path, corpus
     other = save_model(tmp_path / "other", make_gpt2(other_tok, n_layer=1), other_tok, {"kind": "student"})
     r = run("complete", teacher_dir, "--draft", other, input="x = ")
     assert r.exit_code == 2 and "use different tokenizers" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.slow
+def test_serve_with_a_draft_answers_the_teachers_own_completion(teacher_dir, draft_dir):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from kdcode.inference.engine import load_engine
+    from kdcode.inference.server import create_app
+
+    body = {"model": "any", "prompt": SOURCE[:60], "max_tokens": 12, "temperature": 0, "stop": []}
+    answers = []
+    for draft in (None, str(draft_dir)):
+        engine = load_engine(str(teacher_dir), device="cpu", draft=draft, draft_tokens=3)
+        with TestClient(create_app(str(teacher_dir), engine=engine)) as client:
+            r = client.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            answers.append(r.json()["choices"][0]["text"])
+    assert answers[0] == answers[1] and answers[0]
