@@ -74,7 +74,7 @@ def test_eval_infill_on_a_tiny_model(tmp_path, fim_teacher_dir, corpus_dir, teac
     preds = tmp_path / "preds.txt"
     a = run_eval(str(fim_teacher_dir), spec, predictions=preds)
     assert a["task"] == "infill" and a["samples"] == 12 and a["fim"]["format"] == "starcoder"
-    assert a["window"]["context_tokens"] == 128 - 6 and a["decoding"]["heal"] is False
+    assert a["window"]["context_tokens"] == 128 - 6 and a["decoding"]["heal"] is True
     assert len(preds.read_text(encoding="utf-8").splitlines()) == 12
     # the prefix-only figures are line completion of the same holes
     line = run_eval(str(fim_teacher_dir), spec.model_copy(update={"task": "line", "ppl_blocks": 0}))
@@ -100,12 +100,21 @@ def test_eval_infill_refusals_are_one_line(teacher_dir, corpus_dir):
     assert r.exit_code == 2 and "raw code" in r.output
 
 
+def test_an_infill_prompt_heals_the_prefixs_last_token(engine):
+    prefix, suffix = "def f(x):\n", "\n    return y\n"
+    plain, _ = encode_infill(engine.index, engine.fim, prefix, suffix, 64)
+    healed, _ = encode_infill(engine.index, engine.fim, prefix, suffix, 64, heal=True)
+    last = plain.ids[plain.ids.index(engine.fim.suffix_id) - 1]  # the prefix's last token: the bare newline
+    assert plain.healed == "" and healed.healed == engine.index.decode([last]) == "\n"
+    assert healed.ids == tuple(i for n, i in enumerate(plain.ids) if n != plain.ids.index(engine.fim.suffix_id) - 1)
+
+
 def test_engine_infills_between_prefix_and_suffix(engine):
     prefix, suffix = prefix_at(SOURCE, 5), suffix_at(SOURCE, 5)
     assert prefix + suffix == SOURCE and suffix.startswith("path =")
     got = engine.complete(prefix, 8, suffix=suffix)
-    prompt, window = encode_infill(engine.index, engine.fim, prefix, suffix, engine.n_positions - 8)
-    want = greedy(engine.model, engine.index, [prompt], DecodeOptions(8, heal=False))
+    prompt, window = encode_infill(engine.index, engine.fim, prefix, suffix, engine.n_positions - 8, heal=True)
+    want = greedy(engine.model, engine.index, [prompt], DecodeOptions(8, heal=False, heal_space=True))  # as served
     assert got.choices[0].text == want.texts[0] and "\n" not in got.choices[0].text
     assert got.prompt_tokens == len(prompt.ids) and got.truncated is window.cut is False
     beams = engine.complete(prefix, 6, suffix=suffix, n=2, beams=3)

@@ -72,8 +72,8 @@ def run_infill(name: str, lm: Any, spec: EvalSpec, docs: list[Document], data_su
     opts = DecodeOptions(max_new_tokens=spec.max_new_tokens, context_tokens=spec.context_tokens, heal=False)
     context = opts.context_for(n_positions(lm.model))
     index = VocabIndex.for_model(lm.model, lm.tokenizer)
-    encoded = [encode_infill(index, tokens, s.prefix, s.suffix, context) for s in samples]
     heal = spec.heal if spec.heal is not None else True
+    encoded = [encode_infill(index, tokens, s.prefix, s.suffix, context, heal) for s in samples]
     start = time.perf_counter()
     with make_progress() as progress:
         gen = _decode(lm, index, [p for p, _ in encoded], opts, spec, progress, f"infill {name}")
@@ -104,7 +104,7 @@ def run_infill(name: str, lm: Any, spec: EvalSpec, docs: list[Document], data_su
             "suffix_cut": sum(w.cut_suffix for w in windows),
         },
         "decoding": {"beams": spec.beams, "max_new_tokens": spec.max_new_tokens, "context_tokens": context,
-                     "heal": False, "prefix_only_heal": heal, "format": "raw"},
+                     "heal": heal, "prefix_only_heal": heal, "format": "raw"},
         "seconds": round(infill_s, 2),
         "samples_per_s": round(len(samples) / infill_s, 2),
         "data": data_summary,

@@ -200,7 +200,7 @@ class Engine:
         opts = DecodeOptions(
             max_new_tokens=max_tokens,
             context_tokens=self.n_positions - max_tokens,
-            # py150 text is whitespace-separated tokens: not healed, as in eval; FIM parts are tokenized apart
+            # py150 text is whitespace-separated tokens: not healed, as in eval; an infill prompt heals its prefix
             heal="<EOL>" not in prompt and suffix is None,
             heal_space=True,
             stop_strings=tuple(stop),
@@ -210,7 +210,8 @@ class Engine:
         context = opts.context_for(n_positions(self.model))
         truncated = False
         if suffix is not None:
-            encoded, window = encode_infill(self.index, self.fim, prompt, suffix, context)  # type: ignore[arg-type]
+            encoded, window = encode_infill(self.index, self.fim, prompt, suffix, context,  # type: ignore[arg-type]
+                                            heal="<EOL>" not in prompt)
             prompt_tokens, truncated = len(encoded.ids), window.cut
         else:
             encoded = encode_prompt(self.index, prompt, opts, context)

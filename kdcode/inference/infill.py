@@ -61,9 +61,13 @@ def head_ids(index: VocabIndex, text: str, keep: int) -> tuple[list[int], bool]:
 
 
 def encode_infill(
-    index: VocabIndex, tokens: FimTokens, prefix: str, suffix: str, context: int
+    index: VocabIndex, tokens: FimTokens, prefix: str, suffix: str, context: int, heal: bool = False
 ) -> tuple[Prompt, Window]:
-    """``<pre> prefix <suf> suffix <mid>`` in token ids, at most ``context`` of them (see the module docstring)."""
+    """``<pre> prefix <suf> suffix <mid>`` in token ids, at most ``context`` of them (see the module docstring).
+
+    ``heal``: the prefix's last token is left out and the middle must start with its text (token healing, as line
+    completion does): a prefix that ends at a line start ends with a bare newline token, which BPEs that merge a
+    newline with the next line's indentation rarely put before code."""
     room = context - 3
     if room < 2:
         raise ValueError(f"a context of {context} tokens leaves no room for an infilling prompt")
@@ -71,6 +75,10 @@ def encode_infill(
     suf, cut_suffix = head_ids(index, suffix, room)
     suffix_take = min(len(suf), max(room // SUFFIX_SHARE, room - len(pre)))
     prefix_take = min(len(pre), room - suffix_take)
-    ids = (tokens.prefix_id, *pre[len(pre) - prefix_take :], tokens.suffix_id, *suf[:suffix_take], tokens.middle_id)
+    kept = pre[len(pre) - prefix_take :]
+    healed = ""
+    if heal and len(kept) > 1 and kept[-1] not in index.special_ids:
+        healed, kept = index.decode(kept[-1:]), kept[:-1]
+    ids = (tokens.prefix_id, *kept, tokens.suffix_id, *suf[:suffix_take], tokens.middle_id)
     cut_prefix = cut_prefix or prefix_take < len(pre)
-    return Prompt(ids), Window(prefix_take, suffix_take, cut_prefix, cut_suffix or suffix_take < len(suf))
+    return Prompt(ids, healed), Window(prefix_take, suffix_take, cut_prefix, cut_suffix or suffix_take < len(suf))
