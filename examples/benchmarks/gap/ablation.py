@@ -61,6 +61,7 @@ ROWS: dict[str, tuple[dict[str, Any], str]] = {
     "first": ({"student": {"init": "first"}}, "init: first six blocks"),
     "default-seed1": ({"train": {"seed": 1}}, "default, seed 1"),
     "hard-only-seed1": ({"strategy": {"name": "hard-only"}, "train": {"seed": 1}}, "hard-only, seed 1"),
+    "lr-1e-3-seed1": ({"train": {"lr": 1e-3, "seed": 1}}, "peak lr 1e-3, seed 1"),
 }
 
 
