@@ -42,6 +42,7 @@ from kdcode.spec import (
 )
 from kdcode.train.distil import run_cache_teacher, run_distil
 from kdcode.train.loop import Interrupted
+from kdcode.train.teacher_cache import blocks_for_run
 
 RESULTS = "results.jsonl"
 CACHE_DIR = "teacher_cache"
@@ -87,6 +88,7 @@ class CacheGroup:
     block_size: int
     temperature: float
     points: list[str] = field(default_factory=list)
+    reads: list[int | None] = field(default_factory=list)  # blocks each point reads (None: the whole split)
 
 
 @dataclass
@@ -257,6 +259,7 @@ def _plan_caches(points: list[Point], strategies: dict[str, Any], out: Path, cac
             caches.append(groups[key])
         group = groups[key]
         group.points.append(p.name)
+        group.reads.append(blocks_for_run(run.train))
         p.cache_group = caches.index(group)
         p.run = p.run.model_copy(update={"teacher_cache": str(group.folder)})
 
@@ -414,6 +417,7 @@ def _ensure_cache(group: CacheGroup, top_k: int, batch_size: int, log: Log) -> d
             batch_size=batch_size,
             overwrite=True,
             allow_pickle=group.allow_pickle,
+            max_blocks=None if None in group.reads else max(r or 0 for r in group.reads),  # the longest point's
         )
     except Exception as exc:  # every point of the group fails with this error; the others go on
         return {**note, "error": _error(exc)}

@@ -334,3 +334,74 @@ def test_plugin_collision_names_both_packages(monkeypatch):
     monkeypatch.delenv("KDCODE_DISABLE_PLUGINS", raising=False)
     with pytest.raises(KdcodeError, match="by kdcode and by package 'evil-kd'"):
         fresh.names()
+
+
+@pytest.mark.slow
+def test_a_cache_covers_the_run_and_distil_builds_or_grows_it(tmp_path, teacher_dir, corpus_dir):
+    from safetensors.torch import load_file
+
+    from kdcode.train.teacher_cache import cache_order, load_cache
+
+    cache = tmp_path / "cache"
+    r = runner.invoke(app, ["cache-teacher", "--teacher", str(teacher_dir), "--data", str(corpus_dir),
+                            "--block-size", "64", "--top-k", "8", "--max-steps", "2", "--train-batch-size", "2",
+                            "--out", str(cache)])
+    assert r.exit_code == 0, r.output
+    small = json.loads((cache / "cache.json").read_text())
+    total = small["total_blocks"]
+    assert small["blocks"] == 4 < total and "4 of" in r.output
+    first = load_cache(cache)
+    # a run of 2 steps x 2 blocks reads what is there; one of 4 steps grows it to 8, continuing the same order
+    r = _distil(tmp_path, teacher_dir, corpus_dir, "--teacher-cache", cache, "--out", tmp_path / "s")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "s" / "kdcode.json").read_text())["teacher_cache"]["action"] == "reused"
+    r = _distil(tmp_path, teacher_dir, corpus_dir, "--teacher-cache", cache, "--out", tmp_path / "g",
+                "--max-steps", 4)
+    assert r.exit_code == 0, r.output
+    info = json.loads((tmp_path / "g" / "kdcode.json").read_text())["teacher_cache"]
+    assert info["action"] == "grown" and info["from_blocks"] == 4 and info["blocks"] == 8
+    grown = load_cache(cache)
+    assert grown.manifest["blocks"] == 8 and len(grown.input_ids) == 8
+    assert torch.equal(grown.input_ids[:4], first.input_ids) and torch.equal(grown.lse[:4], first.lse)
+    index = torch.cat([load_file(str(cache / s))["block_index"] for s in grown.manifest["shards"]])
+    assert torch.equal(index, cache_order(total)[:8])
+    # the grown cache holds what one pass over those 8 blocks gives
+    r = runner.invoke(app, ["cache-teacher", "--teacher", str(teacher_dir), "--data", str(corpus_dir),
+                            "--block-size", "64", "--top-k", "8", "--max-blocks", "8", "--out", str(tmp_path / "c8")])
+    assert r.exit_code == 0, r.output
+    fresh = load_cache(tmp_path / "c8")
+    assert torch.equal(fresh.input_ids, grown.input_ids) and torch.equal(fresh.topk_ids, grown.topk_ids)
+    assert torch.allclose(fresh.topk_logits.float(), grown.topk_logits.float())
+    # no cache yet: distil builds one sized to its run, at its temperature
+    r = _distil(tmp_path, teacher_dir, corpus_dir, "--teacher-cache", tmp_path / "new", "--out", tmp_path / "b",
+                "--temperature", 1)
+    assert r.exit_code == 0, r.output
+    built = json.loads((tmp_path / "new" / "cache.json").read_text())
+    assert built["blocks"] == 4 and built["temperature"] == 1.0 and built["top_k"] == 64
+    assert json.loads((tmp_path / "b" / "kdcode.json").read_text())["teacher_cache"]["action"] == "built"
+
+
+def test_a_growth_that_fails_leaves_the_cache_as_it_was(tmp_path, teacher_dir, corpus_dir, monkeypatch):
+    import safetensors.torch
+
+    from kdcode.errors import KdcodeError
+    from kdcode.models import load_model
+    from kdcode.train.teacher_cache import build_cache, cache_order, grow_cache, load_cache
+
+    teacher = load_model(str(teacher_dir))
+    blocks = torch.randint(0, len(teacher.tokenizer), (12, 16))
+    build_cache(teacher.model, blocks, tmp_path / "c", 4, 2.0, {}, vocab=len(teacher.tokenizer), max_blocks=3)
+    before = (tmp_path / "c" / "cache.json").read_text()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(OSError):
+        grow_cache(teacher.model, blocks, tmp_path / "c", 9, len(teacher.tokenizer))
+    assert (tmp_path / "c" / "cache.json").read_text() == before and len(load_cache(tmp_path / "c").input_ids) == 3
+    monkeypatch.undo()
+    with pytest.raises(KdcodeError, match="made from 12 training blocks"):
+        grow_cache(teacher.model, blocks[:10], tmp_path / "c", 9, len(teacher.tokenizer))
+    assert grow_cache(teacher.model, blocks, tmp_path / "c", 99, len(teacher.tokenizer))["blocks"] == 12
+    assert torch.equal(load_cache(tmp_path / "c").input_ids, blocks[cache_order(12)])  # every block, in cache order

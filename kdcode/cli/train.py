@@ -209,40 +209,6 @@ def _print_skipped(console: Any, manifest: dict[str, Any], data: Any) -> None:
         console.print(f"[yellow]skipped:[/] {skip_reasons(skipped, data)}", highlight=False)
 
 
-@handle_errors
-def cache_teacher(
-    out: Annotated[Path, typer.Option(help="Cache folder to write.")],
-    teacher: Annotated[str, typer.Option(help="Teacher: 'bundled', a HF id or a local folder.")] = "bundled",
-    data: Annotated[str, typer.Option(help="Corpus whose train split is cached.")] = "stdlib",
-    glob: Annotated[str, typer.Option(help="File pattern inside a data folder.")] = "**/*.py",
-    data_format: Annotated[str, typer.Option("--format", help="raw or py150.")] = "raw",
-    block_size: Annotated[int, typer.Option(help="Tokens per block (must match the distil runs).")] = 256,
-    top_k: Annotated[int, typer.Option(help="Teacher logits kept per position.")] = 64,
-    temperature: Annotated[float, typer.Option(help="Temperature of the stored soft targets.")] = 2.0,
-    batch_size: Annotated[int, typer.Option(help="Blocks per teacher forward pass.")] = 8,
-    fim_rate: FimRateOpt = None,
-    fim_spm_rate: FimSpmRateOpt = None,
-    fim_mode: FimModeOpt = None,
-    fim_format: FimFormatOpt = None,
-    overwrite: OverwriteOpt = False,
-) -> None:
-    """Run a frozen teacher once over the training blocks and store its top-k soft targets for reuse.
-
-    The blocks are FIM-transformed as `distil` will transform them: give it the same --fim-* flags."""
-    from kdcode.spec import DataSpec, build_spec
-    from kdcode.train.distil import run_cache_teacher
-
-    fim = fim_overrides(fim_rate, fim_spm_rate, fim_mode, fim_format) or None
-    spec: Any = build_spec(DataSpec, {"source": data, "glob": glob, "format": data_format,
-                                      **overrides({"fim": fim})}, "flags")
-    m = run_cache_teacher(teacher, spec, block_size, top_k, temperature, out, batch_size, overwrite)
-    out_console().print(
-        f"[green]teacher cache written to[/] {out}  ({m['blocks']} blocks of {m['block_size']} tokens, "
-        f"top-{m['top_k']} at T={m['temperature']}); use: kdcode distil --teacher {teacher} --teacher-cache {out}"
-    )
-
-
 def register(app: typer.Typer) -> None:
     app.command()(distil)
     app.command()(pretrain)
-    app.command("cache-teacher")(cache_teacher)

@@ -95,7 +95,8 @@ def run_distil(spec: RunSpec, overwrite: bool = False, resume: bool = False) -> 
         },
         "data": data_section(corpus, blocks, valid_blocks, spec.data.format),
         "fim": fim_section,
-        "teacher_cache": {"path": spec.teacher_cache, "top_k": cache.manifest["top_k"]} if cache else None,
+        "teacher_cache": {"path": spec.teacher_cache, "top_k": cache.manifest["top_k"], "blocks": len(blocks),
+                          **cache.manifest["run"]} if cache else None,
         "training": result.summary(),
     }
     record_layout(manifest, heads_per_layer(student), f"init {spec.student.init.name} {init.params.model_dump()}")
@@ -159,28 +160,70 @@ def _training_blocks(
     spec: RunSpec, strategy: Any, teacher: Any, corpus: Corpus, fim: Any
 ) -> tuple[Any, Any, Any]:
     """(teacher cache or None, training blocks, validation blocks): the cache's blocks when it is used."""
-    from kdcode.train.teacher_cache import check_cache, load_cache
+    from kdcode.train.teacher_cache import load_cache
 
     if not spec.teacher_cache:
         return (None, *split_blocks(corpus, teacher.tokenizer, spec.train.block_size, fim))
     # The cache replaces the teacher's forward passes; the teacher's weights are still read once
     # for the init (layer-copy inits copy its blocks), then dropped.
-    cache = load_cache(Path(spec.teacher_cache))
+    folder = Path(spec.teacher_cache)
+    key = cache_key(teacher, corpus, spec.data.format, spec.train.block_size, fim)
     wanted_t = getattr(strategy.params, "temperature", None)
-    have_t = cache.manifest["temperature"]
     if wanted_t is not None and getattr(strategy.params, "temperature_schedule", "constant") != "constant":
         raise KdcodeError("a teacher cache holds soft targets at one temperature; use a constant temperature")
-    if wanted_t is not None and abs(wanted_t - have_t) > 1e-9:
-        raise KdcodeError(
-            f"teacher cache {spec.teacher_cache} holds soft targets at T={have_t}, the strategy asks for "
-            f"T={wanted_t}; pass --temperature {have_t} or rebuild the cache"
-        )
-    key = cache_key(teacher, corpus, spec.data.format, spec.train.block_size, fim)
-    check_cache(cache, key, Path(spec.teacher_cache))
+    info = _ready_cache(spec, teacher, corpus, fim, folder, key, wanted_t)
+    cache = load_cache(folder)
+    cache.manifest["run"] = info
     valid_stream = encode_documents(corpus.splits["valid"], teacher.tokenizer)
     bs = spec.train.block_size
     valid_blocks = to_blocks(valid_stream, bs) if len(valid_stream) >= bs else cache.input_ids[:0]
     return cache, cache.input_ids, valid_blocks
+
+
+CACHE_TOP_K = 64  # top-k of a cache that distil builds itself (cache-teacher's default)
+
+
+def _ready_cache(
+    spec: RunSpec, teacher: Any, corpus: Corpus, fim: Any, folder: Path, key: dict[str, Any], temperature: float | None
+) -> dict[str, Any]:
+    """Make the cache in ``folder`` cover the blocks this run reads (``max_steps`` x batch; all for an epoch or
+    minutes budget): build it when there is none (at the strategy's temperature), grow it when it holds fewer, after
+    checking it was made for this run. What it did, and in how long."""
+    import time
+
+    from kdcode.train.teacher_cache import (
+        CACHE_MANIFEST,
+        blocks_for_run,
+        build_cache,
+        check_cache,
+        grow_cache,
+        read_manifest,
+    )
+
+    wanted = blocks_for_run(spec.train)
+    t0 = time.perf_counter()
+    if not (folder / CACHE_MANIFEST).exists():
+        blocks = train_blocks(corpus, teacher.tokenizer, spec.train.block_size, fim)
+        meta = {"teacher": spec.teacher.name, **key, "data": corpus.summary()}
+        m = build_cache(teacher.model, blocks, folder, CACHE_TOP_K, 2.0 if temperature is None else temperature,
+                        meta, spec.train.batch_size, vocab=len(teacher.tokenizer), max_blocks=wanted)
+        return {"action": "built", "blocks": m["blocks"], "seconds": round(time.perf_counter() - t0, 1)}
+    manifest = read_manifest(folder)
+    check_cache(manifest, key, folder)
+    have_t = manifest["temperature"]
+    if temperature is not None and abs(temperature - have_t) > 1e-9:
+        raise KdcodeError(
+            f"teacher cache {folder} holds soft targets at T={have_t}, the strategy asks for T={temperature}; "
+            f"pass --temperature {have_t} or rebuild the cache"
+        )
+    have, total = int(manifest["blocks"]), int(manifest.get("total_blocks", manifest["blocks"]))
+    if have >= total or (wanted is not None and have >= wanted):
+        return {"action": "reused", "blocks": have}
+    blocks = train_blocks(corpus, teacher.tokenizer, spec.train.block_size, fim)
+    m = grow_cache(teacher.model, blocks, folder, total if wanted is None else wanted, len(teacher.tokenizer),
+                   spec.train.batch_size)
+    return {"action": "grown", "blocks": m["blocks"], "from_blocks": have,
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def cache_key(teacher: Any, corpus: Corpus, fmt: str, block_size: int, fim: Any = None) -> dict[str, Any]:
@@ -200,10 +243,11 @@ def cache_key(teacher: Any, corpus: Corpus, fmt: str, block_size: int, fim: Any 
 
 def run_cache_teacher(
     teacher_name: str, data: Any, block_size: int, top_k: int, temperature: float, out: Path,
-    batch_size: int = 8, overwrite: bool = False, allow_pickle: bool = False,
+    batch_size: int = 8, overwrite: bool = False, allow_pickle: bool = False, max_blocks: int | None = None,
 ) -> dict[str, Any]:
-    """One teacher pass over the training blocks of ``data``, stored as top-k soft targets; FIM-transformed as
-    `distil` would transform them (``data.fim``, else as the teacher was trained)."""
+    """One teacher pass over the training blocks of ``data`` (``max_blocks`` of them, a seeded random sample, when
+    given), stored as top-k soft targets; FIM-transformed as `distil` would transform them (``data.fim``, else as
+    the teacher was trained)."""
     from kdcode import fim
     from kdcode.models import load_model, resolve_path
     from kdcode.train.teacher_cache import build_cache
@@ -219,6 +263,6 @@ def run_cache_teacher(
     key = cache_key(teacher, corpus, data.format, block_size, transform)
     meta = {"teacher": teacher_name, **key, "data": corpus.summary()}
     return build_cache(teacher.model, blocks, out, top_k, temperature, meta, batch_size, overwrite,
-                       vocab=len(teacher.tokenizer))
+                       vocab=len(teacher.tokenizer), max_blocks=max_blocks)
 
 

@@ -174,6 +174,8 @@ def main() -> None:
         done[name] = row
         with results.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
+        # other processes may append rows to the same file: the table is written from all of them
+        done.update({json.loads(x)["name"]: json.loads(x) for x in results.read_text().splitlines()})
         teacher = done["teacher"]
         base = {"name": "baseline", "note": "repeat the previous line",
                 "stdlib": {**teacher["stdlib"], "es": teacher["stdlib"]["baseline_es"], "em": 0.0},
