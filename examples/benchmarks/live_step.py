@@ -2,7 +2,8 @@
 
 The same job on both sides: the bundled teacher, the same 6-layer `spread` student init, the same batches
 (16 x 256 tokens of the stdlib train split), the same loss (T^2 KL(softmax(t/T) || softmax(s/T)) at T=2 with
-weight 0.5 + CE with weight 0.5), bf16 autocast, AdamW, grad clipping at 1.0, the same threads. The plain loop
+weight 0.5 + CE with weight 0.5), the same precision (--precision: bf16 autocast where the CPU has it, else
+fp32), AdamW, grad clipping at 1.0, the same threads. The plain loop
 computes the loss as torchdistill's ``KDLoss`` does (``KLDivLoss(reduction="batchmean")`` of
 ``log_softmax(s/T)`` against ``softmax(t/T)``, times T^2, plus CE; torchdistill itself needs torchvision,
 which does not install beside torch 2.13 here, so its formula is written out). kdcode's side is its own
@@ -30,6 +31,7 @@ from kdcode.plugins import make_init, make_strategy
 from kdcode.spec import DataSpec, TrainSpec
 from kdcode.train.loop import train_loop
 from kdcode.train.optim import make_optimizer
+from kdcode.train.resources import pick_precision
 
 
 def kd_loss_torchdistill(s_logits, t_logits, labels, temperature=2.0, alpha=0.5):
@@ -41,13 +43,13 @@ def kd_loss_torchdistill(s_logits, t_logits, labels, temperature=2.0, alpha=0.5)
     return alpha * F.cross_entropy(s, y) + (1 - alpha) * temperature**2 * soft
 
 
-def plain_round(student, teacher, batches, steps: int) -> float:
+def plain_round(student, teacher, batches, steps: int, precision: str) -> float:
     """One round of the plain loop; tokens/s from the end of its first step."""
     opt = make_optimizer(student, 5e-4, 0.01)
     student.train()
     stamps = []
     for x in batches[:steps]:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             with torch.no_grad():
                 t_logits = teacher(x).logits
             loss = kd_loss_torchdistill(student(x).logits, t_logits, x)
@@ -59,9 +61,9 @@ def plain_round(student, teacher, batches, steps: int) -> float:
     return (steps - 1) * batches[0].numel() / (stamps[-1] - stamps[0])
 
 
-def kdcode_round(student, teacher, blocks, steps: int, batch: int, threads: int, teacher_dtype: str | None) -> float:
+def kdcode_round(student, teacher, blocks, steps: int, batch: int, threads: int, precision: str) -> float:
     stamps: list[float] = []
-    cfg = TrainSpec(max_steps=steps, batch_size=batch, block_size=blocks.size(1), precision="bf16", lr=5e-4,
+    cfg = TrainSpec(max_steps=steps, batch_size=batch, block_size=blocks.size(1), precision=precision, lr=5e-4,
                     warmup_steps=0, eval_every=10**6, threads=threads)
     strategy = make_strategy("pretraining", {"temperature": 2.0, "alpha_ce": 0.5, "alpha_clm": 0.5})
     train_loop(student, strategy, blocks, None, cfg, teacher=teacher, description="kdcode",
@@ -76,7 +78,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--teacher-dtype", default=None, help="hold kdcode's teacher in bf16 (if supported)")
+    ap.add_argument("--precision", default="auto", help="bf16 | fp32 | auto (bf16 where the CPU runs it natively)")
     args = ap.parse_args()
+    args.precision = pick_precision(args.precision, torch.device("cpu"))
     torch.set_num_threads(args.threads)
     teacher = load_model("bundled").model
     corpus = load_corpus(DataSpec())
@@ -95,10 +99,10 @@ def main() -> None:
         for side in order:
             student = copy.deepcopy(base)
             if side == "plain":
-                rate = plain_round(student, teacher.eval(), batches, args.steps)
+                rate = plain_round(student, teacher.eval(), batches, args.steps, args.precision)
             else:
                 rate = kdcode_round(student, kd_teacher, run_blocks, args.steps, args.batch_size, args.threads,
-                                    args.teacher_dtype)
+                                    args.precision)
             if r:
                 rates[side].append(rate)
     med = {k: statistics.median(v) for k, v in rates.items()}
