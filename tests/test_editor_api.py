@@ -13,7 +13,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from test_serve import ServerThread  # noqa: E402
+from test_serve import ServerThread, sse_events  # noqa: E402
 
 from kdcode.inference.engine import Engine, load_engine  # noqa: E402
 from kdcode.inference.server import create_app  # noqa: E402
@@ -47,13 +47,7 @@ def post(server, path: str, body, **kw) -> httpx.Response:
 
 
 def sse(server, path: str, body) -> list[dict]:
-    events = []
-    with httpx.stream("POST", f"{server.url}{path}", json=body, timeout=TIMEOUT) as r:
-        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                events.append(line[len("data: ") :])
-            assert len(events) < 500
+    events = sse_events(server, body, path)
     return [json.loads(e) for e in events if e != "[DONE]"] + ([{"done": True}] if events[-1] == "[DONE]" else [])
 
 

@@ -120,9 +120,10 @@ def test_list_prompts_n_beams_and_seeded_sampling(server, engine, name):
     assert r.status_code == 200 and not set("()") & set(r.json()["choices"][0]["text"])
 
 
-def sse_events(server, body) -> list[str]:
+def sse_events(server, body, path: str = "/v1/completions") -> list[str]:
+    """The ``data:`` payloads of a streamed POST (server-sent events), after checking the response is a stream."""
     events = []
-    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=TIMEOUT) as r:
+    with httpx.stream("POST", f"{server.url}{path}", json=body, timeout=TIMEOUT) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         for line in r.iter_lines():
             if line.startswith("data: "):
