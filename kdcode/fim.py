@@ -343,6 +343,20 @@ def cache_key(transform: Transform | None) -> dict[str, Any] | None:
     return None if transform is None else {**transform.spec.model_dump(mode="json"), "format": transform.tokens.name}
 
 
+def infill_order(requested: str | None, manifest: dict[str, Any] | None) -> str:
+    """The order of an infilling prompt: ``psm`` (prefix, suffix, then the middle) or ``spm`` (suffix, then prefix
+    and middle as one run) as asked; ``auto``: SPM for a model kdcode trained with SPM pieces at least half the
+    time (its manifest's ``fim.spm_rate``), else PSM, the order FIM model cards document. In SPM the prefix ends
+    right where the middle starts, as in line completion: the bundled FIM stage infills 37.3 ES in SPM against
+    28.9 in PSM on the same 150 holes (README)."""
+    if requested in ("psm", "spm"):
+        return requested
+    if requested not in (None, "auto"):
+        raise KdcodeError(f"unknown FIM order {requested!r}: use psm, spm or auto")
+    section_ = (manifest or {}).get("fim")
+    return "spm" if isinstance(section_, dict) and float(section_.get("spm_rate") or 0) >= 0.5 else "psm"
+
+
 def effective(spec: FimSpec | None, teacher_manifest: dict[str, Any] | None) -> FimSpec | None:
     """The FIM settings a run uses: its own (None when the rate is 0), or, when it gives none, those its teacher
     was trained with (a FIM teacher's students keep infilling), else None (off)."""

@@ -110,6 +110,8 @@ class StudentSpec(_Spec):
 
 FimFormatName = Literal["starcoder", "qwen", "codellama", "deepseek"]  # the keys of kdcode.fim.FORMATS
 FIM_FORMATS: tuple[str, ...] = typing.get_args(FimFormatName)
+# order of an infilling prompt: prefix-suffix-middle, suffix-prefix-middle, or as the model was trained (kdcode.fim)
+FimOrderName = Literal["auto", "psm", "spm"]
 
 
 class FimSpec(_Spec):
@@ -386,6 +388,7 @@ class EvalSpec(_Spec):
     fim_format: FimFormatName | None = Field(
         None, description="infill: the model's FIM token names (default: detected from its tokenizer)"
     )
+    fim_order: FimOrderName = Field("auto", description="infill: prompt order (auto: as the model was trained)")
     split: Literal["test", "valid", "train", "all"] = "test"
     lines: str | None = Field(
         None,

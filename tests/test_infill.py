@@ -147,3 +147,47 @@ def test_complete_uses_the_suffix_when_the_model_infills(tmp_path, engine, fim_t
 def test_vocab_index_stops_at_fim_tokens(engine):
     t = fim.detect(engine.tokenizer)
     assert {t.prefix_id, t.suffix_id, t.middle_id} <= engine.index.stop_ids
+
+
+def test_an_spm_prompt_puts_the_prefix_right_before_the_middle(engine):
+    prefix, suffix = "def f(x):\n    y = x + 1\n", "\n    return y\n"
+    psm, w1 = encode_infill(engine.index, engine.fim, prefix, suffix, 64, heal=True)
+    spm, w2 = encode_infill(engine.index, engine.fim, prefix, suffix, 64, heal=True, order="spm")
+    t = engine.fim
+    kept = list(psm.ids[1 : psm.ids.index(t.suffix_id)])  # the prefix as PSM keeps it (healed: its last token off)
+    suf = list(psm.ids[psm.ids.index(t.suffix_id) + 1 : -1])
+    assert list(spm.ids) == [t.prefix_id, t.suffix_id, *suf, t.middle_id, *kept]  # the same window, reordered
+    assert spm.healed == psm.healed == "\n" and w1 == w2
+
+
+def test_the_infill_order_is_the_models_own_unless_asked(tmp_path, fim_teacher_dir, corpus_dir):
+    import shutil
+
+    from kdcode.artifacts import read_manifest, write_json
+    from kdcode.errors import KdcodeError
+
+    assert fim.infill_order("auto", None) == "psm" and fim.infill_order("spm", None) == "spm"
+    assert fim.infill_order("auto", {"fim": {"rate": 0.5, "spm_rate": 0.5}}) == "spm"  # kdcode trained it with SPM
+    assert fim.infill_order("auto", {"fim": {"rate": 0.5, "spm_rate": 0.1}}) == "psm"
+    assert fim.infill_order("psm", {"fim": {"rate": 0.5, "spm_rate": 1.0}}) == "psm"
+    with pytest.raises(KdcodeError, match="unknown FIM order 'mps'"):
+        fim.infill_order("mps", None)
+    # a model whose manifest records SPM training is prompted in SPM by the engine and by eval
+    folder = tmp_path / "spm_model"
+    shutil.copytree(fim_teacher_dir, folder)
+    manifest = read_manifest(folder) or {}
+    write_json(folder / "kdcode.json", {**manifest, "fim": {"rate": 0.5, "spm_rate": 0.5, "format": "starcoder"}})
+    eng = load_engine(str(folder), device="cpu", warm_up=False, verify=False)
+    assert eng.fim_order == "spm"
+    prefix, suffix = prefix_at(SOURCE, 5), suffix_at(SOURCE, 5)
+    got = eng.complete(prefix, 6, suffix=suffix)
+    prompt, _ = encode_infill(eng.index, eng.fim, prefix, suffix, eng.n_positions - 6, heal=True, order="spm")
+    want = greedy(eng.model, eng.index, [prompt], DecodeOptions(6, heal=False, heal_space=True))
+    assert got.choices[0].text == want.texts[0] and got.prompt_tokens == len(prompt.ids)
+    assert load_engine(str(folder), device="cpu", warm_up=False, verify=False, fim_order="psm").fim_order == "psm"
+    spec = EvalSpec(data={"source": str(corpus_dir)}, task="infill", samples=4, max_new_tokens=4)
+    assert run_eval(str(folder), spec, verify=False)["fim"]["order"] == "spm"
+    r = runner.invoke(app, ["eval", str(folder), "--task", "infill", "--fim-order", "sideways"])
+    assert r.exit_code == 2 and "fim_order" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["complete", str(folder), "--fim-order", "sideways", "--no-verify"], input="x = ")
+    assert r.exit_code == 2 and "unknown FIM order" in r.output

@@ -196,6 +196,9 @@ FimSpmRateOpt = Annotated[float | None, typer.Option("--fim-spm-rate", help="FIM
 FimModeOpt = Annotated[
     str | None, typer.Option("--fim-mode", help="FIM split: document (two random points) or line (one whole line).")
 ]
+FimOrderOpt = Annotated[
+    str, typer.Option("--fim-order", help="Infilling prompt order: psm, spm, or auto (as the model was trained).")
+]
 FimFormatOpt = Annotated[
     str | None,
     typer.Option("--fim-format", help="FIM token names: starcoder, qwen, codellama or deepseek (default: detected)."),

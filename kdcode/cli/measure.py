@@ -17,6 +17,7 @@ from kdcode.cli._common import (
     DraftTokensOpt,
     DtypeOpt,
     FimFormatOpt,
+    FimOrderOpt,
     GlobOpt,
     JsonFileOpt,
     KvCacheOpt,
@@ -63,6 +64,7 @@ def eval_cmd(
                           "the code before and after it; prefix-only completion of the same holes beside it).")
     ] = "line",
     fim_format: FimFormatOpt = None,
+    fim_order: FimOrderOpt = "auto",
     split: Annotated[str, typer.Option(help="test, valid, train, or all (every file of --data).")] = "test",
     lines: Annotated[
         Path | None,
@@ -104,7 +106,7 @@ def eval_cmd(
         {
             "data": overrides({"source": data, "glob": glob, "format": data_format}),
             "split": split, "lines": str(lines) if lines else None, "samples": samples, "seed": seed,
-            "task": task, "fim_format": fim_format,
+            "task": task, "fim_format": fim_format, "fim_order": fim_order,
             "beams": beams, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "ppl_blocks": ppl_blocks,
             "threads": threads, "device": device, "dtype": dtype,
         },

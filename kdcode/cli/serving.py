@@ -17,6 +17,7 @@ from kdcode.cli._common import (
     DraftTokensOpt,
     DtypeOpt,
     FimFormatOpt,
+    FimOrderOpt,
     KvCacheOpt,
     NoVerifyOpt,
     ThreadsOpt,
@@ -52,6 +53,7 @@ def complete(
                            "infills.")
     ] = False,
     fim_format: FimFormatOpt = None,
+    fim_order: FimOrderOpt = "auto",
     backend: BackendOpt = "auto",
     kv_cache: KvCacheOpt = "dynamic",
     compile_step: CompileOpt = False,
@@ -76,7 +78,7 @@ def complete(
     prefix = prefix_at(text, line, col) if line is not None else text
     runtime = runtime_flags(backend, kv_cache, compile_step)
     engine = load_engine(model, device=device, dtype=dtype, threads=threads, verify=not no_verify, warm_up=False,
-                         fim_format=fim_format, runtime=runtime, draft=draft,
+                         fim_format=fim_format, fim_order=fim_order, runtime=runtime, draft=draft,
                          draft_tokens=parse_draft_tokens(draft_tokens))
     suffix = suffix_at(text, line, col) if line is not None and engine.fim is not None and not no_suffix else None
     result = engine.complete(prefix, max_tokens, n=n, beams=beams, temperature=temperature, seed=seed, suffix=suffix)
@@ -118,6 +120,7 @@ def serve(
                           "model sees a window of them around the cursor.")
     ] = 65_536,
     fim_format: FimFormatOpt = None,
+    fim_order: FimOrderOpt = "auto",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     threads: ThreadsOpt = None,
@@ -141,7 +144,8 @@ def serve(
     if not body_timeout > 0:
         fail(f"--body-timeout must be more than 0 seconds, not {body_timeout}")
     engine = load_engine(model, device=device, dtype=dtype, threads=threads, verify=not no_verify,
-                         fim_format=fim_format, runtime=runtime_flags(backend, kv_cache, compile_step), draft=draft,
+                         fim_format=fim_format, fim_order=fim_order,
+                         runtime=runtime_flags(backend, kv_cache, compile_step), draft=draft,
                          draft_tokens=parse_draft_tokens(draft_tokens))
     app_ = create_app(model, engine=engine, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
                       body_timeout_s=body_timeout, max_context_chars=max_context_chars, fim_format=fim_format)

@@ -73,7 +73,8 @@ def run_infill(name: str, lm: Any, spec: EvalSpec, docs: list[Document], data_su
     context = opts.context_for(n_positions(lm.model))
     index = VocabIndex.for_model(lm.model, lm.tokenizer)
     heal = spec.heal if spec.heal is not None else True
-    encoded = [encode_infill(index, tokens, s.prefix, s.suffix, context, heal) for s in samples]
+    order = fim.infill_order(spec.fim_order, lm.manifest)
+    encoded = [encode_infill(index, tokens, s.prefix, s.suffix, context, heal, order) for s in samples]
     start = time.perf_counter()
     with make_progress() as progress:
         gen = _decode(lm, index, [p for p, _ in encoded], opts, spec, progress, f"infill {name}")
@@ -93,7 +94,7 @@ def run_infill(name: str, lm: Any, spec: EvalSpec, docs: list[Document], data_su
         "baseline": {"name": "repeat previous line", **line_metrics([s.prev for s in samples], gts)},
         "perplexity": None,
         "token_accuracy": None,
-        "fim": tokens.describe(),
+        "fim": {**tokens.describe(), "order": order},
         "window": {
             "context_tokens": context,
             "how": "prefix keeps its last tokens, suffix its first; the suffix at most 1/4 when the prefix fills "

@@ -103,7 +103,10 @@ class _Stream:
 class Engine:
     """One model and tokenizer, ready to complete prefixes; not thread-safe (callers queue their calls)."""
 
-    def __init__(self, loaded: Any, fim_format: str | None = None, draft: Any = None, draft_tokens: int = 4) -> None:
+    def __init__(
+        self, loaded: Any, fim_format: str | None = None, draft: Any = None, draft_tokens: int = 4,
+        fim_order: str = "auto",
+    ) -> None:
         from kdcode import fim
         from kdcode.device import model_device
         from kdcode.inference.decode import VocabIndex
@@ -127,6 +130,7 @@ class Engine:
         _ = self.index.token_texts  # built once here (healing needs it): every call shares it
         # how it infills: the FIM tokens of its tokenizer (the named family's when given), None when it does not
         self.fim = fim.require(self.tokenizer, fim_format, self.name) if fim_format else fim.detect(self.tokenizer)
+        self.fim_order = fim.infill_order(fim_order, loaded.manifest)  # psm | spm
 
     @property
     def tokenizer(self) -> Any:
@@ -211,7 +215,7 @@ class Engine:
         truncated = False
         if suffix is not None:
             encoded, window = encode_infill(self.index, self.fim, prompt, suffix, context,  # type: ignore[arg-type]
-                                            heal="<EOL>" not in prompt)
+                                            heal="<EOL>" not in prompt, order=self.fim_order)
             prompt_tokens, truncated = len(encoded.ids), window.cut
         else:
             encoded = encode_prompt(self.index, prompt, opts, context)
@@ -245,6 +249,7 @@ def load_engine(
     trust_remote_code: bool = False,
     warm_up: bool = True,
     fim_format: str | None = None,
+    fim_order: str = "auto",
     runtime: Any = None,
     draft: str | None = None,
     draft_tokens: int | str = 4,
@@ -260,7 +265,7 @@ def load_engine(
     helper = None
     if draft is not None:  # ``draft``: a student of this model drafting for it; ``draft_tokens``: k, or "auto"
         helper = load_for_inference(draft, device, dtype, threads, verify=verify)
-    engine = Engine(lm, fim_format, helper, 4 if draft_tokens == "auto" else int(draft_tokens))
+    engine = Engine(lm, fim_format, helper, 4 if draft_tokens == "auto" else int(draft_tokens), fim_order)
     if helper is not None and draft_tokens == "auto":
         engine.calibrate_draft()
     if warm_up:

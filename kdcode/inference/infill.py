@@ -1,4 +1,5 @@
-"""Infilling prompts: the code before and after a hole as the model's FIM prompt (PSM order), cut to its window.
+"""Infilling prompts: the code before and after a hole as the model's FIM prompt (PSM or SPM order: see
+:func:`kdcode.fim.infill_order`), cut to its window.
 
 The window is the prompt's share of the model's positions (``context``: its positions minus the new tokens).
 The three FIM tokens take 3 of them; of the rest, the suffix gets at most a quarter (more when the prefix
@@ -61,9 +62,11 @@ def head_ids(index: VocabIndex, text: str, keep: int) -> tuple[list[int], bool]:
 
 
 def encode_infill(
-    index: VocabIndex, tokens: FimTokens, prefix: str, suffix: str, context: int, heal: bool = False
+    index: VocabIndex, tokens: FimTokens, prefix: str, suffix: str, context: int, heal: bool = False,
+    order: str = "psm",
 ) -> tuple[Prompt, Window]:
-    """``<pre> prefix <suf> suffix <mid>`` in token ids, at most ``context`` of them (see the module docstring).
+    """``<pre> prefix <suf> suffix <mid>`` (``order`` psm) or ``<pre> <suf> suffix <mid> prefix`` (spm) in token
+    ids, at most ``context`` of them (see the module docstring).
 
     ``heal``: the prefix's last token is left out and the middle must start with its text (token healing, as line
     completion does): a prefix that ends at a line start ends with a bare newline token, which BPEs that merge a
@@ -79,6 +82,9 @@ def encode_infill(
     healed = ""
     if heal and len(kept) > 1 and kept[-1] not in index.special_ids:
         healed, kept = index.decode(kept[-1:]), kept[:-1]
-    ids = (tokens.prefix_id, *kept, tokens.suffix_id, *suf[:suffix_take], tokens.middle_id)
+    if order == "spm":
+        ids = (tokens.prefix_id, tokens.suffix_id, *suf[:suffix_take], tokens.middle_id, *kept)
+    else:
+        ids = (tokens.prefix_id, *kept, tokens.suffix_id, *suf[:suffix_take], tokens.middle_id)
     cut_prefix = cut_prefix or prefix_take < len(pre)
     return Prompt(ids, healed), Window(prefix_take, suffix_take, cut_prefix, cut_suffix or suffix_take < len(suf))

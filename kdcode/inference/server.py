@@ -280,6 +280,7 @@ def create_app(
     body_timeout_s: float = 10.0,
     max_context_chars: int = 65_536,
     fim_format: str | None = None,
+    fim_order: str = "auto",
     threads: int | None = None,
     device: str = "auto",
     dtype: str = "auto",
@@ -293,7 +294,7 @@ def create_app(
     each, they are refused. ``fim_format`` names the model's FIM token family when detection would not find it.
     """
     engine = engine or load_engine(model_dir, device=device, dtype=dtype, threads=threads, verify=verify,
-                                   fim_format=fim_format)
+                                   fim_format=fim_format, fim_order=fim_order)
     name = model_name or (Path(model_dir).name if model_dir != "bundled" and Path(model_dir).exists() else model_dir)
     prompt_limit = max_prompt_tokens or engine.n_positions
     tokens_limit = min(max_tokens_limit, engine.n_positions - 1)
