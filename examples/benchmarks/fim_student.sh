@@ -5,14 +5,18 @@
 # both on line completion and single-line infilling (stdlib test split, seed 0: the same lines, the same
 # holes) and prints the ratios.
 #   examples/benchmarks/fim_student.sh [STUDENT_DIR] [SAMPLES]
+# TEACHER=DIR scores another FIM teacher (default: bundled); MAX_STEPS=N bounds the distil run by steps instead of
+# the default budget (a busy CPU then changes only the wall clock). Infill prompts take the model's own order
+# (--fim-order auto).
 set -euo pipefail
 student=${1:-student}
 samples=${2:-500}
+teacher=${TEACHER:-bundled}
 out=${OUT:-runs/fim_student}
 mkdir -p "$out"
-[[ -d "$student" ]] || kdcode distil --out "$student"
-for m in bundled "$student"; do
-  name=$([[ "$m" == bundled ]] && echo teacher || echo student)
+[[ -d "$student" ]] || kdcode distil --teacher "$teacher" --out "$student" ${MAX_STEPS:+--max-steps "$MAX_STEPS"}
+for m in "$teacher" "$student"; do
+  name=$([[ "$m" == "$teacher" ]] && echo teacher || echo student)
   kdcode eval "$m" --samples "$samples" --json "$out/${name}_line.json"
   kdcode eval "$m" --samples "$samples" --task infill --json "$out/${name}_infill.json"
 done

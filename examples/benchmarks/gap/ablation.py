@@ -47,6 +47,8 @@ ROWS: dict[str, tuple[dict[str, Any], str]] = {
     "hard-only": ({"strategy": {"name": "hard-only"}}, "no KD, same init and budget (the control)"),
     "cache-2x": ({"train": {"max_steps": 2 * STEPS}, "teacher_cache": "{cache}"}, "teacher cache, 2x the steps"),
     "cache-4x": ({"train": {"max_steps": 4 * STEPS}, "teacher_cache": "{cache}"}, "teacher cache, 4x the steps"),
+    "cache-2x-lr-1e-3": ({"train": {"max_steps": 2 * STEPS, "lr": 1e-3}, "teacher_cache": "{cache}"},
+                         "teacher cache, 2x the steps, peak lr 1e-3"),
     "with-tests": ({"data": {"exclude_tests": False}}, "the teacher's data: the stdlib with its test folders"),
     "lr-1e-3": ({"train": {"lr": 1e-3}}, "peak lr 1e-3"),
     "lr-2e-4": ({"train": {"lr": 2e-4}}, "peak lr 2e-4"),
