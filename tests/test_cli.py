@@ -37,7 +37,7 @@ def test_print_spec_resolves_file_and_flags(tmp_path):
     assert resolved["student"]["layers"] == 3  # flag beats file
     assert resolved["strategy"] == {"name": "in-training", "params": {"temperature": 1.5}}
     assert resolved["train"]["lr"] == 0.001
-    assert resolved["train"]["max_steps"] == 600  # default budget
+    assert resolved["train"]["max_steps"] == 800  # default budget
     assert resolved["teacher"]["name"] == "bundled"
 
 

@@ -43,8 +43,8 @@ def test_run_spec_defaults() -> None:
     assert spec.data.source == "stdlib"
     assert spec.data.glob == "**/*.py"
     assert (spec.data.valid_fraction, spec.data.test_fraction) == (0.02, 0.05)
-    assert spec.train.max_steps == 600
-    assert spec.train.max_minutes == 8.0
+    assert spec.train.max_steps == 800
+    assert spec.train.max_minutes == 15.0
     assert spec.train.epochs is None
     assert spec.out == "student"
 
@@ -223,8 +223,8 @@ def test_flags_override_file_values() -> None:
 
 def test_default_budget_only_without_any_budget_key() -> None:
     spec = resolve_run_spec({"train": {"lr": 1e-3}}, {}, "run.yaml")
-    assert (spec.train.max_steps, spec.train.max_minutes, spec.train.epochs) == (600, 8.0, None)
-    assert DEFAULT_DISTIL_BUDGET == {"max_steps": 600, "max_minutes": 8.0}
+    assert (spec.train.max_steps, spec.train.max_minutes, spec.train.epochs) == (800, 15.0, None)
+    assert DEFAULT_DISTIL_BUDGET == {"max_steps": 800, "max_minutes": 15.0}
 
     spec = resolve_run_spec({"train": {"epochs": 2}}, {}, "run.yaml")
     assert (spec.train.max_steps, spec.train.max_minutes, spec.train.epochs) == (None, None, 2.0)
@@ -236,13 +236,13 @@ def test_default_budget_only_without_any_budget_key() -> None:
     assert (spec.train.max_steps, spec.train.max_minutes, spec.train.epochs) == (50, None, None)
 
     # a budget key given as null counts as not given, so the default budget is added; the explicit null
-    # then wins over the default's max_steps: no step cap, the 8-minute default only
+    # then wins over the default's max_steps: no step cap, the 15-minute default only
     spec = resolve_run_spec({"train": {"max_steps": None}}, {}, "run.yaml")
-    assert (spec.train.max_steps, spec.train.max_minutes) == (None, 8.0)
+    assert (spec.train.max_steps, spec.train.max_minutes) == (None, 15.0)
 
     # an empty train section (YAML "train:") is fine
     spec = resolve_run_spec({"train": None}, {}, "run.yaml")
-    assert (spec.train.max_steps, spec.train.max_minutes) == (600, 8.0)
+    assert (spec.train.max_steps, spec.train.max_minutes) == (800, 15.0)
 
 
 def test_deep_merge() -> None:

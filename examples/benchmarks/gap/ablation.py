@@ -63,6 +63,8 @@ ROWS: dict[str, tuple[dict[str, Any], str]] = {
     "first": ({"student": {"init": "first"}}, "init: first six blocks"),
     "default-seed1": ({"train": {"seed": 1}}, "default, seed 1"),
     "hard-only-seed1": ({"strategy": {"name": "hard-only"}, "train": {"seed": 1}}, "hard-only, seed 1"),
+    "hard-only-lr-1e-3": ({"strategy": {"name": "hard-only"}, "train": {"lr": 1e-3}},
+                          "hard-only at peak lr 1e-3 (the control of today's default)"),
     "lr-1e-3-seed1": ({"train": {"lr": 1e-3, "seed": 1}}, "peak lr 1e-3, seed 1"),
 }
 
