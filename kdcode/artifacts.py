@@ -64,12 +64,12 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def check_out_dir(out: Path, overwrite: bool) -> None:
+def check_out_dir(out: Path, overwrite: bool, flag: str = "--out") -> None:
     """Refuse an existing non-empty output folder unless ``overwrite`` (checked before any work)."""
     if out.exists() and not out.is_dir():
-        raise KdcodeError(f"--out {out} exists and is not a folder; choose another path")
+        raise KdcodeError(f"{flag} {out} exists and is not a folder; choose another path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise KdcodeError(f"--out {out} exists and is not empty; choose another folder or pass --overwrite")
+        raise KdcodeError(f"{flag} {out} exists and is not empty; choose another folder or pass --overwrite")
 
 
 def _temp_owner(path: Path, out: Path) -> int | None:
@@ -203,7 +203,7 @@ def check_output(
             )
     if folder:
         clean_stale_temps(out)
-        check_out_dir(out, overwrite)
+        check_out_dir(out, overwrite, flag)
     elif out.is_dir():
         raise KdcodeError(f"{out} is a folder; give a file path")
     parent = target.parent

@@ -405,3 +405,17 @@ def test_a_growth_that_fails_leaves_the_cache_as_it_was(tmp_path, teacher_dir, c
         grow_cache(teacher.model, blocks[:10], tmp_path / "c", 9, len(teacher.tokenizer))
     assert grow_cache(teacher.model, blocks, tmp_path / "c", 99, len(teacher.tokenizer))["blocks"] == 12
     assert torch.equal(load_cache(tmp_path / "c").input_ids, blocks[cache_order(12)])  # every block, in cache order
+
+
+def test_a_cache_folder_distil_would_build_in_is_checked_before_loading(tmp_path, teacher_dir, corpus_dir):
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("mine")
+    r = _distil(tmp_path, teacher_dir, corpus_dir, "--teacher-cache", junk, "--out", tmp_path / "s")
+    assert r.exit_code == 2 and "not a teacher cache" in r.output and (junk / "notes.txt").read_text() == "mine"
+    for cache, out in ((tmp_path / "s" / "cache", tmp_path / "s"), (tmp_path / "c", tmp_path / "c" / "s")):
+        r = _distil(tmp_path, teacher_dir, corpus_dir, "--teacher-cache", cache, "--out", out)
+        assert r.exit_code == 2 and "overlap" in r.output and "Traceback" not in r.output
+        assert not cache.exists() and not out.exists()
+    r = _distil(tmp_path, teacher_dir, corpus_dir, "--teacher-cache", teacher_dir / "cache", "--out", tmp_path / "s")
+    assert r.exit_code == 2 and "--teacher-cache" in r.output and not (teacher_dir / "cache").exists()

@@ -56,6 +56,7 @@ def run_distil(spec: RunSpec, overwrite: bool = False, resume: bool = False) -> 
     out = Path(spec.out)
     strategy, init = _plugins(spec)
     check_output(out, overwrite, distil_inputs(spec), need_bytes=weights_bytes(spec.teacher.name))
+    _check_cache_path(spec, out)
     if spec.student.init.name != "pretrained":
         check_depth(spec.teacher.name, spec.student.layers, spec.teacher.revision)
     run = run_context(spec, resume, spec.train.tensorboard)
@@ -102,6 +103,25 @@ def run_distil(spec: RunSpec, overwrite: bool = False, resume: bool = False) -> 
     record_layout(manifest, heads_per_layer(student), f"init {spec.student.init.name} {init.params.model_dump()}")
     save_trained(out, student, teacher.tokenizer, manifest, overwrite, result, run)
     return out, manifest
+
+
+def _check_cache_path(spec: RunSpec, out: Path) -> None:
+    """A ``--teacher-cache`` folder that holds no cache yet is where distil builds one: new or empty, and neither
+    an input nor the student's folder (checked before loading)."""
+    from kdcode.train.teacher_cache import CACHE_MANIFEST
+
+    folder = Path(spec.teacher_cache) if spec.teacher_cache else None
+    if folder is None or (folder / CACHE_MANIFEST).exists():
+        return
+    if folder.is_dir() and any(folder.iterdir()):
+        raise KdcodeError(f"--teacher-cache {folder} holds files but no {CACHE_MANIFEST}: it is not a teacher cache; "
+                          "give a new or empty folder (distil builds the cache there) or one kdcode cache-teacher made")
+    a, b = folder.expanduser().resolve(), out.expanduser().resolve()
+    if a == b or b in a.parents or a in b.parents:
+        raise KdcodeError(f"--teacher-cache {folder} and --out {out} overlap: the student's folder is replaced when it "
+                          "is saved; put the cache elsewhere")
+    inputs = {k: v for k, v in distil_inputs(spec).items() if k != "--teacher-cache"}
+    check_output(folder, False, inputs, flag="--teacher-cache")
 
 
 def _plugins(spec: RunSpec) -> tuple[Any, Any]:
@@ -196,6 +216,7 @@ def _ready_cache(
         blocks_for_run,
         build_cache,
         check_cache,
+        coverage,
         grow_cache,
         read_manifest,
     )
@@ -216,12 +237,12 @@ def _ready_cache(
             f"teacher cache {folder} holds soft targets at T={have_t}, the strategy asks for T={temperature}; "
             f"pass --temperature {have_t} or rebuild the cache"
         )
-    have, total = int(manifest["blocks"]), int(manifest.get("total_blocks", manifest["blocks"]))
-    if have >= total or (wanted is not None and have >= wanted):
+    have, total = coverage(manifest)
+    target = total if wanted is None else min(wanted, total)
+    if target <= have:
         return {"action": "reused", "blocks": have}
     blocks = train_blocks(corpus, teacher.tokenizer, spec.train.block_size, fim)
-    m = grow_cache(teacher.model, blocks, folder, total if wanted is None else wanted, len(teacher.tokenizer),
-                   spec.train.batch_size)
+    m = grow_cache(teacher.model, blocks, folder, target, len(teacher.tokenizer), spec.train.batch_size)
     return {"action": "grown", "blocks": m["blocks"], "from_blocks": have,
             "seconds": round(time.perf_counter() - t0, 1)}
 

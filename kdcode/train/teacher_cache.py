@@ -129,6 +129,11 @@ def build_cache(
     return manifest
 
 
+def coverage(manifest: dict[str, Any]) -> tuple[int, int]:
+    """(blocks a cache holds, blocks of the training split it samples); a cache from before sizing holds them all."""
+    return int(manifest["blocks"]), int(manifest.get("total_blocks", manifest["blocks"]))
+
+
 def grow_cache(
     teacher: Any, blocks: torch.Tensor, folder: Path, wanted: int, vocab: int, batch_size: int = 8
 ) -> dict[str, Any]:
@@ -137,8 +142,8 @@ def grow_cache(
     last (atomically): a run killed while growing leaves the old cache intact."""
     from kdcode.artifacts import write_json
 
-    manifest = json.loads((folder / CACHE_MANIFEST).read_text(encoding="utf-8"))
-    have, total = int(manifest["blocks"]), int(manifest.get("total_blocks", manifest["blocks"]))
+    manifest = read_manifest(folder)
+    have, total = coverage(manifest)
     if total != len(blocks):
         raise KdcodeError(f"teacher cache {folder} was made from {total} training blocks, this run has {len(blocks)}; "
                           "rebuild it with kdcode cache-teacher")
