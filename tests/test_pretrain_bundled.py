@@ -147,3 +147,6 @@ def test_sigtermed_pretrain_resumes_to_the_same_weights(tmp_path, corpus_dir, mo
     tr = manifest["training"]
     assert tr["eval_time_s"] > 0 and tr["train_time_s"] <= tr["wall_time_s"]
     assert tr["tokens_seen"] / tr["tokens_per_s"] == pytest.approx(tr["train_time_s"], abs=0.011)  # 2-decimal rounding
+    from kdcode.train.heap import _mallopt
+
+    assert tr["heap"] == ("kept" if _mallopt() is not None else "system")  # freed memory stayed in the heap

@@ -29,6 +29,7 @@ from kdcode.errors import KdcodeError
 from kdcode.evaluation.perplexity import held_out_loss
 from kdcode.spec import TrainSpec
 from kdcode.train.budget import Budget
+from kdcode.train.heap import kept_heap
 from kdcode.train.optim import lr_at, make_optimizer
 from kdcode.train.resources import launcher, pick_precision, recompute_activations
 from kdcode.train.runlog import RunLog
@@ -57,6 +58,7 @@ class TrainResult:
     train_time_s: float = 0.0  # the steps alone
     eval_time_s: float = 0.0  # held-out losses, periodic and final
     save_checkpoint: Callable[[str], None] | None = None  # keeps the final state (when the final save fails)
+    heap: str = "system"  # "kept": freed memory stayed in the heap during the loop (kdcode.train.heap)
 
     def summary(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items() if k not in ("log", "is_main", "save_checkpoint")}
@@ -141,7 +143,8 @@ def train_loop(
 
     live = run.checkpoint_dir / "train_log.jsonl" if run.checkpoint_dir is not None else None
     # ---- loop --------------------------------------------------------------------------------------
-    with stop_on_signals() as stop, RunLog(description, budget, live, run.tensorboard_dir, on_step, main) as log:
+    with (kept_heap(device.type == "cpu") as heap, stop_on_signals() as stop,
+          RunLog(description, budget, live, run.tensorboard_dir, on_step, main) as log):
         log.start_at(state.step)
         while not budget.done(state.step, state.elapsed()):
             frac = budget.progress(state.step, state.elapsed())
@@ -187,5 +190,5 @@ def train_loop(
         precision=precision, threads=torch.get_num_threads(), final=final, log=state.log, world_size=world,
         launcher=launcher(), global_batch=budget.batch, grad_accum=cfg.grad_accum, is_main=main,
         peak_memory_mb=round(peak_memory_mb(device), 1), train_time_s=round(wall - loop_eval_s, 2),
-        eval_time_s=round(eval_s[0], 2), save_checkpoint=lambda reason: ckpt.save(state, reason, final=True),
+        eval_time_s=round(eval_s[0], 2), heap=heap, save_checkpoint=lambda reason: ckpt.save(state, reason, final=True),
     )

@@ -69,11 +69,12 @@ def _write_shards(
     from safetensors.torch import save_file
 
     from kdcode.progress import make_progress
+    from kdcode.train.heap import kept_heap
 
     device = next(teacher.parameters()).device
     teacher.eval()
     names = []
-    with make_progress() as progress:
+    with kept_heap(device.type == "cpu"), make_progress() as progress:
         task = progress.add_task("cache teacher", total=len(index), info=f"top-{top_k}, T={temperature}")
         for s0 in range(0, len(index), SHARD_BLOCKS):
             part = index[s0 : s0 + SHARD_BLOCKS]
