@@ -77,7 +77,7 @@ def _faults_of_a_reused_tensor(n_bytes: int) -> int:
     """Page faults taken by the second of two same-sized tensors allocated, written and freed in turn."""
     import resource
 
-    for i in range(2):
+    for _ in range(2):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         x = torch.ones(n_bytes // 4)
         del x

@@ -35,8 +35,10 @@ def _mallopt():
     try:
         libc = ctypes.CDLL(None)
         fn = libc.mallopt
-        libc.gnu_get_libc_version  # glibc only: other C libraries take other parameter numbers
+        is_glibc = hasattr(libc, "gnu_get_libc_version")  # other C libraries number their parameters otherwise
     except (OSError, AttributeError):
+        return None
+    if not is_glibc:
         return None
     fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return fn
