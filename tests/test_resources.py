@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from conftest import make_gpt2
@@ -73,28 +75,56 @@ def test_even_one_sample_too_big_suggests_the_block_size(monkeypatch):
         check_memory(1, 1024, 768, 12, 50_257, CPU)
 
 
-def _faults_of_a_reused_tensor(n_bytes: int) -> int:
-    """Page faults taken by the second of two same-sized tensors allocated, written and freed in turn."""
-    import resource
-
-    for _ in range(2):
+# Ten steps of a training-like loop (a 256 MB and a 64 MB tensor made, written and freed); prints the page faults of
+# the last three steps, once the heap has settled (glibc's aligned allocations leave a few holes at first).
+_STEPS = """
+import resource, sys, torch
+from kdcode.train.heap import kept_heap
+def last_faults():
+    counts = []
+    for _ in range(10):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        x = torch.ones(n_bytes // 4)
-        del x
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        x, y = torch.ones(64 * 2**20), torch.ones(16 * 2**20)
+        del x, y
+        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return sum(counts[-3:])
+if sys.argv[1] == "kept":
+    with kept_heap() as heap:
+        assert heap == "kept"
+        print(last_faults())
+else:
+    print(last_faults())
+"""
 
 
 @pytest.mark.skipif(kdcode.train.heap._mallopt() is None, reason="glibc's mallopt is not in this C library")
-def test_a_kept_heap_reuses_freed_pages_and_is_undone_after():
-    from kdcode.train.heap import kept_heap
+def test_a_kept_heap_stops_faulting_in_the_same_pages_every_step():
+    import subprocess
+    import sys
 
-    size = 256 * 2**20  # above glibc's largest mmap threshold: without the kept heap, a fresh mmap every time
-    with kept_heap() as heap:
-        assert heap == "kept"
-        inside = _faults_of_a_reused_tensor(size)
-    after = _faults_of_a_reused_tensor(size)
-    # 65,536 4-KiB pages (or 128 huge pages where THP is always on) are faulted in again once glibc's defaults are back
-    assert inside < 64 <= after, (inside, after)
+    def faults(mode: str) -> int:  # a fresh process each: no earlier test's heap
+        run = subprocess.run([sys.executable, "-c", _STEPS, mode], capture_output=True, text=True, check=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        return int(run.stdout.split()[-1])
+
+    system, kept = faults("system"), faults("kept")
+    # glibc's defaults: both tensors come from a fresh mmap every step (3 x 81,920 4-KiB pages, or 3 x 160 huge pages
+    # where THP is always on); kept: the freed pages are reused
+    assert system >= 3 * 160 and kept * 10 < system, (system, kept)
+
+
+def test_a_kept_heap_sets_glibc_and_puts_its_defaults_back(monkeypatch):
+    from kdcode.train import heap
+
+    calls = []
+    monkeypatch.setattr(heap, "_mallopt", lambda: lambda k, v: calls.append((k, v)) or 1)
+    with heap.kept_heap() as state:
+        assert state == "kept" and calls == list(heap.KEPT.items())
+    assert calls[len(heap.KEPT) :] == list(heap.GLIBC_DEFAULTS.items())
+    calls.clear()
+    with pytest.raises(RuntimeError), heap.kept_heap():
+        raise RuntimeError("a failed step")
+    assert calls[len(heap.KEPT) :] == list(heap.GLIBC_DEFAULTS.items())  # put back on the way out of an error too
 
 
 def test_the_heap_is_left_alone_off_the_main_thread_off_glibc_and_on_a_gpu(monkeypatch):

@@ -10,7 +10,10 @@ second step reuses the first step's pages: the same job ran 1.42x the tokens/s (
 README's "A faster live-teacher step").
 
 The settings are process-wide (``mallopt``), so :func:`kept_heap` sets them for the loop only and puts glibc's
-defaults back after it; the freed top of the heap is returned to the system at the next ``free``. It applies
+defaults back after it (which also turns off glibc's self-adjusting mmap threshold, as any ``mallopt`` of these
+does). After the loop the free top of the heap goes back to the system at the next ``free``; free chunks below it
+stay in the process, where glibc reuses them before it maps new memory. The first few steps still fault: glibc's
+aligned allocations leave holes slightly too small for the next step's tensors until the heap settles. It applies
 only on the main thread: glibc's other arenas cannot grow past 64 MB without mmap, so a large allocation on
 another thread would fail with mmap off. Elsewhere (not glibc, not the main thread, a GPU run) it does nothing
 and says so.
