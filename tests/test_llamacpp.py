@@ -153,3 +153,38 @@ def test_cli_export_then_complete_eval_and_bench_a_gguf(student_src, corpus_dir,
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["backend"] == "llama.cpp" and result["compare"]["backend"] == "torch"
     assert result["size_mb"] == round(out.stat().st_size / 1e6, 3) and result["params_m"] > 0
+
+
+def test_a_fim_models_gguf_infills_as_the_folder_does(fim_teacher_dir, tmp_path):
+    """The GGUF of a FIM model carries llama.cpp's FIM token keys, its manifest's FIM section (so `auto` picks the
+    order it was trained in), and an ollama template that infills when a request has a suffix."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from kdcode.artifacts import read_manifest, write_json
+    from kdcode.export.gguf_file import gguf_manifest, read_fields
+    from kdcode.export.run import modelfile_path
+    from kdcode.inference.engine import load_engine
+
+    folder = tmp_path / "spm_model"
+    shutil.copytree(fim_teacher_dir, folder)
+    write_json(folder / "kdcode.json", {**(read_manifest(folder) or {}),
+                                        "fim": {"rate": 0.5, "spm_rate": 0.5, "format": "starcoder"}})
+    out = tmp_path / "f.gguf"
+    run_export(str(folder), ExportSpec(format="gguf", quant="f32"), out, verify=False)
+    fields = read_fields(out)
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert fields["tokenizer.ggml.fim_pre_token_id"] == tok.convert_tokens_to_ids("<fim_prefix>")
+    assert fields["tokenizer.ggml.fim_suf_token_id"] == tok.convert_tokens_to_ids("<fim_suffix>")
+    assert fields["tokenizer.ggml.fim_mid_token_id"] == tok.convert_tokens_to_ids("<fim_middle>")
+    assert gguf_manifest(fields)["fim"]["spm_rate"] == 0.5
+    text = modelfile_path(out).read_text()
+    assert ('TEMPLATE "{{ if .Suffix }}<fim_prefix><fim_suffix>{{ .Suffix }}<fim_middle>{{ .Prompt }}'
+            '{{ else }}{{ .Prompt }}{{ end }}"') in text
+    folder_engine = load_engine(str(folder), device="cpu", warm_up=False, verify=False)
+    gguf_engine = load_engine(str(out), device="cpu", warm_up=False, runtime={"backend": "llama.cpp"})
+    assert folder_engine.fim_order == gguf_engine.fim_order == "spm"
+    prefix, suffix = "def add(a, b):\n    ", "\n\nprint(add(1, 2))\n"
+    got = [e.complete(prefix, 6, suffix=suffix).choices[0].text for e in (folder_engine, gguf_engine)]
+    assert got[0] == got[1]

@@ -8,7 +8,7 @@ Goal (issue 21): under 150 ms on a 2-core CPU for the FIM bundled teacher.
 A model without FIM tokens can be measured with --add-fim-tokens: a copy gets untrained ones (speed does not
 depend on what the weights learned; the completions are then not meaningful, and their lengths are reported).
 
-    python examples/benchmarks/infill_latency.py bundled --reps 20 --threads 2
+    python examples/benchmarks/infill_latency.py bundled --reps 20 --threads 2 [--backend llama.cpp]
 """
 
 from __future__ import annotations
@@ -74,13 +74,15 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--backend", default="torch", help="torch | onnxruntime | llama.cpp (as `kdcode serve --backend`)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--add-fim-tokens", action="store_true", help="serve a copy with untrained FIM tokens")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         name = with_fim_tokens(args.model, Path(tmp)) if args.add_fim_tokens else args.model
-        engine = load_engine(name, device="cpu", threads=args.threads, verify=not args.add_fim_tokens)
+        engine = load_engine(name, device="cpu", threads=args.threads, verify=not args.add_fim_tokens,
+                             runtime={"backend": args.backend})
         app = create_app(name, engine=engine, model_name=args.model)
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)

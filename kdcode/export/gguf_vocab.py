@@ -84,11 +84,28 @@ def add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> dict[str, Any
                       ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id)):
         if ids[kind] is not None:
             add(int(ids[kind]))
+    fim = _fim_ids(writer, tokenizer)
     with_special = tokenizer("x")["input_ids"]
     writer.add_add_bos_token(bool(with_special) and with_special[0] == tokenizer.bos_token_id)
     writer.add_add_eos_token(bool(with_special) and with_special[-1] == tokenizer.eos_token_id)
     return {"model": "gpt2", "pre": pre, "tokens": len(vocab), "rows": vocab_size, "merges": len(_merges(model)),
-            "special_ids": {k: v for k, v in ids.items() if v is not None}}
+            "special_ids": {k: v for k, v in ids.items() if v is not None}, **({"fim": fim} if fim else {})}
+
+
+def _fim_ids(writer: Any, tokenizer: Any) -> dict[str, Any] | None:
+    """llama.cpp's FIM token keys (its /infill builds the prompt from them), when the tokenizer has FIM tokens."""
+    import gguf
+
+    from kdcode.fim import detect
+
+    tokens = detect(tokenizer)
+    if tokens is None:
+        return None
+    keys = gguf.Keys.Tokenizer
+    for key, i in ((keys.FIM_PRE_ID, tokens.prefix_id), (keys.FIM_SUF_ID, tokens.suffix_id),
+                   (keys.FIM_MID_ID, tokens.middle_id)):
+        writer.add_uint32(key, int(i))
+    return tokens.describe()
 
 
 def _pre_tokenizer(pre: str) -> dict[str, Any]:

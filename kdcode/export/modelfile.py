@@ -31,14 +31,27 @@ def stop_strings(tokenizer: Any) -> list[str]:
     return stops
 
 
-def modelfile(gguf_name: str, tokenizer: Any, n_ctx: int, source: str) -> str:
-    """The Modelfile's text; ``gguf_name`` is the GGUF's file name (the Modelfile lies beside it)."""
+def template(fim: Any = None, order: str = "psm") -> str:
+    """Raw completion (``{{ .Prompt }}``); for a model with FIM tokens (a :class:`kdcode.fim.FimTokens`), the
+    infilling prompt kdcode builds in ``order`` when a request has a ``suffix`` (Ollama's ``.Suffix``)."""
+    if fim is None:
+        return "{{ .Prompt }}"
+    f = fim.format
+    prompt, suffix = "{{ .Prompt }}", "{{ .Suffix }}"
+    infill = f"{f.prefix}{f.suffix}{suffix}{f.middle}{prompt}" if order == "spm" else f.template(prompt, suffix)
+    return f"{{{{ if .Suffix }}}}{infill}{{{{ else }}}}{prompt}{{{{ end }}}}"
+
+
+def modelfile(gguf_name: str, tokenizer: Any, n_ctx: int, source: str, fim: Any = None, order: str = "psm") -> str:
+    """The Modelfile's text; ``gguf_name`` is the GGUF's file name (the Modelfile lies beside it); ``fim``, ``order``:
+    the model's FIM tokens and infilling order (:func:`template`)."""
     lines = [
         f"# ollama Modelfile for {gguf_name}, written by kdcode export from {source}",
         f"# ollama create NAME -f {gguf_name.removesuffix('.gguf')}.Modelfile && ollama run NAME",
         f"FROM ./{gguf_name}",
-        "# raw completion: the prompt is the code before the cursor (no chat template)",
-        f"TEMPLATE {_quote('{{ .Prompt }}')}",
+        "# raw completion: the prompt is the code before the cursor (no chat template)"
+        + (f"; with a suffix, {fim.name} fill-in-the-middle in {order.upper()} order" if fim is not None else ""),
+        f"TEMPLATE {_quote(template(fim, order))}",
         "PARAMETER temperature 0",
         f"PARAMETER num_ctx {n_ctx}",
         f"PARAMETER num_predict {MAX_TOKENS}",

@@ -109,13 +109,15 @@ def _provenance(lm: Any, spec: ExportSpec) -> dict[str, Any]:
 
     return {"kind": "export", "kdcode_version": __version__,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "export": spec.model_dump(mode="json"), "source": _source(lm)}
+            "export": spec.model_dump(mode="json"), "source": _source(lm),
+            **({"fim": lm.manifest["fim"]} if isinstance((lm.manifest or {}).get("fim"), dict) else {})}
 
 
 def _export_gguf(lm: Any, spec: ExportSpec, out: Path) -> dict[str, Any]:
     from kdcode.artifacts import atomic_file, sha256_file, write_error, write_json, write_text_atomic
     from kdcode.export.gguf_file import MANIFEST_KEY, write_gguf
     from kdcode.export.modelfile import modelfile
+    from kdcode.fim import detect, infill_order
     from kdcode.models import context_length
 
     quant = spec.quant or "f32"
@@ -129,7 +131,9 @@ def _export_gguf(lm: Any, spec: ExportSpec, out: Path) -> dict[str, Any]:
                         "gguf": {**summary, "quant": quant, "n_ctx": n_ctx, "provenance_key": MANIFEST_KEY},
                         "parent_manifest": lm.manifest, "libraries": _libraries("gguf")}
             write_json(sidecar_path(out), manifest)
-            write_text_atomic(modelfile_path(out), modelfile(out.name, lm.tokenizer, n_ctx, lm.name))
+            fim_tokens = detect(lm.tokenizer)
+            write_text_atomic(modelfile_path(out), modelfile(out.name, lm.tokenizer, n_ctx, lm.name, fim_tokens,
+                                                             infill_order("auto", lm.manifest)))
     except KdcodeError:
         raise
     except Exception as exc:  # noqa: BLE001 - disk full, read-only, a library's wrapper of them
