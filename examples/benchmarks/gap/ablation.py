@@ -15,6 +15,7 @@ there is skipped) and ``results.md`` is rewritten after each.
 
     python examples/benchmarks/gap/ablation.py --out /tmp/gap            # every row, in order
     python examples/benchmarks/gap/ablation.py --out /tmp/gap --rows default,hard-only
+    python examples/benchmarks/gap/ablation.py --out /tmp/gap --score new-default=./student  # a distil student
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from kdcode.train.distil import run_distil
 
 THIRD_PARTY = ("rich", "click", "typer", "pydantic", "jinja2", "packaging", "urllib3", "requests", "httpx", "fastapi",
                "starlette", "tqdm", "fsspec", "networkx")
-STEPS = 400  # ~ what the default 8-minute budget gives on an idle 2-core CPU (413 steps measured)
+STEPS = 400  # ~ what the old default 8-minute budget gave on an idle 2-core CPU (413 steps measured, bf16 on AMX)
+BASE_LR = 5e-4  # the default peak lr when the ablation began: every row is one change from that default
 SAMPLES = 500
 
 # name -> (spec overrides on top of the default, what the row changes). Order: most informative first.
@@ -66,6 +68,15 @@ ROWS: dict[str, tuple[dict[str, Any], str]] = {
     "hard-only-lr-1e-3": ({"strategy": {"name": "hard-only"}, "train": {"lr": 1e-3}},
                           "hard-only at peak lr 1e-3 (the control of today's default)"),
     "lr-1e-3-seed1": ({"train": {"lr": 1e-3, "seed": 1}}, "peak lr 1e-3, seed 1"),
+    "hard-only-lr-1e-3-800": ({"strategy": {"name": "hard-only"}, "train": {"lr": 1e-3, "max_steps": 2 * STEPS}},
+                              "hard-only, lr 1e-3, 800 steps (the control of the new default and of cache-2x-lr-1e-3)"),
+    "cache-2x-lr-1e-3-seed1": ({"train": {"max_steps": 2 * STEPS, "lr": 1e-3, "seed": 1}, "teacher_cache": "{cache}"},
+                               "teacher cache, 2x the steps, peak lr 1e-3, seed 1"),
+    "cache-4x-lr-1e-3": ({"train": {"max_steps": 4 * STEPS, "lr": 1e-3}, "teacher_cache": "{cache}"},
+                         "teacher cache, 4x the steps, peak lr 1e-3"),
+    "hard-only-lr-1e-3-1230": ({"strategy": {"name": "hard-only"}, "train": {"lr": 1e-3, "max_steps": 1230}},
+                               "hard-only, lr 1e-3, 1230 steps: what 15 idle minutes give it (the default's clock)"),
+    "alternate-lr-1e-3": ({"student": {"init": "alternate"}, "train": {"lr": 1e-3}}, "init alternate, peak lr 1e-3"),
 }
 
 
@@ -124,7 +135,7 @@ def run_row(name: str, overrides: dict[str, Any], out: Path, sets: dict[str, Pat
     text = json.dumps(overrides).replace("{cache}", str(cache))
     data = json.loads(text)
     data.setdefault("train", {})
-    data["train"] = {"max_steps": STEPS, **data["train"]}
+    data["train"] = {"max_steps": STEPS, "lr": BASE_LR, **data["train"]}
     spec = resolve_run_spec({"out": str(folder)}, data, f"row {name}")
     if spec.teacher_cache and not (cache / "cache.json").exists():
         from kdcode.train.distil import run_cache_teacher
@@ -139,6 +150,14 @@ def run_row(name: str, overrides: dict[str, Any], out: Path, sets: dict[str, Pat
     for key, lines in sets.items():
         row[key] = score(str(folder), lines)
     return row
+
+
+def score_folder(name: str, folder: Path, sets: dict[str, Path]) -> dict[str, Any]:
+    """A row for a student trained elsewhere: its manifest's training figures and its scores on both sets."""
+    tr = json.loads((folder / "kdcode.json").read_text())["training"]
+    return {"name": name, "overrides": {}, "note": f"scored from {folder}", "steps": tr["steps"],
+            "train_time_s": tr.get("train_time_s"), "valid_loss": tr["final"].get("valid_loss"),
+            **{key: score(str(folder), lines) for key, lines in sets.items()}}
 
 
 def table(rows: list[dict[str, Any]], teacher: dict[str, Any]) -> str:
@@ -160,6 +179,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names (default: all, in order)")
+    ap.add_argument("--score", action="append", default=[], metavar="NAME=FOLDER",
+                    help="score a student made elsewhere (e.g. `kdcode distil` with no flags) as row NAME")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     sets = completion_sets(args.out)
@@ -170,11 +191,15 @@ def main() -> None:
                            **{k: score("bundled", v) for k, v in sets.items()}}
         with results.open("a") as fh:
             fh.write(json.dumps(done["teacher"]) + "\n")
-    for name in args.rows.split(","):
+    made = dict(x.split("=", 1) for x in args.score)
+    for name in list(made) if made else args.rows.split(","):
         if name in done:
             continue
-        print(f"== {name}: {ROWS[name][1]}", flush=True)
-        row = run_row(name, ROWS[name][0], args.out, sets, args.out / "teacher_cache")
+        if name in made:
+            row = score_folder(name, Path(made[name]), sets)
+        else:
+            print(f"== {name}: {ROWS[name][1]}", flush=True)
+            row = run_row(name, ROWS[name][0], args.out, sets, args.out / "teacher_cache")
         done[name] = row
         with results.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
@@ -184,7 +209,8 @@ def main() -> None:
         base = {"name": "baseline", "note": "repeat the previous line",
                 "stdlib": {**teacher["stdlib"], "es": teacher["stdlib"]["baseline_es"], "em": 0.0},
                 "thirdparty": {**teacher["thirdparty"], "es": teacher["thirdparty"]["baseline_es"], "em": 0.0}}
-        ordered = [teacher, base] + [done[n] for n in ROWS if n in done]
+        ordered = [teacher, base] + [done[n] for n in ROWS if n in done] + [r for n, r in done.items()
+                                                                          if n not in ROWS and n != "teacher"]
         (args.out / "results.md").write_text(table(ordered, teacher))
         print(table(ordered, teacher).splitlines()[-1], flush=True)
     sys.exit(0)
