@@ -49,7 +49,8 @@ def _mallopt():
 
 @contextlib.contextmanager
 def kept_heap(on_cpu: bool = True) -> Iterator[str]:
-    """Keep freed memory in the heap inside the block; yields what applies: ``kept``, or ``system`` and why not."""
+    """Keep freed memory in the heap inside the block; yields ``kept``, or ``system`` where it does not apply (not on
+    the CPU, not the main thread, not glibc, or glibc refused a setting)."""
     mallopt = _mallopt() if on_cpu and threading.current_thread() is threading.main_thread() else None
     if mallopt is None or not all(mallopt(k, v) == 1 for k, v in KEPT.items()):
         if mallopt is not None:

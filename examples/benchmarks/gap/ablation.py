@@ -191,6 +191,9 @@ def main() -> None:
                            **{k: score("bundled", v) for k, v in sets.items()}}
         with results.open("a") as fh:
             fh.write(json.dumps(done["teacher"]) + "\n")
+    bad = [x for x in args.score if "=" not in x or not (Path(x.split("=", 1)[1]) / "kdcode.json").is_file()]
+    if bad:
+        ap.error(f"--score {bad[0]}: give NAME=FOLDER, a student folder with its kdcode.json")
     made = dict(x.split("=", 1) for x in args.score)
     for name in list(made) if made else args.rows.split(","):
         if name in done:
