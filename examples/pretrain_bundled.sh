@@ -12,20 +12,25 @@
 # (no test/ folders), on which `kdcode eval bundled` scores it, stay unseen.
 # Stage 3 (80 min) is more of stage 2 from its end at a lower peak learning rate (stage 2's held-out
 # loss was still falling when its cosine schedule ended); stage 4 (28 min) once more at 3e-4.
-# Stage 5 (issue 21, 60 min) teaches the four-stage teacher to fill in the middle: the same data with the
-# FIM transform on half of the training pieces (`--fim-rate 0.5`, PSM and SPM alike, two random split
-# points: `data.fim` in the manifest). Its tokenizer gets StarCoder's three FIM tokens (ids 8192-8194;
-# their embedding rows start at the mean of the others; `fim.added_tokens` and `fim.embedding_rows` in the
-# manifest). It replaces the bundled teacher only if its prefix-only line ES on the same 500 samples did
-# not drop by more than 0.5 points; the figures are in OUT.eval/ (before/after line ES, infill ES with the
-# prefix-only ES of the same holes) and, recorded, in the manifest's metrics.eval and metrics.infill.
+# Stage 5 (issue 21; 1,500 steps, 6.1M tokens: 57 minutes at 1 thread beside another 1-thread run, fp32) teaches
+# the four-stage teacher to fill in the middle: the same data with the FIM transform on half of the training
+# pieces (`--fim-rate 0.5`, PSM and SPM alike, two random split points: `data.fim` in the manifest). Its
+# tokenizer gets StarCoder's three FIM tokens (ids 8192-8194; their embedding rows start at the mean of the
+# others; `fim.added_tokens` and `fim.embedding_rows` in the manifest). It replaces the bundled teacher only if
+# its prefix-only line ES on the same 500 samples did not drop by more than 0.5 points (the bundled one: 40.95
+# -> 40.51; `FIM_MODE=line`, the middle one whole line, dropped 1.25 and was not kept); the figures are in
+# OUT.eval/ (before/after line ES, infill ES with the prefix-only ES of the same holes) and, recorded, in the
+# manifest's metrics.eval and metrics.infill.
 # Each stage's manifest records its recipe; its `init` section names the stage before by sha256, back to
 # stage 1 (stage 3 was run as `--init bundled` while the stage before was the bundled teacher:
 # the same weights).
 #   examples/pretrain_bundled.sh        stages 1-5
-#   examples/pretrain_bundled.sh fim    stage 5 alone, from the bundled teacher as it is (1,500 steps: ~40 min on 2 idle cores)
-# FIM_INIT, FIM_OUT, FIM_STEPS (a step budget: the result does not depend on how busy the CPU is), FIM_DATA, FIM_SAMPLES, FIM_BUNDLED (where the result goes) change stage 5's
-# inputs and outputs (a trial run on a tiny model: see the issue 21 note).
+#   examples/pretrain_bundled.sh fim    stage 5 alone, from the bundled teacher as it is (1,500 steps); the
+#                                       bundled teacher is stage 5 now: to redo it, FIM_INIT=the four-stage one
+#                                       (kdcode/bundled/teacher at commit 399c9eb)
+# FIM_MODE (document or line), FIM_INIT, FIM_OUT, FIM_STEPS (a step budget: the result does not depend on how
+# busy the CPU is), FIM_DATA, FIM_SAMPLES, FIM_BUNDLED (where the result goes) change stage 5's inputs and
+# outputs (a trial run on a tiny model: see the issue 21 note).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage1=${STAGE1:-runs/teacher_stage1}
@@ -36,6 +41,7 @@ stage3=${STAGE3:-runs/teacher_stage3}
 fim_stage() {
   local init=${FIM_INIT:-bundled} out=${FIM_OUT:-runs/teacher_stage5_fim} steps=${FIM_STEPS:-1500}
   local data=${FIM_DATA:-stdlib} samples=${FIM_SAMPLES:-500} bundled=${FIM_BUNDLED:-kdcode/bundled/teacher}
+  local mode=${FIM_MODE:-document}
   local runs=${out}.eval
   mkdir -p "$runs"
   kdcode eval "$init" --data "$data" --samples "$samples" --json "$runs/before_line.json" >/dev/null
@@ -43,7 +49,7 @@ fim_stage() {
     --data "$data" --include-tests --init "$init" --block-size 256 \
     --batch-size 16 --lr 3e-4 --warmup-steps 100 --max-steps "$steps" --eval-every 250 \
     --precision auto --seed 4 \
-    --fim-rate 0.5 --fim-spm-rate 0.5 --fim-mode document \
+    --fim-rate 0.5 --fim-spm-rate 0.5 --fim-mode "$mode" \
     --out "$out" --overwrite
   kdcode eval "$out" --data "$data" --samples "$samples" --json "$runs/after_line.json"
   kdcode eval "$out" --data "$data" --samples "$samples" --task infill --json "$runs/after_infill.json"

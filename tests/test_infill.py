@@ -86,8 +86,26 @@ def test_eval_infill_on_a_tiny_model(tmp_path, fim_teacher_dir, corpus_dir, teac
     # the infill figures are the ES/EM of what the model fills in
     from kdcode.evaluation.metrics import line_metrics
 
-    gts = [s.gt for s in build_infill_samples(load_corpus(spec.data).splits["test"], 12, 0)]
+    holes = build_infill_samples(load_corpus(spec.data).splits["test"], 12, 0)
+    gts = [s.gt for s in holes]
     assert line_metrics(preds.read_text(encoding="utf-8").splitlines(), gts)["es"] == a["es"]
+    # prefix-only from as many prefix tokens as each infill prompt held: the windows of the prompts themselves
+    from kdcode import fim
+    from kdcode.inference.decode import DecodeOptions, VocabIndex, encode_prompt, greedy
+    from kdcode.inference.infill import encode_infill
+    from kdcode.models import load_model
+
+    lm = load_model(str(fim_teacher_dir))
+    index = VocabIndex.for_model(lm.model, lm.tokenizer)
+    tokens = fim.require(lm.tokenizer, None, "t")
+    opts = DecodeOptions(max_new_tokens=6, heal=True)
+    windows = [encode_infill(index, tokens, h.prefix, h.suffix, 122, True, a["fim"]["order"])[1] for h in holes]
+    assert any(w.cut_prefix for w in windows)  # the suffix displaced prefix tokens, so the two rows differ in input
+    prompts = [encode_prompt(index, h.prefix, opts, w.prefix_tokens) for h, w in zip(holes, windows)]
+    assert [len(p.ids) for p in prompts] == [w.prefix_tokens for w in windows]
+    same = line_metrics(greedy(lm.model, index, prompts, opts, 4).texts, gts)
+    assert {k: a["prefix_only_same_window"][k] for k in ("es", "em", "samples")} == \
+        {k: same[k] for k in ("es", "em", "samples")}
 
 
 def test_eval_infill_refusals_are_one_line(teacher_dir, corpus_dir):

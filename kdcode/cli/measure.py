@@ -49,8 +49,8 @@ BENCH_COLUMNS = [
 ]
 RECORDED_EVAL = ("es", "em", "token_accuracy", "perplexity", "samples", "baseline", "decoding", "split", "seed",
                  "runtime")
-RECORDED_INFILL = ("es", "em", "samples", "prefix_only", "baseline", "fim", "window", "decoding", "split", "seed",
-                   "runtime")
+RECORDED_INFILL = ("es", "em", "samples", "prefix_only", "prefix_only_same_window", "baseline", "fim", "window",
+                   "decoding", "split", "seed", "runtime")
 
 
 @handle_errors
@@ -121,7 +121,7 @@ def eval_cmd(
     result = run_eval(model, spec, verify=not no_verify, predictions=predictions, allow_pickle=allow_pickle,
                       trust_remote_code=trust_remote_code, runtime=runtime)
     rows = [(model, result)]
-    for key in ("prefix_only", "baseline"):
+    for key in ("prefix_only", "prefix_only_same_window", "baseline"):
         if result.get(key):
             rows.append((f"{key.replace('_', '-')}: " + result[key]["name"], result[key]))
     if str(json_out) != "-":

@@ -1,12 +1,14 @@
 """`kdcode eval --task infill`: single-line infilling (SantaCoder / HumanEval-infilling style) on held-out files.
 
-A sample is a held-out file with one whole non-blank line (not its first) removed. The prefix is the text
-before the line's start, the middle (the ground truth) is the line with its indentation but without its line
-break, and the suffix is everything from that line break on. The lines are drawn as line completion draws them
-(:func:`kdcode.evaluation.completion_sets.draw_raw_lines`: same files, seed and ids for every model), so
-teacher and student are compared on the same holes, and prefix-only completion of the same holes (the line
-completion samples of the same draw) is scored beside the infill figures: the difference is what the suffix
-adds. ES and EM are computed as for line completion (the prediction stripped, against the stripped line);
+A sample is a held-out file with one whole non-blank line (not its first) removed. The prefix is the text before
+the line's start, the middle (the ground truth) is the line with its indentation but without its line break, and
+the suffix is everything from that line break on. The lines are drawn as line completion draws them
+(:func:`kdcode.evaluation.completion_sets.draw_raw_lines`: same files, seed and ids for every model), so teacher
+and student are compared on the same holes, and prefix-only completion of the same holes (the line completion
+samples of the same draw) is scored beside the infill figures: the difference is what the suffix adds. Since the
+suffix takes part of the window, prefix-only completion is also scored from as many prefix tokens as each infill
+prompt held (``prefix_only_same_window``): the difference from the infill figures is what the suffix adds at an
+equal prefix. ES and EM are computed as for line completion (the prediction stripped, against the stripped line);
 decoding stops at the end of the line. The model's window is cut as :mod:`kdcode.inference.infill` says: the
 prefix keeps its end and the suffix its start, and the suffix takes at most a quarter of the window when the
 prefix fills the rest.
@@ -64,7 +66,7 @@ def run_infill(name: str, lm: Any, spec: EvalSpec, docs: list[Document], data_su
                predictions: Path | None = None) -> dict[str, Any]:
     """Infill ES/EM of a loaded model on holes of ``docs``, prefix-only ES/EM of the same holes beside them."""
     from kdcode import fim
-    from kdcode.inference.decode import DecodeOptions, VocabIndex, n_positions
+    from kdcode.inference.decode import DecodeOptions, VocabIndex, encode_prompt, n_positions
     from kdcode.inference.infill import encode_infill
 
     tokens = fim.require(lm.tokenizer, spec.fim_format, name)
@@ -79,9 +81,12 @@ def run_infill(name: str, lm: Any, spec: EvalSpec, docs: list[Document], data_su
     with make_progress() as progress:
         gen = _decode(lm, index, [p for p, _ in encoded], opts, spec, progress, f"infill {name}")
         infill_s = time.perf_counter() - start
-        plain = _decode(lm, index, [s.prefix for s in samples], DecodeOptions(
-            max_new_tokens=spec.max_new_tokens, context_tokens=spec.context_tokens, heal=heal), spec, progress,
-            f"prefix only {name}")
+        plain_opts = DecodeOptions(max_new_tokens=spec.max_new_tokens, context_tokens=spec.context_tokens, heal=heal)
+        plain = _decode(lm, index, [s.prefix for s in samples], plain_opts, spec, progress, f"prefix only {name}")
+        # prefix-only from the prefix tokens each infill prompt held (healed as line completion heals)
+        same = [encode_prompt(index, s.prefix, plain_opts, max(w.prefix_tokens, 1))
+                for s, (_, w) in zip(samples, encoded)]
+        matched = _decode(lm, index, same, plain_opts, spec, progress, f"prefix only, infill window {name}")
     gts = [s.gt for s in samples]
     if predictions is not None:
         predictions.write_text("".join(_LINE_BREAKS.sub(" ", t) + "\n" for t in gen.texts), encoding="utf-8")
@@ -91,6 +96,8 @@ def run_infill(name: str, lm: Any, spec: EvalSpec, docs: list[Document], data_su
         "task": "infill",
         **line_metrics(gen.texts, gts),
         "prefix_only": {"name": "the same holes, no suffix", **line_metrics(plain.texts, gts)},
+        "prefix_only_same_window": {"name": "the same holes, no suffix, the infill prompt's prefix tokens",
+                                    **line_metrics(matched.texts, gts)},
         "baseline": {"name": "repeat previous line", **line_metrics([s.prev for s in samples], gts)},
         "perplexity": None,
         "token_accuracy": None,
