@@ -77,6 +77,10 @@ ROWS: dict[str, tuple[dict[str, Any], str]] = {
     "hard-only-lr-1e-3-1230": ({"strategy": {"name": "hard-only"}, "train": {"lr": 1e-3, "max_steps": 1230}},
                                "hard-only, lr 1e-3, 1230 steps: what 15 idle minutes give it (the default's clock)"),
     "alternate-lr-1e-3": ({"student": {"init": "alternate"}, "train": {"lr": 1e-3}}, "init alternate, peak lr 1e-3"),
+    "reverse-kl-seed1": ({"strategy": {"name": "jsd", "params": {"beta": 1.0, "alpha_clm": 0.5}}, "train": {"seed": 1}},
+                         "reverse KL (MiniLLM), seed 1"),
+    "reverse-kl-lr-1e-3": ({"strategy": {"name": "jsd", "params": {"beta": 1.0, "alpha_clm": 0.5}},
+                            "train": {"lr": 1e-3}}, "reverse KL (MiniLLM), peak lr 1e-3"),
 }
 
 
