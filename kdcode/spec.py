@@ -71,7 +71,7 @@ class PluginSpec(_Spec):
 class StrategySpec(PluginSpec):
     """KD strategy (see `kdcode list`)."""
 
-    name: str = "pretraining"
+    name: str = "reverse-kl"
 
 
 class InitSpec(PluginSpec):

@@ -52,9 +52,11 @@ def one_clear_line(r, phrase: str, code: int = 2) -> str:
         ("train:\n  precision: int8\n", "train.precision: Input should be 'auto', 'fp32'"),
         ("strategy:\n  params: {temprature: 2}\n", f"temprature: {UNKNOWN}, did you mean 'temperature'"),
         (
-            "strategy:\n  params: {alpha_ce: 0, alpha_clm: 0, alpha_cos: 0}\n",
+            "strategy:\n  name: pretraining\n  params: {alpha_ce: 0, alpha_clm: 0, alpha_cos: 0}\n",
             "alpha_ce, alpha_clm and alpha_cos are all zero",
         ),
+        ("strategy:\n  params: {alpha_kd: 0, alpha_clm: 0}\n", "alpha_kd and alpha_clm are both zero"),
+        ("strategy:\n  params: {alpha_ce: 0.5}\n", f"alpha_ce: {UNKNOWN}, did you mean 'alpha_clm' or 'alpha_kd'"),
         ("- just\n- a list\n", "must hold a mapping of sections"),
         ("student: [unclosed\n", "is not valid YAML/JSON"),
     ],

@@ -89,7 +89,7 @@ def test_distil_eval_bench_end_to_end(tmp_path, teacher_dir, corpus_dir):
     assert manifest["teacher"]["n_layer"] == 4 and manifest["teacher"]["verified"] is None
     assert manifest["data"]["files"] == {"train": 24, "valid": 3, "test": 4}
     assert manifest["spec"]["student"]["layers"] == 2
-    assert {"soft", "hard", "loss"} <= set(manifest["training"]["final"])
+    assert {"reverse_kl", "hard", "loss"} <= set(manifest["training"]["final"])  # the default strategy's terms
     assert AutoModelForCausalLM.from_pretrained(out).config.n_layer == 2
 
     # refuse to overwrite

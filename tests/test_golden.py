@@ -18,9 +18,19 @@ from kdcode.evaluation.evaluate import run_eval
 from kdcode.spec import EvalSpec, resolve_run_spec
 from kdcode.train.distil import run_distil
 
-GOLDEN_SHA256 = "b05c58d4e8dbd0655eb194c78ddd122d35449e32cccffb5728069bc33b636233"
-GOLDEN_EVAL = {"es": 3.67, "em": 0.0, "perplexity": 447.666, "samples": 40}
-GOLDEN_BASELINE_ES = 37.3
+GOLDEN = {  # strategy: (sha256 of the student's weights, its eval, the baseline's ES on the same lines)
+    "pretraining": (
+        "b05c58d4e8dbd0655eb194c78ddd122d35449e32cccffb5728069bc33b636233",
+        {"es": 3.67, "em": 0.0, "perplexity": 447.666, "samples": 40},
+        37.3,
+    ),
+    # the default strategy since issue 20 (no strategy section in the spec): reverse KL
+    "default": (
+        "40a9a3e574465079b103a7bfeee1eac7ec811db8470f8c7275cb2b9c4d30f009",
+        {"es": 3.15, "em": 0.0, "perplexity": 448.958, "samples": 40},
+        37.3,
+    ),
+}
 
 pytestmark = [
     pytest.mark.slow,
@@ -31,13 +41,15 @@ pytestmark = [
 ]
 
 
-def test_fixed_seed_distil_and_eval_are_unchanged(tmp_path, corpus_dir, teacher_dir):
+@pytest.mark.parametrize("strategy", list(GOLDEN))
+def test_fixed_seed_distil_and_eval_are_unchanged(tmp_path, corpus_dir, teacher_dir, strategy):
+    sha, golden_eval, golden_baseline = GOLDEN[strategy]
     spec = resolve_run_spec(
         {},
         {
             "teacher": {"name": str(teacher_dir)},
             "student": {"layers": 2, "init": "spread"},
-            "strategy": {"name": "pretraining"},
+            **({} if strategy == "default" else {"strategy": {"name": strategy}}),
             "data": {"source": str(corpus_dir)},
             "train": {"max_steps": 20, "batch_size": 4, "block_size": 64, "precision": "fp32", "seed": 0,
                       "lr": 1e-3, "warmup_steps": 5, "eval_every": 10},
@@ -47,7 +59,6 @@ def test_fixed_seed_distil_and_eval_are_unchanged(tmp_path, corpus_dir, teacher_
     )
     out, manifest = run_distil(spec)
     assert manifest["training"]["steps"] == 20
-    assert hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest() == GOLDEN_SHA256
     ev = run_eval(str(out), EvalSpec(data={"source": str(corpus_dir)}, samples=40, max_new_tokens=12, ppl_blocks=4))
-    assert {k: ev[k] for k in GOLDEN_EVAL} == GOLDEN_EVAL
-    assert ev["baseline"]["es"] == GOLDEN_BASELINE_ES
+    assert ({k: ev[k] for k in golden_eval}, ev["baseline"]["es"]) == (golden_eval, golden_baseline)
+    assert hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest() == sha

@@ -107,7 +107,9 @@ class _Allocations(TorchDispatchMode):
         return out
 
 
-def _allocations(chunk: int | None, sparse: bool, model_output: bool) -> tuple[list[tuple[str, int]], bool]:
+def _allocations(
+    chunk: int | None, sparse: bool, model_output: bool, reverse: bool = False
+) -> tuple[list[tuple[str, int]], bool]:
     """Every allocation of the loss's forward and backward, and whether the gradient took the logits' memory."""
     s0, t, labels = _inputs(4)
     leaf = s0.clone().requires_grad_(True)
@@ -115,22 +117,24 @@ def _allocations(chunk: int | None, sparse: bool, model_output: bool) -> tuple[l
     top = _sparse(t, 2.0)
     with _Allocations() as seen:
         if sparse:
-            soft, hard = sparse_kd_terms(s, *top, labels, 2.0, chunk=chunk)
+            soft, hard = sparse_kd_terms(s, *top, labels, 2.0, chunk=chunk, reverse=reverse)
         else:
-            soft, hard = dense_kd_terms(s, t, labels, 2.0, chunk=chunk)
+            soft, hard = dense_kd_terms(s, t, labels, 2.0, chunk=chunk, reverse=reverse)
         (grad,) = torch.autograd.grad(soft + hard, s)
     return seen.sizes, grad.data_ptr() == s.data_ptr()
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("sparse", [False, True])
-def test_chunks_allocate_nothing_vocabulary_sized(sparse):
-    whole, in_place = _allocations(0, sparse, model_output=True)
+def test_chunks_allocate_nothing_vocabulary_sized(sparse, reverse):
+    whole, in_place = _allocations(0, sparse, model_output=True, reverse=reverse)
     assert len([n for _, n in whole if n >= B * (T - 1) * V]) >= 4 and not in_place  # the float copy, softmaxes...
     chunk = 4
-    big, in_place = _allocations(chunk, sparse, model_output=True)
+    big, in_place = _allocations(chunk, sparse, model_output=True, reverse=reverse)
     assert [(f, n) for f, n in big if n > B * chunk * V] == [] and in_place  # a model's logits become their gradient
-    big, in_place = _allocations(chunk, sparse, model_output=False)  # a leaf is left as it is: one new gradient
+    # a leaf is left as it is: one new gradient
+    big, in_place = _allocations(chunk, sparse, model_output=False, reverse=reverse)
     assert [n for _, n in big if n > B * chunk * V] == [B * T * V] and not in_place
 
 

@@ -264,16 +264,17 @@ def test_teacher_cache_round_trip_and_refusal(tmp_path, teacher_dir, corpus_dir,
     )
     assert r.exit_code == 0, r.output
     manifest = json.loads((cache / "cache.json").read_text())
-    assert manifest["top_k"] == 8 and manifest["block_size"] == 64 and manifest["temperature"] == 2.0
+    # the default temperature is the default strategy's (reverse-kl: 1)
+    assert manifest["top_k"] == 8 and manifest["block_size"] == 64 and manifest["temperature"] == 1.0
     r = _distil(tmp_path, teacher_dir, corpus_dir, "--teacher-cache", cache, "--out", tmp_path / "s")
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "s" / "kdcode.json").read_text())
-    assert m["teacher_cache"]["top_k"] == 8 and m["training"]["final"]["soft"] >= 0
+    assert m["teacher_cache"]["top_k"] == 8 and m["training"]["final"]["reverse_kl"] >= 0
     # another block size, another temperature, a strategy that needs the live teacher: refused
     r = _distil(
-        tmp_path, teacher_dir, corpus_dir, "--teacher-cache", cache, "--out", tmp_path / "x", "--temperature", 1
+        tmp_path, teacher_dir, corpus_dir, "--teacher-cache", cache, "--out", tmp_path / "x", "--temperature", 2
     )
-    assert r.exit_code == 2 and "T=2.0" in r.output
+    assert r.exit_code == 2 and "T=1.0" in r.output
     r = _distil(
         tmp_path,
         teacher_dir,

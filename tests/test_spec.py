@@ -38,7 +38,7 @@ def test_run_spec_defaults() -> None:
     assert spec.teacher.trust_remote_code is False
     assert spec.student.layers == 6
     assert spec.student.init.name == "spread"
-    assert spec.strategy.name == "pretraining"
+    assert spec.strategy.name == "reverse-kl"
     assert spec.strategy.params == {}
     assert spec.data.source == "stdlib"
     assert spec.data.glob == "**/*.py"
@@ -55,9 +55,9 @@ def test_resolve_empty_equals_defaults() -> None:
 
 def test_default_spec_plugins_validate() -> None:
     strategy, init = validate_plugins(RunSpec())
-    assert type(strategy).__name__ == "PretrainingKD"
-    assert strategy.params.temperature == 2.0
-    assert (strategy.params.alpha_ce, strategy.params.alpha_clm) == (0.5, 0.5)
+    assert type(strategy).__name__ == "ReverseKL"
+    assert strategy.params.temperature == 1.0
+    assert (strategy.params.alpha_kd, strategy.params.alpha_clm) == (1.0, 0.5)
     assert type(init).__name__ == "Spread"
 
 

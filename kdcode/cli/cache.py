@@ -30,7 +30,8 @@ def cache_teacher(
     data_format: Annotated[str, typer.Option("--format", help="raw or py150.")] = "raw",
     block_size: Annotated[int, typer.Option(help="Tokens per block (must match the distil runs).")] = 256,
     top_k: Annotated[int, typer.Option(help="Teacher logits kept per position.")] = 64,
-    temperature: Annotated[float, typer.Option(help="Temperature of the stored soft targets.")] = 2.0,
+    temperature: Annotated[float | None, typer.Option(help="Temperature of the stored soft targets (default: what "
+                                                     "the default strategy asks for).")] = None,
     batch_size: Annotated[int, typer.Option(help="Blocks per teacher forward pass.")] = 8,
     max_blocks: Annotated[int | None, typer.Option(min=1, help="Cache only this many training blocks (a seeded "
                                                    "random sample; distil grows it when a run needs more).")] = None,
@@ -57,6 +58,8 @@ def cache_teacher(
     if max_blocks is not None and max_steps is not None:
         fail("give --max-blocks or --max-steps, not both")
     limit = max_blocks if max_steps is None else max_steps * train_batch_size
+    if temperature is None:
+        temperature = default_temperature()
     m = run_cache_teacher(teacher, spec, block_size, top_k, temperature, out, batch_size, overwrite,
                           max_blocks=limit)
     out_console().print(
@@ -64,6 +67,14 @@ def cache_teacher(
         f"{m['block_size']} tokens, "
         f"top-{m['top_k']} at T={m['temperature']}); use: kdcode distil --teacher {teacher} --teacher-cache {out}"
     )
+
+
+def default_temperature() -> float:
+    """The temperature a `distil` run with no strategy flags asks a teacher cache for."""
+    from kdcode.plugins import make_strategy
+    from kdcode.spec import StrategySpec
+
+    return float(make_strategy(StrategySpec().name, {}).params.temperature)
 
 
 def register(app: typer.Typer) -> None:

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 STRATEGIES: Registry[type[Strategy]] = Registry(
     "strategy", base="kdcode.strategies.base:Strategy", group="kdcode.strategies"
 )
+STRATEGIES.register("reverse-kl", "kdcode.strategies.reverse_kl:ReverseKL")
 STRATEGIES.register("pretraining", "kdcode.strategies.pretraining:PretrainingKD")
 STRATEGIES.register("in-training", "kdcode.strategies.in_training:InTrainingKD")
 STRATEGIES.register("hard-only", "kdcode.strategies.hard_only:HardOnly")

@@ -26,6 +26,13 @@ columns of both (the tokenizer's tokens): LM-head padding rows take part in no s
 
 Both return (soft, hard) as means over counted positions (labels != -100), equal to
 ``soft_kl``/``sparse_kl`` and ``causal_ce`` (golden tests compare values and gradients with autograd).
+
+``reverse=True`` swaps the soft term for the reverse KL (MiniLLM's mode-seeking divergence, kdcode's default):
+
+    soft = T^2 KL(q || p)                          d/ds_j = T q_j (d_j - sum_i q_i d_i),  d = log q - log p
+
+(from a cache: over the top-k buckets and the rest, d_j the log-ratio of j's bucket), equal to
+``generalised_jsd(beta=1)`` of :mod:`kdcode.strategies.jsd`.
 """
 
 from __future__ import annotations
@@ -120,6 +127,58 @@ def _sparse_grad(saved: tuple[torch.Tensor, ...], y: torch.Tensor, c_hard: torch
     return grad.scatter_add_(-1, ids, c_soft * (q_k * ratio - p))  # on the top k: T (q - p)
 
 
+def _dense_reverse_chunk(s_c: torch.Tensor, t_c: torch.Tensor, y: torch.Tensor, t: float) -> tuple[torch.Tensor, ...]:
+    """One chunk, reverse KL(q || p) against the teacher's logits: (kl, hard) per position and what its gradient
+    needs. ``d = s/T - t/T`` is log q - log p up to a per-position constant, which the gradient does not see."""
+    s = s_c.to(torch.float32, copy=True)
+    s_y = s.gather(-1, y)[..., 0]
+    u = t_c.float() / t
+    u = u.sub_(u.amax(-1, keepdim=True))
+    log_zp = torch.logsumexp(u, -1)  # log p = u - log_zp
+    d = torch.div(s, t).sub_(u)
+    m, e1, z1, e_t, z_t = _softmaxes(s, t)
+    hard = m[..., 0] + z1[..., 0].log() - s_y
+    q_d = torch.linalg.vecdot(e_t, d) / z_t[..., 0]  # sum_j q_j d_j
+    # log q_j - log p_j = d_j - m / T - log z_T + log z_p, and sum_j q_j = 1
+    kl = q_d - m[..., 0] / t - z_t[..., 0].log() + log_zp
+    return kl, hard, (e1, z1, e_t, z_t, d, q_d)
+
+
+def _dense_reverse_grad(saved: tuple[torch.Tensor, ...], y: torch.Tensor, c_hard: torch.Tensor, c_soft: torch.Tensor):
+    e1, z1, e_t, z_t, d, q_d = saved
+    grad = _student_grad(e1, z1, e_t, z_t, y, c_hard, -c_soft * q_d[..., None])  # T q_j (d_j - sum_i q_i d_i)
+    return grad.addcmul_(e_t.mul(c_soft / z_t), d)
+
+
+def _sparse_reverse_chunk(
+    s_c: torch.Tensor, topk_logits: torch.Tensor, topk_ids: torch.Tensor, lse: torch.Tensor, y: torch.Tensor, t: float
+) -> tuple[torch.Tensor, ...]:
+    """One chunk, reverse KL over the teacher's top k tokens and one bucket for the rest of the vocabulary (a lower
+    bound of the full reverse KL, exact when k is the vocabulary): (kl, hard) and what its gradient needs."""
+    s = s_c.to(torch.float32, copy=True)
+    s_y = s.gather(-1, y)[..., 0]
+    ids = topk_ids.long()
+    s_k = s.gather(-1, ids)
+    m, e1, z1, e_t, z_t = _softmaxes(s, t)
+    hard = m[..., 0] + z1[..., 0].log() - s_y
+    log_p = topk_logits.float() / t - lse.float()[..., None]
+    p_rest = (1 - log_p.exp().sum(-1)).clamp(min=1e-12)
+    log_q = s_k / t - (m / t + z_t.log())
+    q_k = log_q.exp()
+    q_rest = (1 - q_k.sum(-1)).clamp(min=1e-12)
+    d_k = log_q - log_p  # log q - log p per bucket: the top k, then the rest
+    d_rest = q_rest.log() - p_rest.log()
+    kl = (q_k * d_k).sum(-1) + q_rest * d_rest
+    return kl, hard, (e1, z1, e_t, z_t, ids, q_k, d_k, d_rest, kl)
+
+
+def _sparse_reverse_grad(saved: tuple[torch.Tensor, ...], y: torch.Tensor, c_hard: torch.Tensor, c_soft: torch.Tensor):
+    e1, z1, e_t, z_t, ids, q_k, d_k, d_rest, kl = saved
+    # T q_j (d_b(j) - kl), d_b(j) the log-ratio of j's bucket: the rest's off the top k, then the top k's own
+    grad = _student_grad(e1, z1, e_t, z_t, y, c_hard, c_soft * (d_rest - kl)[..., None])
+    return grad.scatter_add_(-1, ids, c_soft * q_k * (d_k - d_rest[..., None]))
+
+
 def _student_grad(e1, z1, e_t, z_t, y, c_hard, c_soft_scaled) -> torch.Tensor:
     """c_hard * (softmax(s) - onehot(y)) + c_soft_scaled * softmax(s/T); the caller adds its teacher part."""
     grad = e1.mul(c_hard / z1)
@@ -202,12 +261,14 @@ def dense_kd_terms(
     temperature: float,
     vocab: int | None = None,
     chunk: int | None = None,
+    reverse: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(T^2 KL(softmax(t/T) || softmax(s/T)), CE(s, y)) over the first ``vocab`` tokens; the teacher gets no
-    gradient. ``chunk``: positions per chunk (None: automatic, 0: one pass)."""
+    gradient. ``chunk``: positions per chunk (None: automatic, 0: one pass). ``reverse``: T^2 KL(q || p) instead."""
     vocab = _vocab(s_logits, t_logits.size(-1), vocab)
     t = t_logits.detach()[:, :-1, :vocab]
-    return _apply(s_logits, labels, temperature, vocab, chunk, _dense_chunk, _dense_grad, t)
+    fns = (_dense_reverse_chunk, _dense_reverse_grad) if reverse else (_dense_chunk, _dense_grad)
+    return _apply(s_logits, labels, temperature, vocab, chunk, *fns, t)
 
 
 def sparse_kd_terms(
@@ -219,8 +280,11 @@ def sparse_kd_terms(
     temperature: float,
     vocab: int | None = None,
     chunk: int | None = None,
+    reverse: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sparse T^2 KL over the teacher's top k + a rest bucket, CE(s, y)) from cached soft targets."""
+    """(sparse T^2 KL over the teacher's top k + a rest bucket, CE(s, y)) from cached soft targets (``reverse``:
+    the buckets' reverse KL)."""
     vocab = _vocab(s_logits, None, vocab)
     teacher = (topk_logits[:, :-1], topk_ids[:, :-1], lse[:, :-1])
-    return _apply(s_logits, labels, temperature, vocab, chunk, _sparse_chunk, _sparse_grad, *teacher)
+    fns = (_sparse_reverse_chunk, _sparse_reverse_grad) if reverse else (_sparse_chunk, _sparse_grad)
+    return _apply(s_logits, labels, temperature, vocab, chunk, *fns, *teacher)

@@ -63,11 +63,13 @@ def logit_terms(
     temperature: float,
     vocab: int | None = None,
     chunk: int | None = None,
+    reverse: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(soft KL, hard CE) in one fused pass over the first ``vocab`` tokens: against a live teacher's logits or
-    cached top-k soft targets, ``chunk`` positions at a time (:mod:`kdcode.strategies.fused`)."""
+    cached top-k soft targets, ``chunk`` positions at a time (:mod:`kdcode.strategies.fused`); ``reverse``: the
+    soft term is KL(student || teacher)."""
     from kdcode.strategies.sparse import SparseTargets, sparse_kd_terms
 
     if isinstance(teacher, SparseTargets):
-        return sparse_kd_terms(s_logits, teacher, labels, temperature, vocab, chunk)
-    return dense_kd_terms(s_logits, teacher.logits, labels, temperature, vocab, chunk)
+        return sparse_kd_terms(s_logits, teacher, labels, temperature, vocab, chunk, reverse)
+    return dense_kd_terms(s_logits, teacher.logits, labels, temperature, vocab, chunk, reverse)

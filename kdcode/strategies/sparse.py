@@ -49,12 +49,15 @@ def sparse_kd_terms(
     temperature: float,
     vocab: int | None = None,
     chunk: int | None = None,
+    reverse: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sparse KL as in :func:`sparse_kl`, hard next-token CE) over the first ``vocab`` tokens, fused and chunked
-    (:mod:`kdcode.strategies.fused`)."""
+    (:mod:`kdcode.strategies.fused`); ``reverse``: the buckets' reverse KL(q || p)."""
     if not math.isclose(temperature, targets.temperature, rel_tol=1e-6):
         raise KdcodeError(
             f"the teacher cache holds soft targets at T={targets.temperature}, the strategy asks for "
             f"T={temperature}; pass --temperature {targets.temperature} or rebuild the cache"
         )
-    return fused(s_logits, targets.topk_logits, targets.topk_ids, targets.lse, labels, temperature, vocab, chunk)
+    return fused(
+        s_logits, targets.topk_logits, targets.topk_ids, targets.lse, labels, temperature, vocab, chunk, reverse
+    )
