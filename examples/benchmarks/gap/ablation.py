@@ -41,11 +41,12 @@ THIRD_PARTY = ("rich", "click", "typer", "pydantic", "jinja2", "packaging", "url
                "starlette", "tqdm", "fsspec", "networkx")
 STEPS = 400  # ~ what the old default 8-minute budget gave on an idle 2-core CPU (413 steps measured, bf16 on AMX)
 BASE_LR = 5e-4  # the default peak lr when the ablation began: every row is one change from that default
+BASE_STRATEGY = "pretraining"  # and its strategy (forward KL T=2; the default became reverse-kl after these rows)
 SAMPLES = 500
 
 # name -> (spec overrides on top of the default, what the row changes). Order: most informative first.
 ROWS: dict[str, tuple[dict[str, Any], str]] = {
-    "default": ({}, "today's default: 6L spread, pretraining KD T=2 a_ce=a_clm=0.5, lr 5e-4, 400 steps"),
+    "default": ({}, "the old default: 6L spread, pretraining KD T=2 a_ce=a_clm=0.5, lr 5e-4, 400 steps"),
     "hard-only": ({"strategy": {"name": "hard-only"}}, "no KD, same init and budget (the control)"),
     "cache-2x": ({"train": {"max_steps": 2 * STEPS}, "teacher_cache": "{cache}"}, "teacher cache, 2x the steps"),
     "cache-4x": ({"train": {"max_steps": 4 * STEPS}, "teacher_cache": "{cache}"}, "teacher cache, 4x the steps"),
@@ -81,6 +82,15 @@ ROWS: dict[str, tuple[dict[str, Any], str]] = {
                          "reverse KL (MiniLLM), seed 1"),
     "reverse-kl-lr-1e-3": ({"strategy": {"name": "jsd", "params": {"beta": 1.0, "alpha_clm": 0.5}},
                             "train": {"lr": 1e-3}}, "reverse KL (MiniLLM), peak lr 1e-3"),
+    "reverse-kl-lr-1e-3-seed1": ({"strategy": {"name": "jsd", "params": {"beta": 1.0, "alpha_clm": 0.5}},
+                                  "train": {"lr": 1e-3, "seed": 1}}, "reverse KL (MiniLLM), peak lr 1e-3, seed 1"),
+    "hard-only-lr-1e-3-seed1": ({"strategy": {"name": "hard-only"}, "train": {"lr": 1e-3, "seed": 1}},
+                                "hard-only at peak lr 1e-3, seed 1"),
+    # the 15-minute default's 618 steps, bound by steps (a second seed of the timed no-flag runs)
+    "forward-kl-618-seed1": ({"train": {"lr": 1e-3, "max_steps": 618, "seed": 1}},
+                             "forward KL (the default until issue 20), lr 1e-3, 618 steps, seed 1"),
+    "reverse-kl-618-seed1": ({"strategy": {"name": "reverse-kl"}, "train": {"lr": 1e-3, "max_steps": 618, "seed": 1}},
+                             "reverse KL (today's default), lr 1e-3, 618 steps, seed 1"),
 }
 
 
@@ -140,6 +150,7 @@ def run_row(name: str, overrides: dict[str, Any], out: Path, sets: dict[str, Pat
     data = json.loads(text)
     data.setdefault("train", {})
     data["train"] = {"max_steps": STEPS, "lr": BASE_LR, **data["train"]}
+    data["strategy"] = {"name": BASE_STRATEGY, **data.get("strategy", {})}
     spec = resolve_run_spec({"out": str(folder)}, data, f"row {name}")
     if spec.teacher_cache and not (cache / "cache.json").exists():
         from kdcode.train.distil import run_cache_teacher
