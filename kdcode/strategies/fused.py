@@ -99,20 +99,29 @@ def _dense_grad(saved: tuple[torch.Tensor, ...], y: torch.Tensor, c_hard: torch.
     return grad.addcmul_(p, -c_soft)
 
 
-def _sparse_chunk(
+def _sparse_common(
     s_c: torch.Tensor, topk_logits: torch.Tensor, topk_ids: torch.Tensor, lse: torch.Tensor, y: torch.Tensor, t: float
 ) -> tuple[torch.Tensor, ...]:
-    """One chunk against cached top-k targets: (kl, hard) per position and what its gradient needs."""
+    """What both sparse chunks start from: the student's softmaxes, the hard CE, and the teacher's and the student's
+    log-probs at T on the teacher's top k."""
     s = s_c.to(torch.float32, copy=True)
     s_y = s.gather(-1, y)[..., 0]
     ids = topk_ids.long()
     s_k = s.gather(-1, ids)
     m, e1, z1, e_t, z_t = _softmaxes(s, t)
     hard = m[..., 0] + z1[..., 0].log() - s_y
-    log_p = topk_logits.float() / t - lse.float()[..., None]  # teacher log-probs on its top k
+    log_p = topk_logits.float() / t - lse.float()[..., None]
+    log_q = s_k / t - (m / t + z_t.log())
+    return e1, z1, e_t, z_t, ids, hard, log_p, log_q
+
+
+def _sparse_chunk(
+    s_c: torch.Tensor, topk_logits: torch.Tensor, topk_ids: torch.Tensor, lse: torch.Tensor, y: torch.Tensor, t: float
+) -> tuple[torch.Tensor, ...]:
+    """One chunk against cached top-k targets: (kl, hard) per position and what its gradient needs."""
+    e1, z1, e_t, z_t, ids, hard, log_p, log_q = _sparse_common(s_c, topk_logits, topk_ids, lse, y, t)
     p = log_p.exp()
     p_rest = (1 - p.sum(-1)).clamp(min=0)
-    log_q = s_k / t - (m / t + z_t.log())  # student log-probs at T on the teacher's top k
     q_k = log_q.exp()
     q_rest = (1 - q_k.sum(-1)).clamp(min=1e-12)
     kl = (p * (log_p - log_q)).sum(-1)
@@ -155,15 +164,8 @@ def _sparse_reverse_chunk(
 ) -> tuple[torch.Tensor, ...]:
     """One chunk, reverse KL over the teacher's top k tokens and one bucket for the rest of the vocabulary (a lower
     bound of the full reverse KL, exact when k is the vocabulary): (kl, hard) and what its gradient needs."""
-    s = s_c.to(torch.float32, copy=True)
-    s_y = s.gather(-1, y)[..., 0]
-    ids = topk_ids.long()
-    s_k = s.gather(-1, ids)
-    m, e1, z1, e_t, z_t = _softmaxes(s, t)
-    hard = m[..., 0] + z1[..., 0].log() - s_y
-    log_p = topk_logits.float() / t - lse.float()[..., None]
+    e1, z1, e_t, z_t, ids, hard, log_p, log_q = _sparse_common(s_c, topk_logits, topk_ids, lse, y, t)
     p_rest = (1 - log_p.exp().sum(-1)).clamp(min=1e-12)
-    log_q = s_k / t - (m / t + z_t.log())
     q_k = log_q.exp()
     q_rest = (1 - q_k.sum(-1)).clamp(min=1e-12)
     d_k = log_q - log_p  # log q - log p per bucket: the top k, then the rest
