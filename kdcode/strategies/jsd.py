@@ -22,17 +22,22 @@ from kdcode.strategies.base import Strategy, TemperatureParams
 from kdcode.strategies.losses import causal_ce, masked_mean, shift
 
 
-class JSDParams(TemperatureParams):
+class DivergenceParams(TemperatureParams):
+    """A divergence on logits at T plus the hard loss (``jsd``, ``reverse-kl``)."""
+
     temperature: float = Field(1.0, gt=0, description="softmax temperature T (T0 of a schedule)")
-    beta: float = Field(0.5, ge=0, le=1, description="0 = forward KL, 1 = reverse KL, between: generalised JSD")
     alpha_kd: float = Field(1.0, ge=0, description="weight of the divergence")
     alpha_clm: float = Field(0.0, ge=0, description="weight of the hard causal-LM loss")
 
     @model_validator(mode="after")
-    def _some_weight(self) -> JSDParams:
+    def _some_weight(self) -> DivergenceParams:
         if self.alpha_kd == 0 and self.alpha_clm == 0:
             raise ValueError("alpha_kd and alpha_clm are both zero: nothing to learn from")
         return self
+
+
+class JSDParams(DivergenceParams):
+    beta: float = Field(0.5, ge=0, le=1, description="0 = forward KL, 1 = reverse KL, between: generalised JSD")
 
 
 def generalised_jsd(

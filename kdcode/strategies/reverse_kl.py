@@ -14,22 +14,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from kdcode.strategies.base import Strategy, TemperatureParams
+from kdcode.strategies.base import Strategy
+from kdcode.strategies.jsd import DivergenceParams
 from kdcode.strategies.pretraining import logit_terms
 
 
-class ReverseKLParams(TemperatureParams):
-    temperature: float = Field(1.0, gt=0, description="softmax temperature T of both distributions")
-    alpha_kd: float = Field(1.0, ge=0, description="weight of the reverse KL")
+class ReverseKLParams(DivergenceParams):
     alpha_clm: float = Field(0.5, ge=0, description="weight of the hard causal-LM loss")
-
-    @model_validator(mode="after")
-    def _some_weight(self) -> ReverseKLParams:
-        if self.alpha_kd == 0 and self.alpha_clm == 0:
-            raise ValueError("alpha_kd and alpha_clm are both zero: nothing to learn from")
-        return self
 
 
 class ReverseKL(Strategy):
