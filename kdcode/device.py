@@ -55,25 +55,77 @@ def model_device(model: Any) -> Any:
 
 
 def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what ``platform`` says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
     return platform.processor() or platform.machine()
 
 
 def describe_device(device: Any) -> str:
-    """``cuda:<GPU name>`` or ``cpu:<processor>``, as manifests and reports record it."""
+    """``cuda:<GPU name>`` or ``cpu:<processor> [<instruction sets>]``, as manifests and reports record it: the
+    instruction sets decide kernels, so they travel with every figure."""
     import torch
 
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    return f"cpu:{cpu_name()}"
+    return f"cpu:{cpu_name()} [{' '.join(cpu_features()) or 'no AVX2'}]"
+
+
+# /proc/cpuinfo flags that change kdcode's results or speed, by the name reports give them
+CPU_FEATURES = {
+    "avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16", "avx512_vnni": "AVX512-VNNI",
+    "avx_vnni": "AVX-VNNI", "amx_bf16": "AMX-BF16", "amx_int8": "AMX-INT8",
+}
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's flags as /proc/cpuinfo lists them (empty where there is no such file)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_features() -> list[str]:
+    """The instruction sets that decide kernels here: e.g. ``["AVX2", "AVX-512", "AVX512-VNNI", "AMX-BF16"]``."""
+    flags = cpu_flags()
+    return [name for flag, name in CPU_FEATURES.items() if flag in flags]
 
 
 def cpu_has_bf16() -> bool:
     """True when the CPU runs bf16 matmuls natively (AMX or AVX512-BF16); else autocast is a slowdown."""
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+
+
+def cpu_has_int8_dot() -> bool:
+    """True when the CPU has int8 dot-product instructions (VNNI or AMX-INT8), what makes 8-bit matmuls pay."""
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
+
+
+def torch_kernels() -> str:
+    """The vector instruction set ATen's CPU kernels dispatch to (``DEFAULT``, ``AVX2``, ``AVX512``, ...): the
+    same command gives other low bits on another path."""
+    import torch
+
     try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+        return str(torch.backends.cpu.get_cpu_capability())
+    except AttributeError:  # pragma: no cover - torch < 2.1
+        return "unknown"
+
+
+def machine_line() -> str:
+    """One line naming what a figure was measured on: CPU, its instruction sets, torch's kernels, threads."""
+    import torch
+
+    features = " ".join(cpu_features()) or "no AVX2"
+    return f"{cpu_name()} [{features}] torch kernels {torch_kernels()}, {torch.get_num_threads()} threads"
 
 
 def rss_mb() -> float:

@@ -19,7 +19,9 @@ from kdcode import __version__
 from kdcode.errors import KdcodeError
 from kdcode.hub import HUB_URL, hub_status  # noqa: F401 - doctor reports it
 
-LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "datasets")
+# the libraries whose versions change kdcode's results or what it can load and run; optional ones say "not installed"
+LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "datasets", "accelerate", "numpy", "gguf",
+             "onnxruntime", "llama_cpp_python")
 _TRUE = ("1", "true", "yes", "on")
 
 
@@ -33,25 +35,18 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def device_info() -> dict[str, Any]:
     import torch
 
-    from kdcode.device import cpu_has_bf16
+    from kdcode.device import cpu_features, cpu_has_bf16, cpu_has_int8_dot, cpu_name, torch_kernels
 
     cuda = torch.cuda.is_available()
     return {
         "device": f"cuda:{torch.cuda.get_device_name()}" if cuda else "cpu",
-        "cpu": cpu_model(),
+        "cpu": cpu_name(),
+        "cpu_features": cpu_features(),
+        "torch_kernels": torch_kernels(),
+        "int8_dot_cpu": cpu_has_int8_dot(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "bf16_cpu": cpu_has_bf16(),
@@ -119,6 +114,9 @@ def rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     out += [
         ("device", report["device"]),
         ("cpu", f"{report['cpu']} ({report['cpu_count']} cores)"),
+        ("cpu instruction sets", " ".join(report["cpu_features"]) or "none of AVX2/AVX-512/VNNI/AMX"),
+        ("torch kernels", report["torch_kernels"]),
+        ("int8 dot products (cpu)", yes_no(report["int8_dot_cpu"])),
         ("torch threads", str(report["torch_threads"])),
         ("bf16 (cpu native)", yes_no(report["bf16_cpu"])),
         ("bf16 (cuda)", yes_no(report["bf16_cuda"])),

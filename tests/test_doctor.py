@@ -8,6 +8,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+import torch
 from conftest import make_gpt2
 from typer.testing import CliRunner
 
@@ -38,7 +39,15 @@ def test_report_json(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     report = json.loads(path.read_text())
     assert set(report["versions"]) == {"python", "kdcode", "torch", "transformers", "tokenizers", "safetensors",
-                                       "datasets"}  # fmt: skip
+                                       "datasets", "accelerate", "numpy", "gguf", "onnxruntime",
+                                       "llama_cpp_python"}  # fmt: skip
+    assert report["versions"]["torch"] == torch.__version__
+    flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":")[1].split())
+    assert ("AVX2" in report["cpu_features"]) == ("avx2" in flags)
+    assert ("AVX-512" in report["cpu_features"]) == ("avx512f" in flags)
+    assert ("AMX-BF16" in report["cpu_features"]) == ("amx_bf16" in flags)
+    assert report["int8_dot_cpu"] == bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)
+    assert report["torch_kernels"] == torch.backends.cpu.get_cpu_capability()
     assert report["versions"]["kdcode"] == __version__
     assert report["device"] in ("cpu",) or report["device"].startswith("cuda:")
     assert isinstance(report["torch_threads"], int) and report["torch_threads"] >= 1
@@ -56,7 +65,7 @@ def test_report_table(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     r = doctor()
     assert r.exit_code == 0, r.output
-    for label in ("python", "transformers", "device", "torch threads", "bf16 (cpu native)", "bundled teacher",
+    for label in ("python", "transformers", "device", "cpu instruction sets", "torch kernels", "torch threads", "bf16 (cpu native)", "bundled teacher",
                   "HF cache", "offline (HF_HUB_OFFLINE=1)"):  # fmt: skip
         assert label in r.output
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing as mp
-import platform
 import statistics
 import time
 from typing import Any
 
+from kdcode.device import cpu_features, cpu_name, torch_kernels
 from kdcode.errors import KdcodeError
 from kdcode.spec import BenchSpec
 
@@ -138,7 +138,9 @@ class Runner:
             "batch_size": self.spec.batch_size,
             "context_tokens": self.context,
             "device": self.device.type if self.device.type == "cpu" else lm.runtime["device"],
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": cpu_name(),
+            "cpu_features": cpu_features(),
+            "torch_kernels": torch_kernels(),
             "dtype": lm.runtime["dtype"],
             "threads": lm.runtime["threads"],
             "backend": lm.runtime.get("backend", "torch"),
