@@ -59,6 +59,9 @@ class Loaded:
         }
         if self.hub:
             out["hub"] = {k: self.hub[k] for k in ("id", "revision", "requested_revision", "weights_sha256")}
+        source = (self.manifest or {}).get("source") if (self.manifest or {}).get("kind") == "gguf-import" else None
+        if source:
+            out["gguf"] = source  # the file the weights were dequantized from: path, sha256, quantization, arch
         else:
             out["weights_sha256"] = {p.name: sha256_file(p) for p in weight_files(self.path)} if self.path else None
         return out
@@ -123,7 +126,13 @@ def check_depth(name: str, layers: int, revision: str | None = None) -> None:
 
 
 def resolve_path(name: str) -> Path | None:
-    """The local folder ``name`` refers to, or None when it must be a hub id."""
+    """The local folder ``name`` refers to, or None when it must be a hub id. A GGUF source (``FILE.gguf``, a folder
+    holding one, ``ollama:NAME[:TAG]``, ``smollm2``) is its dequantized folder in kdcode's cache, made once."""
+    from kdcode.gguf_source import gguf_file, import_folder
+
+    gguf = gguf_file(name)
+    if gguf is not None:
+        return import_folder(gguf)
     if name == BUNDLED:
         path = bundled_path()
         if not (path / "config.json").is_file():

@@ -77,7 +77,7 @@ class StrategySpec(PluginSpec):
 class InitSpec(PluginSpec):
     """Student-init scheme (see `kdcode list`)."""
 
-    name: str = "spread"
+    name: str = "auto"
 
 
 class StudentSpec(_Spec):

@@ -61,7 +61,7 @@ def load_for_inference(
     backend = detect_backend(name) if rt.backend == "auto" else rt.backend
     if backend != "torch":
         return load_backend(name, backend, device, dtype, threads, verify)
-    if detect_backend(name) != "torch":
+    if detect_backend(name) == "onnxruntime":
         raise KdcodeError(f"{name} is a {detect_backend(name)} model; run it with --backend {detect_backend(name)}")
     dev = resolve_device(device)
     wanted = torch_dtype(dtype)

@@ -183,6 +183,8 @@ class Init:
     Params: ClassVar[type[InitParams]] = InitParams
     #: False for inits that copy teacher blocks (they need the teacher's width)
     allows_width_change: ClassVar[bool] = False
+    #: True for inits that measure the teacher on calibration blocks (:meth:`prepare`) before :meth:`build`
+    needs_calibration: ClassVar[bool] = False
 
     def __init__(self, params: InitParams | None = None, **kwargs: Any) -> None:
         self.params = params if params is not None else self.Params(**kwargs)
@@ -198,6 +200,10 @@ class Init:
     ) -> tuple[torch.nn.Module, list[int | None]]:
         """A student with ``layers`` blocks and the map of the teacher blocks it was made from."""
         raise NotImplementedError
+
+    def prepare(self, teacher: torch.nn.Module, calibration: torch.Tensor, layers: int) -> None:
+        """Measure what the scheme needs on ``calibration`` (token blocks of the training data) before
+        :meth:`build`; called by distil when :attr:`needs_calibration` is set. Records go to ``self.origin``."""
 
 
 class LayerCopyInit(Init):

@@ -70,9 +70,12 @@ def run_distil(spec: RunSpec, overwrite: bool = False, resume: bool = False) -> 
     _check_teacher(spec, strategy, teacher)
     corpus = load_corpus(spec.data)
     cache, blocks, valid_blocks = _training_blocks(spec, strategy, teacher, corpus, transform)
+    if init.needs_calibration:
+        init.prepare(teacher.model, calibration_blocks(blocks, spec.train.seed), spec.student.layers)
     student, layer_map = init.build(
         teacher.model, spec.student.layers, spec.student.hidden_size, spec.student.heads, tokenizer=teacher.tokenizer
     )
+    start = _loss_before_training(spec, init, teacher.model, student, layer_map, valid_blocks)
     check_vocab(student, teacher.tokenizer, "the student")
     check_round_trip(student, teacher.tokenizer)
     _hold_teacher(spec, strategy, teacher.model)  # after the init: the student copies the weights as stored
@@ -87,7 +90,8 @@ def run_distil(spec: RunSpec, overwrite: bool = False, resume: bool = False) -> 
         "spec": spec.model_dump(mode="json"),
         "teacher": teacher.describe(),
         "strategy": {"name": spec.strategy.name, "params": strategy.params.model_dump()},
-        "init": {"name": spec.student.init.name, "params": init.params.model_dump(), "origin": init.origin},
+        "init": {"name": spec.student.init.name, "params": init.params.model_dump(), "origin": init.origin,
+                 "before_training": start},
         "layer_map": layer_map,
         "model": {
             "n_layer": student.config.num_hidden_layers,
@@ -103,6 +107,44 @@ def run_distil(spec: RunSpec, overwrite: bool = False, resume: bool = False) -> 
     record_layout(manifest, heads_per_layer(student), f"init {spec.student.init.name} {init.params.model_dump()}")
     save_trained(out, student, teacher.tokenizer, manifest, overwrite, result, run)
     return out, manifest
+
+
+def calibration_blocks(blocks: Any, seed: int, n: int = 256) -> Any:
+    """Up to ``n`` training blocks in a fixed random order: what an init measures the teacher on."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return blocks[torch.randperm(len(blocks), generator=g)[:n]]
+
+
+def _loss_before_training(spec: RunSpec, init: Any, teacher: Any, student: Any, layer_map: list[int | None],
+                          valid_blocks: Any) -> dict[str, Any] | None:
+    """The held-out loss of the student as initialised and of the teacher (same blocks), printed as distil's first
+    line and recorded in the manifest: an init that starts near uniform shows here, before any step is paid."""
+    import math
+    import sys
+
+    from kdcode.evaluation.perplexity import held_out_loss
+
+    if len(valid_blocks) == 0:
+        return None
+    device = next(teacher.parameters()).device
+    n = min(len(valid_blocks), max(spec.train.batch_size, 1) * 2)
+    loss = {name: round(held_out_loss(model, valid_blocks[:n], spec.train.batch_size, None, device), 4)
+            for name, model in (("student", student), ("teacher", teacher))}
+    out = {"held_out_loss": loss["student"], "teacher_held_out_loss": loss["teacher"],
+           "uniform_loss": round(math.log(student.config.vocab_size), 4), "tokens": int(valid_blocks[:n].numel())}
+    measured = (init.origin or {}).get("measured") or {}
+    extra = ""
+    if "spread_calibration_loss" in measured:
+        extra = f"; calibration loss {measured['calibration_loss']} vs spread {measured['spread_calibration_loss']}"
+    elif "calibration_loss" in measured:
+        extra = f"; calibration loss {measured['calibration_loss']}"
+    kept = [j for j in layer_map if j is not None]
+    print(f"init {spec.student.init.name}: teacher blocks {kept}; held-out loss before training {out['held_out_loss']}"
+          f" (teacher {out['teacher_held_out_loss']}, uniform {out['uniform_loss']}, {out['tokens']} tokens){extra}",
+          file=sys.stderr, flush=True)
+    return out
 
 
 def _check_cache_path(spec: RunSpec, out: Path) -> None:

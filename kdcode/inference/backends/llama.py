@@ -233,8 +233,8 @@ def load_gguf(path: Path, threads: int, verify: bool) -> tuple[LlamaModel, Any, 
         import gguf
         import llama_cpp  # noqa: F401
     except ImportError as exc:
-        raise KdcodeError("the llama.cpp backend needs llama-cpp-python and gguf: pip install 'kdcode[llamacpp]'") \
-            from exc
+        raise KdcodeError("the llama.cpp backend needs llama-cpp-python and gguf: pip install 'kdcode[llamacpp]', or "
+                          "run the GGUF dequantized in torch with --backend torch") from exc
 
     from kdcode.artifacts import sha256_file
     from kdcode.export.gguf_file import gguf_manifest, read_fields
