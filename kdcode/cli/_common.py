@@ -1,5 +1,9 @@
 """What every command shares: error handling (one line, or the traceback with ``--debug``), the option
-declarations used by several commands, the one flag-to-spec override helper, tables and JSON output."""
+declarations used by several commands, the one flag-to-spec override helper, tables and JSON output.
+
+Every message is printed as text: the consoles here never read Rich markup, so a path or a model name holding
+``[/b]`` prints as it is, as does ``pip install 'kdcode[onnx]'``; colour comes from :func:`styled` (a Rich
+``Text``), never from tags inside a message."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from kdcode.errors import KdcodeDeprecation, KdcodeError
 
@@ -24,23 +29,30 @@ PIPE_WIDTH = 400
 
 
 def out_console() -> Console:
-    """stdout; as wide as any table needs when it is not a terminal (a pipe, a file, CI)."""
-    console = Console()
-    return console if console.is_terminal else Console(width=PIPE_WIDTH)
+    """stdout, printing text as it is (no markup); as wide as any table needs when it is not a terminal (a pipe,
+    a file, CI)."""
+    console = Console(markup=False, highlight=False)
+    return console if console.is_terminal else Console(width=PIPE_WIDTH, markup=False, highlight=False)
 
 
 def err_console() -> Console:
-    return Console(stderr=True, soft_wrap=True, highlight=False)
+    """stderr, printing text as it is (no markup)."""
+    return Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
+
+
+def styled(label: str, style: str, rest: str = "") -> Text:
+    """A message line: ``label`` in ``style`` (e.g. "green"), then ``rest``; both are text, never markup."""
+    return Text.assemble((label, style), f" {rest}" if rest else "")
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     """One ``error:`` line on stderr, then exit with ``code``."""
-    err_console().print(f"[bold red]error:[/] {message}", highlight=False)
+    err_console().print(styled("error:", "bold red", message))
     raise typer.Exit(code=code)
 
 
 def warn(message: str) -> None:
-    err_console().print(f"[yellow]warning:[/] {message}", highlight=False)
+    err_console().print(styled("warning:", "yellow", message))
 
 
 def _one_line(exc: BaseException) -> str:
@@ -143,14 +155,13 @@ def write_json(path: Path | None, data: Any) -> None:
 
 
 def metrics_table(title: str, rows: list[tuple[str, dict[str, Any]]], columns: list[tuple[str, str]]) -> Table:
-    from rich.markup import escape
-
-    table = Table(title=escape(title))  # "[min-max]" is text, not a markup tag
+    """Cells are Text: "[min-max]" and a model path with brackets print as they are, on any console."""
+    table = Table(title=Text(title))
     table.add_column("model")
     for _, header in columns:
         table.add_column(header, justify="right")
     for label, row in rows:
-        table.add_row(escape(label), *("" if row.get(k) is None else escape(str(row.get(k))) for k, _ in columns))
+        table.add_row(Text(label), *(Text("" if row.get(k) is None else str(row.get(k))) for k, _ in columns))
     return table
 
 

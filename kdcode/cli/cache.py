@@ -18,6 +18,7 @@ from kdcode.cli._common import (
     handle_errors,
     out_console,
     overrides,
+    styled,
 )
 
 
@@ -62,11 +63,11 @@ def cache_teacher(
         temperature = default_temperature()
     m = run_cache_teacher(teacher, spec, block_size, top_k, temperature, out, batch_size, overwrite,
                           max_blocks=limit)
-    out_console().print(
-        f"[green]teacher cache written to[/] {out}  ({m['blocks']} of {m['total_blocks']} training blocks of "
+    out_console().print(styled(
+        "teacher cache written to", "green", f"{out}  ({m['blocks']} of {m['total_blocks']} training blocks of "
         f"{m['block_size']} tokens, "
         f"top-{m['top_k']} at T={m['temperature']}); use: kdcode distil --teacher {teacher} --teacher-cache {out}"
-    )
+    ))
 
 
 def default_temperature() -> float:

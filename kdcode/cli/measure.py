@@ -32,6 +32,7 @@ from kdcode.cli._common import (
     overrides,
     record_metrics,
     runtime_flags,
+    styled,
     write_json,
 )
 
@@ -132,7 +133,7 @@ def eval_cmd(
         console = out_console()
         console.print(metrics_table(title, rows, EVAL_COLUMNS))
         if result.get("verified") is None:
-            console.print("[yellow]note:[/] no kdcode.json manifest: weights unverified")
+            console.print(styled("note:", "yellow", "no kdcode.json manifest: weights unverified"))
     write_json(json_out, result)
     if record:
         name, keys = ("infill", RECORDED_INFILL) if spec.task == "infill" else ("eval", RECORDED_EVAL)
@@ -200,7 +201,7 @@ def bench(
             )
         )
         if compare:
-            console.print(ratio_line(compare, result["ratios"]), highlight=False)
+            console.print(ratio_line(compare, result["ratios"]))
     write_json(json_out, result)
     if record:
         record_metrics(model, "bench", {k: v for k, v in result.items() if k != "compare"})

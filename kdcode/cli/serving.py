@@ -137,7 +137,7 @@ def serve(
         import fastapi  # noqa: F401
         import uvicorn
     except ImportError:
-        fail("kdcode serve needs FastAPI and uvicorn: pip install 'kdcode\\[serve]'")  # \\[ escapes rich markup
+        fail("kdcode serve needs FastAPI and uvicorn: pip install 'kdcode[serve]'")
     from kdcode.inference.engine import load_engine
     from kdcode.inference.server import create_app
 
