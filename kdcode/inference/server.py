@@ -1,9 +1,9 @@
 """A completion server over one local model, in the shapes editors speak (FastAPI + uvicorn:
 ``pip install 'kdcode[serve]'``). One handler per endpoint shape:
 
-- ``POST /v1/completions`` — OpenAI's completions (``model``, optional: the served one, ``prompt`` as a string or a list of strings,
-  ``suffix``, ``max_tokens``, ``temperature``, ``stop``, ``n``, ``best_of``, ``seed``, ``stream``,
-  ``stream_options``), answered in its response shape or as server-sent events ending with ``data: [DONE]``.
+- ``POST /v1/completions`` — OpenAI's completions (``model``, optional: the served one; ``prompt`` as a string
+  or a list of strings, ``suffix``, ``max_tokens``, ``temperature``, ``stop``, ``n``, ``best_of``, ``seed``,
+  ``stream``, ``stream_options``), answered in its response shape or as server-sent events ending with ``data: [DONE]``.
 - ``POST /infill`` — llama.cpp server's infill (``input_prefix``, ``input_suffix``, ``prompt``: the cursor
   line's start, ``n_predict``, ``stream``, ``stop``; as llama.vim sends it) and ``POST /completion``,
   llama.cpp's native completion (``prompt``, ``n_predict``, ``temperature``, ``seed``, ``stream``; as Tabby's
