@@ -21,7 +21,8 @@ from kdcode.cli import app
 ROOT = Path(kdcode.__file__).parent
 runner = CliRunner(env={"COLUMNS": "200", "TERM": "dumb"})
 # a style tag Rich would read ("[green]", "[bold red]", "[/]", "[/yellow]"): in a message it would be eaten or shown
-STYLE_TAG = re.compile(r"\[/\]|\[/?(?:bold|italic|dim|underline|red|green|yellow|blue|magenta|cyan|white|link)\b[^\]]*\]")
+STYLES = "bold|italic|dim|underline|red|green|yellow|blue|magenta|cyan|white|link"
+STYLE_TAG = re.compile(rf"\[/\]|\[/?(?:{STYLES})\b[^\]]*\]")
 
 
 def _calls(name: str) -> list[tuple[Path, ast.Call]]:
@@ -120,7 +121,7 @@ def test_a_progress_bar_shows_a_bracketed_task_as_it_is():
 
 
 def test_tables_and_styled_lines_are_text():
-    from kdcode.cli._common import metrics_table, styled
+    from kdcode.cli._console import metrics_table, styled
 
     buf = io.StringIO()
     console = Console(file=buf, width=200, markup=False, color_system=None)

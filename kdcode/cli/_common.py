@@ -1,9 +1,6 @@
 """What every command shares: error handling (one line, or the traceback with ``--debug``), the option
-declarations used by several commands, the one flag-to-spec override helper, tables and JSON output.
-
-Every message is printed as text: the consoles here never read Rich markup, so a path or a model name holding
-``[/b]`` prints as it is, as does ``pip install 'kdcode[onnx]'``; colour comes from :func:`styled` (a Rich
-``Text``), never from tags inside a message."""
+declarations used by several commands, the one flag-to-spec override helper and JSON output. Consoles, tables
+and styled lines (text, never Rich markup) are :mod:`kdcode.cli._console`'s."""
 
 from __future__ import annotations
 
@@ -17,32 +14,11 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
+from kdcode.cli._console import err_console, styled
 from kdcode.errors import KdcodeDeprecation, KdcodeError
 
 EXIT_USAGE = 2
-# Wide tables are cut to 80 columns when stdout is not a terminal; printed that wide they keep every figure.
-PIPE_WIDTH = 400
-
-
-def out_console() -> Console:
-    """stdout, printing text as it is (no markup); as wide as any table needs when it is not a terminal (a pipe,
-    a file, CI)."""
-    console = Console(markup=False, highlight=False)
-    return console if console.is_terminal else Console(width=PIPE_WIDTH, markup=False, highlight=False)
-
-
-def err_console() -> Console:
-    """stderr, printing text as it is (no markup)."""
-    return Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
-
-
-def styled(label: str, style: str, rest: str = "") -> Text:
-    """A message line: ``label`` in ``style`` (e.g. "green"), then ``rest``; both are text, never markup."""
-    return Text.assemble((label, style), f" {rest}" if rest else "")
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
@@ -152,17 +128,6 @@ def write_json(path: Path | None, data: Any) -> None:
         write_text_atomic(path, text)
     except OSError as exc:
         raise write_error(exc, path) from exc
-
-
-def metrics_table(title: str, rows: list[tuple[str, dict[str, Any]]], columns: list[tuple[str, str]]) -> Table:
-    """Cells are Text: "[min-max]" and a model path with brackets print as they are, on any console."""
-    table = Table(title=Text(title))
-    table.add_column("model")
-    for _, header in columns:
-        table.add_column(header, justify="right")
-    for label, row in rows:
-        table.add_row(Text(label), *(Text("" if row.get(k) is None else str(row.get(k))) for k, _ in columns))
-    return table
 
 
 def record_metrics(model: str, name: str, metrics: dict[str, Any]) -> None:

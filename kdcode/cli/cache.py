@@ -16,10 +16,9 @@ from kdcode.cli._common import (
     fail,
     fim_overrides,
     handle_errors,
-    out_console,
     overrides,
-    styled,
 )
+from kdcode.cli._console import out_console, styled
 
 
 @handle_errors

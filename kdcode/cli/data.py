@@ -7,7 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from kdcode.cli._common import fail, handle_errors, out_console, styled
+from kdcode.cli._common import fail, handle_errors
+from kdcode.cli._console import out_console, styled
 
 data_app = typer.Typer(
     name="data",

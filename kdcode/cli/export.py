@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from kdcode.cli._common import NoVerifyOpt, OverwriteOpt, handle_errors, out_console, styled
+from kdcode.cli._common import NoVerifyOpt, OverwriteOpt, handle_errors
+from kdcode.cli._console import out_console, styled
 
 
 @handle_errors

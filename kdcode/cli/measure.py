@@ -27,14 +27,12 @@ from kdcode.cli._common import (
     TrustRemoteCodeOpt,
     check_json_path,
     handle_errors,
-    metrics_table,
-    out_console,
     overrides,
     record_metrics,
     runtime_flags,
-    styled,
     write_json,
 )
+from kdcode.cli._console import metrics_table, out_console, styled
 
 EVAL_COLUMNS = [("es", "ES"), ("em", "EM %"), ("token_accuracy", "token acc %"), ("perplexity", "perplexity"),
                 ("samples", "samples")]

@@ -21,13 +21,13 @@ from kdcode.cli._common import (
     KvCacheOpt,
     NoVerifyOpt,
     ThreadsOpt,
-    err_console,
     fail,
     handle_errors,
     parse_draft_tokens,
     runtime_flags,
     warn,
 )
+from kdcode.cli._console import err_console
 
 
 @handle_errors

@@ -18,10 +18,9 @@ from kdcode.cli._common import (
     ThreadsOpt,
     fail,
     handle_errors,
-    out_console,
     overrides,
-    styled,
 )
+from kdcode.cli._console import out_console, styled
 
 
 def _print_report(written: dict[str, Any], records: list[dict[str, Any]]) -> None:

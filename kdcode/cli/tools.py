@@ -16,11 +16,10 @@ from kdcode.cli._common import (
     OverwriteOpt,
     fail,
     handle_errors,
-    out_console,
     overrides,
-    styled,
     write_json,
 )
+from kdcode.cli._console import out_console, styled
 
 
 @handle_errors

@@ -24,10 +24,9 @@ from kdcode.cli._common import (
     TrustRemoteCodeOpt,
     fim_overrides,
     handle_errors,
-    out_console,
     overrides,
-    styled,
 )
+from kdcode.cli._console import out_console, styled
 
 MaxStepsOpt = Annotated[int | None, typer.Option(help="Stop after this many optimiser steps.")]
 EpochsOpt = Annotated[float | None, typer.Option(help="Stop after this many passes over the train split.")]
