@@ -26,7 +26,7 @@ MANIFEST = "kdcode.json"
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -147,23 +147,6 @@ def clean_stale_temp_files(out: Path) -> list[Path]:
     return removed
 
 
-@contextmanager
-def atomic_file(out: Path, mode: int = 0o644) -> Iterator[Path]:
-    """Yield a temp file path beside ``out``; on success it replaces ``out`` in one rename (a killed run leaves
-    ``out`` as it was, and a temp file that the next run writing ``out`` removes)."""
-    clean_stale_temp_files(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.chmod(tmp, mode & ~_umask())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _inside(a: Path, b: Path) -> bool:
     try:
         a.relative_to(b)
@@ -249,7 +232,7 @@ def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     check_out_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-    os.chmod(tmp, 0o755 & ~_umask())  # mkdtemp makes 0700; a model folder is shared like any other
+    os.chmod(tmp, 0o755 & ~current_umask())  # mkdtemp makes 0700; a model folder is shared like any other
     try:
         yield tmp
         old = None
