@@ -31,6 +31,13 @@ def warn(message: str) -> None:
     err_console().print(styled("warning:", "yellow", message))
 
 
+def refuse_with(flag: str, others: dict[str, bool], how: str) -> None:
+    """Flags that ``flag`` would leave unused in silence (those of ``others`` set True): one line, exit 2."""
+    given = [name for name, on in others.items() if on]
+    if given:
+        fail(f"{' and '.join(given)} {'does' if len(given) == 1 else 'do'} not go with {flag}: {how}")
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text[:300] + ("..." if len(text) > 300 else "") if text else type(exc).__name__

@@ -29,6 +29,7 @@ from kdcode.cli._common import (
     handle_errors,
     overrides,
     record_metrics,
+    refuse_with,
     runtime_flags,
     write_json,
 )
@@ -116,6 +117,13 @@ def eval_cmd(
     if draft_for:
         from kdcode.cli.speculate import eval_acceptance
 
+        refuse_with(f"--draft-for {draft_for}", {
+            "--task infill": spec.task == "infill", "--predictions": bool(predictions),
+            f"--backend {backend}": backend != "auto", "--kv-cache static": kv_cache == "static",
+            "--compile": compile_step,
+        }, "it measures acceptance on greedy line completion, each model on its own backend; drop them, or run "
+            "eval without --draft-for")
+
         return eval_acceptance(model, draft_for, spec, draft_tokens, not no_verify, json_out, record)
     result = run_eval(model, spec, verify=not no_verify, predictions=predictions, allow_pickle=allow_pickle,
                       trust_remote_code=trust_remote_code, runtime=runtime)
@@ -178,6 +186,12 @@ def bench(
     check_json_path(json_out, model, compare)
     if draft:
         from kdcode.cli.speculate import bench_draft
+
+        refuse_with(f"--draft {draft}", {
+            "--compare": bool(compare), f"--backend {backend}": backend != "auto",
+            "--kv-cache static": kv_cache == "static", "--compile": compile_step,
+        }, "it times MODEL alone and with its draft, each on its own backend; run bench MODEL --compare M (or "
+            "with the runtime flags) separately")
 
         return bench_draft(model, spec, draft, draft_tokens, not no_verify, json_out, record, BENCH_COLUMNS,
                            with_ranges)
