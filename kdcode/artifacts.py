@@ -342,13 +342,20 @@ def _save(out: Path, model: Any, tokenizer: Any, manifest: dict[str, Any], overw
         (tmp / "README.md").write_text(model_card(full), encoding="utf-8")
 
 
+def _publish(tmp: str, path: Path) -> None:
+    """A finished temp file renamed to ``path``, readable as any file the user writes (0644 less the umask; mkstemp
+    makes 0600)."""
+    os.chmod(tmp, 0o644 & ~current_umask())
+    os.replace(tmp, path)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temp file and a rename: never half written."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -361,7 +368,7 @@ def write_json(path: Path, data: Any) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=2, sort_keys=False)
             fh.write("\n")
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -164,3 +164,20 @@ def test_eval_record_failing_midway_keeps_the_old_manifest(student, corpus_dir, 
     assert r.exit_code == 0, r.output
     assert json.loads((student / MANIFEST).read_text())["metrics"]["eval"]["samples"] == 2
     assert verify(student) is True
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_json_and_text_written_atomically_are_as_readable_as_any_file(tmp_path, umask):
+    """mkstemp makes 0600: a sidecar or manifest was unreadable to the group beside a 0644 weight file."""
+    from kdcode.artifacts import write_json, write_text_atomic
+
+    old = os.umask(umask)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+        write_text_atomic(tmp_path / "b.txt", "x\n")
+        (tmp_path / "c.bin").write_bytes(b"x")  # as open() makes any file
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"a.json": 0o644 & ~umask, "b.txt": 0o644 & ~umask, "c.bin": 0o666 & ~umask}
+

@@ -223,3 +223,15 @@ def test_files_set_aside_by_a_killed_run_are_put_back_or_deleted(tmp_path):
     assert len(recover_stale_backups(out)) == 1 and len(recover_stale_backups(other)) == 1
     assert _state(tmp_path) == {f".s.gguf.old-{os.getpid()}": b"ours", "s.gguf": b"old gguf",
                                 "s.kdcode.json": b"new json"}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_the_sidecar_and_modelfile_are_as_readable_as_the_gguf(student_src, tmp_path, umask):
+    out = tmp_path / "s.gguf"
+    old = os.umask(umask)
+    try:
+        _export(student_src, out)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(["s.gguf", "s.kdcode.json", "s.Modelfile"], 0o644 & ~umask)
