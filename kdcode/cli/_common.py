@@ -16,6 +16,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from kdcode.cli._console import err_console, styled
+from kdcode.cli._signals import Terminated, sigterm_unwinds
 from kdcode.errors import KdcodeDeprecation, KdcodeError
 
 EXIT_USAGE = 2
@@ -46,7 +47,8 @@ def _one_line(exc: BaseException) -> str:
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Run a command: a KdcodeError is one line on stderr and its exit code; a failed write (disk full, read-only,
     permissions; also as the libraries wrap them) or any unexpected error is one line naming it; ``--debug`` (on
-    the root command) shows the traceback instead. kdcode's deprecation notes are ``warning:`` lines."""
+    the root command) shows the traceback instead. Ctrl-C and SIGTERM unwind the command (its temp files removed)
+    to one line, exit 130 / 143. kdcode's deprecation notes are ``warning:`` lines."""
     signature = inspect.signature(fn, eval_str=True)
 
     @functools.wraps(fn)
@@ -55,7 +57,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         name = _kdcode_ctx.info_name or fn.__name__
         caught: list[warnings.WarningMessage] = []
         try:
-            with warnings.catch_warnings(record=True) as caught:
+            with warnings.catch_warnings(record=True) as caught, sigterm_unwinds():
                 warnings.simplefilter("always", KdcodeDeprecation)
                 try:
                     return fn(*args, **kwargs)
@@ -65,8 +67,9 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                     if debug:
                         raise
                     fail(str(exc), code=exc.exit_code)
-                except KeyboardInterrupt:
-                    fail("interrupted; no output folder was written", code=130)
+                except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated): temp files are gone by now
+                    how, code = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+                    fail(f"{how}; no output was left half-written", code=code)
                 except Exception as exc:  # noqa: BLE001 - people get one line; --debug gives the traceback
                     if debug:
                         raise
