@@ -26,7 +26,7 @@ MANIFEST = "kdcode.json"
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -147,23 +147,6 @@ def clean_stale_temp_files(out: Path) -> list[Path]:
     return removed
 
 
-@contextmanager
-def atomic_file(out: Path, mode: int = 0o644) -> Iterator[Path]:
-    """Yield a temp file path beside ``out``; on success it replaces ``out`` in one rename (a killed run leaves
-    ``out`` as it was, and a temp file that the next run writing ``out`` removes)."""
-    clean_stale_temp_files(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.chmod(tmp, mode & ~_umask())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _inside(a: Path, b: Path) -> bool:
     try:
         a.relative_to(b)
@@ -249,7 +232,7 @@ def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     check_out_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-    os.chmod(tmp, 0o755 & ~_umask())  # mkdtemp makes 0700; a model folder is shared like any other
+    os.chmod(tmp, 0o755 & ~current_umask())  # mkdtemp makes 0700; a model folder is shared like any other
     try:
         yield tmp
         old = None
@@ -359,13 +342,20 @@ def _save(out: Path, model: Any, tokenizer: Any, manifest: dict[str, Any], overw
         (tmp / "README.md").write_text(model_card(full), encoding="utf-8")
 
 
+def _publish(tmp: str, path: Path) -> None:
+    """A finished temp file renamed to ``path``, readable as any file the user writes (0644 less the umask; mkstemp
+    makes 0600)."""
+    os.chmod(tmp, 0o644 & ~current_umask())
+    os.replace(tmp, path)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temp file and a rename: never half written."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -378,7 +368,7 @@ def write_json(path: Path, data: Any) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=2, sort_keys=False)
             fh.write("\n")
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

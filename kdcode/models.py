@@ -218,7 +218,7 @@ def _tokenizer(path: Path, trust_remote_code: bool) -> Any:
         with quiet_hf():
             tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - missing or damaged tokenizer files: one line
-        raise _load_error(path, exc, hint) from exc
+        raise load_error(path, exc, hint) from exc
     if len(tokenizer) <= 1:
         raise KdcodeError(f"cannot load the model in {path}: its tokenizer is empty ({hint}; re-create it)")
     return tokenizer
@@ -228,7 +228,8 @@ def _tokenizer(path: Path, trust_remote_code: bool) -> Any:
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt", "spiece.model")
 
 
-def _load_error(path: Path, exc: BaseException, hint: str = "the folder is damaged or incomplete") -> KdcodeError:
+def load_error(path: Path, exc: BaseException, hint: str = "the folder is damaged or incomplete") -> KdcodeError:
+    """A model folder that does not load (damaged config, weights or tokenizer files), as one line."""
     text = " ".join(str(exc).split())
     first = (text[:200] + "...") if len(text) > 200 else text or type(exc).__name__
     return KdcodeError(f"cannot load the model in {path}: {type(exc).__name__}: {first} ({hint}; re-create it)")
@@ -289,7 +290,7 @@ def _model(path: Path, manifest: dict[str, Any] | None, allow_pickle: bool, trus
     except KdcodeError:
         raise
     except Exception as exc:  # noqa: BLE001 - truncated weights, absurd headers, a config of the wrong shape...
-        raise _load_error(path, exc) from exc
+        raise load_error(path, exc) from exc
 
 
 def check_same_vocab(teacher_tok: Any, student_tok: Any, what: str) -> None:

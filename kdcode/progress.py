@@ -21,7 +21,8 @@ PLAIN_EVERY_S = 30.0
 
 
 def stderr_console() -> Console:
-    return Console(stderr=True)
+    """stderr, printing text as it is: a task named after a model path holding ``[/b]`` is not read as markup."""
+    return Console(stderr=True, markup=False, highlight=False)
 
 
 class PlainLogProgress(Progress):
@@ -53,13 +54,13 @@ class PlainLogProgress(Progress):
 def make_progress(console: Console | None = None, disable: bool = False, plain: bool = True) -> Progress:
     """A progress bar; ``plain`` prints a line every ``PLAIN_EVERY_S`` seconds when not on a terminal."""
     return PlainLogProgress(
-        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.description}", style="bold", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        TextColumn("eta"),
+        TextColumn("eta", markup=False),
         TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
+        TextColumn("{task.fields[info]}", markup=False),
         console=console or stderr_console(),
         disable=disable,
         plain_every=PLAIN_EVERY_S if plain else None,

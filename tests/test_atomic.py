@@ -164,3 +164,51 @@ def test_eval_record_failing_midway_keeps_the_old_manifest(student, corpus_dir, 
     assert r.exit_code == 0, r.output
     assert json.loads((student / MANIFEST).read_text())["metrics"]["eval"]["samples"] == 2
     assert verify(student) is True
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_json_and_text_written_atomically_are_as_readable_as_any_file(tmp_path, umask):
+    """mkstemp makes 0600: a sidecar or manifest was unreadable to the group beside a 0644 weight file."""
+    from kdcode.artifacts import write_json, write_text_atomic
+
+    old = os.umask(umask)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+        write_text_atomic(tmp_path / "b.txt", "x\n")
+        (tmp_path / "c.bin").write_bytes(b"x")  # as open() makes any file
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"a.json": 0o644 & ~umask, "b.txt": 0o644 & ~umask, "c.bin": 0o666 & ~umask}
+
+
+SIGTERM_MIDWAY = """
+import os, signal, sys
+import kdcode.export.gguf_file as gguf_file
+
+def write_gguf(path, *args, **kwargs):  # half a file, then SIGTERM, as `kill PID` during the export
+    open(path, "wb").write(b"GGUF half")
+    os.kill(os.getpid(), signal.SIGTERM)
+    raise AssertionError("SIGTERM did not stop the export")
+
+gguf_file.write_gguf = write_gguf
+from kdcode.cli import app
+sys.argv = ["kdcode", "export", sys.argv[1], "--format", "gguf", "--out", sys.argv[2], "--overwrite"]
+app()
+"""
+
+
+def test_sigterm_during_export_removes_its_temp_files_and_says_so(student_src, tmp_path):
+    pytest.importorskip("gguf")
+    from kdcode.export.run import run_export
+    from kdcode.spec import ExportSpec
+
+    out = tmp_path / "s.gguf"
+    run_export(str(student_src), ExportSpec(format="gguf"), out)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "KDCODE_DISABLE_PLUGINS": "1", "COLUMNS": "200"}
+    proc = subprocess.run([sys.executable, "-c", SIGTERM_MIDWAY, str(student_src), str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 143, (proc.returncode, proc.stderr)
+    assert proc.stderr.strip().splitlines() == ["error: terminated (SIGTERM); no output was left half-written"]
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # the old set, and no hidden temp files

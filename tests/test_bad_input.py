@@ -317,6 +317,37 @@ def test_damaged_manifest_refused(student, corpus_dir):
     one_clear_line(run("eval", student, "--data", corpus_dir, *EVAL_FAST), "kdcode.json is not valid JSON")
 
 
+def _onnx_like(folder: Path, teacher_dir: Path) -> Path:
+    """What the onnxruntime backend finds before it runs a graph: model.onnx, an export manifest, config, tokenizer."""
+    shutil.copytree(teacher_dir, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    (folder / "model.onnx").write_bytes(b"not run: refused before")
+    (folder / MANIFEST).write_text(json.dumps({"kind": "export", "format": "onnx"}))
+    return folder
+
+
+def test_a_damaged_config_is_the_same_one_line_in_an_onnx_folder_as_in_a_torch_one(tmp_path, teacher_dir):
+    pytest.importorskip("onnxruntime")
+    plain = tmp_path / "torch"
+    shutil.copytree(teacher_dir, plain)
+    onnx = _onnx_like(tmp_path / "onnx", teacher_dir)
+    for folder in (plain, onnx):
+        (folder / "config.json").write_text("{not json")
+        r = runner.invoke(app, ["complete", str(folder), "--device", "cpu"], input="x = ")
+        line = one_clear_line(r, f"cannot load the model in {folder}: ")
+        assert line.endswith("(the folder is damaged or incomplete; re-create it)"), line
+
+
+@pytest.mark.parametrize("flags", [["--kv-cache", "static"], ["--compile"], ["--kv-cache", "static", "--compile"]])
+def test_torch_decode_flags_on_an_onnx_folder_are_refused(tmp_path, teacher_dir, flags):
+    onnx = _onnx_like(tmp_path / "onnx", teacher_dir)
+    what = " and ".join(f for f in ("--kv-cache static", "--compile") if f.split()[0] in flags)
+    for cmd in (["complete", str(onnx)], ["serve", str(onnx)], ["eval", str(onnx), *EVAL_FAST],
+                ["bench", str(onnx), "--rounds", "1", "--prompts", "1"]):
+        r = runner.invoke(app, [*cmd, "--device", "cpu", *flags], input="x = ")
+        one_clear_line(r, f"{what} {'are' if ' and ' in what else 'is'} for the torch backend; {onnx} runs in "
+                          "onnxruntime")
+
+
 def test_newer_manifest_refused(student, corpus_dir):
     m = json.loads((student / MANIFEST).read_text())
     m["kdcode_version"] = "99.0.0"

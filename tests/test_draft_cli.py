@@ -97,3 +97,33 @@ def test_serve_with_a_draft_answers_the_teachers_own_completion(teacher_dir, dra
             assert r.status_code == 200, r.text
             answers.append(r.json()["choices"][0]["text"])
     assert answers[0] == answers[1] and answers[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["bench", "TEACHER", "--draft", "DRAFT", "--compare", "TEACHER"], "--compare does not go with --draft"),
+        (["bench", "TEACHER", "--draft", "DRAFT", "--kv-cache", "static", "--compile"],
+         "--kv-cache static and --compile do not go with --draft"),
+        (["bench", "TEACHER", "--draft", "DRAFT", "--backend", "torch"], "--backend torch does not go with --draft"),
+        (["eval", "DRAFT", "--draft-for", "TEACHER", "--task", "infill"], "--task infill does not go with --draft-for"),
+        (["eval", "DRAFT", "--draft-for", "TEACHER", "--predictions", "p.txt"],
+         "--predictions does not go with --draft-for"),
+        (["eval", "DRAFT", "--draft-for", "TEACHER", "--compile"], "--compile does not go with --draft-for"),
+    ],
+)
+def test_flags_a_draft_run_would_leave_unused_are_refused(teacher_dir, draft_dir, monkeypatch, args, needle):
+    """Before: --compare, --task infill, the torch decode flags were dropped in silence (a run of something else)."""
+    import kdcode.evaluation.acceptance
+    import kdcode.evaluation.bench
+
+    def never(*a, **k):
+        raise AssertionError("the run should have been refused before any work")
+
+    monkeypatch.setattr(kdcode.evaluation.bench, "run_bench_draft", never)
+    monkeypatch.setattr(kdcode.evaluation.acceptance, "run_acceptance", never)
+    names = {"TEACHER": str(teacher_dir), "DRAFT": str(draft_dir)}
+    r = run(*(names.get(a, a) for a in args))
+    assert r.exit_code == 2 and r.output.startswith("error: ") and needle in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1
+    assert ("separately" if args[0] == "bench" else "eval without --draft-for") in r.output

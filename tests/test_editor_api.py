@@ -176,9 +176,20 @@ def test_generate_as_continue_sends_it(server, engine):
     assert post(server, "/api/generate", {"model": "m"}).json()["done_reason"] == "load"
 
 
-def test_model_lists(server):
+def _stamp(path) -> str:
+    """A file's last change as Ollama writes times (UTC, milliseconds)."""
+    from datetime import datetime, timezone
+
+    when = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def test_model_lists(server, fim_teacher_dir):
     tags = httpx.get(f"{server.url}/api/tags", timeout=TIMEOUT).json()["models"]
-    assert [m["name"] for m in tags] == ["kdcode-tiny"] and tags[0]["size"] > 0 and tags[0]["details"]["family"]
+    assert [m["name"] for m in tags] == ["kdcode-tiny"] and tags[0]["details"]["family"]
+    weights = fim_teacher_dir / "model.safetensors"
+    assert tags[0]["size"] == weights.stat().st_size and tags[0]["details"]["format"] == "safetensors"
+    assert tags[0]["modified_at"] == _stamp(weights)  # the weights' last change, not the time of the request
     models = httpx.get(f"{server.url}/v1/models", timeout=TIMEOUT).json()["data"]
     assert [m["id"] for m in models] == ["kdcode-tiny"]
     assert httpx.get(f"{server.url}/health", timeout=TIMEOUT).json()["infill"] == "starcoder"
@@ -200,6 +211,35 @@ def test_stop_strings_are_honoured_everywhere(server, engine):
     assert openai == infill == completion == ollama == cut
     runs_on = post(server, "/infill", {"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": 24, "stop": []})
     assert runs_on.json()["content"] == full
+
+
+def test_api_show_infills_in_the_order_of_the_exported_modelfile(tmp_path, fim_teacher_dir):
+    """A model kdcode trained with SPM pieces: /api/show's template (which Continue fills) and the Modelfile of its
+    GGUF export are the same SPM template, not PSM in one and SPM in the other."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from kdcode.artifacts import read_manifest, write_json
+    from kdcode.export.modelfile import template
+
+    folder = tmp_path / "spm"
+    shutil.copytree(fim_teacher_dir, folder)
+    write_json(folder / "kdcode.json", {**(read_manifest(folder) or {}),
+                                        "fim": {"rate": 0.5, "spm_rate": 0.5, "format": "starcoder"}})
+    eng = load_engine(str(folder), device="cpu", warm_up=False, verify=False)
+    with TestClient(create_app(str(folder), engine=eng, model_name="m")) as client:
+        shown = client.post("/api/show", json={"name": "m"}).json()["template"]
+    assert shown == template(eng.fim, "spm")
+    assert shown.index("<fim_suffix>{{ .Suffix }}") < shown.index("<fim_middle>{{ .Prompt }}")  # SPM: suffix first
+    pytest.importorskip("gguf")
+    from kdcode.export.run import modelfile_path, run_export
+    from kdcode.spec import ExportSpec
+
+    out = tmp_path / "spm.gguf"
+    run_export(str(folder), ExportSpec(format="gguf"), out, verify=False)
+    line = next(x for x in modelfile_path(out).read_text().splitlines() if x.startswith("TEMPLATE "))
+    assert line == f'TEMPLATE "{shown}"'
 
 
 # ------------------------------------------------------------------------------------------- bad requests

@@ -166,3 +166,72 @@ def test_a_failed_export_leaves_nothing_under_the_name(student_src, tmp_path, mo
     with pytest.raises(KdcodeError, match="No space left"):
         _export(student_src, out)
     assert sorted(os.listdir(tmp_path)) == []
+
+
+def _state(tmp_path: Path) -> dict[str, bytes | str]:
+    """Every entry of the folder: a file's bytes, or "folder"."""
+    return {p.name: "folder" if p.is_dir() else p.read_bytes() for p in sorted(tmp_path.iterdir())}
+
+
+def test_overwrite_over_a_folder_at_the_modelfile_path_changes_nothing_and_names_it(student_src, tmp_path):
+    out = tmp_path / "s.gguf"
+    _export(student_src, out)
+    modelfile_path(out).unlink()
+    modelfile_path(out).mkdir()  # where the new Modelfile should go
+    before = _state(tmp_path)
+    with pytest.raises(KdcodeError, match=r"s\.Modelfile is a folder") as info:
+        _export(student_src, out, "q8_0", overwrite=True)
+    assert "s.gguf" not in str(info.value).replace("s.Modelfile", "")
+    assert _state(tmp_path) == before  # the old GGUF still beside the sidecar that describes it; no temp files
+
+
+def test_a_failure_moving_the_set_into_place_puts_the_old_files_back(student_src, tmp_path, monkeypatch):
+    out = tmp_path / "s.gguf"
+    _export(student_src, out)
+    before = _state(tmp_path)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst) == modelfile_path(out) and ".tmp-" in Path(src).name:  # the new Modelfile, not the old one
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KdcodeError, match=r"cannot write .*s\.Modelfile: No space left"):
+        _export(student_src, out, "q8_0", overwrite=True)
+    assert _state(tmp_path) == before
+    monkeypatch.undo()
+    manifest = _export(student_src, out, "q8_0", overwrite=True)  # and then it works, all three replaced
+    assert sorted(os.listdir(tmp_path)) == ["s.Modelfile", "s.gguf", "s.kdcode.json"]
+    assert json.loads(sidecar_path(out).read_text()) == manifest
+    assert manifest["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest() and manifest["gguf"]["quant"] == "q8_0"
+
+
+def test_files_set_aside_by_a_killed_run_are_put_back_or_deleted(tmp_path):
+    import subprocess
+    import sys
+
+    from kdcode.export.fileset import recover_stale_backups
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out, other = tmp_path / "s.gguf", tmp_path / "s.kdcode.json"
+    (tmp_path / f".s.gguf.old-{dead.pid}").write_bytes(b"old gguf")  # killed after setting it aside
+    (tmp_path / f".s.kdcode.json.old-{dead.pid}").write_bytes(b"old json")
+    other.write_bytes(b"new json")  # killed after moving the new one in
+    (tmp_path / f".s.gguf.old-{os.getpid()}").write_bytes(b"ours")  # a live run's: left alone
+    assert len(recover_stale_backups(out)) == 1 and len(recover_stale_backups(other)) == 1
+    assert _state(tmp_path) == {f".s.gguf.old-{os.getpid()}": b"ours", "s.gguf": b"old gguf",
+                                "s.kdcode.json": b"new json"}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_the_sidecar_and_modelfile_are_as_readable_as_the_gguf(student_src, tmp_path, umask):
+    out = tmp_path / "s.gguf"
+    old = os.umask(umask)
+    try:
+        _export(student_src, out)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(["s.gguf", "s.kdcode.json", "s.Modelfile"], 0o644 & ~umask)

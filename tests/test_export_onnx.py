@@ -125,3 +125,26 @@ def test_cli_export_onnx_then_eval(student_src, corpus_dir, tmp_path):
     assert result["runtime"]["backend"] == "onnxruntime" and result["perplexity"] > 1
     again = runner.invoke(app, ["export", str(student_src), "--format", "onnx", "--out", str(out)])
     assert again.exit_code == 2 and "not empty" in again.output
+
+
+def test_ollama_lists_an_onnx_export_by_its_own_files(student_src, tmp_path):
+    """/api/tags and /api/show of an ONNX export: the bytes, format and last change of model.onnx, where they said
+    0 bytes, "safetensors" and the time of the request."""
+    import os
+
+    from fastapi.testclient import TestClient
+
+    from kdcode.inference.engine import load_engine
+    from kdcode.inference.server import create_app
+
+    out = tmp_path / "onnx"
+    manifest = run_export(str(student_src), ExportSpec(format="onnx"), out)[1]
+    for name in manifest["onnx"]["files"]:
+        os.utime(out / name, (1_700_000_000, 1_700_000_000))
+    engine = load_engine(str(out), device="cpu", warm_up=False)
+    with TestClient(create_app(str(out), engine=engine, model_name="m")) as client:
+        tags = client.get("/api/tags").json()["models"]
+        show = client.post("/api/show", json={"name": "m"}).json()
+    assert tags[0]["size"] == manifest["bytes"] > 0 and tags[0]["details"]["format"] == "onnx"
+    assert tags[0]["modified_at"] == show["modified_at"] == "2023-11-14T22:13:20.000Z"
+    assert show["details"]["format"] == "onnx"

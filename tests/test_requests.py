@@ -36,6 +36,14 @@ def refused(body, limits: Limits = LIMITS) -> RequestError:
     return info.value
 
 
+def test_model_may_be_left_out_as_llama_cpp_and_vllm_allow():
+    """OpenAI requires ``model``; llama.cpp's and vLLM's servers default it to the model they serve, and so
+    does kdcode (the answer names the served model)."""
+    assert parse({"prompt": "x"}).model is None
+    assert parse({"model": None, "prompt": "x"}).model is None
+    assert parse_completion_request(b'{"prompt": "x"}', LIMITS).model is None  # a server that answers to any name
+
+
 def test_a_full_request_parses():
     req = parse({"model": "/models/tiny", "prompt": ["a", "b"], "max_tokens": 8, "n": 2, "stop": "\n\n",
                  "seed": MAX_SEED, "temperature": 0.5, "stream": True, "stream_options": {"include_usage": True}})
@@ -66,7 +74,7 @@ def test_a_full_request_parses():
         ({"model": "tiny", "prompt": [1, 2]}, 400, "prompt", "token ids"),
         ({"model": "tiny", "prompt": {"a": 1}}, 400, "prompt", "string"),
         ({"model": "tiny", "prompt": []}, 400, "prompt", "empty"),
-        ({"prompt": "x"}, 400, "model", "Field required"),
+        ({"model": 5, "prompt": "x"}, 400, "model", "valid string"),
         ({"model": "other", "prompt": "x"}, 404, "model", "does not exist; this server has 'tiny'"),
         ({"model": "tiny", "prompt": "x", "bogus": 1}, 400, "bogus", "Extra inputs"),
         ({"model": "tiny", "prompt": "x", "a\nb": 1}, 400, "a\\nb", "a\\nb: Extra inputs"),  # on one line

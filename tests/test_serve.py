@@ -108,6 +108,17 @@ def test_completion_matches_the_engine(server, engine, name):
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
+def test_a_request_without_a_model_is_answered_by_the_served_one(server, engine, name):
+    """As llama.cpp's and vLLM's servers do: ``model`` left out (or null) means the model being served."""
+    want = engine.complete(PROMPTS[0], 12).choices[0].text
+    for body in ({"prompt": PROMPTS[0], "max_tokens": 12}, {"model": None, "prompt": PROMPTS[0], "max_tokens": 12}):
+        r = post(server, body)
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == name and r.json()["choices"][0]["text"] == want
+    chunks = sse_events(server, {"prompt": PROMPTS[0], "max_tokens": 12, "stream": True})
+    assert chunks[-1] == "[DONE]" and all(json.loads(c)["model"] == name for c in chunks[:-1])
+
+
 def test_list_prompts_n_beams_and_seeded_sampling(server, engine, name):
     r = post(server, {"model": name, "prompt": PROMPTS[:2], "max_tokens": 6, "n": 2})
     choices = r.json()["choices"]
@@ -159,7 +170,7 @@ def test_streaming_adds_up_and_ends_with_done(server, engine, name):
         (b"{not json", 400, "not valid JSON"),
         (b"[1, 2]", 400, "JSON object"),
         (b'{"prompt": "' + b"x" * 2**20 + b'"}', 413, "over"),
-        ({"prompt": "x"}, 400, "model"),
+        ({"model": 5, "prompt": "x"}, 400, "model"),
         ({"model": "NAME", "prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
         ({"model": "NAME", "prompt": "x", "max_tokens": 33}, 400, "at most 32"),
         ({"model": "NAME", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),

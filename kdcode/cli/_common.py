@@ -1,5 +1,6 @@
 """What every command shares: error handling (one line, or the traceback with ``--debug``), the option
-declarations used by several commands, the one flag-to-spec override helper, tables and JSON output."""
+declarations used by several commands, the one flag-to-spec override helper and JSON output. Consoles, tables
+and styled lines (text, never Rich markup) are :mod:`kdcode.cli._console`'s."""
 
 from __future__ import annotations
 
@@ -13,34 +14,29 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
+from kdcode.cli._console import err_console, styled
+from kdcode.cli._signals import Terminated, sigterm_unwinds
 from kdcode.errors import KdcodeDeprecation, KdcodeError
 
 EXIT_USAGE = 2
-# Wide tables are cut to 80 columns when stdout is not a terminal; printed that wide they keep every figure.
-PIPE_WIDTH = 400
-
-
-def out_console() -> Console:
-    """stdout; as wide as any table needs when it is not a terminal (a pipe, a file, CI)."""
-    console = Console()
-    return console if console.is_terminal else Console(width=PIPE_WIDTH)
-
-
-def err_console() -> Console:
-    return Console(stderr=True, soft_wrap=True, highlight=False)
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     """One ``error:`` line on stderr, then exit with ``code``."""
-    err_console().print(f"[bold red]error:[/] {message}", highlight=False)
+    err_console().print(styled("error:", "bold red", message))
     raise typer.Exit(code=code)
 
 
 def warn(message: str) -> None:
-    err_console().print(f"[yellow]warning:[/] {message}", highlight=False)
+    err_console().print(styled("warning:", "yellow", message))
+
+
+def refuse_with(flag: str, others: dict[str, bool], how: str) -> None:
+    """Flags that ``flag`` would leave unused in silence (those of ``others`` set True): one line, exit 2."""
+    given = [name for name, on in others.items() if on]
+    if given:
+        fail(f"{' and '.join(given)} {'does' if len(given) == 1 else 'do'} not go with {flag}: {how}")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -51,7 +47,8 @@ def _one_line(exc: BaseException) -> str:
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Run a command: a KdcodeError is one line on stderr and its exit code; a failed write (disk full, read-only,
     permissions; also as the libraries wrap them) or any unexpected error is one line naming it; ``--debug`` (on
-    the root command) shows the traceback instead. kdcode's deprecation notes are ``warning:`` lines."""
+    the root command) shows the traceback instead. Ctrl-C and SIGTERM unwind the command (its temp files removed)
+    to one line, exit 130 / 143. kdcode's deprecation notes are ``warning:`` lines."""
     signature = inspect.signature(fn, eval_str=True)
 
     @functools.wraps(fn)
@@ -60,7 +57,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         name = _kdcode_ctx.info_name or fn.__name__
         caught: list[warnings.WarningMessage] = []
         try:
-            with warnings.catch_warnings(record=True) as caught:
+            with warnings.catch_warnings(record=True) as caught, sigterm_unwinds():
                 warnings.simplefilter("always", KdcodeDeprecation)
                 try:
                     return fn(*args, **kwargs)
@@ -70,8 +67,9 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                     if debug:
                         raise
                     fail(str(exc), code=exc.exit_code)
-                except KeyboardInterrupt:
-                    fail("interrupted; no output folder was written", code=130)
+                except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated): temp files are gone by now
+                    how, code = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+                    fail(f"{how}; no output was left half-written", code=code)
                 except Exception as exc:  # noqa: BLE001 - people get one line; --debug gives the traceback
                     if debug:
                         raise
@@ -140,18 +138,6 @@ def write_json(path: Path | None, data: Any) -> None:
         write_text_atomic(path, text)
     except OSError as exc:
         raise write_error(exc, path) from exc
-
-
-def metrics_table(title: str, rows: list[tuple[str, dict[str, Any]]], columns: list[tuple[str, str]]) -> Table:
-    from rich.markup import escape
-
-    table = Table(title=escape(title))  # "[min-max]" is text, not a markup tag
-    table.add_column("model")
-    for _, header in columns:
-        table.add_column(header, justify="right")
-    for label, row in rows:
-        table.add_row(escape(label), *("" if row.get(k) is None else escape(str(row.get(k))) for k, _ in columns))
-    return table
 
 
 def record_metrics(model: str, name: str, metrics: dict[str, Any]) -> None:

@@ -16,9 +16,9 @@ from kdcode.cli._common import (
     fail,
     fim_overrides,
     handle_errors,
-    out_console,
     overrides,
 )
+from kdcode.cli._console import out_console, styled
 
 
 @handle_errors
@@ -62,11 +62,11 @@ def cache_teacher(
         temperature = default_temperature()
     m = run_cache_teacher(teacher, spec, block_size, top_k, temperature, out, batch_size, overwrite,
                           max_blocks=limit)
-    out_console().print(
-        f"[green]teacher cache written to[/] {out}  ({m['blocks']} of {m['total_blocks']} training blocks of "
+    out_console().print(styled(
+        "teacher cache written to", "green", f"{out}  ({m['blocks']} of {m['total_blocks']} training blocks of "
         f"{m['block_size']} tokens, "
         f"top-{m['top_k']} at T={m['temperature']}); use: kdcode distil --teacher {teacher} --teacher-cache {out}"
-    )
+    ))
 
 
 def default_temperature() -> float:

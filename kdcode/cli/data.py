@@ -7,7 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from kdcode.cli._common import fail, handle_errors, out_console
+from kdcode.cli._common import fail, handle_errors
+from kdcode.cli._console import out_console, styled
 
 data_app = typer.Typer(
     name="data",
@@ -50,7 +51,7 @@ def prepare_cmd(
     result = prepare(_data_spec(src, glob, "py150", valid_fraction, test_fraction), out, overwrite=overwrite)
     written = ", ".join(f"{name} {n}" for name, n in result["written"].items())
     skipped = ", ".join(f"{reason} {n}" for reason, n in sorted(result["skipped"].items())) or "none"
-    out_console().print(f"[green]wrote[/] {out}: {written} files; skipped: {skipped}", highlight=False)
+    out_console().print(styled("wrote", "green", f"{out}: {written} files; skipped: {skipped}"))
 
 
 @data_app.command("lines")
@@ -77,8 +78,7 @@ def lines_cmd(
         EvalSpec, {"data": data.model_dump(), "split": split, "samples": samples, "seed": seed}, "flags"
     )
     result = write_completion_set(spec, out)
-    out_console().print(
-        f"[green]wrote[/] {out}: {result['samples']} samples from {result['files']} files "
-        f"({spec.split} split, {spec.data.format})",
-        highlight=False,
-    )
+    out_console().print(styled(
+        "wrote", "green", f"{out}: {result['samples']} samples from {result['files']} files "
+        f"({spec.split} split, {spec.data.format})"
+    ))

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from kdcode.cli._common import NoVerifyOpt, OverwriteOpt, handle_errors, out_console
+from kdcode.cli._common import NoVerifyOpt, OverwriteOpt, handle_errors
+from kdcode.cli._console import out_console, styled
 
 
 @handle_errors
@@ -34,13 +35,15 @@ def export(
     console = out_console()
     size = f"{manifest['bytes'] / 1e6:.2f} MB"
     if spec.format == "gguf":
-        console.print(f"[green]GGUF written to[/] {path} ({manifest['gguf']['quant']}, {size}); provenance in its "
-                      f"kdcode.manifest key and {sidecar_path(path).name}; ollama: {modelfile_path(path).name}")
+        console.print(styled("GGUF written to", "green", f"{path} ({manifest['gguf']['quant']}, {size}); provenance "
+                             f"in its kdcode.manifest key and {sidecar_path(path).name}; ollama: "
+                             f"{modelfile_path(path).name}"))
         console.print(f"next:\n  kdcode bench {path} --compare {model} --device cpu\n"
-                      f"  ollama create NAME -f {modelfile_path(path)}", highlight=False)
+                      f"  ollama create NAME -f {modelfile_path(path)}")
     else:
-        console.print(f"[green]ONNX export written to[/] {path} ({'int8' if spec.int8 else 'float32'}, {size})")
-        console.print(f"next:\n  kdcode bench {path} --compare {model} --device cpu", highlight=False)
+        console.print(styled("ONNX export written to", "green", f"{path} ({'int8' if spec.int8 else 'float32'}, "
+                             f"{size})"))
+        console.print(f"next:\n  kdcode bench {path} --compare {model} --device cpu")
 
 
 def register(app: typer.Typer) -> None:

@@ -27,13 +27,13 @@ from kdcode.cli._common import (
     TrustRemoteCodeOpt,
     check_json_path,
     handle_errors,
-    metrics_table,
-    out_console,
     overrides,
     record_metrics,
+    refuse_with,
     runtime_flags,
     write_json,
 )
+from kdcode.cli._console import metrics_table, out_console, styled
 
 EVAL_COLUMNS = [("es", "ES"), ("em", "EM %"), ("token_accuracy", "token acc %"), ("perplexity", "perplexity"),
                 ("samples", "samples")]
@@ -117,6 +117,13 @@ def eval_cmd(
     if draft_for:
         from kdcode.cli.speculate import eval_acceptance
 
+        refuse_with(f"--draft-for {draft_for}", {
+            "--task infill": spec.task == "infill", "--predictions": bool(predictions),
+            f"--backend {backend}": backend != "auto", "--kv-cache static": kv_cache == "static",
+            "--compile": compile_step,
+        }, "it measures acceptance on greedy line completion, each model on its own backend; drop them, or run "
+            "eval without --draft-for")
+
         return eval_acceptance(model, draft_for, spec, draft_tokens, not no_verify, json_out, record)
     result = run_eval(model, spec, verify=not no_verify, predictions=predictions, allow_pickle=allow_pickle,
                       trust_remote_code=trust_remote_code, runtime=runtime)
@@ -132,7 +139,7 @@ def eval_cmd(
         console = out_console()
         console.print(metrics_table(title, rows, EVAL_COLUMNS))
         if result.get("verified") is None:
-            console.print("[yellow]note:[/] no kdcode.json manifest: weights unverified")
+            console.print(styled("note:", "yellow", "no kdcode.json manifest: weights unverified"))
     write_json(json_out, result)
     if record:
         name, keys = ("infill", RECORDED_INFILL) if spec.task == "infill" else ("eval", RECORDED_EVAL)
@@ -180,6 +187,12 @@ def bench(
     if draft:
         from kdcode.cli.speculate import bench_draft
 
+        refuse_with(f"--draft {draft}", {
+            "--compare": bool(compare), f"--backend {backend}": backend != "auto",
+            "--kv-cache static": kv_cache == "static", "--compile": compile_step,
+        }, "it times MODEL alone and with its draft, each on its own backend; run bench MODEL --compare M (or "
+            "with the runtime flags) separately")
+
         return bench_draft(model, spec, draft, draft_tokens, not no_verify, json_out, record, BENCH_COLUMNS,
                            with_ranges)
     result = run_bench(model, spec, compare=compare, verify=not no_verify, allow_pickle=allow_pickle,
@@ -200,7 +213,7 @@ def bench(
             )
         )
         if compare:
-            console.print(ratio_line(compare, result["ratios"]), highlight=False)
+            console.print(ratio_line(compare, result["ratios"]))
     write_json(json_out, result)
     if record:
         record_metrics(model, "bench", {k: v for k, v in result.items() if k != "compare"})

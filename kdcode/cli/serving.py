@@ -21,13 +21,13 @@ from kdcode.cli._common import (
     KvCacheOpt,
     NoVerifyOpt,
     ThreadsOpt,
-    err_console,
     fail,
     handle_errors,
     parse_draft_tokens,
     runtime_flags,
     warn,
 )
+from kdcode.cli._console import err_console
 
 
 @handle_errors
@@ -137,7 +137,7 @@ def serve(
         import fastapi  # noqa: F401
         import uvicorn
     except ImportError:
-        fail("kdcode serve needs FastAPI and uvicorn: pip install 'kdcode\\[serve]'")  # \\[ escapes rich markup
+        fail("kdcode serve needs FastAPI and uvicorn: pip install 'kdcode[serve]'")
     from kdcode.inference.engine import load_engine
     from kdcode.inference.server import create_app
 

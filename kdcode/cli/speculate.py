@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kdcode.cli._common import metrics_table, out_console, parse_draft_tokens, record_metrics, write_json
+from kdcode.cli._common import parse_draft_tokens, record_metrics, write_json
+from kdcode.cli._console import metrics_table, out_console
 
 ACCEPTANCE_COLUMNS = [("draft_tokens", "k"), ("acceptance_rate", "acceptance"), ("accepted_per_pass", "accepted/pass"),
                       ("tokens_per_pass", "tokens/pass"), ("samples", "samples"),

@@ -18,9 +18,9 @@ from kdcode.cli._common import (
     ThreadsOpt,
     fail,
     handle_errors,
-    out_console,
     overrides,
 )
+from kdcode.cli._console import out_console, styled
 
 
 def _print_report(written: dict[str, Any], records: list[dict[str, Any]]) -> None:
@@ -35,9 +35,9 @@ def _print_report(written: dict[str, Any], records: list[dict[str, Any]]) -> Non
     console = out_console()
     console.print(t)
     png = f" and {written['pareto_png']}" if written["pareto_png"] else ""
-    console.print(f"[green]wrote[/] {written['results_md']}{png}")
+    console.print(styled("wrote", "green", f"{written['results_md']}{png}"))
     if written["note"]:
-        console.print(f"[yellow]note:[/] {written['note']}")
+        console.print(styled("note:", "yellow", written["note"]))
 
 
 def _depths(layers: str | None) -> list[int] | None:
@@ -117,7 +117,7 @@ def sweep(
         return
     console = out_console()
     try:
-        run_sweep(sweep_spec, resume=resume, where=where, log=lambda m: console.print(m, highlight=False))
+        run_sweep(sweep_spec, resume=resume, where=where, log=console.print)
     except (KeyboardInterrupt, Interrupted) as exc:
         fail(f"{exc or 'interrupted'}; finished points are in {sweep_spec.out}/results.jsonl: rerun the sweep with "
              "--resume", code=130)

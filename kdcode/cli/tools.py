@@ -16,10 +16,10 @@ from kdcode.cli._common import (
     OverwriteOpt,
     fail,
     handle_errors,
-    out_console,
     overrides,
     write_json,
 )
+from kdcode.cli._console import out_console, styled
 
 
 @handle_errors
@@ -106,11 +106,11 @@ def compress(
     )
     folder, manifest = run_compress(model, spec, out, overwrite=overwrite, verify=not no_verify)
     comp, m = manifest["compression"], manifest["model"]
-    out_console().print(
-        f"[green]compressed model written to[/] {folder}  ({', '.join(s['step'] for s in comp['steps'])}; "
+    out_console().print(styled(
+        "compressed model written to", "green", f"{folder}  ({', '.join(s['step'] for s in comp['steps'])}; "
         f"{m['params_m_before']}M -> {m['params_m']}M params, {weights_size(folder) / 1e6:.2f} MB on disk; "
         f"loads with {comp['loading']})"
-    )
+    ))
     out_console().print(f"next:\n  kdcode eval {folder}\n  kdcode bench {folder} --compare {model} --device cpu")
 
 

@@ -24,9 +24,9 @@ from kdcode.cli._common import (
     TrustRemoteCodeOpt,
     fim_overrides,
     handle_errors,
-    out_console,
     overrides,
 )
+from kdcode.cli._console import out_console, styled
 
 MaxStepsOpt = Annotated[int | None, typer.Option(help="Stop after this many optimiser steps.")]
 EpochsOpt = Annotated[float | None, typer.Option(help="Stop after this many passes over the train split.")]
@@ -117,11 +117,11 @@ def distil(
         return
     console = out_console()
     tr = manifest["training"]
-    console.print(
-        f"[green]student written to[/] {folder}  ({manifest['model']['n_layer']} layers, "
+    console.print(styled(
+        "student written to", "green", f"{folder}  ({manifest['model']['n_layer']} layers, "
         f"{manifest['model']['params_m']}M params, {tr['steps']} steps in {tr['wall_time_s']:.0f} s, "
         f"valid loss {tr['final'].get('valid_loss', float('nan')):.3f})"
-    )
+    ))
     _print_skipped(console, manifest, run.data)
     console.print("next:")
     console.print(f"  kdcode eval {folder}")
@@ -191,11 +191,11 @@ def pretrain(
     )
     folder, manifest = run_pretrain(spec, overwrite=overwrite, resume=resume)
     tr = manifest["training"]
-    out_console().print(
-        f"[green]model written to[/] {folder}  ({manifest['model']['params_m']}M params, {tr['steps']} steps, "
+    out_console().print(styled(
+        "model written to", "green", f"{folder}  ({manifest['model']['params_m']}M params, {tr['steps']} steps, "
         f"{tr['tokens_seen']} tokens in {tr['wall_time_s']:.0f} s, "
         f"valid loss {tr['final'].get('valid_loss', float('nan')):.3f})"
-    )
+    ))
     _print_skipped(out_console(), manifest, spec.data)
 
 
@@ -206,7 +206,7 @@ def _print_skipped(console: Any, manifest: dict[str, Any], data: Any) -> None:
 
     skipped = Counter(manifest.get("data", {}).get("skipped") or {})
     if skipped:
-        console.print(f"[yellow]skipped:[/] {skip_reasons(skipped, data)}", highlight=False)
+        console.print(styled("skipped:", "yellow", skip_reasons(skipped, data)))
 
 
 def register(app: typer.Typer) -> None:

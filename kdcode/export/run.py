@@ -9,11 +9,15 @@ Both record the source (its path, the sha256 of its weight files, its own manife
   and the ollama ``F.Modelfile``.
 
 Outputs are checked before the model is loaded (never inside the source, writable, enough space) and written
-atomically: a killed export leaves no half-written file or folder under the asked name.
+atomically: a killed export leaves no half-written file or folder under the asked name, and a GGUF's three files
+replace the old ones together or not at all (:mod:`kdcode.export.fileset`).
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -87,6 +91,9 @@ def run_export(name: str, spec: ExportSpec, out: Path, overwrite: bool = False,
         need = int(size / 4 * BYTES_PER_WEIGHT[spec.quant or "f32"]) if size else None
         check_output(out, overwrite, {"MODEL": source}, need_bytes=need, folder=False)
         for path in (out, sidecar_path(out), modelfile_path(out)):
+            if path.is_dir() and not path.is_symlink():
+                raise KdcodeError(f"{path} is a folder, where the export writes a file: move it away or choose "
+                                  "another --out")
             if path.exists() and not overwrite:
                 raise KdcodeError(f"{path} exists; choose another --out or pass --overwrite")
         return out, _export_gguf(_load(name, verify), spec, out)
@@ -114,7 +121,8 @@ def _provenance(lm: Any, spec: ExportSpec) -> dict[str, Any]:
 
 
 def _export_gguf(lm: Any, spec: ExportSpec, out: Path) -> dict[str, Any]:
-    from kdcode.artifacts import atomic_file, sha256_file, write_error, write_json, write_text_atomic
+    from kdcode.artifacts import sha256_file
+    from kdcode.export.fileset import atomic_files
     from kdcode.export.gguf_file import MANIFEST_KEY, write_gguf
     from kdcode.export.modelfile import modelfile
     from kdcode.fim import detect, infill_order
@@ -122,23 +130,36 @@ def _export_gguf(lm: Any, spec: ExportSpec, out: Path) -> dict[str, Any]:
 
     quant = spec.quant or "f32"
     inside = _provenance(lm, spec)
-    try:
-        with atomic_file(out) as tmp:  # renamed into place last: the GGUF appears whole, its sidecar beside it
+    n_ctx = context_length(lm.model.config, 1024)
+    sidecar, ollama = sidecar_path(out), modelfile_path(out)
+    # the three files move into place together or not at all: never a GGUF beside a sidecar describing another
+    with atomic_files([out, sidecar, ollama]) as (tmp, tmp_sidecar, tmp_ollama):
+        with _naming(out):
             summary = write_gguf(tmp, lm.model, lm.tokenizer, quant, inside)
-            n_ctx = context_length(lm.model.config, 1024)
-            manifest = {**inside, "format": "gguf", "file": out.name, "sha256": sha256_file(tmp),
-                        "bytes": tmp.stat().st_size,
-                        "gguf": {**summary, "quant": quant, "n_ctx": n_ctx, "provenance_key": MANIFEST_KEY},
-                        "parent_manifest": lm.manifest, "libraries": _libraries("gguf")}
-            write_json(sidecar_path(out), manifest)
-            fim_tokens = detect(lm.tokenizer)
-            write_text_atomic(modelfile_path(out), modelfile(out.name, lm.tokenizer, n_ctx, lm.name, fim_tokens,
-                                                             infill_order("auto", lm.manifest)))
+        manifest = {**inside, "format": "gguf", "file": out.name, "sha256": sha256_file(tmp),
+                    "bytes": tmp.stat().st_size,
+                    "gguf": {**summary, "quant": quant, "n_ctx": n_ctx, "provenance_key": MANIFEST_KEY},
+                    "parent_manifest": lm.manifest, "libraries": _libraries("gguf")}
+        with _naming(sidecar):
+            tmp_sidecar.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        with _naming(ollama):
+            order = infill_order("auto", lm.manifest)
+            tmp_ollama.write_text(modelfile(out.name, lm.tokenizer, n_ctx, lm.name, detect(lm.tokenizer), order),
+                                  encoding="utf-8")
+    return manifest
+
+
+@contextmanager
+def _naming(target: Path) -> Iterator[None]:
+    """A failure to write ``target`` (disk full, read-only, a library's wrapper of them) as one line naming it."""
+    from kdcode.artifacts import write_error
+
+    try:
+        yield
     except KdcodeError:
         raise
-    except Exception as exc:  # noqa: BLE001 - disk full, read-only, a library's wrapper of them
-        raise write_error(exc, out) from exc
-    return manifest
+    except Exception as exc:  # noqa: BLE001 - people get one line naming the file
+        raise write_error(exc, target) from exc
 
 
 def _export_onnx(lm: Any, spec: ExportSpec, out: Path, overwrite: bool) -> dict[str, Any]:

@@ -60,6 +60,11 @@ def load_for_inference(
     rt = runtime if isinstance(runtime, RuntimeSpec) else RuntimeSpec.model_validate(runtime or {})
     backend = detect_backend(name) if rt.backend == "auto" else rt.backend
     if backend != "torch":
+        torch_only = [f for f, on in (("--kv-cache static", rt.kv_cache == "static"), ("--compile", rt.compile)) if on]
+        if torch_only:
+            raise KdcodeError(f"{' and '.join(torch_only)} {'is' if len(torch_only) == 1 else 'are'} for the torch "
+                              f"backend; {name} runs in {backend}, which keeps its own cache: drop "
+                              f"{'it' if len(torch_only) == 1 else 'them'}")
         return load_backend(name, backend, device, dtype, threads, verify)
     if detect_backend(name) == "onnxruntime":
         raise KdcodeError(f"{name} is a {detect_backend(name)} model; run it with --backend {detect_backend(name)}")

@@ -105,10 +105,11 @@ class StreamOptions(BaseModel):
 
 
 class CompletionRequest(BaseModel):
-    """OpenAI's completions request; unknown fields are refused, as OpenAI refuses them."""
+    """OpenAI's completions request; unknown fields are refused, as OpenAI refuses them. ``model`` may be left out
+    (or null): the served model answers, as llama.cpp's and vLLM's servers default it."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    model: Text
+    model: Text | None = None
     prompt: Text | list[Text]
     max_tokens: int = Field(16, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
@@ -222,7 +223,7 @@ def _validation_error(exc: ValidationError) -> RequestError:
 
 def parse_completion_request(body: bytes, limits: Limits, models: Sequence[str] = ()) -> CompletionRequest:
     """A ``POST /v1/completions`` body as a request this server can serve, or a 4xx :class:`RequestError`.
-    ``models``: the names the server answers to (its own first); empty: any."""
+    ``models``: the names the server answers to (its own first); empty: any; no ``model``: the server's own."""
     data = parse_json_body(body, limits)
     if isinstance(data.get("prompt"), list) and any(not isinstance(p, str) for p in data["prompt"]):
         raise RequestError(400, "prompt must be a string or a list of strings (token ids are not supported)", "prompt")
@@ -232,7 +233,7 @@ def parse_completion_request(body: bytes, limits: Limits, models: Sequence[str] 
         raise _validation_error(exc) from None
     if (bad := _unsupported(req)) is not None:
         raise RequestError(400, bad[1], bad[0])
-    if models and req.model not in models:
+    if models and req.model is not None and req.model not in models:
         raise RequestError(
             404, f"the model '{shown(req.model)}' does not exist; this server has {models[0]!r}", "model",
             "model_not_found",

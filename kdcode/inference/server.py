@@ -1,9 +1,9 @@
 """A completion server over one local model, in the shapes editors speak (FastAPI + uvicorn:
 ``pip install 'kdcode[serve]'``). One handler per endpoint shape:
 
-- ``POST /v1/completions`` — OpenAI's completions (``model``, ``prompt`` as a string or a list of strings,
-  ``suffix``, ``max_tokens``, ``temperature``, ``stop``, ``n``, ``best_of``, ``seed``, ``stream``,
-  ``stream_options``), answered in its response shape or as server-sent events ending with ``data: [DONE]``.
+- ``POST /v1/completions`` — OpenAI's completions (``model``, optional: the served one; ``prompt`` as a string
+  or a list of strings, ``suffix``, ``max_tokens``, ``temperature``, ``stop``, ``n``, ``best_of``, ``seed``,
+  ``stream``, ``stream_options``), answered in its response shape or as server-sent events ending with ``data: [DONE]``.
 - ``POST /infill`` — llama.cpp server's infill (``input_prefix``, ``input_suffix``, ``prompt``: the cursor
   line's start, ``n_predict``, ``stream``, ``stop``; as llama.vim sends it) and ``POST /completion``,
   llama.cpp's native completion (``prompt``, ``n_predict``, ``temperature``, ``seed``, ``stream``; as Tabby's
@@ -44,6 +44,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kdcode.errors import KdcodeError
+from kdcode.export.modelfile import template as ollama_template
 from kdcode.inference.engine import DEFAULT_STOP, Completion, Engine, load_engine
 from kdcode.inference.http import (
     InternalErrors,
@@ -190,8 +191,10 @@ async def _llama_stream(state: ServerState, job: Job, parts: list[Any], fields: 
 
 
 # ------------------------------------------------------------------------------------------- Ollama
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def _now(timestamp: float | None = None) -> str:
+    """A time as Ollama writes one (UTC, milliseconds): ``timestamp`` (seconds since the epoch), or now."""
+    when = datetime.now(timezone.utc) if timestamp is None else datetime.fromtimestamp(timestamp, timezone.utc)
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _ollama_done(result: Completion) -> dict[str, Any]:
@@ -236,28 +239,41 @@ async def _ollama_stream(state: ServerState, job: Job, parts: list[Any]) -> Asyn
         yield json.dumps(line) + "\n"
 
 
+FORMATS = {"onnxruntime": "onnx", "llama.cpp": "gguf"}  # the weights' format by backend; torch: safetensors
+
+
+def _weight_files(engine: Engine) -> list[Path]:
+    """The model's weight files on disk: a backend's own (model.onnx and its data, the .gguf), else the folder's
+    safetensors."""
+    files = getattr(engine.model, "files", None)  # kdcode.inference.backends.base.StepModel
+    if files is None:
+        folder = getattr(engine.loaded, "folder", None)
+        files = sorted(Path(folder).glob("*.safetensors")) if folder else []
+    return [Path(p) for p in files if Path(p).is_file()]
+
+
 def _ollama_model(state: ServerState) -> dict[str, Any]:
-    """The model as Ollama's /api/tags and /api/show describe one."""
+    """The model as Ollama's /api/tags and /api/show describe one: its weight files' bytes, format and last
+    change."""
     engine = state.engine
     loaded = engine.loaded
-    folder = getattr(loaded, "folder", None)
-    size = sum(p.stat().st_size for p in Path(folder).glob("*.safetensors")) if folder else 0
-    details = {"format": "safetensors", "family": getattr(engine.model.config, "model_type", ""),
+    files = _weight_files(engine)
+    changed = max((p.stat().st_mtime for p in files), default=None)
+    details = {"format": FORMATS.get(engine.runtime.get("backend", "torch"), "safetensors"),
+               "family": getattr(engine.model.config, "model_type", ""),
                "parameter_size": f"{loaded.params / 1e6:.1f}M", "quantization_level": engine.dtype}
-    return {"name": state.name, "model": state.name, "modified_at": _now(), "size": size,
-            "digest": str(getattr(loaded, "fingerprint", "")), "details": details}
+    return {"name": state.name, "model": state.name, "modified_at": _now(changed),
+            "size": sum(p.stat().st_size for p in files), "digest": str(getattr(loaded, "fingerprint", "")),
+            "details": details}
 
 
 def ollama_show(state: ServerState) -> Callable[[Request], Any]:
-    """The handler of Ollama's ``POST /api/show``: a template with ``.Suffix`` when the model infills, which is
-    how Continue decides to send prefix and suffix apart."""
+    """The handler of Ollama's ``POST /api/show``: a template with ``.Suffix`` when the model infills (in the
+    order it infills, PSM or SPM), which is how Continue decides to send prefix and suffix apart."""
 
     async def show(_: Request) -> dict[str, Any]:
         fim = state.engine.fim
-        template = "{{ .Prompt }}"
-        if fim is not None:
-            template = ("{{- if .Suffix }}" + fim.format.template("{{ .Prompt }}", "{{ .Suffix }}")
-                        + "{{- else }}{{ .Prompt }}{{- end }}")
+        template = ollama_template(fim, state.engine.fim_order)  # as the Modelfile kdcode export writes
         model = _ollama_model(state)
         return {"modelfile": f"# served by kdcode\nFROM {state.name}\n", "parameters": "", "template": template,
                 "details": model["details"], "modified_at": model["modified_at"],

@@ -93,6 +93,8 @@ def load_onnx(folder: Path, threads: int, verify: bool) -> tuple[OrtModel, dict[
 
     from kdcode.artifacts import read_manifest
     from kdcode.artifacts import verify as verify_folder
+    from kdcode.models import load_error
+    from kdcode.quiet import quiet_hf
 
     manifest = read_manifest(folder)
     if not (folder / "model.onnx").is_file() or not manifest or manifest.get("format") != "onnx":
@@ -103,5 +105,9 @@ def load_onnx(folder: Path, threads: int, verify: bool) -> tuple[OrtModel, dict[
     except ImportError as exc:
         raise KdcodeError("the onnxruntime backend needs ONNX Runtime: pip install 'kdcode[onnx]'") from exc
     verified = verify_folder(folder) if verify else False
-    config = AutoConfig.from_pretrained(str(folder))
+    try:
+        with quiet_hf():
+            config = AutoConfig.from_pretrained(str(folder))
+    except Exception as exc:  # noqa: BLE001 - a damaged config.json: one line, as for a torch folder
+        raise load_error(folder, exc) from exc
     return OrtModel(folder, config, manifest, threads), manifest, verified
