@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from kdcode.errors import KdcodeDeprecation, KdcodeError
 
 BUNDLED = "bundled"
+CONTEXT_HELP = ("prompt tokens kept (default: min(the model's positions, 1024) minus the new tokens: CodeGPT's 924 as "
+                "CodeXGLUE, the bundled teacher's 208)")
 
 
 def _accepts_bool(annotation: Any) -> bool:
@@ -400,7 +402,7 @@ class EvalSpec(_Spec):
     seed: int = 0
     beams: int = Field(1, ge=1)
     max_new_tokens: int = Field(48, ge=1, le=1000)
-    context_tokens: int | None = Field(None, ge=1)
+    context_tokens: int | None = Field(None, ge=1, description=CONTEXT_HELP)
     batch_size: int = Field(8, ge=1)
     heal: bool | None = Field(None, description="token healing (default: on for raw code, off for py150)")
     ppl_blocks: int = Field(64, ge=0, description="held-out blocks for perplexity (0 skips it)")
@@ -421,6 +423,7 @@ class BenchSpec(_Spec):
     rounds: int = Field(5, ge=1, description="interleaved rounds; figures are medians with their range")
     warmup: int = Field(2, ge=0)
     new_tokens: int = Field(16, ge=1, description="tokens generated per prompt (no early stop)")
+    context_tokens: int | None = Field(None, ge=1, description=CONTEXT_HELP)
     batch_size: int = Field(1, ge=1)
     seed: int = 0
     threads: int | None = Field(None, ge=1)

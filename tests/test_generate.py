@@ -159,3 +159,36 @@ def test_beam_alternatives_are_distinct_and_best_first(model, index):
     for group in (True, False):
         scores = [h.logprob for h in hyps if h.finished is group]
         assert scores == sorted(scores, reverse=True)
+
+
+@pytest.mark.parametrize(("positions", "new", "asked", "kept"), [
+    (1024, 100, None, 924),  # CodeGPT as CodeXGLUE: 1,024 - 100
+    (256, 48, None, 208),  # the bundled teacher
+    (8192, 48, None, 976),  # SmolLM2: not its whole 8k unless asked
+    (8192, 48, 4000, 4000),
+    (256, 48, 4000, 208),  # never more than the positions leave
+])
+def test_the_context_kept_by_default_and_when_asked(positions, new, asked, kept):
+    from kdcode.inference.decode import DecodeOptions
+
+    assert DecodeOptions(max_new_tokens=new, context_tokens=asked).context_for(positions) == kept
+
+
+def test_eval_and_bench_take_context_and_record_it(tmp_path, teacher_dir, corpus_dir):
+    import json
+
+    from typer.testing import CliRunner
+
+    from kdcode.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "eval.json"
+    r = runner.invoke(app, ["eval", str(teacher_dir), "--data", str(corpus_dir), "--samples", "4", "--ppl-blocks", "0",
+                            "--max-new-tokens", "4", "--context", "40", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["decoding"]["context_tokens"] == 40
+    out = tmp_path / "bench.json"
+    r = runner.invoke(app, ["bench", str(teacher_dir), "--data", str(corpus_dir), "--prompts", "2", "--rounds", "1",
+                            "--new-tokens", "2", "--context", "30", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["context_tokens"] == 30

@@ -73,3 +73,76 @@ def test_depth_outside_teacher_is_refused(teacher12, layers):
 def test_unknown_init_param_is_refused():
     with pytest.raises(KdcodeError, match="copy_embedings"):
         make_init("spread", {"copy_embedings": True})
+
+
+def _with_idle_blocks(tokenizer, idle: range) -> torch.nn.Module:
+    """A 12-block GPT-2 whose blocks in ``idle`` add nothing to the residual stream (zero output projections)."""
+    model = make_gpt2(tokenizer, n_layer=12, n_embd=16, n_head=2, seed=3)
+    with torch.no_grad():
+        for j in idle:
+            for proj in (model.transformer.h[j].attn.c_proj, model.transformer.h[j].mlp.c_proj):
+                proj.weight.zero_()
+                proj.bias.zero_()
+    return model
+
+
+def _calibration(n: int = 4, t: int = 32) -> torch.Tensor:
+    return torch.randint(5, 500, (n, t), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("method", ["kl", "angular", "influence"])
+def test_measured_inits_drop_the_blocks_that_do_nothing(tokenizer, method):
+    """(``loss`` ranks by the data's loss, which a random teacher's own blocks may raise: tested below by value.)"""
+    teacher = _with_idle_blocks(tokenizer, range(3, 9))
+    init = make_init("measured", {"method": method, "calibration_blocks": 4})
+    with pytest.raises(KdcodeError, match="measures the teacher's blocks on calibration data first"):
+        init.build(teacher, 6)
+    x = _calibration()
+    init.prepare(teacher, x, 6)
+    student, layer_map = init.build(teacher, 6)
+    assert layer_map == [0, 1, 2, 9, 10, 11]
+    scores = init.origin["measured"]
+    assert scores["method"] == method and scores["dropped_blocks"] == 6 and scores["calibration_tokens"] == 128
+    assert all(v == pytest.approx(0, abs=1e-6) for v in scores["block_influence"][3:9])
+    assert min(scores["block_influence"][:3] + scores["block_influence"][9:]) > 1e-3
+    assert scores["angular_distance_by_start"][3] == pytest.approx(0, abs=1e-3)
+    with torch.no_grad():  # the idle blocks are gone and nothing else: the student computes what the teacher does
+        torch.testing.assert_close(student(x).logits, teacher(x).logits, atol=1e-4, rtol=1e-4)
+    if method == "kl":
+        kls = scores["kl_by_start"]
+        assert len(kls) == 7 and kls[3] == pytest.approx(0, abs=1e-6) and min(kls[:3] + kls[4:]) > 0
+
+
+def test_measured_loss_of_a_run_is_the_loss_of_that_student(teacher12):
+    from kdcode.inits.measured import calibration_loss
+
+    x = _calibration()
+    init = make_init("measured", {"calibration_blocks": 4})
+    init.prepare(teacher12, x, 8)
+    for start, loss in enumerate(init.origin["measured"]["loss_by_start"]):
+        kept = [j for j in range(12) if not start <= j < start + 4]
+        student, _ = make_init("layers", {"layers": kept}).build(teacher12, 8)
+        with torch.no_grad():
+            logits = student(x).logits[:, :-1]
+        direct = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
+        assert loss == pytest.approx(direct.item(), abs=1e-4)
+        assert calibration_loss(teacher12, kept, x) == pytest.approx(direct.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_auto_keeps_the_lower_of_spread_and_the_measured_run(tokenizer, seed):
+    from kdcode.inits.measured import calibration_loss
+
+    teacher = make_gpt2(tokenizer, n_layer=12, n_embd=16, n_head=2, seed=seed)
+    x = _calibration()
+    auto = make_init("auto", {})
+    auto.prepare(teacher, x, 6)
+    m = auto.origin["measured"]
+    spread = [0, 2, 4, 7, 9, 11]
+    assert m["spread_calibration_loss"] == pytest.approx(calibration_loss(teacher, spread, x), abs=1e-4)
+    best_run = min(range(7), key=m["loss_by_start"].__getitem__)
+    run = [j for j in range(12) if not best_run <= j < best_run + 6]
+    if m["spread_calibration_loss"] <= m["calibration_loss"]:
+        assert auto.select(12, 6) == spread and m["chosen"] == "spread"
+    else:
+        assert auto.select(12, 6) == run and m["chosen"] != "spread"

@@ -169,6 +169,8 @@ AllowPickleOpt = Annotated[
     bool, typer.Option("--allow-pickle", help="Load pickle weights (pytorch_model.bin), which can run code.")
 ]
 NoVerifyOpt = Annotated[bool, typer.Option("--no-verify", help="Skip the weights' sha256 check.")]
+ContextOpt = Annotated[int | None, typer.Option("--context", help="Prompt tokens kept (default: min(the model's "
+                                               "positions, 1024) minus the new tokens).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (as the model's config says), fp32, fp16 or bf16.")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads for torch.")]

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from kdcode.cli._common import (
+    ContextOpt,
     DataOpt,
     InitOpt,
     PrecisionOpt,
@@ -76,6 +77,7 @@ def sweep(
         help="Also measure each student as the teacher's speculative draft with k draft tokens (acceptance).")] = None,
     prompts: Annotated[int | None, typer.Option(help="Timed completions per model (bench).")] = None,
     new_tokens: Annotated[int | None, typer.Option(help="Longest eval completion and bench tokens per prompt.")] = None,
+    context: ContextOpt = None,
     threads: ThreadsOpt = None,
     out: Annotated[str | None, typer.Option(help="Sweep folder (default: the spec's out, or 'sweep').")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Skip the points done in OUT/results.jsonl.")] = False,
@@ -97,8 +99,8 @@ def sweep(
         "train.max_minutes": max_minutes, "train.batch_size": batch_size, "train.block_size": block_size,
         "train.precision": precision, "train.threads": threads,
     })
-    ev = overrides({"samples": samples, "max_new_tokens": new_tokens, "threads": threads})
-    bn = overrides({"prompts": prompts, "new_tokens": new_tokens, "threads": threads})
+    ev = overrides({"samples": samples, "max_new_tokens": new_tokens, "context_tokens": context, "threads": threads})
+    bn = overrides({"prompts": prompts, "new_tokens": new_tokens, "context_tokens": context, "threads": threads})
     where = str(spec) if spec else "flags"
     sweep_spec = build_sweep(read_spec_file(spec) if spec else {}, base, _depths(layers), ev, bn, out, where)
     if task not in ("line", "infill"):

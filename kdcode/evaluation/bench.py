@@ -64,7 +64,8 @@ class Runner:
             torch.cuda.reset_peak_memory_stats()
         self.lm = load_for_inference(name, spec.device, spec.dtype, spec.threads, verify=verify, **load)
         # a fixed number of tokens per prompt (no early stop), so that a model that stops early does not look fast
-        self.opts = DecodeOptions(max_new_tokens=spec.new_tokens, heal=spec.data.format == "raw", fixed_length=True)
+        self.opts = DecodeOptions(max_new_tokens=spec.new_tokens, context_tokens=spec.context_tokens,
+                                  heal=spec.data.format == "raw", fixed_length=True)
         self.context = self.opts.context_for(n_positions(self.lm.model))
         self.index = VocabIndex.for_model(self.lm.model, self.lm.tokenizer)
         self._greedy = greedy

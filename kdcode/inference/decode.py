@@ -53,7 +53,8 @@ class DecodeOptions:
     """How to decode. Nothing mutates it: one object serves every call that decodes the same way."""
 
     max_new_tokens: int = 48
-    context_tokens: int | None = None  # prompt tokens the model sees (None: its positions - max_new_tokens)
+    # prompt tokens the model sees (None: min(its positions, DEFAULT_WINDOW) - max_new_tokens)
+    context_tokens: int | None = None
     heal: bool = True  # token healing of the prompt's last token
     heal_space: bool = False  # heal back over trailing whitespace (editor prompts), several tokens if need be
     stop_strings: tuple[str, ...] = ("\n",)  # the completion ends before the first of them
@@ -76,18 +77,24 @@ class DecodeOptions:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), not {self.temperature}")
 
     def context_for(self, n_positions: int) -> int:
-        """Prompt tokens kept for a model with ``n_positions`` positions: what the new tokens leave."""
+        """Prompt tokens kept for a model with ``n_positions`` positions: ``context_tokens`` when given, else what
+        the new tokens leave of min(positions, DEFAULT_WINDOW) (CodeGPT's 1,024 - 100 = 924 as CodeXGLUE; a model
+        of 8k positions is not given 8k-token prompts unless asked), never more than the positions leave."""
         room = n_positions - self.max_new_tokens
         if room < 1:
             raise ValueError(
                 f"max_new_tokens={self.max_new_tokens} leaves no room for context in {n_positions} positions"
             )
-        return min(self.context_tokens or room, room)
+        default = min(n_positions, DEFAULT_WINDOW) - self.max_new_tokens
+        return min(self.context_tokens or max(default, 1), room)
 
 
 def n_positions(model: Any) -> int:
     """The positions a model attends over (1024 when its config does not say)."""
     return context_length(model.config, 1024)  # type: ignore[return-value]
+
+
+DEFAULT_WINDOW = 1024  # prompt + new tokens when no context length is asked for
 
 
 @dataclass(frozen=True)

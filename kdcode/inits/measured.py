@@ -9,6 +9,8 @@ of 15 removed blocks lower still. Methods (``params.method``):
   contiguous run of blocks, chosen there by the angular distance between the run's input and output; here every
   contiguous run of the right length is scored by the calibration loss of the model without it (what the angular
   distance stands in for; n - k + 1 forward passes of the smaller model), and the lowest is kept.
+- ``kl``: the same runs scored by KL(teacher || model without the run) on the calibration blocks: what KD will
+  then minimise (a run of blocks that change nothing scores 0).
 - ``angular``: Gromov et al.'s proxy itself: the run whose input and output hidden states are closest in angle
   (one forward pass of the teacher).
 - ``influence``: ShortGPT's Block Influence, ``1 - cos(h_in, h_out)`` per block (one forward pass); keep the k
@@ -34,7 +36,8 @@ from kdcode.inits.base import InitParams, LayerCopyInit, block_path, copy_weight
 
 
 class MeasuredParams(InitParams):
-    method: Literal["loss", "angular", "influence"] = Field("loss", description="how blocks are ranked (see above)")
+    method: Literal["loss", "kl", "angular", "influence"] = Field("loss",
+                                                                  description="how blocks are ranked (see above)")
     calibration_blocks: int = Field(8, ge=1, le=256, description="training blocks the scores are measured on")
 
 
@@ -86,13 +89,23 @@ def influence_and_angles(model: torch.nn.Module, x: torch.Tensor, drop: int) -> 
 
 
 @torch.no_grad()
-def calibration_loss(teacher: torch.nn.Module, layer_map: list[int], x: torch.Tensor) -> float:
-    """Next-token loss on ``x`` of the teacher with only the blocks ``layer_map`` names (a student at init)."""
+def _pruned_logits(teacher: torch.nn.Module, layer_map: list[int], x: torch.Tensor) -> torch.Tensor:
     model = new_model(student_config(teacher, list(layer_map)))
     copy_weights(model, teacher, list(layer_map), True)
-    model.eval()
-    logits = model(x).logits[:, :-1].float()
+    return model.eval()(x).logits[:, :-1].float()
+
+
+def calibration_loss(teacher: torch.nn.Module, layer_map: list[int], x: torch.Tensor) -> float:
+    """Next-token loss on ``x`` of the teacher with only the blocks ``layer_map`` names (a student at init)."""
+    logits = _pruned_logits(teacher, layer_map, x)
     return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1)))
+
+
+def calibration_kl(teacher_logp: torch.Tensor, teacher: torch.nn.Module, layer_map: list[int],
+                   x: torch.Tensor) -> float:
+    """Mean per-token KL(teacher || teacher with only ``layer_map``'s blocks) on ``x``."""
+    logp = torch.log_softmax(_pruned_logits(teacher, layer_map, x), -1)
+    return float((teacher_logp.exp() * (teacher_logp - logp)).sum(-1).mean())
 
 
 def _run(n_teacher: int, layers: int, start: int) -> list[int]:
@@ -128,6 +141,12 @@ class Measured(LayerCopyInit):
                 keep = sorted(sorted(range(n_teacher), key=lambda j: -influence[j])[:layers])
             elif self.params.method == "angular":
                 keep = _run(n_teacher, layers, min(range(len(angles)), key=angles.__getitem__))
+            elif self.params.method == "kl":
+                with torch.no_grad():
+                    ref = torch.log_softmax(teacher(x).logits[:, :-1].float(), -1)
+                kls = [calibration_kl(ref, teacher, _run(n_teacher, layers, s), x) for s in range(len(angles))]
+                scores["kl_by_start"] = [round(v, 7) for v in kls]
+                keep = _run(n_teacher, layers, min(range(len(kls)), key=kls.__getitem__))
             else:
                 losses = [calibration_loss(teacher, _run(n_teacher, layers, s), x) for s in range(len(angles))]
                 scores["loss_by_start"] = [round(v, 4) for v in losses]
