@@ -1,0 +1,231 @@
+"""A real teacher at real scale: SmolLM2-135M (``--teacher smollm2``), its students and drafts, measured.
+
+Sub-commands (each appends rows to OUT/results.jsonl and prints a table; all name the CPU's instruction sets):
+
+    python examples/benchmarks/real_teacher.py --out DIR quality --models smollm2,bundled,STUDENT [--samples 100]
+    python examples/benchmarks/real_teacher.py --out DIR curve --run STUDENT_OUT           # loss vs KD tokens
+    python examples/benchmarks/real_teacher.py --out DIR lookup --teacher smollm2 [--draft DRAFT] [--k 8]
+    python examples/benchmarks/real_teacher.py --out DIR speed --teacher smollm2 --student STUDENT [--rounds 3]
+
+- ``quality``: line-completion ES / EM (CodeXGLUE's, greedy) with the standard error of ES, on two fixed sets of
+  ``--samples`` lines: the held-out stdlib test split (what `kdcode eval` draws, seed 0) and installed third-party
+  packages that are never in the corpus (the gap ablation's ``thirdparty`` set), beside the repeat-the-previous-line
+  baseline. Context: `kdcode eval`'s default (min(positions, 1024) minus 48 new tokens).
+- ``curve``: the student's held-out loss against KD tokens seen, from its ``train_log.jsonl`` (a run bound by steps).
+- ``lookup``: drafting by prompt lookup, simulated exactly on the teacher's own greedy continuations (no timing):
+  at each teacher pass the proposal is the ``k`` tokens that followed the last earlier occurrence of the context's
+  final 3-, 2- or 1-gram; the pass keeps the proposal's longest prefix equal to the greedy tokens plus the
+  teacher's own next token. With ``--draft``: the same for a draft model's greedy proposals (real speculative
+  decoding, so its acceptance is measured by kdcode.inference.speculative). Tokens per teacher pass is what a
+  memory-bound decode step turns into speed.
+- ``speed``: `kdcode bench` of teacher and student in interleaved rounds (A B, B A, ...) on the same prompts, torch
+  fp32, the ratio with its range. Run it on a quiet machine only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from kdcode.device import machine_line
+from kdcode.evaluation.completion_sets import LineSample
+from kdcode.evaluation.evaluate import run_eval
+from kdcode.evaluation.metrics import sample_scores
+from kdcode.spec import EvalSpec
+
+HERE = Path(__file__).resolve().parent
+
+
+def _ablation() -> Any:
+    """The gap ablation's fixed completion sets (stdlib test split and third-party packages)."""
+    spec = importlib.util.spec_from_file_location("gap_ablation", HERE / "gap" / "ablation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def completion_sets(out: Path, samples: int) -> dict[str, Path]:
+    gap = _ablation()
+    gap.SAMPLES = samples
+    folder = out / f"sets-{samples}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return gap.completion_sets(folder)
+
+
+def _prev_line(text: str) -> str:
+    return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "")
+
+
+def score(model: str, lines: Path, context: int | None) -> dict[str, Any]:
+    samples = [LineSample(**json.loads(x)) for x in lines.read_text().splitlines()]
+    with tempfile.TemporaryDirectory() as tmp:
+        pred_file = Path(tmp) / "pred.txt"
+        t0 = time.perf_counter()
+        result = run_eval(model, EvalSpec(lines=str(lines), samples=len(samples), ppl_blocks=0,
+                                          context_tokens=context), predictions=pred_file)
+        wall = time.perf_counter() - t0
+        preds = pred_file.read_text(encoding="utf-8").split("\n")[: len(samples)]
+    es = [sample_scores(p, s.gt)[0] for p, s in zip(preds, samples)]
+    base = [sample_scores(_prev_line(s.input), s.gt)[0] for s in samples]
+    return {"es": round(statistics.mean(es), 2), "es_se": round(statistics.stdev(es) / math.sqrt(len(es)), 2),
+            "em": result["em"], "samples": len(es), "baseline_es": round(statistics.mean(base), 2),
+            "context_tokens": result["decoding"]["context_tokens"], "wall_s": round(wall, 1), "per_sample_es": es}
+
+
+def quality(args: argparse.Namespace) -> list[dict[str, Any]]:
+    sets = completion_sets(args.out, args.samples)
+    rows = []
+    for model in args.models.split(","):
+        row = {"kind": "quality", "model": model, "machine": machine_line()}
+        for key, path in sets.items():
+            row[key] = score(model, path, args.context)
+            print(f"{model} {key}: ES {row[key]['es']} ± {row[key]['es_se']} (baseline {row[key]['baseline_es']}, "
+                  f"{row[key]['wall_s']} s)", flush=True)
+        rows.append(row)
+    return rows
+
+
+def curve(args: argparse.Namespace) -> list[dict[str, Any]]:
+    run = Path(args.run)
+    log = run / "train_log.jsonl"
+    if not log.exists():
+        log = run.with_name(run.name + ".ckpt") / "train_log.jsonl"
+    points = [r for r in map(json.loads, log.read_text().splitlines()) if "valid_loss" in r]
+    manifest = json.loads((run / "kdcode.json").read_text()) if (run / "kdcode.json").exists() else {}
+    start = (manifest.get("init") or {}).get("before_training") or {}
+    rows = [{"kind": "curve", "run": str(run), "step": 0, "tokens": 0, "valid_loss": start.get("held_out_loss"),
+             "teacher_valid_loss": start.get("teacher_held_out_loss")}]
+    rows += [{"kind": "curve", "run": str(run), "step": r["step"], "tokens": r["tokens"],
+              "valid_loss": round(r["valid_loss"], 4), "elapsed_s": r.get("elapsed_s")} for r in points]
+    for r in rows:
+        print(f"step {r['step']:>5}  tokens {r['tokens']:>9,}  held-out loss {r['valid_loss']}")
+    return rows
+
+
+def lookup_proposal(context: list[int], k: int, max_n: int = 3) -> list[int]:
+    """The k tokens after the last earlier occurrence of the context's final n-gram (n = max_n..1), else []."""
+    for n in range(max_n, 0, -1):
+        if len(context) <= n:
+            continue
+        tail = context[-n:]
+        for start in range(len(context) - n - 1, -1, -1):
+            if context[start:start + n] == tail:
+                return context[start + n:start + n + k]
+    return []
+
+
+def simulate_lookup(prompt: list[int], greedy: list[int], k: int) -> tuple[int, int, int]:
+    """(teacher passes, proposed, accepted) for greedy speculative decoding with prompt-lookup proposals."""
+    passes = proposed = accepted = 0
+    done = 0
+    while done < len(greedy):
+        proposal = lookup_proposal(prompt + greedy[:done], k)
+        passes += 1
+        proposed += len(proposal)
+        ok = 0
+        while ok < len(proposal) and done + ok < len(greedy) and proposal[ok] == greedy[done + ok]:
+            ok += 1
+        accepted += ok
+        done += ok + 1  # the accepted tokens and the teacher's own next one
+    return passes, proposed, accepted
+
+
+def lookup(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from kdcode.inference.decode import DecodeOptions, VocabIndex, encode_prompt, greedy, n_positions
+    from kdcode.inference.loader import load_for_inference
+
+    sets = completion_sets(args.out, args.samples)
+    lm = load_for_inference(args.teacher, "cpu", "fp32")
+    index = VocabIndex(lm.tokenizer)
+    rows = []
+    for key, path in sets.items():
+        prompts = [LineSample(**json.loads(x)).input for x in path.read_text().splitlines()][: args.prompts]
+        opts = DecodeOptions(max_new_tokens=args.new_tokens, context_tokens=args.context, heal=False,
+                             fixed_length=True)
+        context = opts.context_for(n_positions(lm.model))
+        encoded = [encode_prompt(index, text, opts, context) for text in prompts]  # what the teacher sees
+        gen = greedy(lm.model, index, encoded, opts, 1)
+        passes = proposed = accepted = tokens = 0
+        for prompt, out in zip(encoded, gen.token_ids):
+            p, q, a = simulate_lookup(list(prompt.ids), list(out), args.k)
+            passes, proposed, accepted, tokens = passes + p, proposed + q, accepted + a, tokens + len(out)
+        row = {"kind": "lookup", "set": key, "teacher": args.teacher, "k": args.k, "prompts": len(prompts),
+               "tokens": tokens, "teacher_passes": passes, "proposed": proposed, "accepted": accepted,
+               "tokens_per_pass": round(tokens / passes, 3), "acceptance_rate": round(accepted / max(proposed, 1), 4),
+               "machine": machine_line()}
+        print(f"prompt lookup on {key}: {tokens} tokens in {passes} teacher passes = {row['tokens_per_pass']} tokens "
+              f"per pass (acceptance {row['acceptance_rate']})", flush=True)
+        rows.append(row)
+        if args.draft:
+            from kdcode.inference.speculative import speculative
+
+            draft = load_for_inference(args.draft, "cpu", "fp32")
+            _, acc = speculative(lm.model, draft.model, index, encoded, opts, args.k)
+            s = acc.summary()
+            rows.append({"kind": "draft", "set": key, "teacher": args.teacher, "draft": args.draft, **s,
+                         "machine": machine_line()})
+            print(f"draft {args.draft} on {key}: {s['tokens_per_pass']} tokens per pass (acceptance "
+                  f"{s['acceptance_rate']})", flush=True)
+    return rows
+
+
+def speed(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from kdcode.evaluation.bench import run_bench
+    from kdcode.spec import BenchSpec
+
+    spec = BenchSpec(prompts=args.prompts, rounds=args.rounds, new_tokens=args.new_tokens, threads=args.threads,
+                     context_tokens=args.context, device="cpu", dtype="fp32")
+    result = run_bench(args.student, spec, compare=args.teacher)
+    r = result["ratios"]
+    row = {"kind": "speed", "student": args.student, "teacher": args.teacher, "speedup": r["speedup"],
+           "speedup_range": r.get("speedup_range"), "separated": r["separated"],
+           "student_ms_per_token": result["ms_per_token_p50"], "teacher_ms_per_token":
+               result["compare"]["ms_per_token_p50"], "student_first_token_ms": result["ms_first_token_p50"],
+           "teacher_first_token_ms": result["compare"]["ms_first_token_p50"], "context_tokens":
+               result["context_tokens"], "threads": result["threads"], "machine": machine_line()}
+    print(json.dumps(row, indent=1))
+    return [row]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    sub = ap.add_subparsers(dest="what", required=True)
+    q = sub.add_parser("quality")
+    q.add_argument("--models", default="smollm2,bundled")
+    c = sub.add_parser("curve")
+    c.add_argument("--run", required=True)
+    lk = sub.add_parser("lookup")
+    lk.add_argument("--teacher", default="smollm2")
+    lk.add_argument("--draft")
+    lk.add_argument("--k", type=int, default=8)
+    lk.add_argument("--prompts", type=int, default=24)
+    sp = sub.add_parser("speed")
+    sp.add_argument("--teacher", default="smollm2")
+    sp.add_argument("--student", required=True)
+    sp.add_argument("--rounds", type=int, default=3)
+    sp.add_argument("--prompts", type=int, default=8)
+    sp.add_argument("--threads", type=int, default=2)
+    for p in (q, lk, sp):
+        p.add_argument("--samples", type=int, default=100)
+        p.add_argument("--context", type=int, default=None)
+        p.add_argument("--new-tokens", type=int, default=32)
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = {"quality": quality, "curve": curve, "lookup": lookup, "speed": speed}[args.what](args)
+    with open(args.out / "results.jsonl", "a", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
