@@ -2,8 +2,8 @@
 
 A corpus is a list of documents (one per source file or record), each with a stable key (its path
 relative to the corpus root, or its record id). The split of a document is a function of a hash of
-its key alone, so test files never enter training whatever else changes. This is the only module that
-imports ``datasets``.
+its key alone, so test files never enter training whatever else changes. With :mod:`kdcode.records`, one of
+the two modules that import ``datasets``.
 """
 
 from __future__ import annotations

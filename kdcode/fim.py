@@ -348,7 +348,7 @@ def infill_order(requested: str | None, manifest: dict[str, Any] | None) -> str:
     and middle as one run) as asked; ``auto``: SPM for a model kdcode trained with SPM pieces at least half the
     time (its manifest's ``fim.spm_rate``), else PSM, the order FIM model cards document. In SPM the prefix ends
     right where the middle starts, as in line completion: the bundled teacher's FIM stage infills at 40.60 ES in SPM
-    against 28.1 in PSM on the same 500 holes (README)."""
+    against 28.1 in PSM on the same 500 holes (docs/measurements.md)."""
     if requested in ("psm", "spm"):
         return requested
     if requested not in (None, "auto"):

@@ -1,6 +1,6 @@
 """Records: JSON-lines / JSON files, and Hugging Face datasets by id (``NAME[:CONFIG]``, pinned by revision).
 
-With :mod:`kdcode.data`, the only place that imports ``datasets``.
+With :mod:`kdcode.data`, one of the two modules that import ``datasets``.
 """
 
 from __future__ import annotations

@@ -162,7 +162,7 @@ class TrainSpec(_Spec):
     max_steps: int | None = Field(None, ge=1)
     epochs: float | None = Field(None, gt=0)
     max_minutes: float | None = Field(None, gt=0, description="wall-clock budget; the LR schedule follows it")
-    lr: float = Field(1e-3, gt=0, description="peak learning rate (1e-3: the gap ablation, README)")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (1e-3: the gap ablation, docs/ablation.md)")
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(50, ge=0)
     weight_decay: float = Field(0.01, ge=0)

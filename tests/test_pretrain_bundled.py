@@ -85,7 +85,8 @@ def test_bundled_teacher_resolves_offline_and_verifies(bundled, monkeypatch):
 
 def test_bundled_teacher_quality_is_recorded(bundled):
     # The measured figures travel with the weights. Issue 3's goal is ES >= 40 and clearly above the
-    # repeat-previous-line baseline; the two-stage CPU teacher (README) is above the baseline, not yet at 40.
+    # repeat-previous-line baseline; the two-stage CPU teacher (docs/measurements.md) is above the baseline,
+    # not yet at 40.
     manifest = json.loads((bundled_path() / "kdcode.json").read_text())
     ev = manifest["metrics"]["eval"]
     assert ev["samples"] == 500 and ev["split"] == "test" and ev["decoding"]["beams"] == 1

@@ -1,5 +1,5 @@
 """The shape of the package, enforced: no import cycles (lazy imports inside functions included), no module
-over ~500 lines and no function over ~120 (DESIGN.md). Read from the source with ast; nothing is imported."""
+over ~500 lines and no function over ~120 (docs/architecture.md). Read from the source with ast; nothing is imported."""
 
 from __future__ import annotations
 

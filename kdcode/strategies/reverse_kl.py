@@ -5,7 +5,7 @@ spreading its mass over the teacher's whole, flat distribution. kdcode's default
 
 It is ``jsd`` with beta 1 (:mod:`kdcode.strategies.jsd`), computed in the fused, chunked pass
 (:mod:`kdcode.strategies.fused`) and trainable from a teacher cache (the reverse KL over the cached top k and one
-bucket for the rest of the vocabulary). Why it is the default: the gap ablation (README, issue 20), where it beat
+bucket for the rest of the vocabulary). Why it is the default: the gap ablation (docs/ablation.md), where it beat
 the hard-only control and the forward KL in every pair, at the same cost per step.
 """
 

@@ -6,8 +6,8 @@ every allocation above its mmap threshold (at most 32 MB) with a fresh ``mmap`` 
 ``munmap`` when freed, so each step faults every page of those tensors in again from the kernel, zeroed. On
 this project's 2-core CPU that was a quarter of the training process's CPU time in the kernel (181 million
 page faults in one 15-minute `kdcode distil`). With mmap off and the heap never trimmed during the loop, the
-second step reuses the first step's pages: the same job ran 1.42x the tokens/s (fp32, 2 threads; see the
-README's "A faster live-teacher step").
+second step reuses the first step's pages: the same job ran 1.42x the tokens/s (fp32, 2 threads; see "A faster
+live-teacher step" in docs/measurements.md).
 
 The settings are process-wide (``mallopt``), so :func:`kept_heap` sets them for the loop only and puts glibc's
 defaults back after it (which also turns off glibc's self-adjusting mmap threshold, as any ``mallopt`` of these
