@@ -117,7 +117,8 @@ def ollama_reference(ref: str) -> tuple[str, str, str, str]:
     path, _, given_tag = ref.rpartition(":") if ":" in ref.rsplit("/", 1)[-1] else (ref, "", "")
     parts = [p for p in path.split("/") if p]
     if not parts or not all(p not in (".", "..") for p in parts) or (":" in ref and not given_tag):
-        raise KdcodeError(f"ollama:{ref} is not an Ollama model name; use ollama:NAME[:TAG], e.g. ollama:qwen2.5-coder:0.5b")
+        raise KdcodeError(f"ollama:{ref} is not an Ollama model name; use ollama:NAME[:TAG], e.g. "
+                          "ollama:qwen2.5-coder:0.5b")
     if len(parts) == 2:
         namespace = parts[0]
     elif len(parts) > 2:

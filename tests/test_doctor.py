@@ -65,8 +65,8 @@ def test_report_table(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     r = doctor()
     assert r.exit_code == 0, r.output
-    for label in ("python", "transformers", "device", "cpu instruction sets", "torch kernels", "torch threads", "bf16 (cpu native)", "bundled teacher",
-                  "HF cache", "offline (HF_HUB_OFFLINE=1)"):  # fmt: skip
+    for label in ("python", "transformers", "device", "cpu instruction sets", "torch kernels", "torch threads",
+                  "bf16 (cpu native)", "bundled teacher", "HF cache", "offline (HF_HUB_OFFLINE=1)"):  # fmt: skip
         assert label in r.output
 
 

@@ -152,7 +152,9 @@ def record_metrics(model: str, name: str, metrics: dict[str, Any]) -> None:
 
 
 # ---- option declarations shared by several commands (None = keep the spec's value) -----------------------
-TeacherOpt = Annotated[str | None, typer.Option("--teacher", help="Teacher: 'bundled', a HF id or a local folder.")]
+TEACHER_HELP = "Teacher: 'bundled', a HF id, a local folder, FILE.gguf, ollama:NAME[:TAG] or smollm2."
+MODEL_HELP = "Model folder, 'bundled', a HF id, FILE.gguf, ollama:NAME[:TAG] or smollm2."
+TeacherOpt = Annotated[str | None, typer.Option("--teacher", help=TEACHER_HELP)]
 DataOpt = Annotated[
     str | None, typer.Option("--data", help="Folder of source files, .jsonl, HF dataset id, or 'stdlib'.")
 ]

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from kdcode.cli._common import (
+    TEACHER_HELP,
     FimFormatOpt,
     FimModeOpt,
     FimRateOpt,
@@ -24,7 +25,7 @@ from kdcode.cli._console import out_console, styled
 @handle_errors
 def cache_teacher(
     out: Annotated[Path, typer.Option(help="Cache folder to write.")],
-    teacher: Annotated[str, typer.Option(help="Teacher: 'bundled', a HF id or a local folder.")] = "bundled",
+    teacher: Annotated[str, typer.Option(help=TEACHER_HELP)] = "bundled",
     data: Annotated[str, typer.Option(help="Corpus whose train split is cached.")] = "stdlib",
     glob: Annotated[str, typer.Option(help="File pattern inside a data folder.")] = "**/*.py",
     data_format: Annotated[str, typer.Option("--format", help="raw or py150.")] = "raw",

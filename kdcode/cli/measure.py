@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from kdcode.cli._common import (
+    MODEL_HELP,
     AllowPickleOpt,
     BackendOpt,
     CompileOpt,
@@ -56,7 +57,7 @@ RECORDED_INFILL = ("es", "em", "samples", "prefix_only", "prefix_only_same_windo
 
 @handle_errors
 def eval_cmd(
-    model: Annotated[str, typer.Argument(help="Model folder, 'bundled', or a HF id.")],
+    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
     data: DataOpt = None,
     glob: GlobOpt = None,
     data_format: Annotated[str | None, typer.Option("--format", help="raw or py150.")] = None,
@@ -151,7 +152,7 @@ def eval_cmd(
 
 @handle_errors
 def bench(
-    model: Annotated[str, typer.Argument(help="Model folder, 'bundled', or a HF id.")],
+    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
     compare: Annotated[str | None, typer.Option(help="Measure this model too (e.g. the teacher) and compare.")] = None,
     data: Annotated[str | None, typer.Option(help="Corpus for the prompts (default: the stdlib test split).")] = None,
     prompts: Annotated[int, typer.Option(help="Timed completions per round.")] = 16,

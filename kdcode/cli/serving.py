@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from kdcode.cli._common import (
+    MODEL_HELP,
     BackendOpt,
     CompileOpt,
     DeviceOpt,
@@ -32,7 +33,7 @@ from kdcode.cli._console import err_console
 
 @handle_errors
 def complete(
-    model: Annotated[str, typer.Argument(help="Model folder, 'bundled', or a HF id.")],
+    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
     file: Annotated[Path | None, typer.Option("--file", help="Source file (default: the text on stdin).")] = None,
     line: Annotated[
         int | None, typer.Option(help="Cursor line, 1-based (default: the end of the text: it is all prefix).")
@@ -105,7 +106,7 @@ def complete(
 
 @handle_errors
 def serve(
-    model: Annotated[str, typer.Argument(help="Model folder, 'bundled', or a HF id.")],
+    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
     host: Annotated[str, typer.Option(help="Address to listen on (loopback: only this machine).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     max_prompt_tokens: Annotated[

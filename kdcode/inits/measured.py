@@ -31,8 +31,15 @@ import torch
 from pydantic import Field
 
 from kdcode.errors import KdcodeError
-from kdcode.inits.base import InitParams, LayerCopyInit, block_path, copy_weights, evenly_spaced, new_model, \
-    student_config
+from kdcode.inits.base import (
+    InitParams,
+    LayerCopyInit,
+    block_path,
+    copy_weights,
+    evenly_spaced,
+    new_model,
+    student_config,
+)
 
 
 class MeasuredParams(InitParams):
