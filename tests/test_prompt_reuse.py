@@ -9,6 +9,8 @@ import threading
 
 import pytest
 from conftest import make_fim_model
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from runtime_models import tiny_llama
 
 from kdcode.inference.engine import Engine, load_engine
@@ -149,3 +151,26 @@ def test_cancel_stops_decoding_before_the_next_model_pass(teacher_dir, draft_dir
     target.handle.remove()
     if draft is not None:
         draft.handle.remove()
+
+
+@pytest.fixture(scope="module")
+def gpt2(teacher_dir) -> Engine:
+    return load_engine(str(teacher_dir), device="cpu", warm_up=False)
+
+
+edits = st.lists(st.tuples(st.integers(0, len(BASE)), st.text(alphabet="ab (:)\n    x=.", max_size=12)),
+                 min_size=2, max_size=4)
+
+
+@pytest.mark.slow
+@settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=edits)
+def test_any_sequence_of_edits_completes_as_cold_starts_do(gpt2, edits):
+    """An editor's requests at random cursors with random typing: each answer from the kept cache is the cold one."""
+    prompts = [BASE[:cut] + typed for cut, typed in edits]
+    warm = [gpt2.complete(p, 6, stop=[]).choices for p in prompts]
+    cold = []
+    for p in prompts:
+        gpt2.clear_prompt_cache()
+        cold.append(gpt2.complete(p, 6, stop=[]).choices)
+    assert warm == cold
