@@ -201,7 +201,6 @@ class ServerState:
         return out
 
 
-
 GONE = "the client closed the request"  # 499, as nginx names it: nobody reads it
 
 
@@ -237,9 +236,8 @@ class Call:
         if self.watcher is not None:
             self.watcher.cancel()
 
-    def on_text(self, index: int, delta: str) -> None:  # worker thread
-        if not self.ticket.cancel.is_set():
-            self.loop.call_soon_threadsafe(self.deltas.put_nowait, (index, delta))
+    def on_text(self, index: int, delta: str) -> None:  # worker thread, maybe before submit() has returned
+        self.loop.call_soon_threadsafe(self.deltas.put_nowait, (index, delta))
 
     async def until_prepared(self) -> list[Part]:
         """The job's prompts once the worker has prepared them; its error when it refused them; a 499 when the
