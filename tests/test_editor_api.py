@@ -1,11 +1,13 @@
 """The editor endpoints over real HTTP on a loopback port, each with the request shape its client sends, streamed
 and not: OpenAI's /v1/completions with a suffix (the official client too), llama.cpp's /infill (llama.vim) and
-/completion (Tabby), Ollama's /api/generate (Continue), the model lists, and bad requests as 4xx JSON errors
-in each API's shape."""
+/completion (Tabby), Ollama's /api/generate (Continue), the model lists, bad requests as 4xx JSON errors
+in each API's shape, a full queue as a 503 with Retry-After in each shape, and a client that leaves mid-answer
+stopping its generation within one model pass on every endpoint, with and without a draft."""
 
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -13,7 +15,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from test_serve import ServerThread, sse_events  # noqa: E402
+from test_serve import Gate, ServerThread, health, send_raw, sse_events, wait_for  # noqa: E402
 
 from kdcode.inference.engine import Engine, load_engine  # noqa: E402
 from kdcode.inference.server import create_app  # noqa: E402
@@ -286,3 +288,84 @@ def test_a_suffix_for_a_model_that_does_not_infill_is_a_400(teacher_dir):
         # a FIM template's text is plain text to it: completed as it is
         assert post(s, "/completion", {"prompt": "<fim_prefix>x<fim_suffix>y<fim_middle>", "n_predict": 2}
                     ).status_code == 200
+
+
+# ------------------------------------------------------------------------------------------- leaving, queueing
+def _bodies(stream: bool) -> dict[str, dict]:
+    """A 24-token request to each generation endpoint, with no stop string (it runs to its end)."""
+    return {
+        "/v1/completions": {"prompt": PREFIX, "suffix": SUFFIX, "max_tokens": 24, "stop": [], "stream": stream},
+        "/infill": {"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": 24, "stop": [], "stream": stream},
+        "/completion": {"prompt": PREFIX, "n_predict": 24, "stop": [], "stream": stream},
+        "/api/generate": {"model": "m", "prompt": PREFIX, "suffix": SUFFIX, "stream": stream,
+                          "options": {"num_predict": 24, "stop": []}},
+    }
+
+
+@pytest.fixture(scope="module")
+def draft_dir(tmp_path_factory, teacher_dir):
+    from conftest import make_fim_model
+
+    return make_fim_model(tmp_path_factory.mktemp("fim_draft"), teacher_dir, seed=1, n_layer=2)
+
+
+@pytest.mark.parametrize("drafted", [False, True], ids=["plain", "draft"])
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("path", list(_bodies(False)))
+def test_a_client_that_leaves_stops_its_generation_within_one_pass(fim_teacher_dir, draft_dir, path, stream,
+                                                                   drafted):
+    """The client closes its connection while the model runs the request's third pass: that pass is its last (the
+    target's and the draft's), and the next request is served."""
+    eng = load_engine(str(fim_teacher_dir), device="cpu", warm_up=False, draft=str(draft_dir) if drafted else None,
+                      draft_tokens=2)
+    gate = Gate(eng.model, hold_at=3)
+    drafts = Gate(eng.draft.model) if drafted else None
+    app = create_app("x", engine=eng, model_name="m", max_tokens_limit=24)
+    worker = app.state.server.worker
+    with ServerThread(app) as s:
+        client = send_raw(s, path, _bodies(stream)[path])
+        gate.wait()
+        drafted_before = drafts.passes if drafts else 0
+        client.close()
+        wait_for(lambda: worker.current is not None and worker.current.cancel.is_set(), "the server to see it leave")
+        gate.release()
+        wait_for(lambda: worker.current is None, "the request to end")
+        assert gate.passes == 3 and (drafts.passes if drafts else 0) == drafted_before
+        r = post(s, path, {**_bodies(False)[path], **({"max_tokens": 2} if path == "/v1/completions" else
+                                                      {"n_predict": 2} if path != "/api/generate" else
+                                                      {"options": {"num_predict": 2}})})
+        assert r.status_code == 200, r.text
+    gate.handle.remove()
+    if drafts:
+        drafts.handle.remove()
+
+
+def _busy_error(r: httpx.Response, path: str) -> None:
+    assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+    assert r.headers["content-type"] == "application/json"
+    err = r.json()["error"]
+    if path == "/api/generate":  # Ollama's shape
+        assert isinstance(err, str) and "busy" in err
+    elif path == "/v1/completions":  # OpenAI's
+        assert err["type"] == "server_error" and err["code"] == "server_busy" and "busy" in err["message"]
+    else:  # llama.cpp's
+        assert err == {"code": 503, "message": err["message"], "type": "unavailable_error"} and "busy" in err["message"]
+
+
+def test_a_full_queue_is_a_503_with_retry_after_in_each_apis_shape(fim_teacher_dir):
+    eng = load_engine(str(fim_teacher_dir), device="cpu", warm_up=False)
+    gate = Gate(eng.model, hold_at=1)
+    app = create_app("x", engine=eng, model_name="m", max_tokens_limit=24, max_queue=1)
+    with ServerThread(app) as s, ThreadPoolExecutor(2) as pool:
+        running = pool.submit(post, s, "/infill", _bodies(False)["/infill"])
+        gate.wait()
+        queued = pool.submit(post, s, "/api/generate", _bodies(False)["/api/generate"])
+        wait_for(lambda: health(s)["waiting"] == 1, "one waiting request")
+        for stream in (False, True):
+            for path, body in _bodies(stream).items():
+                _busy_error(post(s, path, body), path)
+        assert health(s)["waiting"] == 1  # the refused ones never queued
+        gate.release()
+        assert running.result().status_code == 200 and queued.result().status_code == 200
+        assert health(s)["waiting"] == 0
+    gate.handle.remove()

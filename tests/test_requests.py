@@ -229,3 +229,54 @@ def test_editor_shape_mistakes_are_4xx(shape, body, param, needle):
     assert err.status == 400 and err.param == param and needle in err.message + str(err.code), vars(err)
     assert err.body("ollama") == {"error": err.message}
     assert err.body("llama") == {"error": {"code": 400, "message": err.message, "type": "invalid_request_error"}}
+
+
+# ------------------------------------------------------------------ a full queue, the worker's queue
+def test_a_busy_server_says_so_in_each_apis_shape():
+    busy = RequestError(503, "the server is busy", code="server_busy", retry_after=1)
+    assert busy.retry_after == 1
+    assert busy.body() == {"error": {"message": "the server is busy", "type": "server_error", "param": None,
+                                     "code": "server_busy"}}
+    assert busy.body("llama") == {"error": {"code": 503, "message": "the server is busy", "type": "unavailable_error"}}
+    assert busy.body("ollama") == {"error": "the server is busy"}
+    assert RequestError(400, "x").retry_after is None
+
+
+def test_the_worker_bounds_its_queue_and_never_runs_a_request_whose_client_left():
+    """Ordered by events, not time: one request holds the worker; a second waits; a third is refused; the waiting
+    one leaves and is dropped unrun; the running one sees its cancel event."""
+    import asyncio
+    import threading
+
+    from kdcode.inference.worker import DROPPED, Worker
+
+    async def scenario() -> None:
+        worker = Worker(max_waiting=1)
+        started, release = threading.Event(), threading.Event()
+        ran: list[str] = []
+
+        def hold(cancel: threading.Event) -> bool:
+            started.set()
+            release.wait(30)
+            ran.append("hold")
+            return cancel.is_set()
+
+        first = worker.submit(hold)
+        assert first is not None
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, 30)
+        second = worker.submit(lambda cancel: ran.append("second"))
+        assert second is not None and worker.waiting == 1 and worker.current is first[0]
+        assert worker.submit(lambda cancel: ran.append("third")) is None  # the queue is full
+        worker.cancel(second[0])  # its client left while it waited
+        assert worker.waiting == 0 and worker.dropped == 1
+        worker.cancel(first[0])  # and the running one's
+        release.set()
+        assert await first[1] is True and await second[1] is DROPPED
+        assert ran == ["hold"] and worker.current is None
+        again = worker.submit(lambda cancel: "ran")
+        assert again is not None and await again[1] == "ran"
+        worker.shutdown()
+
+    asyncio.run(scenario())
+    with pytest.raises(ValueError, match="at least 0"):
+        Worker(max_waiting=-1)

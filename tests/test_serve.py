@@ -358,3 +358,79 @@ def test_serve_without_the_extra_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # import fails as if it were not installed
     r = CliRunner().invoke(cli_app, ["serve", "bundled"])
     assert r.exit_code == 2 and "pip install 'kdcode[serve]'" in r.output
+
+
+# ------------------------------------------------------------------ clients that leave, a bounded queue
+class Gate:
+    """Counts a model's forward passes; pass ``hold_at`` (from 1) signals ``reached`` and waits for ``release()``,
+    which holds the model's worker inside one request at a known step."""
+
+    def __init__(self, model, hold_at: int | None = None) -> None:
+        self.passes, self.hold_at = 0, hold_at
+        self.reached, self.opened = threading.Event(), threading.Event()
+        self.handle = model.register_forward_pre_hook(self)
+
+    def __call__(self, _module, _args) -> None:
+        self.passes += 1
+        if self.passes == self.hold_at:
+            self.reached.set()
+            assert self.opened.wait(TIMEOUT), "the gate was never released"
+
+    def wait(self) -> None:
+        assert self.reached.wait(TIMEOUT), "the model never reached the gate"
+
+    def release(self) -> None:
+        self.opened.set()
+
+
+def send_raw(server, path: str, body: dict) -> socket.socket:
+    """A client that sends a whole request and reads nothing: closing the socket is leaving."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", urlsplit(server.url).port), timeout=TIMEOUT)
+    sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                 % (path.encode(), len(data)) + data)
+    return sock
+
+
+def wait_for(condition, what: str) -> None:
+    """Until ``condition()`` holds: the test decides on the event; the deadline only keeps a failure from hanging."""
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def health(server) -> dict:
+    return httpx.get(f"{server.url}/health", timeout=TIMEOUT).json()
+
+
+def test_a_disconnect_storm_is_not_generated_and_the_next_request_is_served(teacher_dir):
+    """20 clients send a long non-streamed request and leave while it waits: none of them costs a model pass; the
+    next request is answered. Passes are counted, nothing is timed."""
+    engine = load_engine(str(teacher_dir), device="cpu", warm_up=False)
+    gate = Gate(engine.model, hold_at=1)  # the worker held inside the first request's prefill
+    app = create_app("x", engine=engine, model_name="tiny", max_tokens_limit=128, max_queue=32)
+    worker = app.state.server.worker
+    with ServerThread(app) as s, ThreadPoolExecutor(1) as pool:
+        first = pool.submit(post, s, {"prompt": PROMPTS[0], "max_tokens": 4, "stop": []})
+        gate.wait()
+        storm = [send_raw(s, "/v1/completions", {"prompt": PROMPTS[i % 5], "max_tokens": 120, "stop": []})
+                 for i in range(20)]
+        wait_for(lambda: health(s)["waiting"] == 20, "20 waiting requests")
+        assert health(s)["busy"] is True and health(s)["max_waiting"] == 32
+        for sock in storm:
+            sock.close()
+        wait_for(lambda: worker.waiting == 0, "the storm's requests to be dropped")
+        assert worker.dropped == 20 and health(s)["waiting"] == 0
+        gate.release()
+        answered = [first.result(), post(s, {"prompt": PROMPTS[3], "max_tokens": 5, "stop": []})]
+        assert all(r.status_code == 200 for r in answered), [r.text for r in answered]
+        # greedy: one pass per generated token; the 20 requests of 120 tokens made none
+        assert gate.passes == sum(r.json()["usage"]["completion_tokens"] for r in answered)
+        assert health(s)["waiting"] == 0 and health(s)["busy"] is False
+    gate.handle.remove()
+
+
+def test_a_bad_queue_bound_is_one_line(engine):
+    with pytest.raises(KdcodeError, match="--max-queue must be at least 0"):
+        create_app("x", engine=engine, max_queue=-1)

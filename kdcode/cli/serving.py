@@ -120,6 +120,10 @@ def serve(
         int, typer.Option(help="Longest prefix and suffix (each, in characters) an infill request may send; the "
                           "model sees a window of them around the cursor.")
     ] = 65_536,
+    max_queue: Annotated[
+        int, typer.Option(help="Requests that may wait for the model behind the one it is working on; one more is "
+                          "answered 503 with Retry-After.")
+    ] = 16,
     fim_format: FimFormatOpt = None,
     fim_order: FimOrderOpt = "auto",
     device: DeviceOpt = "auto",
@@ -149,7 +153,8 @@ def serve(
                          runtime=runtime_flags(backend, kv_cache, compile_step), draft=draft,
                          draft_tokens=parse_draft_tokens(draft_tokens))
     app_ = create_app(model, engine=engine, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
-                      body_timeout_s=body_timeout, max_context_chars=max_context_chars, fim_format=fim_format)
+                      body_timeout_s=body_timeout, max_context_chars=max_context_chars, max_queue=max_queue,
+                      fim_format=fim_format)
     if host not in ("127.0.0.1", "localhost", "::1"):
         warn(f"listening on {host}: anyone who can reach it can use the model (no auth)")
     rt = app_.state.engine.runtime

@@ -17,11 +17,17 @@ tokens to produce.
 
 The model is only ever called through :class:`Forward` (new tokens in, last logits and the grown cache
 out), so that a draft model's proposals can later be scored in one pass and the cache cut back.
+
+Stopping from outside: the decoding functions an engine calls take ``cancel``, an event any thread may set (a
+server sets it when the client leaves); each loop looks at it before every model pass and ends there, returning
+what it has. Greedy decoding of one prompt also takes ``reuse``, a :class:`PromptCache` that starts it from the
+previous call's cache.
 """
 
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +37,7 @@ import torch
 
 from kdcode.inference.forward import (  # noqa: F401 - _forward_kwargs, _out_cache: kept importable here
     Forward,
+    PromptCache,
     _forward_kwargs,
     _grow,
     _left_pad,
@@ -42,6 +49,7 @@ from kdcode.models import context_length
 
 OnToken = Callable[[int, int], None]  # (prompt index, generated token id), for every generated token
 OnBatch = Callable[[int], None]  # (prompts finished), after every batch
+Cancel = threading.Event  # set from any thread: decoding stops before its next model pass
 
 _WHITESPACE = re.compile(r"\s")
 _SLACK_TOKENS = 32
@@ -170,6 +178,10 @@ class Hypothesis:
     finished: bool
 
 
+def cancelled(cancel: Cancel | None) -> bool:
+    return cancel is not None and cancel.is_set()
+
+
 def _restrict(scores: torch.Tensor, row: int, allowed: torch.Tensor) -> None:
     allowed = allowed.to(scores.device)
     scores[row, : allowed.numel()] = scores[row, : allowed.numel()].masked_fill(~allowed, float("-inf"))
@@ -206,10 +218,14 @@ def greedy(
     batch_size: int = 8,
     on_token: OnToken | None = None,
     on_batch: OnBatch | None = None,
+    cancel: Cancel | None = None,
+    reuse: PromptCache | None = None,
 ) -> Generation:
     """Greedy completions (samples when ``opts.temperature`` > 0), ``batch_size`` prompts at a time,
     left-padded, with a KV cache. ``on_token(i, id)`` sees every token generated for prompt ``i``;
-    ``on_batch(k)`` is called after each batch of ``k`` prompts."""
+    ``on_batch(k)`` is called after each batch of ``k`` prompts. Once ``cancel`` is set no model pass starts:
+    the completions end where they are (prompts not begun get none). ``reuse`` (batch 1, torch models) starts
+    each prompt from the cache the previous one left, cut back to the tokens they share."""
     fwd = Forward.of(model, index)
     context = opts.context_for(n_positions(model))
     pick = _picker(opts)
@@ -221,7 +237,7 @@ def greedy(
     for start in range(0, len(prompts), batch_size):
         chunk = [_as_prompt(index, p, opts, context) for p in prompts[start : start + batch_size]]
         row_token = None if on_token is None else (lambda row, tok, start=start: on_token(start + row, tok))
-        gens = _greedy_batch(fwd, index, chunk, opts, pick, row_token, prefill_s, step_s)
+        gens = _greedy_batch(fwd, index, chunk, opts, pick, row_token, prefill_s, step_s, cancel, reuse)
         for prompt, gen in zip(chunk, gens):
             texts.append(index.completion_text(gen, prompt.healed, opts.stop_strings))
             token_ids.append(gen)
@@ -240,13 +256,20 @@ def _greedy_batch(
     on_token: OnToken | None,
     prefill_s: list[float],
     step_s: list[float],
+    cancel: Cancel | None = None,
+    reuse: PromptCache | None = None,
 ) -> list[list[int]]:
     n = len(chunk)
+    gens: list[list[int]] = [[] for _ in range(n)]
+    if cancelled(cancel):
+        return gens
+    if n > 1 or fwd.step is not None:  # a batch, or another backend's cache: cold
+        reuse = None
+    cache, reused = reuse.take(chunk[0].ids, len(chunk[0].ids) - 1) if reuse is not None else (None, 0)
     input_ids, mask = _left_pad([p.ids for p in chunk], index.pad_id, fwd.device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     t0 = time.perf_counter()
-    logits, cache = fwd.last(input_ids, mask, pos, None)
-    gens: list[list[int]] = [[] for _ in range(n)]
+    logits, cache = fwd.last(input_ids[:, reused:], mask, pos[:, reused:], cache)
     done = [False] * n
     last_pos = pos[:, -1:]
     healing = [bool(p.healed) for p in chunk]
@@ -268,11 +291,13 @@ def _greedy_batch(
         now = time.perf_counter()
         (prefill_s if step == 0 else step_s).append(now - t0)
         t0 = now
-        if all(done) or step == opts.max_new_tokens - 1:
+        if all(done) or step == opts.max_new_tokens - 1 or cancelled(cancel):
             break
         mask = _grow(mask)
         last_pos = last_pos + 1
         logits, cache = fwd.last(next_ids[:, None], mask, last_pos, cache)
+    if reuse is not None:
+        reuse.keep(cache, chunk[0].ids + tuple(gens[0]))
     return gens
 
 
@@ -315,16 +340,17 @@ def beam_search(
 
 @torch.inference_mode()
 def beam_alternatives(
-    model: Any, index: VocabIndex, prompt: str | Prompt, opts: DecodeOptions, beams: int, n: int
+    model: Any, index: VocabIndex, prompt: str | Prompt, opts: DecodeOptions, beams: int, n: int,
+    cancel: Cancel | None = None,
 ) -> Generation:
     """The ``n`` best distinct completions of one prompt by beam search with ``max(beams, n)`` beams, finished
-    hypotheses first, best first (fewer when the beams agree)."""
+    hypotheses first, best first (fewer when the beams agree); none started after ``cancel`` is set."""
     fwd = Forward.of(model, index)
     encoded = _as_prompt(index, prompt, opts, opts.context_for(n_positions(model)))
     texts: list[str] = []
     token_ids: list[list[int]] = []
     stopped: list[bool] = []
-    for hyp in _beam(fwd, index, encoded, opts, max(beams, n)):
+    for hyp in _beam(fwd, index, encoded, opts, max(beams, n), cancel):
         text = index.completion_text(hyp.token_ids, encoded.healed, opts.stop_strings)
         if text not in texts:
             texts.append(text)
@@ -335,7 +361,11 @@ def beam_alternatives(
     return Generation(texts, token_ids, stopped, [], [])
 
 
-def _beam(fwd: Forward, index: VocabIndex, prompt: Prompt, opts: DecodeOptions, beams: int) -> list[Hypothesis]:
+def _beam(
+    fwd: Forward, index: VocabIndex, prompt: Prompt, opts: DecodeOptions, beams: int, cancel: Cancel | None = None
+) -> list[Hypothesis]:
+    if cancelled(cancel):
+        return []
     x = torch.tensor([list(prompt.ids) or [index.pad_id]], device=fwd.device)
     mask = torch.ones_like(x)
     pos = torch.arange(x.size(1), device=fwd.device)[None]
@@ -376,6 +406,8 @@ def _beam(fwd: Forward, index: VocabIndex, prompt: Prompt, opts: DecodeOptions, 
                 hyps = []
             break
         hyps, scores = new_hyps, torch.tensor(new_scores, device=fwd.device)
+        if cancelled(cancel):
+            break
         _select_rows(cache, torch.tensor(src, device=fwd.device), first=step == 0)
         last_pos = last_pos[:1].expand(len(src), 1) + 1
         mask = _grow(mask, rows=len(src))

@@ -8,6 +8,11 @@ is generated (streaming). A prompt that ends inside indentation or after a space
 whitespace (``DecodeOptions.heal_space``), so the model sees the prompt tokenized as in training. With a
 ``suffix`` the model fills the middle from its FIM prompt (:mod:`kdcode.inference.infill`: prefix and suffix
 each tokenized on its own, as in FIM training, so nothing is healed).
+
+The engine keeps its model's KV cache (and its draft's) from one call to the next (:class:`PromptCache`): a prompt
+that starts as the previous one did is prefilled only from where they differ, as an editor's next request is
+(torch models, greedy or sampled one at a time and speculative; beam search and other backends start cold).
+``cancel``, an event another thread sets, stops a completion before its next model pass.
 """
 
 from __future__ import annotations
@@ -60,6 +65,8 @@ class Completion:
     first_token_s: float | None  # from the call to the first generated token (None for beam search)
     total_s: float
     truncated: bool = False  # infilling: code before or after the cursor was left out of the model's window
+    cached_tokens: int = 0  # prompt tokens taken from the previous call's KV cache (not fed again)
+    cancelled: bool = False  # stopped by ``cancel`` before it ended: the choices hold what was made until then
 
 
 def _settled(text: str, stops: Sequence[str]) -> str:
@@ -122,6 +129,9 @@ class Engine:
         self.runtime = loaded.runtime or {"device": self.device, "dtype": self.dtype, "threads": None}
         self.index = VocabIndex.for_model(self.model, loaded.tokenizer)
         self.draft, self.draft_tokens = draft, draft_tokens  # a student drafting for it (speculative decoding)
+        from kdcode.inference.forward import PromptCache
+
+        self.prompt_cache, self.draft_cache = PromptCache(), PromptCache()  # each model's, from its last call
         if draft is not None:
             from kdcode.inference.speculative import check_pair
 
@@ -138,6 +148,11 @@ class Engine:
 
     def count_tokens(self, prompt: str) -> int:
         return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+    def clear_prompt_cache(self) -> None:
+        """Forget the kept KV caches: the next completion starts cold."""
+        self.prompt_cache.clear()
+        self.draft_cache.clear()
 
     def calibrate_draft(self) -> int:
         """``--draft-tokens auto``: the k with the most tokens per second on a few short completions."""
@@ -167,12 +182,14 @@ class Engine:
         on_text: OnText | None = None,
         prompt_tokens: int | None = None,
         suffix: str | None = None,
+        cancel: Any = None,
     ) -> Completion:
         """Complete ``prompt``: greedy (``beams=1, n=1``), the ``n`` best distinct beams of beam search
         (``temperature=0``, ``max(beams, n)`` beams), or ``n`` samples at ``temperature`` (seeded by ``seed``).
         ``prompt_tokens``, when the caller has counted them, saves tokenizing a long prompt twice. With a
         ``suffix`` (even an empty one: the end of the file) the model fills in the middle between ``prompt``
-        and it; ``prompt_tokens`` is then the window's length."""
+        and it; ``prompt_tokens`` is then the window's length. Once ``cancel`` (a ``threading.Event``) is set, no
+        model pass starts: the completion ends where it is, marked ``cancelled``."""
         from kdcode.inference.decode import DecodeOptions, beam_alternatives, encode_prompt, greedy, n_positions
         from kdcode.inference.infill import encode_infill
 
@@ -220,22 +237,25 @@ class Engine:
         else:
             encoded = encode_prompt(self.index, prompt, opts, context)
         stream = _Stream(self.index, opts, encoded.healed, on_text, t0)
-        if temperature == 0 and (beams > 1 or n > 1):
-            gen = beam_alternatives(self.model, self.index, encoded, opts, beams, n)
+        self.prompt_cache.reused = self.draft_cache.reused = 0
+        if temperature == 0 and (beams > 1 or n > 1):  # beams reorder the cache: cold, the kept one left as it is
+            gen = beam_alternatives(self.model, self.index, encoded, opts, beams, n, cancel=cancel)
         elif self.draft is not None and n == 1:  # the model's own output, drafted by the student
             from kdcode.inference.speculative import speculative
 
             gen, _ = speculative(self.model, self.draft.model, self.index, [encoded], opts, self.draft_tokens,
-                                 on_token=stream.on_token)
+                                 on_token=stream.on_token, cancel=cancel, reuse=(self.prompt_cache, self.draft_cache))
         else:
             rows = n if temperature > 0 else 1
-            gen = greedy(self.model, self.index, [encoded] * rows, opts, batch_size=rows, on_token=stream.on_token)
+            gen = greedy(self.model, self.index, [encoded] * rows, opts, batch_size=rows, on_token=stream.on_token,
+                         cancel=cancel, reuse=self.prompt_cache if rows == 1 else None)
         choices = [
             Choice(t, k, "stop" if s else "length") for t, k, s in zip(gen.texts, gen.token_counts, gen.stopped)
         ]
         for i, choice in enumerate(choices):
             stream.flush(i, choice.text)
-        return Completion(choices, prompt_tokens or 0, stream.first_token_s, time.perf_counter() - t0, truncated)
+        return Completion(choices, prompt_tokens or 0, stream.first_token_s, time.perf_counter() - t0, truncated,
+                          self.prompt_cache.reused, cancel is not None and cancel.is_set())
 
 
 def load_engine(

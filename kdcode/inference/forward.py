@@ -1,7 +1,10 @@
 """The model's side of decoding: one forward step over new tokens with a KV cache, and the batch plumbing
 around it (left padding, growing masks, keeping beam rows). Speculative decoding scores a draft's k tokens
 through the same step (``keep=k``) and cuts the cache back. A model of another backend (ONNX Runtime,
-llama.cpp, torch with a static cache: :mod:`kdcode.inference.backends`) brings its own step, called the same way."""
+llama.cpp, torch with a static cache: :mod:`kdcode.inference.backends`) brings its own step, called the same way.
+
+:class:`PromptCache` keeps a model's cache from one call to the next (a server's requests), so that a prompt that
+shares its start with the previous one is prefilled from where they differ."""
 
 from __future__ import annotations
 
@@ -92,6 +95,43 @@ def _grow(mask: torch.Tensor, rows: int | None = None) -> torch.Tensor:
     if rows is not None:
         return torch.ones((rows, mask.size(1) + 1), dtype=mask.dtype, device=mask.device)
     return torch.cat([mask, torch.ones((mask.size(0), 1), dtype=mask.dtype, device=mask.device)], dim=1)
+
+
+class PromptCache:
+    """The KV cache a model kept from its last call (batch 1, torch's ``DynamicCache``) and the tokens it holds, so that
+    the next call feeds only what follows their longest common prefix (llama.cpp's ``cache_prompt``): an editor's
+    next request differs from its last one near the cursor. Only a cache that can be cut back exactly is kept (not
+    sliding-window or linear-attention layers, nor another backend's); the others start cold every call."""
+
+    def __init__(self) -> None:
+        self.ids: tuple[int, ...] = ()
+        self.cache: Any = None
+        self.reused = 0  # prompt tokens the last call took from the cache
+
+    def take(self, ids: Sequence[int], upto: int) -> tuple[Any, int]:
+        """The kept cache cut back to the longest common prefix of its tokens and ``ids[:upto]``, and that prefix's
+        length; (None, 0) when they share nothing. The cache is handed over: nothing is kept until :meth:`keep`, so
+        a call that fails half-way leaves no half-grown cache behind. ``upto`` is at most ``len(ids) - 1``: the
+        prompt's last token is fed again, for its logits."""
+        cache, held = self.cache, self.ids
+        self.clear()
+        limit = min(len(held), upto, len(ids))
+        n = next((i for i in range(limit) if held[i] != ids[i]), limit)
+        if cache is None or n == 0:
+            return None, 0
+        if cache.get_seq_length() > n:
+            cache.crop(n - cache.get_seq_length())  # transformers 5: a negative count of tokens to remove
+        self.reused = n
+        return cache, n
+
+    def keep(self, cache: Any, ids: Sequence[int]) -> None:
+        """Keep ``cache`` for the next call; ``ids``: the tokens fed so far (the cache holds their first ones)."""
+        if cache is None or not getattr(cache, "is_croppable", False) or any(getattr(cache, "is_sliding", [True])):
+            return
+        self.cache, self.ids = cache, tuple(ids[: cache.get_seq_length()])
+
+    def clear(self) -> None:
+        self.cache, self.ids, self.reused = None, (), 0
 
 
 def _select_rows(cache: Any, src: torch.Tensor, first: bool) -> None:

@@ -1,11 +1,13 @@
-"""What the server's handlers share: the model's one worker thread and the jobs it runs (:class:`ServerState`),
+"""What the server's handlers share: the model's worker and the jobs it runs (:class:`ServerState`, :class:`Call`),
 reading a body within the limits, errors in each API's shape, the 500 middleware, and the stream of text
-deltas a streaming answer is made of (:func:`events`). The handlers themselves, one per endpoint shape, are
+deltas a streaming answer is made of (:meth:`Call.events`). The handlers themselves, one per endpoint shape, are
 in :mod:`kdcode.inference.server`.
 
-All model work runs on one worker thread, so concurrent requests queue in arrival order and never use the
-model (or the tokenizer, which is not thread-safe) at the same time; the event loop stays free to answer
-``/health`` and to stream.
+All model work runs on one worker thread (:mod:`kdcode.inference.worker`), so concurrent requests queue in
+arrival order, at most ``max_waiting`` of them (then 503 with ``Retry-After``); the event loop stays free to
+answer ``/health`` and to stream. From the moment a request is queued its client is watched: one that leaves
+(closes its connection) cancels its job, which is then never run if it was waiting, or stops before its next
+model pass if it was running, streamed or not.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,15 +28,19 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from kdcode.errors import KdcodeError
 from kdcode.inference.engine import DEFAULT_STOP, Choice, Completion, Engine
 from kdcode.inference.requests import Job, Limits, RequestError, check_infill, error_body
+from kdcode.inference.worker import DROPPED, Ticket, Worker
 
 log = logging.getLogger("kdcode.serve")
 OnText = Callable[[int, str], None]
+RETRY_AFTER_S = 1  # what a 503 tells a client to wait: an editor asks again at its next keystroke anyway
 
 
 def error_response(exc: RequestError, shape: str = "openai") -> JSONResponse:
     # A body that was not read to its end leaves the connection out of step: close it after the answer.
-    headers = {"Connection": "close"} if exc.status in (408, 413) else None
-    return JSONResponse(exc.body(shape), status_code=exc.status, headers=headers)
+    headers = {"Connection": "close"} if exc.status in (408, 413) else {}
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(exc.retry_after)
+    return JSONResponse(exc.body(shape), status_code=exc.status, headers=headers or None)
 
 
 class InternalErrors:
@@ -103,20 +108,42 @@ class Part:
 
 @dataclass
 class ServerState:
-    """What every handler shares: the engine, its one worker thread, the model's name, the limits."""
+    """What every handler shares: the engine, its worker, the model's name, the limits."""
 
     engine: Engine
     name: str  # the model's name in every answer, whatever name the request gave (one model per server)
     limits: Limits
     prompt_limit: int  # tokens of a plain prompt
+    max_waiting: int = 16  # requests queued behind the running one; one more is answered 503
     created: int = field(default_factory=lambda: int(time.time()))
-    worker: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcode-model")
-    )
+    worker: Worker = field(init=False)
 
-    def run(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
-        """``fn(*args)`` on the model's worker thread, after the calls queued before it."""
-        return asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
+    def __post_init__(self) -> None:
+        self.worker = Worker(self.max_waiting)
+
+    async def start(self, request: Request, job: Job) -> Call:
+        """Queue ``job`` (a 503 when ``max_waiting`` requests wait) and wait for its turn; return once its prompts
+        are prepared (a 400 when they are refused) and it is being generated. The client is watched from now on."""
+        loop = asyncio.get_running_loop()
+        call = Call(self.worker, loop)
+
+        def work(cancel: threading.Event) -> list[Completion]:
+            parts = self.prepare(job)
+            loop.call_soon_threadsafe(call.prepared.set_result, parts)
+            return self.generate(job, parts, call.on_text if job.stream else None, cancel)
+
+        submitted = self.worker.submit(work)
+        if submitted is None:
+            raise RequestError(503, f"the server is busy: {self.worker.waiting} requests are waiting for the model; "
+                               f"retry in {RETRY_AFTER_S} s", code="server_busy", retry_after=RETRY_AFTER_S)
+        call.ticket, call.future = submitted
+        call.watch(request)
+        try:
+            await call.until_prepared()
+        except BaseException:
+            call.close()
+            raise
+        return call
 
     def prepare(self, job: Job) -> list[Part]:
         """The job's prompts as the model will get them (worker thread), or a 400. A suffix needs a model that
@@ -150,62 +177,109 @@ class ServerState:
             parts.append(Part(prompt, None, k))
         return parts
 
-    def generate(self, job: Job, parts: list[Part], on_text: OnText | None) -> list[Completion]:
-        """Every prompt's ``n`` completions (worker thread); choice ``i * n + j`` streams to ``on_text``."""
+    def generate(
+        self, job: Job, parts: list[Part], on_text: OnText | None, cancel: threading.Event | None = None
+    ) -> list[Completion]:
+        """Every prompt's ``n`` completions (worker thread); choice ``i * n + j`` streams to ``on_text``. Once
+        ``cancel`` is set no model pass starts (nor any later prompt)."""
         stop = DEFAULT_STOP if job.stop is None else job.stop
         out = []
         for i, part in enumerate(parts):
+            if cancel is not None and cancel.is_set():
+                break
             if job.max_tokens == 0:  # llama.vim sends n_predict 0 to hand over context: nothing to generate
                 out.append(Completion([Choice("", 0, "length")] * job.n, part.tokens or 0, None, 0.0))
                 continue
             emit = None if on_text is None else (lambda j, d, base=i * job.n: on_text(base + j, d))
             result = self.engine.complete(
                 part.prefix, job.max_tokens, n=job.n, beams=job.beams, temperature=job.temperature, seed=job.seed,
-                stop=stop, on_text=emit, prompt_tokens=part.tokens, suffix=part.suffix,
+                stop=stop, on_text=emit, prompt_tokens=part.tokens, suffix=part.suffix, cancel=cancel,
             )
             # beams may agree on fewer than n distinct texts (an empty line): repeat the last, n choices stay n
             result.choices += result.choices[-1:] * (job.n - len(result.choices))
             out.append(result)
         return out
 
-    async def answer(self, job: Job, parts: list[Part]) -> list[Completion]:
-        """The job's completions (not streamed), or a 400 for what the engine refuses."""
+
+GONE = "the client closed the request"  # 499, as nginx names it: nobody reads it
+
+
+class Call:
+    """One request's job on the worker, seen from the event loop: its prompts once prepared, its text deltas as they
+    are generated (streaming), its completions. A task watches the client meanwhile: when it leaves, the job is
+    cancelled (dropped while it waits, stopped at its next model pass while it runs)."""
+
+    def __init__(self, worker: Worker, loop: asyncio.AbstractEventLoop) -> None:
+        self.worker, self.loop = worker, loop
+        self.prepared: asyncio.Future[list[Part]] = loop.create_future()
+        self.deltas: asyncio.Queue[tuple[int, str] | None] = asyncio.Queue()
+        self.ticket: Ticket
+        self.future: asyncio.Future[Any]
+        self.watcher: asyncio.Task[None] | None = None
+
+    def watch(self, request: Request) -> None:
+        async def gone() -> None:
+            # The body has been read: what the connection says next is that it closed (or that the answer went).
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            self.cancel()
+
+        self.watcher = asyncio.ensure_future(gone())
+
+    def cancel(self) -> None:
+        if not self.future.done():
+            self.worker.cancel(self.ticket)
+
+    def close(self) -> None:
+        """The answer is over (sent, failed or abandoned): stop watching, and stop the job if it still runs."""
+        self.cancel()
+        if self.watcher is not None:
+            self.watcher.cancel()
+
+    def on_text(self, index: int, delta: str) -> None:  # worker thread, maybe before submit() has returned
+        self.loop.call_soon_threadsafe(self.deltas.put_nowait, (index, delta))
+
+    async def until_prepared(self) -> list[Part]:
+        """The job's prompts once the worker has prepared them; its error when it refused them; a 499 when the
+        client left first."""
+        await asyncio.wait([self.prepared, self.future], return_when=asyncio.FIRST_COMPLETED)
+        if self.prepared.done():
+            return self.prepared.result()
+        if self.future.result() is DROPPED:  # raises the worker's error, a RequestError for a refused prompt
+            raise RequestError(499, GONE)
+        raise RuntimeError("the job ended without preparing its prompts")
+
+    async def results(self) -> list[Completion]:
+        """The job's completions (not streamed), a 400 for what the engine refuses, a 499 when the client left."""
         try:
-            return await self.run(self.generate, job, parts, None)
+            out = await self.future
         except KdcodeError as exc:
             raise RequestError(400, str(exc)) from None
+        finally:
+            self.close()
+        if out is DROPPED or self.ticket.cancel.is_set():
+            raise RequestError(499, GONE)
+        return out  # type: ignore[no-any-return]
 
+    async def events(self) -> AsyncIterator[Any]:
+        """A streamed job: ``(choice index, text delta)`` tuples as the text is generated, then the list of
+        completions, or the exception that ended it (a KdcodeError is the client's; anything else is logged)."""
 
-async def events(state: ServerState, job: Job, parts: list[Part]) -> AsyncIterator[Any]:
-    """A streamed job: ``(choice index, text delta)`` tuples as the text is generated, then the list of
-    completions, or the exception that ended it (a KdcodeError is the client's; anything else is logged). A
-    client that leaves stops the generation at its next token."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[int, str] | None] = asyncio.Queue()
-    gone = threading.Event()
+        def done(f: asyncio.Future[Any]) -> None:
+            if not f.cancelled():
+                f.exception()  # retrieved here too, so that a stream the client left logs no stray warning
+            self.deltas.put_nowait(None)
 
-    def on_text(index: int, delta: str) -> None:
-        if gone.is_set():  # the client left: stop generating for it
-            raise ConnectionAbortedError("client disconnected")
-        loop.call_soon_threadsafe(queue.put_nowait, (index, delta))
-
-    future = state.run(state.generate, job, parts, on_text)
-
-    def done(f: asyncio.Future[Any]) -> None:
-        if not f.cancelled():
-            f.exception()  # retrieved here too, so that a stream the client left logs no stray warning
-        queue.put_nowait(None)
-
-    future.add_done_callback(done)
-    try:
-        while (item := await queue.get()) is not None:
-            yield item
-        exc = future.exception()
-        if exc is not None and not isinstance(exc, KdcodeError):
-            log.error("internal error while streaming", exc_info=exc)
-        yield exc if exc is not None else future.result()
-    finally:
-        gone.set()
+        self.future.add_done_callback(done)
+        try:
+            while (item := await self.deltas.get()) is not None:
+                yield item
+            exc = self.future.exception()
+            if exc is not None and not isinstance(exc, KdcodeError):
+                log.error("internal error while streaming", exc_info=exc)
+            yield exc if exc is not None else self.future.result()
+        finally:
+            self.close()
 
 
 def stream_error(exc: BaseException) -> RequestError:

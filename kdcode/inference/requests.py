@@ -33,20 +33,26 @@ MAX_SEED = 2**63 - 1  # torch seeds are 64-bit; OpenAI's are int64
 
 
 class RequestError(Exception):
-    """A request the server refuses: HTTP status, message, the parameter at fault, an OpenAI error code."""
+    """A request the server refuses: HTTP status, message, the parameter at fault, an OpenAI error code, and the
+    seconds to wait before asking again (``Retry-After``, for a 503)."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.retry_after = retry_after
 
     def body(self, shape: str = "openai") -> dict[str, Any]:
         """The error in the shape of the endpoint's API: OpenAI's (``{"error": {"message", "type", "param",
         "code"}}``), llama.cpp's (``{"error": {"code": status, "message", "type"}}``) or Ollama's
-        (``{"error": message}``)."""
+        (``{"error": message}``). A 503 is llama.cpp's ``unavailable_error``."""
         type_ = "invalid_request_error" if self.status < 500 else "server_error"
         if shape == "ollama":
             return {"error": _printable(self.message)}
         if shape == "llama":
+            type_ = "unavailable_error" if self.status == 503 else type_
             return {"error": {"code": self.status, "message": _printable(self.message), "type": type_}}
         return error_body(self.message, type_, self.param, self.code)
 

@@ -24,6 +24,13 @@ no stop string), at temperature 0 OpenAI's ``n`` > 1 gives the n best distinct b
 OpenAI's penalties, ``logit_bias``, ``logprobs`` and ``echo`` are refused with a 400, the other shapes'
 sampling knobs are ignored. Errors are JSON in each API's error shape; a client's mistake is a 4xx, never a
 500; a body that does not arrive within ``body_timeout_s`` is answered 408 and its connection closed.
+
+Requests queue for the model's one worker, at most ``max_queue`` of them (one more: 503 with ``Retry-After``,
+in the endpoint's error shape; ``/health`` says how many wait). A client that closes its connection is not
+generated for: dropped while it waits, stopped before the next model pass while it runs, on every endpoint,
+streamed or not, with or without a draft. The model's KV cache (and the draft's) is kept from one request to the
+next, so that a prompt that starts as the previous one did is prefilled only from where they differ (torch
+backend; reported as ``usage.prompt_tokens_details.cached_tokens`` and llama.cpp's ``tokens_cached``).
 """
 
 from __future__ import annotations
@@ -47,10 +54,10 @@ from kdcode.errors import KdcodeError
 from kdcode.export.modelfile import template as ollama_template
 from kdcode.inference.engine import DEFAULT_STOP, Completion, Engine, load_engine
 from kdcode.inference.http import (
+    Call,
     InternalErrors,
     ServerState,
     error_response,
-    events,
     read_body,
     stream_error,
 )
@@ -76,7 +83,9 @@ def _sse(data: dict[str, Any] | str) -> str:
 def _usage(results: list[Completion]) -> dict[str, int]:
     prompt = sum(r.prompt_tokens for r in results)
     completion = sum(c.tokens for r in results for c in r.choices)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    cached = sum(r.cached_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def openai_completions(state: ServerState) -> Callable[[Request], Any]:
@@ -86,15 +95,15 @@ def openai_completions(state: ServerState) -> Callable[[Request], Any]:
         try:
             req = parse_completion_request(await read_body(request, state.limits), state.limits)
             job = completion_job(req)
-            parts = await state.run(state.prepare, job)
-            results = None if job.stream else await state.answer(job, parts)
+            call = await state.start(request, job)
+            results = None if job.stream else await call.results()
         except RequestError as exc:
             return error_response(exc)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": state.name}
         if results is None:
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_openai_stream(state, job, parts, head, usage), **SSE)  # type: ignore[arg-type]
+            return StreamingResponse(_openai_stream(call, head, usage), **SSE)  # type: ignore[arg-type]
         choices = [
             {"text": c.text, "index": i, "logprobs": None, "finish_reason": c.finish_reason}
             for i, c in enumerate(c for r in results for c in r.choices)
@@ -104,10 +113,8 @@ def openai_completions(state: ServerState) -> Callable[[Request], Any]:
     return completions
 
 
-async def _openai_stream(
-    state: ServerState, job: Job, parts: list[Any], head: dict[str, Any], usage: bool
-) -> AsyncIterator[str]:
-    async for event in events(state, job, parts):
+async def _openai_stream(call: Call, head: dict[str, Any], usage: bool) -> AsyncIterator[str]:
+    async for event in call.events():
         if isinstance(event, tuple):
             yield _sse({**head, "choices": [{"text": event[1], "index": event[0], "logprobs": None,
                                               "finish_reason": None}]})
@@ -130,6 +137,7 @@ def _llama_body(state: ServerState, job: Job, result: Completion) -> dict[str, A
     predict_s = max(result.total_s - first, 0.0)
     timings = {
         "prompt_n": result.prompt_tokens,
+        "cache_n": result.cached_tokens,
         "prompt_ms": round(1000 * first, 3),
         "prompt_per_token_ms": round(1000 * first / max(result.prompt_tokens, 1), 3),
         "prompt_per_second": round(result.prompt_tokens / first, 1) if first else 0.0,
@@ -140,7 +148,8 @@ def _llama_body(state: ServerState, job: Job, result: Completion) -> dict[str, A
     }
     return {
         "content": choice.text, "index": 0, "id_slot": 0, "stop": True, "model": state.name,
-        "tokens_predicted": choice.tokens, "tokens_evaluated": result.prompt_tokens, "tokens_cached": 0,
+        "tokens_predicted": choice.tokens, "tokens_evaluated": result.prompt_tokens,
+        "tokens_cached": result.cached_tokens,
         "truncated": result.truncated, "stop_type": "limit" if choice.finish_reason == "length" else "eos",
         "stopping_word": "",
         "generation_settings": {"n_predict": job.max_tokens, "temperature": job.temperature, "seed": job.seed,
@@ -169,19 +178,19 @@ def llama_completion(state: ServerState, infill: bool) -> Callable[[Request], An
     async def completion(request: Request) -> Response:
         try:
             req, job = parse_llama_request(await read_body(request, state.limits), state.limits, infill)
-            parts = await state.run(state.prepare, job)
-            results = None if job.stream else await state.answer(job, parts)
+            call = await state.start(request, job)
+            results = None if job.stream else await call.results()
         except RequestError as exc:
             return error_response(exc, "llama")
         if results is None:
-            return StreamingResponse(_llama_stream(state, job, parts, req.response_fields), **SSE)  # type: ignore[arg-type]
+            return StreamingResponse(_llama_stream(state, job, call, req.response_fields), **SSE)  # type: ignore[arg-type]
         return JSONResponse(_fields(_llama_body(state, job, results[0]), req.response_fields))
 
     return completion
 
 
-async def _llama_stream(state: ServerState, job: Job, parts: list[Any], fields: list[str] | None) -> AsyncIterator[str]:
-    async for event in events(state, job, parts):
+async def _llama_stream(state: ServerState, job: Job, call: Call, fields: list[str] | None) -> AsyncIterator[str]:
+    async for event in call.events():
         if isinstance(event, tuple):
             yield _sse({"content": event[1], "stop": False, "index": 0, "id_slot": 0})
         elif isinstance(event, BaseException):
@@ -216,20 +225,20 @@ def ollama_generate(state: ServerState) -> Callable[[Request], Any]:
             if not req.prompt and job.suffix is None:  # Ollama loads the model and says so
                 return JSONResponse({"model": state.name, "created_at": _now(), "response": "", "done": True,
                                      "done_reason": "load"})
-            parts = await state.run(state.prepare, job)
-            results = None if job.stream else await state.answer(job, parts)
+            call = await state.start(request, job)
+            results = None if job.stream else await call.results()
         except RequestError as exc:
             return error_response(exc, "ollama")
         if results is None:
-            return StreamingResponse(_ollama_stream(state, job, parts), media_type="application/x-ndjson")
+            return StreamingResponse(_ollama_stream(state, call), media_type="application/x-ndjson")
         text = results[0].choices[0].text
         return JSONResponse({"model": state.name, "created_at": _now(), "response": text, **_ollama_done(results[0])})
 
     return generate
 
 
-async def _ollama_stream(state: ServerState, job: Job, parts: list[Any]) -> AsyncIterator[str]:
-    async for event in events(state, job, parts):
+async def _ollama_stream(state: ServerState, call: Call) -> AsyncIterator[str]:
+    async for event in call.events():
         if isinstance(event, tuple):
             line: dict[str, Any] = {"model": state.name, "created_at": _now(), "response": event[1], "done": False}
         elif isinstance(event, BaseException):
@@ -295,6 +304,7 @@ def create_app(
     max_body_bytes: int = 2**20,
     body_timeout_s: float = 10.0,
     max_context_chars: int = 65_536,
+    max_queue: int = 16,
     fim_format: str | None = None,
     fim_order: str = "auto",
     threads: int | None = None,
@@ -308,6 +318,8 @@ def create_app(
     within it but longer than the context left after ``max_tokens`` is cut to its last tokens, as in ``kdcode
     eval``. An infill's prefix and suffix are cut to the model's window; over ``max_context_chars`` characters
     each, they are refused. ``fim_format`` names the model's FIM token family when detection would not find it.
+    At most ``max_queue`` requests wait for the model behind the one it is working on; one more is answered 503
+    with ``Retry-After``.
     """
     engine = engine or load_engine(model_dir, device=device, dtype=dtype, threads=threads, verify=verify,
                                    fim_format=fim_format, fim_order=fim_order)
@@ -316,18 +328,20 @@ def create_app(
     tokens_limit = min(max_tokens_limit, engine.n_positions - 1)
     if prompt_limit < 1 or tokens_limit < 1:
         raise KdcodeError("--max-prompt-tokens and --max-tokens-limit must be at least 1")
+    if max_queue < 0:
+        raise KdcodeError(f"--max-queue must be at least 0, not {max_queue}")
     try:
         limits = Limits(max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s, max_tokens=tokens_limit,
                         max_context_chars=max_context_chars)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         raise KdcodeError(f"server limit {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-    state = ServerState(engine, name, limits, prompt_limit)
+    state = ServerState(engine, name, limits, prompt_limit, max_queue)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
-        state.worker.shutdown(wait=False, cancel_futures=True)
+        state.worker.shutdown()
 
     app = FastAPI(title="kdcode", summary=f"code completions from {name}", lifespan=lifespan)
     app.state.engine = engine
@@ -347,7 +361,9 @@ def create_app(
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": name, "device": engine.device, "dtype": engine.dtype,
-                "infill": engine.fim.name if engine.fim is not None else None}
+                "infill": engine.fim.name if engine.fim is not None else None,
+                "waiting": state.worker.waiting, "max_waiting": state.worker.max_waiting,
+                "busy": state.worker.current is not None}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

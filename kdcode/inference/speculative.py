@@ -5,6 +5,8 @@ with sampling, each draft token is accepted with probability ``min(1, p/q)`` and
 sample of ``norm(max(0, p - q))``, so the output follows the target's distribution.
 
 Both KV caches are kept across passes and cut back (``DynamicCache.crop``) to the accepted prefix. Batch 1.
+A server keeps both from one request to the next (:class:`PromptCache`, ``target_reuse`` / ``draft_reuse``), and
+stops a request whose client left before its next pass (``cancel``), as greedy decoding does.
 Token healing and stop strings work as in :mod:`kdcode.inference.decode` (the same masks at the same steps).
 
 Acceptance, the most direct measure of how faithfully a student imitates its teacher: ``accepted / proposed``
@@ -20,8 +22,8 @@ from typing import Any
 import torch
 
 from kdcode.errors import KdcodeError
-from kdcode.inference.decode import DecodeOptions, Generation, Prompt, encode_prompt, n_positions
-from kdcode.inference.forward import Forward
+from kdcode.inference.decode import Cancel, DecodeOptions, Generation, Prompt, cancelled, encode_prompt, n_positions
+from kdcode.inference.forward import Forward, PromptCache
 from kdcode.inference.vocab import VocabIndex
 
 
@@ -115,18 +117,42 @@ def speculative_one(
     k: int,
     generator: torch.Generator | None = None,
     on_token: Any = None,
+    cancel: Cancel | None = None,
+    target_reuse: PromptCache | None = None,
+    draft_reuse: PromptCache | None = None,
 ) -> tuple[list[int], Acceptance, list[float]]:
     """Decode one prompt: (generated ids, acceptance, seconds per target pass); ``on_token(0, id)`` sees every
-    token as it is produced (several per pass)."""
+    token as it is produced (several per pass). No pass starts once ``cancel`` is set. ``target_reuse`` and
+    ``draft_reuse`` start each model from the cache it kept, cut back to what this prompt shares with it, and keep
+    the grown caches for the next call."""
     t, d = _Side(Forward.of(target, index)), _Side(Forward.of(draft, index))
     masks = _Masks(index, prompt, opts)
     ids = list(prompt.ids) or [index.pad_id]
-    if len(ids) > 1:  # both caches hold all but the last context token
-        t.feed(ids[:-1], keep=1)
-        d.feed(ids[:-1], keep=1)
-    last, gen, stats, times = ids[-1], [], Acceptance(k), []
+    gen: list[int] = []
+    stats, times = Acceptance(k), []
+    if cancelled(cancel):
+        return gen, stats, times
+    reuse = [(side, kept) for side, kept in ((t, target_reuse), (d, draft_reuse))
+             if kept is not None and side.fwd.step is None]  # another backend's cache: cold
+    for side, kept in reuse:
+        side.cache, side.cached = kept.take(ids, len(ids) - 1)
+    for side in (t, d):
+        if side.cached < len(ids) - 1:  # both caches hold all but the last context token
+            side.feed(ids[side.cached : -1], keep=1)
+    _decode_passes(t, d, index, prompt, opts, k, generator, on_token, cancel, masks, ids[-1], gen, stats, times)
+    for side, kept in reuse:
+        kept.keep(side.cache, ids + gen)
+    return gen, stats, times
+
+
+def _decode_passes(
+    t: _Side, d: _Side, index: VocabIndex, prompt: Prompt, opts: DecodeOptions, k: int,
+    generator: torch.Generator | None, on_token: Any, cancel: Cancel | None, masks: _Masks, last: int,
+    gen: list[int], stats: Acceptance, times: list[float],
+) -> None:
+    """Target passes until the completion ends or ``cancel`` is set: ``gen``, ``stats`` and ``times`` grow."""
     temp = opts.temperature
-    while len(gen) < opts.max_new_tokens:
+    while len(gen) < opts.max_new_tokens and not cancelled(cancel):
         t0 = time.perf_counter()
         kk = min(k, opts.max_new_tokens - len(gen) - 1)
         proposals: list[int] = []
@@ -177,10 +203,9 @@ def speculative_one(
                 not opts.fixed_length and index.ended(gen, prompt.healed, opts.stop_strings)
             ):
                 times.append(time.perf_counter() - t0)
-                return gen, stats, times
+                return
         last = produced[-1]
         times.append(time.perf_counter() - t0)
-    return gen, stats, times
 
 
 def check_pair(target_tok: Any, draft_tok: Any, target: str, draft: str) -> None:
@@ -200,9 +225,12 @@ def speculative(
     opts: DecodeOptions,
     k: int = 4,
     on_token: Any = None,
+    cancel: Cancel | None = None,
+    reuse: tuple[PromptCache, PromptCache] | None = None,
 ) -> tuple[Generation, Acceptance]:
     """Speculative decoding of every prompt (batch 1); the result is shaped as greedy decoding's (``prefill_s``:
-    each prompt's first pass; ``step_s``: every later pass, each making one or more tokens)."""
+    each prompt's first pass; ``step_s``: every later pass, each making one or more tokens). ``cancel`` and
+    ``reuse`` (the target's and the draft's kept caches) as in :func:`speculative_one`."""
     if k < 1:
         raise KdcodeError(f"--draft-tokens must be at least 1, not {k}")
     context = opts.context_for(min(n_positions(target), n_positions(draft)))
@@ -215,7 +243,8 @@ def speculative(
     for p in prompts:
         prompt = p if isinstance(p, Prompt) else encode_prompt(index, p, opts, context)
         row_token = None if on_token is None else (lambda _row, tok, i=len(texts): on_token(i, tok))
-        gen, stats, times = speculative_one(target, draft, index, prompt, opts, k, generator, row_token)
+        gen, stats, times = speculative_one(target, draft, index, prompt, opts, k, generator, row_token, cancel,
+                                            *(reuse or (None, None)))
         total.add(stats)
         texts.append(index.completion_text(gen, prompt.healed, opts.stop_strings))
         token_ids.append(gen)
