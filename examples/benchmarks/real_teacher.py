@@ -4,6 +4,7 @@ Sub-commands (each appends rows to OUT/results.jsonl and prints a table; all nam
 
     python examples/benchmarks/real_teacher.py --out DIR quality --models smollm2,bundled,STUDENT [--samples 100]
     python examples/benchmarks/real_teacher.py --out DIR curve --run STUDENT_OUT           # loss vs KD tokens
+    python examples/benchmarks/real_teacher.py --out DIR checkpoint --run STUDENT_OUT --layer-map 0,1,...  # a folder
     python examples/benchmarks/real_teacher.py --out DIR lookup --teacher smollm2 [--draft DRAFT] [--k 8]
     python examples/benchmarks/real_teacher.py --out DIR speed --teacher smollm2 --student STUDENT [--rounds 3]
 
@@ -110,6 +111,35 @@ def curve(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def checkpoint(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """A model folder from a run's periodic checkpoint (OUT.ckpt/trainable.safetensors), to evaluate a point of the
+    curve while the run goes on: the student rebuilt from the teacher with the run's layer map, its weights loaded."""
+    from safetensors.torch import load_file
+
+    from kdcode.artifacts import save_model
+    from kdcode.models import load_model
+    from kdcode.plugins import make_init
+
+    ckpt = Path(args.run).with_name(Path(args.run).name + ".ckpt")
+    state = dict(json.loads((ckpt / "state.json").read_text())["__dict__"])
+    teacher = load_model(args.teacher)
+    layer_map = [int(x) for x in args.layer_map.split(",")]
+    student, _ = make_init("layers", {"layers": layer_map}).build(teacher.model, len(layer_map))
+    weights = {k.removeprefix("0."): v for k, v in load_file(str(ckpt / "trainable.safetensors")).items()}
+    missing, unexpected = student.load_state_dict(weights, strict=False)
+    if unexpected or [k for k in missing if "embed_tokens" not in k]:
+        raise SystemExit(f"checkpoint does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if student.config.tie_word_embeddings:
+        student.get_input_embeddings().weight = student.get_output_embeddings().weight
+    out = args.out / f"checkpoint-{state['step']}"
+    save_model(out, student, teacher.tokenizer, {"kind": "student", "checkpoint": {
+        "run": str(args.run), "step": state["step"], "tokens": state["tokens"], "layer_map": layer_map}},
+        overwrite=True)
+    print(f"step {state['step']} ({state['tokens']:,} tokens) written to {out}")
+    return [{"kind": "checkpoint", "run": str(args.run), "step": state["step"], "tokens": state["tokens"],
+             "folder": str(out)}]
+
+
 def lookup_proposal(context: list[int], k: int, max_n: int = 3) -> list[int]:
     """The k tokens after the last earlier occurrence of the context's final n-gram (n = max_n..1), else []."""
     for n in range(max_n, 0, -1):
@@ -203,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--models", default="smollm2,bundled")
     c = sub.add_parser("curve")
     c.add_argument("--run", required=True)
+    ck = sub.add_parser("checkpoint")
+    ck.add_argument("--run", required=True)
+    ck.add_argument("--teacher", default="smollm2")
+    ck.add_argument("--layer-map", required=True, help="the run's teacher blocks, e.g. 0,1,2,3,4,20,21,...")
     lk = sub.add_parser("lookup")
     lk.add_argument("--teacher", default="smollm2")
     lk.add_argument("--draft")
@@ -220,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--new-tokens", type=int, default=32)
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = {"quality": quality, "curve": curve, "lookup": lookup, "speed": speed}[args.what](args)
+    rows = {"quality": quality, "curve": curve, "checkpoint": checkpoint, "lookup": lookup,
+            "speed": speed}[args.what](args)
     with open(args.out / "results.jsonl", "a", encoding="utf-8") as fh:
         for row in rows:
             fh.write(json.dumps(row) + "\n")
