@@ -20,8 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from kdcode.errors import KdcodeDeprecation, KdcodeError
 
 BUNDLED = "bundled"
-CONTEXT_HELP = ("prompt tokens kept (default: min(the model's positions, 1024) minus the new tokens: CodeGPT's 924 as "
-                "CodeXGLUE, the bundled teacher's 208)")
+CONTEXT_HELP = "prompt tokens kept (default: min(the model's positions, 1024) minus the new tokens)"
 
 
 def _accepts_bool(annotation: Any) -> bool:
