@@ -52,11 +52,13 @@ def one_clear_line(r, phrase: str, code: int = 2) -> str:
         ("train:\n  precision: int8\n", "train.precision: Input should be 'auto', 'fp32'"),
         ("strategy:\n  params: {temprature: 2}\n", f"temprature: {UNKNOWN}, did you mean 'temperature'"),
         (
-            "strategy:\n  name: pretraining\n  params: {alpha_ce: 0, alpha_clm: 0, alpha_cos: 0}\n",
-            "alpha_ce, alpha_clm and alpha_cos are all zero",
+            "strategy:\n  name: pretraining\n  params: {alpha_soft: 0, alpha_hard: 0, alpha_cos: 0}\n",
+            "alpha_soft, alpha_hard and alpha_cos are all zero",
         ),
-        ("strategy:\n  params: {alpha_kd: 0, alpha_clm: 0}\n", "alpha_kd and alpha_clm are both zero"),
-        ("strategy:\n  params: {alpha_ce: 0.5}\n", f"alpha_ce: {UNKNOWN}, did you mean 'alpha_clm' or 'alpha_kd'"),
+        ("strategy:\n  params: {alpha_soft: 0, alpha_hard: 0}\n", "alpha_soft and alpha_hard are both zero"),
+        ("strategy:\n  params: {alpha_sofft: 0.5}\n", f"alpha_sofft: {UNKNOWN}, did you mean 'alpha_soft'"),
+        # an old weight name of another strategy is no name of this one (reverse-kl's was alpha_kd)
+        ("strategy:\n  params: {alpha_ce: 0.5}\n", f"alpha_ce: {UNKNOWN}"),
         ("- just\n- a list\n", "must hold a mapping of sections"),
         ("student: [unclosed\n", "is not valid YAML/JSON"),
     ],

@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 
 from kdcode.cli import app
 from kdcode.errors import KdcodeError
+from kdcode.strategies.divergences import forward_kl
 from kdcode.strategies.fused import chunk_positions, dense_kd_terms, sparse_kd_terms
-from kdcode.strategies.losses import causal_ce, soft_kl
+from kdcode.strategies.losses import causal_ce
 
 B, T, V = 3, 17, 50
 
@@ -53,7 +54,7 @@ def test_chunked_equals_unchunked_bit_for_bit(temp, chunk, model_output):
     for whole, chunked in (dense, sparse):
         assert all(torch.equal(a, b) for a, b in zip(whole, chunked))
     # and the unchunked pass is the autograd reference
-    ref = _run(lambda s: (soft_kl(s, t, labels, temp), causal_ce(s, labels)), s0)
+    ref = _run(lambda s: (forward_kl(s, t, labels, temp), causal_ce(s, labels)), s0)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(dense[0], ref))
 
 
@@ -71,7 +72,7 @@ def test_padding_columns_are_in_no_softmax_and_get_no_gradient(chunk, model_outp
     s0, t, labels = _inputs(2, pad_s=9, pad_t=3)
     s0[..., V:] = 40.0  # padding that would dominate any softmax it took part in
     soft, hard, grad = _run(lambda s: dense_kd_terms(s, t, labels, 2.0, vocab=V, chunk=chunk), s0, 0.3, model_output)
-    ref = _run(lambda s: (soft_kl(s, t[..., :V], labels, 2.0), causal_ce(s, labels)), s0[..., :V].contiguous())
+    ref = _run(lambda s: (forward_kl(s, t[..., :V], labels, 2.0), causal_ce(s, labels)), s0[..., :V].contiguous())
     assert torch.allclose(soft, ref[0], atol=1e-6) and torch.allclose(hard, ref[1], atol=1e-6)
     assert torch.allclose(grad[..., :V], ref[2], atol=1e-6)
     assert grad[..., V:].abs().sum() == 0
