@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_gpt2
+from conftest import make_gpt2, run
 from torch.utils._python_dispatch import TorchDispatchMode
-from typer.testing import CliRunner
 
-from kdcode.cli import app
 from kdcode.errors import KdcodeError
 from kdcode.strategies.divergences import forward_kl
 from kdcode.strategies.fused import chunk_positions, dense_kd_terms, sparse_kd_terms
@@ -146,7 +144,6 @@ def test_automatic_chunks_are_about_32_mb_of_float32():
 
 
 # ------------------------------------------------------------------------------------ teacher dtype
-runner = CliRunner(env={"COLUMNS": "200", "TERM": "dumb"})
 FAST = ["--layers", "2", "--max-steps", "1", "--batch-size", "2", "--block-size", "32", "--precision", "fp32"]
 
 
@@ -161,8 +158,8 @@ def _captured_run(monkeypatch, tmp_path, teacher_dir, corpus_dir, *flags):
         raise KdcodeError("stopped before training")
 
     monkeypatch.setattr(distil, "train_loop", fake_loop)
-    r = runner.invoke(app, ["distil", "--teacher", str(teacher_dir), "--data", str(corpus_dir), *FAST,
-                            "--out", str(tmp_path / "s"), *flags])
+    r = run("distil", "--teacher", str(teacher_dir), "--data", str(corpus_dir), *FAST,
+                            "--out", str(tmp_path / "s"), *flags)
     assert "stopped before training" in r.output, r.output
     return seen
 
@@ -195,18 +192,18 @@ def test_teacher_stored_in_bf16_gives_a_float32_student(monkeypatch, tmp_path, t
 
 
 def test_half_precision_teacher_that_trains_is_refused_before_loading(tmp_path, corpus_dir):
-    r = runner.invoke(app, ["distil", "--teacher", str(tmp_path / "nowhere"), "--strategy", "in-training",
-                            "--teacher-dtype", "bf16", "--data", str(corpus_dir), *FAST, "--out", str(tmp_path / "s")])
+    r = run("distil", "--teacher", str(tmp_path / "nowhere"), "--strategy", "in-training",
+                            "--teacher-dtype", "bf16", "--data", str(corpus_dir), *FAST, "--out", str(tmp_path / "s"))
     assert r.exit_code == 2, r.output
     assert "trains the teacher, which keeps float32 weights; drop teacher.dtype bf16" in r.output
-    r = runner.invoke(app, ["distil", "--teacher-dtype", "int4", "--print-spec"])
+    r = run("distil", "--teacher-dtype", "int4", "--print-spec")
     assert r.exit_code == 2 and "teacher.dtype" in r.output
 
 
 @pytest.mark.slow
 def test_distil_with_a_bf16_teacher_and_small_chunks_trains(tmp_path, teacher_dir, corpus_dir):
-    r = runner.invoke(app, ["distil", "--teacher", str(teacher_dir), "--data", str(corpus_dir), *FAST,
-                            "--teacher-dtype", "bf16", "--loss-chunk", "5", "--out", str(tmp_path / "s")])
+    r = run("distil", "--teacher", str(teacher_dir), "--data", str(corpus_dir), *FAST,
+                            "--teacher-dtype", "bf16", "--loss-chunk", "5", "--out", str(tmp_path / "s"))
     assert r.exit_code == 0, r.output
     import json
 
@@ -222,8 +219,8 @@ def test_activation_checkpointing_trains_the_same_student(tmp_path, teacher_dir,
     weights = []
     for flag in ([], ["--activation-checkpointing"]):
         out = tmp_path / f"s{len(flag)}"
-        r = runner.invoke(app, ["distil", "--teacher", str(teacher_dir), "--data", str(corpus_dir), *FAST,
-                                "--max-steps", "3", "--loss-chunk", "7", "--out", str(out), *flag])
+        r = run("distil", "--teacher", str(teacher_dir), "--data", str(corpus_dir), *FAST,
+                                "--max-steps", "3", "--loss-chunk", "7", "--out", str(out), *flag)
         assert r.exit_code == 0, r.output
         weights.append(load_file(str(out / "model.safetensors")))
     assert weights[0].keys() == weights[1].keys()

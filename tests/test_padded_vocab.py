@@ -10,23 +10,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import run
 from transformers import AutoModelForCausalLM, Qwen2Config
-from typer.testing import CliRunner
 
-from kdcode.cli import app
 from kdcode.inference.decode import DecodeOptions, greedy
 from kdcode.inference.vocab import VocabIndex
 from kdcode.plugins import make_strategy
 from kdcode.strategies.divergences import forward_kl
 from kdcode.strategies.losses import causal_ce
 
-runner = CliRunner(env={"COLUMNS": "200", "TERM": "dumb"})
 TEACHER_PAD, STUDENT_PAD = 8, 24  # extra LM-head rows beyond the tokenizer's tokens
-
-
-def run(*args):
-    r = runner.invoke(app, [str(a) for a in args])
-    return r
 
 
 def qwen2(tokenizer, vocab: int, layers: int, seed: int):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -385,13 +386,9 @@ def test_data_spec_defaults() -> None:
 
 
 def test_old_init_params_still_load_with_one_deprecation_line(tmp_path):
-    from typer.testing import CliRunner
-
-    from kdcode.cli import app
-
     old = tmp_path / "old.yaml"
     old.write_text("student:\n  layers: 2\n  init: layers\n  init_params: {layers: [0, 3]}\n")
-    r = CliRunner().invoke(app, ["distil", "--spec", str(old), "--print-spec"])
+    r = run("distil", "--spec", old, "--print-spec")
     assert r.exit_code == 0, r.output
     assert "warning: student.init_params is deprecated" in r.output
     printed = yaml.safe_load(r.stdout)
@@ -399,7 +396,7 @@ def test_old_init_params_still_load_with_one_deprecation_line(tmp_path):
     assert "init_params" not in printed["student"]
     new = tmp_path / "new.yaml"
     new.write_text(yaml.safe_dump({"student": printed["student"]}))
-    r = CliRunner().invoke(app, ["distil", "--spec", str(new), "--validate"])
+    r = run("distil", "--spec", new, "--validate")
     assert r.exit_code == 0 and "deprecated" not in r.output, r.output
     assert "init 'layers'" in r.output
 
@@ -431,13 +428,9 @@ def test_old_weight_names_still_load_as_the_new_ones_with_a_deprecation(name):
 
 
 def test_old_weight_names_in_a_spec_file_are_one_warning_line_each(tmp_path):
-    from typer.testing import CliRunner
-
-    from kdcode.cli import app
-
     old = tmp_path / "old.yaml"
     old.write_text("strategy:\n  name: pretraining\n  params: {alpha_ce: 0.9, alpha_clm: 0.1}\n")
-    r = CliRunner().invoke(app, ["distil", "--spec", str(old), "--validate"])
+    r = run("distil", "--spec", old, "--validate")
     assert r.exit_code == 0, r.output
     warnings = [line for line in r.output.splitlines() if line.startswith("warning:")]
     assert warnings == ["warning: strategy param alpha_ce is deprecated: write alpha_soft",
