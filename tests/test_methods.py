@@ -11,10 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_gpt2
-from typer.testing import CliRunner
+from conftest import make_gpt2, run
 
-from kdcode.cli import app
 from kdcode.errors import KdcodeError
 from kdcode.plugins import make_init, make_strategy
 from kdcode.registry import Registry
@@ -22,7 +20,6 @@ from kdcode.strategies.divergences import forward_kl, generalised_jsd, kd_terms
 from kdcode.strategies.losses import causal_ce
 from kdcode.strategies.sparse import SparseTargets
 
-runner = CliRunner(env={"COLUMNS": "120"})
 LN3 = math.log(3.0)
 LABELS = torch.tensor([[1, 0]])
 S = torch.tensor([[[0.0, 0.0], [5.0, -5.0]]])
@@ -147,51 +144,15 @@ def test_intermediate_projection_and_golden_mse(teacher, tokenizer):
 
 
 def _distil(tmp, teacher_dir, corpus_dir, *extra):
-    return runner.invoke(
-        app,
-        [
-            str(a)
-            for a in (
-                "distil",
-                "--teacher",
-                teacher_dir,
-                "--data",
-                corpus_dir,
-                "--layers",
-                2,
-                "--max-steps",
-                2,
-                "--batch-size",
-                2,
-                "--block-size",
-                64,
-                "--precision",
-                "fp32",
-                *extra,
-            )
-        ],
-    )
+    return run("distil", "--teacher", teacher_dir, "--data", corpus_dir, "--layers", 2, "--max-steps", 2,
+               "--batch-size", 2, "--block-size", 64, "--precision", "fp32", *extra)
 
 
 @pytest.mark.slow
 def test_teacher_cache_round_trip_and_refusal(tmp_path, teacher_dir, corpus_dir, tokenizer):
     cache = tmp_path / "cache"
-    r = runner.invoke(
-        app,
-        [
-            "cache-teacher",
-            "--teacher",
-            str(teacher_dir),
-            "--data",
-            str(corpus_dir),
-            "--block-size",
-            "64",
-            "--top-k",
-            "8",
-            "--out",
-            str(cache),
-        ],
-    )
+    r = run("cache-teacher", "--teacher", teacher_dir, "--data", corpus_dir, "--block-size", 64, "--top-k", 8,
+            "--out", cache)
     assert r.exit_code == 0, r.output
     manifest = json.loads((cache / "cache.json").read_text())
     # the default temperature is the default strategy's (reverse-kl: 1)
@@ -257,16 +218,6 @@ def test_plugin_by_entry_point(tmp_path, monkeypatch, teacher_dir, corpus_dir):
     sys.modules.pop("kdcode_topk", None)
 
 
-def test_plugin_collision_names_both_packages(monkeypatch):
-    fresh: Registry = Registry("strategy", group="kdcode.strategies")
-    fresh.register("pretraining", "kdcode.strategies.pretraining:PretrainingKD")
-    ep = SimpleNamespace(name="pretraining", value="evil:Thing", dist=SimpleNamespace(name="evil-kd"))
-    monkeypatch.setattr("kdcode.registry.entry_points", lambda group: [ep])
-    monkeypatch.delenv("KDCODE_DISABLE_PLUGINS", raising=False)
-    with pytest.raises(KdcodeError, match="by kdcode and by package 'evil-kd'"):
-        fresh.names()
-
-
 @pytest.mark.slow
 def test_a_cache_covers_the_run_and_distil_builds_or_grows_it(tmp_path, teacher_dir, corpus_dir):
     from safetensors.torch import load_file
@@ -274,9 +225,9 @@ def test_a_cache_covers_the_run_and_distil_builds_or_grows_it(tmp_path, teacher_
     from kdcode.train.teacher_cache import cache_order, load_cache
 
     cache = tmp_path / "cache"
-    r = runner.invoke(app, ["cache-teacher", "--teacher", str(teacher_dir), "--data", str(corpus_dir),
+    r = run("cache-teacher", "--teacher", str(teacher_dir), "--data", str(corpus_dir),
                             "--block-size", "64", "--top-k", "8", "--max-steps", "2", "--train-batch-size", "2",
-                            "--out", str(cache)])
+                            "--out", str(cache))
     assert r.exit_code == 0, r.output
     small = json.loads((cache / "cache.json").read_text())
     total = small["total_blocks"]
@@ -297,8 +248,8 @@ def test_a_cache_covers_the_run_and_distil_builds_or_grows_it(tmp_path, teacher_
     index = torch.cat([load_file(str(cache / s))["block_index"] for s in grown.manifest["shards"]])
     assert torch.equal(index, cache_order(total)[:8])
     # the grown cache holds what one pass over those 8 blocks gives
-    r = runner.invoke(app, ["cache-teacher", "--teacher", str(teacher_dir), "--data", str(corpus_dir),
-                            "--block-size", "64", "--top-k", "8", "--max-blocks", "8", "--out", str(tmp_path / "c8")])
+    r = run("cache-teacher", "--teacher", str(teacher_dir), "--data", str(corpus_dir),
+                            "--block-size", "64", "--top-k", "8", "--max-blocks", "8", "--out", str(tmp_path / "c8"))
     assert r.exit_code == 0, r.output
     fresh = load_cache(tmp_path / "c8")
     assert torch.equal(fresh.input_ids, grown.input_ids) and torch.equal(fresh.topk_ids, grown.topk_ids)
