@@ -148,7 +148,7 @@ def test_eval_record_failing_midway_keeps_the_old_manifest(student, corpus_dir, 
                                 JSONDecodeError=json.JSONDecodeError)  # fmt: skip
     monkeypatch.setattr(kdcode.artifacts, "json", fake_json)
     r = run("eval", str(student), "--data", str(corpus_dir), "--samples", "2", "--max-new-tokens",
-                            "2", "--ppl-blocks", "0", "--record")  # fmt: skip
+            "2", "--ppl-blocks", "0", "--record")  # fmt: skip
     assert r.exit_code == 2, r.output
     assert "error: cannot write: [Errno 28] No space left on device" in r.output
     assert "Traceback" not in r.output
@@ -157,7 +157,7 @@ def test_eval_record_failing_midway_keeps_the_old_manifest(student, corpus_dir, 
     monkeypatch.undo()
     assert verify(student) is True
     r = run("eval", str(student), "--data", str(corpus_dir), "--samples", "2", "--max-new-tokens",
-                            "2", "--ppl-blocks", "0", "--record")  # fmt: skip
+            "2", "--ppl-blocks", "0", "--record")  # fmt: skip
     assert r.exit_code == 0, r.output
     assert json.loads((student / MANIFEST).read_text())["metrics"]["eval"]["samples"] == 2
     assert verify(student) is True

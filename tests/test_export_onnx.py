@@ -115,7 +115,7 @@ def test_cli_export_onnx_then_eval(student_src, corpus_dir, tmp_path):
     assert made.exit_code == 0, made.output
     assert "ONNX export written to" in made.output and (out / "model.onnx").is_file()
     ev = run("eval", str(out), "--data", str(corpus_dir), "--samples", "5", "--max-new-tokens", "4",
-                             "--ppl-blocks", "2", "--json", str(tmp_path / "eval.json"))
+             "--ppl-blocks", "2", "--json", str(tmp_path / "eval.json"))
     assert ev.exit_code == 0, ev.output
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["runtime"]["backend"] == "onnxruntime" and result["perplexity"] > 1

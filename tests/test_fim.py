@@ -236,7 +236,7 @@ def test_pretrain_adds_fim_tokens_and_distil_carries_fim_on(tmp_path, teacher_di
     common = ["--data", str(corpus_dir), "--block-size", "32", "--max-steps", "2", "--warmup-steps", "0",
               "--batch-size", "4", "--precision", "fp32", "--eval-every", "1"]
     r = run("pretrain", "--init", str(teacher_dir), "--fim-rate", "0.5", "--fim-mode", "line",
-                            *common, "--out", str(out))
+            *common, "--out", str(out))
     assert r.exit_code == 0, r.output
     n = len(AutoTokenizer.from_pretrained(teacher_dir))
     tok = AutoTokenizer.from_pretrained(out)
@@ -257,15 +257,15 @@ def test_pretrain_adds_fim_tokens_and_distil_carries_fim_on(tmp_path, teacher_di
 
     student = tmp_path / "student"
     r = run("distil", "--teacher", str(more), "--layers", "1", "--data", str(corpus_dir),
-                            "--max-steps", "2", "--batch-size", "4", "--block-size", "32", "--precision", "fp32",
-                            "--out", str(student))
+            "--max-steps", "2", "--batch-size", "4", "--block-size", "32", "--precision", "fp32",
+            "--out", str(student))
     assert r.exit_code == 0, r.output
     s = json.loads((student / "kdcode.json").read_text())
     assert s["fim"]["rate"] == 0.5 and s["fim"]["mode"] == "line"
     assert fim.detect(AutoTokenizer.from_pretrained(student)).middle_id == n + 2
     off = tmp_path / "off"
     r = run("distil", "--teacher", str(more), "--layers", "1", "--data", str(corpus_dir),
-                            "--max-steps", "1", "--batch-size", "4", "--block-size", "32", "--precision", "fp32",
-                            "--fim-rate", "0", "--out", str(off))
+            "--max-steps", "1", "--batch-size", "4", "--block-size", "32", "--precision", "fp32",
+            "--fim-rate", "0", "--out", str(off))
     assert r.exit_code == 0, r.output
     assert json.loads((off / "kdcode.json").read_text())["fim"] is None

@@ -179,11 +179,11 @@ def test_eval_and_bench_take_context_and_record_it(tmp_path, teacher_dir, corpus
 
     out = tmp_path / "eval.json"
     r = run("eval", str(teacher_dir), "--data", str(corpus_dir), "--samples", "4", "--ppl-blocks", "0",
-                            "--max-new-tokens", "4", "--context", "40", "--json", str(out))
+            "--max-new-tokens", "4", "--context", "40", "--json", str(out))
     assert r.exit_code == 0, r.output
     assert json.loads(out.read_text())["decoding"]["context_tokens"] == 40
     out = tmp_path / "bench.json"
     r = run("bench", str(teacher_dir), "--data", str(corpus_dir), "--prompts", "2", "--rounds", "1",
-                            "--new-tokens", "2", "--context", "30", "--json", str(out))
+            "--new-tokens", "2", "--context", "30", "--json", str(out))
     assert r.exit_code == 0, r.output
     assert json.loads(out.read_text())["context_tokens"] == 30

@@ -108,7 +108,7 @@ def test_eval_infill_on_a_tiny_model(tmp_path, fim_teacher_dir, corpus_dir, teac
 
 def test_eval_infill_refusals_are_one_line(teacher_dir, corpus_dir):
     r = run("eval", str(teacher_dir), "--data", str(corpus_dir), "--task", "infill",
-                            "--samples", "2")
+            "--samples", "2")
     assert r.exit_code == 2 and "does not infill" in r.output and "Traceback" not in r.output
     r = run("eval", str(teacher_dir), "--task", "fill")
     assert r.exit_code == 2 and "task" in r.output
@@ -143,18 +143,18 @@ def test_complete_uses_the_suffix_when_the_model_infills(tmp_path, engine, fim_t
     src = tmp_path / "f.py"
     src.write_text(SOURCE, encoding="utf-8")
     r = run("complete", str(fim_teacher_dir), "--file", str(src), "--line", "5", "--col", "9",
-                            "--max-tokens", "6", "--json")
+            "--max-tokens", "6", "--json")
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     prefix, suffix = prefix_at(SOURCE, 5, 9), suffix_at(SOURCE, 5, 9)
     assert out["infill"] == {"format": "starcoder", "suffix_chars": len(suffix), "cut": False}
     assert out["completions"][0]["text"] == engine.complete(prefix, 6, suffix=suffix).choices[0].text
     r = run("complete", str(fim_teacher_dir), "--file", str(src), "--line", "5", "--col", "9",
-                            "--max-tokens", "6", "--json", "--no-suffix")
+            "--max-tokens", "6", "--json", "--no-suffix")
     out = json.loads(r.output)
     assert out["infill"] is None and out["completions"][0]["text"] == engine.complete(prefix, 6).choices[0].text
     r = run("complete", str(teacher_dir), "--file", str(src), "--line", "5", "--max-tokens", "4",
-                            "--json")
+            "--json")
     assert r.exit_code == 0 and json.loads(r.output)["infill"] is None  # no FIM tokens: the prefix alone
     r = run("complete", str(teacher_dir), "--file", str(src), "--line", "5", "--fim-format", "qwen")
     assert r.exit_code == 2 and "does not infill" in r.output and "qwen FIM tokens" in r.output

@@ -140,12 +140,12 @@ def test_cli_export_then_complete_eval_and_bench_a_gguf(student_src, corpus_dir,
     assert done.exit_code == 0, done.output
     assert json.loads(done.output)["runtime"]["backend"] == "llama.cpp"
     ev = run("eval", str(out), "--data", str(corpus_dir), "--samples", "5", "--max-new-tokens", "4",
-                             "--ppl-blocks", "2", "--json", str(tmp_path / "eval.json"))
+             "--ppl-blocks", "2", "--json", str(tmp_path / "eval.json"))
     assert ev.exit_code == 0, ev.output
     assert json.loads((tmp_path / "eval.json").read_text())["runtime"]["dtype"] == "q8_0 (GGUF)"
     bench = run("bench", str(out), "--compare", str(student_src), "--data", str(corpus_dir),
-                                "--prompts", "2", "--rounds", "2", "--new-tokens", "3", "--json",
-                                str(tmp_path / "bench.json"))
+                "--prompts", "2", "--rounds", "2", "--new-tokens", "3", "--json",
+                str(tmp_path / "bench.json"))
     assert bench.exit_code == 0, bench.output
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["backend"] == "llama.cpp" and result["compare"]["backend"] == "torch"

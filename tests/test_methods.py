@@ -226,8 +226,8 @@ def test_a_cache_covers_the_run_and_distil_builds_or_grows_it(tmp_path, teacher_
 
     cache = tmp_path / "cache"
     r = run("cache-teacher", "--teacher", str(teacher_dir), "--data", str(corpus_dir),
-                            "--block-size", "64", "--top-k", "8", "--max-steps", "2", "--train-batch-size", "2",
-                            "--out", str(cache))
+            "--block-size", "64", "--top-k", "8", "--max-steps", "2", "--train-batch-size", "2",
+            "--out", str(cache))
     assert r.exit_code == 0, r.output
     small = json.loads((cache / "cache.json").read_text())
     total = small["total_blocks"]
@@ -249,7 +249,7 @@ def test_a_cache_covers_the_run_and_distil_builds_or_grows_it(tmp_path, teacher_
     assert torch.equal(index, cache_order(total)[:8])
     # the grown cache holds what one pass over those 8 blocks gives
     r = run("cache-teacher", "--teacher", str(teacher_dir), "--data", str(corpus_dir),
-                            "--block-size", "64", "--top-k", "8", "--max-blocks", "8", "--out", str(tmp_path / "c8"))
+            "--block-size", "64", "--top-k", "8", "--max-blocks", "8", "--out", str(tmp_path / "c8"))
     assert r.exit_code == 0, r.output
     fresh = load_cache(tmp_path / "c8")
     assert torch.equal(fresh.input_ids, grown.input_ids) and torch.equal(fresh.topk_ids, grown.topk_ids)

@@ -18,8 +18,8 @@ SPECIALS = ["<s>", "</s>", "<pad>", "<|UNKNOWN|>", "<EOL>"]
 def test_pretrain_makes_a_loadable_model_and_tokenizer(tmp_path, corpus_dir):
     out = tmp_path / "pre"
     r = run("pretrain", "--data", str(corpus_dir), "--layers", "2", "--hidden", "32", "--heads", "2",
-                            "--vocab-size", "400", "--block-size", "32", "--max-steps", "3", "--warmup-steps", "1",
-                            "--precision", "fp32", "--out", str(out))
+            "--vocab-size", "400", "--block-size", "32", "--max-steps", "3", "--warmup-steps", "1",
+            "--precision", "fp32", "--out", str(out))
     assert r.exit_code == 0, r.output
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -36,15 +36,15 @@ def test_pretrain_makes_a_loadable_model_and_tokenizer(tmp_path, corpus_dir):
 
     again = tmp_path / "again"
     r = run("pretrain", "--data", str(corpus_dir), "--layers", "1", "--hidden", "32", "--heads", "2",
-                            "--block-size", "32", "--max-steps", "1", "--precision", "fp32", "--tokenizer", str(out),
-                            "--out", str(again))
+            "--block-size", "32", "--max-steps", "1", "--precision", "fp32", "--tokenizer", str(out),
+            "--out", str(again))
     assert r.exit_code == 0, r.output
     assert AutoTokenizer.from_pretrained(again).get_vocab() == tok.get_vocab()
 
     # --init continues training the same model: weights move, shape and tokenizer stay, lineage is kept
     more = tmp_path / "more"
     r = run("pretrain", "--data", str(corpus_dir), "--init", str(out), "--block-size", "32",
-                            "--max-steps", "2", "--warmup-steps", "0", "--precision", "fp32", "--out", str(more))
+            "--max-steps", "2", "--warmup-steps", "0", "--precision", "fp32", "--out", str(more))
     assert r.exit_code == 0, r.output
     cont = AutoModelForCausalLM.from_pretrained(more)
     assert cont.config.n_layer == 2 and cont.config.n_embd == 32
@@ -58,7 +58,7 @@ def test_pretrain_makes_a_loadable_model_and_tokenizer(tmp_path, corpus_dir):
     assert m2["tokenizer"]["trained"] is False and m2["spec"]["model"]["layers"] == 2
 
     r = run("pretrain", "--data", str(corpus_dir), "--init", str(out), "--layers", "4",
-                            "--max-steps", "1", "--out", str(tmp_path / "bad"))
+            "--max-steps", "1", "--out", str(tmp_path / "bad"))
     assert r.exit_code == 2 and "--layers 4 does not match the --init model (2)" in r.output
     assert not (tmp_path / "bad").exists()
 

@@ -104,7 +104,7 @@ def test_missing_extras_are_named(monkeypatch, tmp_path, teacher_dir):
 @pytest.mark.slow
 def test_cli_flags_reach_the_runtime(teacher_dir):
     result = run("complete", str(teacher_dir), "--json", "--kv-cache", "static", "--max-tokens", "4",
-                                 "--device", "cpu", input="import os\n")
+                 "--device", "cpu", input="import os\n")
     assert result.exit_code == 0, result.output
     runtime = json.loads(result.output)["runtime"]
     assert runtime["backend"] == "torch" and runtime["kv_cache"] == "static"
