@@ -19,7 +19,19 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models: one thread is fastest and deterministic
 
+from typer.testing import CliRunner, Result  # noqa: E402
+
 from kdcode.data import split_of, stdlib_root  # noqa: E402
+
+# One runner for every CLI test: rich output 200 columns wide (no wrapping inside a message) and no colour.
+runner = CliRunner(env={"COLUMNS": "200", "TERM": "dumb"})
+
+
+def run(*args: object, input: str | None = None, **kwargs) -> Result:
+    """``kdcode ARGS...`` in this process (each argument str()-ed): the result's exit code and output."""
+    from kdcode.cli import app
+
+    return runner.invoke(app, [str(a) for a in args], input=input, **kwargs)
 
 CORPUS_WANT = {"train": 24, "valid": 3, "test": 4}
 

@@ -14,14 +14,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import make_gpt2
-from typer.testing import CliRunner
+from conftest import make_gpt2, run
 
 import kdcode.artifacts
 from kdcode.artifacts import MANIFEST, atomic_dir, clean_stale_temps, save_model, verify
-from kdcode.cli import app
 
-runner = CliRunner(env={"COLUMNS": "200", "TERM": "dumb"})
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -150,8 +147,8 @@ def test_eval_record_failing_midway_keeps_the_old_manifest(student, corpus_dir, 
     fake_json = SimpleNamespace(dump=dump_half_then_fail, dumps=json.dumps, loads=json.loads,
                                 JSONDecodeError=json.JSONDecodeError)  # fmt: skip
     monkeypatch.setattr(kdcode.artifacts, "json", fake_json)
-    r = runner.invoke(app, ["eval", str(student), "--data", str(corpus_dir), "--samples", "2", "--max-new-tokens",
-                            "2", "--ppl-blocks", "0", "--record"])  # fmt: skip
+    r = run("eval", str(student), "--data", str(corpus_dir), "--samples", "2", "--max-new-tokens",
+            "2", "--ppl-blocks", "0", "--record")  # fmt: skip
     assert r.exit_code == 2, r.output
     assert "error: cannot write: [Errno 28] No space left on device" in r.output
     assert "Traceback" not in r.output
@@ -159,8 +156,8 @@ def test_eval_record_failing_midway_keeps_the_old_manifest(student, corpus_dir, 
     assert sorted(p.name for p in student.iterdir() if p.name.startswith(".")) == []
     monkeypatch.undo()
     assert verify(student) is True
-    r = runner.invoke(app, ["eval", str(student), "--data", str(corpus_dir), "--samples", "2", "--max-new-tokens",
-                            "2", "--ppl-blocks", "0", "--record"])  # fmt: skip
+    r = run("eval", str(student), "--data", str(corpus_dir), "--samples", "2", "--max-new-tokens",
+            "2", "--ppl-blocks", "0", "--record")  # fmt: skip
     assert r.exit_code == 0, r.output
     assert json.loads((student / MANIFEST).read_text())["metrics"]["eval"]["samples"] == 2
     assert verify(student) is True

@@ -10,23 +10,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_gpt2
-from typer.testing import CliRunner
+from conftest import make_gpt2, run
 
 from kdcode import __version__
 from kdcode.artifacts import MANIFEST, verify
-from kdcode.cli import app
 from kdcode.errors import KdcodeError
-
-runner = CliRunner(env={"COLUMNS": "200", "TERM": "dumb"})
 
 FAST = ["--layers", "2", "--max-steps", "2", "--batch-size", "2", "--block-size", "32", "--precision", "fp32"]
 UNKNOWN = "unknown key (not a field of this section)"
 EVAL_FAST = ["--samples", "2", "--max-new-tokens", "2", "--ppl-blocks", "0"]
-
-
-def run(*args: object):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def one_clear_line(r, phrase: str, code: int = 2) -> str:
@@ -52,11 +44,13 @@ def one_clear_line(r, phrase: str, code: int = 2) -> str:
         ("train:\n  precision: int8\n", "train.precision: Input should be 'auto', 'fp32'"),
         ("strategy:\n  params: {temprature: 2}\n", f"temprature: {UNKNOWN}, did you mean 'temperature'"),
         (
-            "strategy:\n  name: pretraining\n  params: {alpha_ce: 0, alpha_clm: 0, alpha_cos: 0}\n",
-            "alpha_ce, alpha_clm and alpha_cos are all zero",
+            "strategy:\n  name: pretraining\n  params: {alpha_soft: 0, alpha_hard: 0, alpha_cos: 0}\n",
+            "alpha_soft, alpha_hard and alpha_cos are all zero",
         ),
-        ("strategy:\n  params: {alpha_kd: 0, alpha_clm: 0}\n", "alpha_kd and alpha_clm are both zero"),
-        ("strategy:\n  params: {alpha_ce: 0.5}\n", f"alpha_ce: {UNKNOWN}, did you mean 'alpha_clm' or 'alpha_kd'"),
+        ("strategy:\n  params: {alpha_soft: 0, alpha_hard: 0}\n", "alpha_soft and alpha_hard are both zero"),
+        ("strategy:\n  params: {alpha_sofft: 0.5}\n", f"alpha_sofft: {UNKNOWN}, did you mean 'alpha_soft'"),
+        # an old weight name of another strategy is no name of this one (reverse-kl's was alpha_kd)
+        ("strategy:\n  params: {alpha_ce: 0.5}\n", f"alpha_ce: {UNKNOWN}"),
         ("- just\n- a list\n", "must hold a mapping of sections"),
         ("student: [unclosed\n", "is not valid YAML/JSON"),
     ],
@@ -332,7 +326,7 @@ def test_a_damaged_config_is_the_same_one_line_in_an_onnx_folder_as_in_a_torch_o
     onnx = _onnx_like(tmp_path / "onnx", teacher_dir)
     for folder in (plain, onnx):
         (folder / "config.json").write_text("{not json")
-        r = runner.invoke(app, ["complete", str(folder), "--device", "cpu"], input="x = ")
+        r = run("complete", str(folder), "--device", "cpu", input="x = ")
         line = one_clear_line(r, f"cannot load the model in {folder}: ")
         assert line.endswith("(the folder is damaged or incomplete; re-create it)"), line
 
@@ -343,7 +337,7 @@ def test_torch_decode_flags_on_an_onnx_folder_are_refused(tmp_path, teacher_dir,
     what = " and ".join(f for f in ("--kv-cache static", "--compile") if f.split()[0] in flags)
     for cmd in (["complete", str(onnx)], ["serve", str(onnx)], ["eval", str(onnx), *EVAL_FAST],
                 ["bench", str(onnx), "--rounds", "1", "--prompts", "1"]):
-        r = runner.invoke(app, [*cmd, "--device", "cpu", *flags], input="x = ")
+        r = run(*cmd, "--device", "cpu", *flags, input="x = ")
         one_clear_line(r, f"{what} {'are' if ' and ' in what else 'is'} for the torch backend; {onnx} runs in "
                           "onnxruntime")
 

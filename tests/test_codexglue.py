@@ -8,20 +8,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from conftest import run
 
-from kdcode.cli import app
 from kdcode.data import Document, load_corpus
 from kdcode.errors import KdcodeError
 from kdcode.evaluation.completion_sets import read_completion_set
 from kdcode.evaluation.token_level import _eval_blocks, token_accuracy
 from kdcode.spec import DataSpec
-
-runner = CliRunner(env={"COLUMNS": "160", "TERM": "dumb"})
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 # ------------------------------------------------------------------------------ token accuracy

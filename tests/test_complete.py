@@ -6,21 +6,13 @@ import json
 
 import pytest
 import torch
-from conftest import make_gpt2
-from typer.testing import CliRunner
+from conftest import make_gpt2, run
 
-from kdcode.cli import app
 from kdcode.errors import KdcodeError
 from kdcode.inference.decode import DecodeOptions, beam_hypotheses, encode_prompt, greedy
 from kdcode.inference.engine import Engine, load_engine, prefix_at
 
-runner = CliRunner(env={"COLUMNS": "120", "TERM": "dumb"})
-
 SOURCE = "import os\n\n\ndef main(argv):\n    path = os.path.join(argv[0], 'x')\n    return path\n"
-
-
-def run(*args: str, input: str | None = None):
-    return runner.invoke(app, [str(a) for a in args], input=input)
 
 
 @pytest.fixture(scope="module")

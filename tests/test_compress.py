@@ -8,13 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_gpt2
+from conftest import make_gpt2, run
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
-from typer.testing import CliRunner
 
 from kdcode.artifacts import sha256_file
-from kdcode.cli import app
 from kdcode.compression.compress import run_compress
 from kdcode.compression.int8 import INT8_FILE, Int8Linear, dequantize_int8, quantize_int8, quantize_model
 from kdcode.compression.prune import keep_top, prune_ffn, prune_heads, unit_importance
@@ -23,7 +21,6 @@ from kdcode.inference.decode import _forward_kwargs, _out_cache
 from kdcode.models import load_model
 from kdcode.spec import CompressSpec, DataSpec
 
-runner = CliRunner(env={"COLUMNS": "120", "TERM": "dumb"})
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
@@ -227,26 +224,8 @@ def test_ffn_only_pruned_folder_loads_with_plain_transformers(tmp_path, teacher_
 
 def test_cli_compress_and_its_errors(tmp_path, teacher_dir, corpus_dir):
     out = tmp_path / "c"
-    r = runner.invoke(
-        app,
-        [
-            "compress",
-            str(teacher_dir),
-            "--out",
-            str(out),
-            "--int8",
-            "--prune-heads",
-            "0.5",
-            "--data",
-            str(corpus_dir),
-            "--calib-batches",
-            "1",
-            "--calib-batch-size",
-            "2",
-            "--calib-block-size",
-            "32",
-        ],
-    )
+    r = run("compress", teacher_dir, "--out", out, "--int8", "--prune-heads", 0.5, "--data", corpus_dir,
+            "--calib-batches", 1, "--calib-batch-size", 2, "--calib-block-size", 32)
     assert r.exit_code == 0, r.output
     assert "prune-heads, int8" in r.output and (out / INT8_FILE).is_file()
     for args, needle in [
@@ -256,7 +235,7 @@ def test_cli_compress_and_its_errors(tmp_path, teacher_dir, corpus_dir):
         (["--prune-heads", "0.25"], "removes none"),  # 2 heads per layer
         (["--dtype", "fp8"], "dtype"),
     ]:
-        r = runner.invoke(app, ["compress", str(teacher_dir), "--out", str(tmp_path / "x"), *args])
+        r = run("compress", str(teacher_dir), "--out", str(tmp_path / "x"), *args)
         assert r.exit_code == 2 and needle in r.output, r.output
         assert not (tmp_path / "x").exists()
 
@@ -329,6 +308,6 @@ def test_unloadable_weights_are_one_line_not_a_traceback(tmp_path, teacher_dir):
     cfg = json.loads((bad / "config.json").read_text())
     cfg["n_embd"] = 64  # the weights no longer fit the config
     (bad / "config.json").write_text(json.dumps(cfg))
-    r = runner.invoke(app, ["eval", str(bad), "--no-verify"])
+    r = run("eval", str(bad), "--no-verify")
     assert r.exit_code == 2 and f"cannot load the model in {bad}" in r.output, r.output
     assert "Traceback" not in r.output

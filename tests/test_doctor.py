@@ -9,21 +9,17 @@ import urllib.request
 
 import pytest
 import torch
-from conftest import make_gpt2
-from typer.testing import CliRunner
+from conftest import make_gpt2, run
 
 from kdcode import __version__
 from kdcode.artifacts import save_model
-from kdcode.cli import app
 from kdcode.device import cpu_has_bf16
 from kdcode.doctor import HUB_URL, check_folder, hub_status
 from kdcode.models import bundled_path
 
-runner = CliRunner(env={"COLUMNS": "200", "TERM": "dumb"})
-
 
 def doctor(*args: object):
-    return runner.invoke(app, ["doctor", *(str(a) for a in args)])
+    return run("doctor", *args)
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import make_gpt2
-from typer.testing import CliRunner
+from conftest import make_gpt2, run
 
 from kdcode.artifacts import MANIFEST, save_model
-from kdcode.cli import app
 
-runner = CliRunner(env={"COLUMNS": "200"})
 SOURCE = "import os\n\n\ndef main(argv):\n    path = os.path.join(argv[0], 'x')\n    return path\n"
 
 
@@ -26,10 +23,6 @@ def draft_dir(tmp_path_factory, teacher_dir, tokenizer):
     student.load_state_dict({k: v for k, v in teacher.state_dict().items()
                              if not k.startswith("transformer.h.") or int(k.split(".")[2]) < 2})
     return save_model(tmp_path_factory.mktemp("draft") / "s2", student, tokenizer, {"kind": "student"})
-
-
-def run(*args, **kw):
-    return runner.invoke(app, [str(a) for a in args], **kw)
 
 
 @pytest.mark.slow

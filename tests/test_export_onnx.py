@@ -13,6 +13,7 @@ pytest.importorskip("onnxruntime", reason="the onnxruntime backend needs ONNX Ru
 pytest.importorskip("onnxscript", reason="ONNX export (torch.onnx, dynamo) needs onnxscript: "
                     "pip install 'kdcode[onnx]'")
 
+from conftest import run  # noqa: E402
 from runtime_models import completions, differences, held_out_prompts, tiny_llama, two_layer_teacher  # noqa: E402
 
 from kdcode.artifacts import MANIFEST, weights_sha256  # noqa: E402
@@ -109,21 +110,16 @@ def test_export_refuses_an_existing_folder_and_the_source(real, tmp_path):
 
 
 def test_cli_export_onnx_then_eval(student_src, corpus_dir, tmp_path):
-    from typer.testing import CliRunner
-
-    from kdcode.cli import app
-
-    runner = CliRunner()
     out = tmp_path / "onnx-int8"
-    made = runner.invoke(app, ["export", str(student_src), "--format", "onnx", "--int8", "--out", str(out)])
+    made = run("export", str(student_src), "--format", "onnx", "--int8", "--out", str(out))
     assert made.exit_code == 0, made.output
     assert "ONNX export written to" in made.output and (out / "model.onnx").is_file()
-    ev = runner.invoke(app, ["eval", str(out), "--data", str(corpus_dir), "--samples", "5", "--max-new-tokens", "4",
-                             "--ppl-blocks", "2", "--json", str(tmp_path / "eval.json")])
+    ev = run("eval", str(out), "--data", str(corpus_dir), "--samples", "5", "--max-new-tokens", "4",
+             "--ppl-blocks", "2", "--json", str(tmp_path / "eval.json"))
     assert ev.exit_code == 0, ev.output
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["runtime"]["backend"] == "onnxruntime" and result["perplexity"] > 1
-    again = runner.invoke(app, ["export", str(student_src), "--format", "onnx", "--out", str(out)])
+    again = run("export", str(student_src), "--format", "onnx", "--out", str(out))
     assert again.exit_code == 2 and "not empty" in again.output
 
 

@@ -17,17 +17,15 @@ import json
 import pytest
 import torch
 import transformers
+from conftest import run
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from typer.testing import CliRunner
 
-from kdcode.cli import app
 from kdcode.evaluation.bench import run_bench
 from kdcode.evaluation.evaluate import run_eval
 from kdcode.inits.base import block_path
 from kdcode.plugins import make_init
 from kdcode.spec import BenchSpec, DataSpec, EvalSpec
 
-runner = CliRunner(env={"COLUMNS": "200", "TERM": "dumb"})
 LLAMA_LIKE = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
               "num_key_value_heads": 2, "max_position_embeddings": 128}
 ALTERNATING = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
@@ -110,7 +108,7 @@ def check_students(teacher: torch.nn.Module, x: torch.Tensor, tmp_path) -> None:
 
 
 def cli(*args) -> str:
-    r = runner.invoke(app, [str(a) for a in args])
+    r = run(*args)
     assert r.exit_code == 0, r.output
     return r.output
 

@@ -8,17 +8,14 @@ import json
 import random
 
 import pytest
+from conftest import run
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from typer.testing import CliRunner
 
 from kdcode import fim
-from kdcode.cli import app
 from kdcode.data import encode_documents, load_corpus, split_blocks, train_blocks
 from kdcode.errors import KdcodeError
 from kdcode.spec import DataSpec, FimSpec
-
-runner = CliRunner(env={"COLUMNS": "120", "TERM": "dumb"})
 
 SOURCE = (
     "import os\n\n\ndef main(argv):\n    path = os.path.join(argv[0], 'x')\n"
@@ -238,8 +235,8 @@ def test_pretrain_adds_fim_tokens_and_distil_carries_fim_on(tmp_path, teacher_di
     out = tmp_path / "fim_stage"
     common = ["--data", str(corpus_dir), "--block-size", "32", "--max-steps", "2", "--warmup-steps", "0",
               "--batch-size", "4", "--precision", "fp32", "--eval-every", "1"]
-    r = runner.invoke(app, ["pretrain", "--init", str(teacher_dir), "--fim-rate", "0.5", "--fim-mode", "line",
-                            *common, "--out", str(out)])
+    r = run("pretrain", "--init", str(teacher_dir), "--fim-rate", "0.5", "--fim-mode", "line",
+            *common, "--out", str(out))
     assert r.exit_code == 0, r.output
     n = len(AutoTokenizer.from_pretrained(teacher_dir))
     tok = AutoTokenizer.from_pretrained(out)
@@ -252,23 +249,23 @@ def test_pretrain_adds_fim_tokens_and_distil_carries_fim_on(tmp_path, teacher_di
     assert m["spec"]["data"]["fim"]["rate"] == 0.5
 
     more = tmp_path / "more"
-    r = runner.invoke(app, ["pretrain", "--init", str(out), *common, "--out", str(more)])
+    r = run("pretrain", "--init", str(out), *common, "--out", str(more))
     assert r.exit_code == 0, r.output
     m2 = json.loads((more / "kdcode.json").read_text())
     assert m2["fim"]["rate"] == 0.5 and m2["fim"]["mode"] == "line" and m2["fim"]["added_tokens"] == {}
     assert m2["init"]["fim"]["rate"] == 0.5 and m2["spec"]["data"]["fim"] is None
 
     student = tmp_path / "student"
-    r = runner.invoke(app, ["distil", "--teacher", str(more), "--layers", "1", "--data", str(corpus_dir),
-                            "--max-steps", "2", "--batch-size", "4", "--block-size", "32", "--precision", "fp32",
-                            "--out", str(student)])
+    r = run("distil", "--teacher", str(more), "--layers", "1", "--data", str(corpus_dir),
+            "--max-steps", "2", "--batch-size", "4", "--block-size", "32", "--precision", "fp32",
+            "--out", str(student))
     assert r.exit_code == 0, r.output
     s = json.loads((student / "kdcode.json").read_text())
     assert s["fim"]["rate"] == 0.5 and s["fim"]["mode"] == "line"
     assert fim.detect(AutoTokenizer.from_pretrained(student)).middle_id == n + 2
     off = tmp_path / "off"
-    r = runner.invoke(app, ["distil", "--teacher", str(more), "--layers", "1", "--data", str(corpus_dir),
-                            "--max-steps", "1", "--batch-size", "4", "--block-size", "32", "--precision", "fp32",
-                            "--fim-rate", "0", "--out", str(off)])
+    r = run("distil", "--teacher", str(more), "--layers", "1", "--data", str(corpus_dir),
+            "--max-steps", "1", "--batch-size", "4", "--block-size", "32", "--precision", "fp32",
+            "--fim-rate", "0", "--out", str(off))
     assert r.exit_code == 0, r.output
     assert json.loads((off / "kdcode.json").read_text())["fim"] is None

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import make_gpt2
+from conftest import make_gpt2, run
 
 from kdcode.inference.decode import (
     DecodeOptions,
@@ -177,18 +177,13 @@ def test_the_context_kept_by_default_and_when_asked(positions, new, asked, kept)
 def test_eval_and_bench_take_context_and_record_it(tmp_path, teacher_dir, corpus_dir):
     import json
 
-    from typer.testing import CliRunner
-
-    from kdcode.cli import app
-
-    runner = CliRunner()
     out = tmp_path / "eval.json"
-    r = runner.invoke(app, ["eval", str(teacher_dir), "--data", str(corpus_dir), "--samples", "4", "--ppl-blocks", "0",
-                            "--max-new-tokens", "4", "--context", "40", "--json", str(out)])
+    r = run("eval", str(teacher_dir), "--data", str(corpus_dir), "--samples", "4", "--ppl-blocks", "0",
+            "--max-new-tokens", "4", "--context", "40", "--json", str(out))
     assert r.exit_code == 0, r.output
     assert json.loads(out.read_text())["decoding"]["context_tokens"] == 40
     out = tmp_path / "bench.json"
-    r = runner.invoke(app, ["bench", str(teacher_dir), "--data", str(corpus_dir), "--prompts", "2", "--rounds", "1",
-                            "--new-tokens", "2", "--context", "30", "--json", str(out)])
+    r = run("bench", str(teacher_dir), "--data", str(corpus_dir), "--prompts", "2", "--rounds", "1",
+            "--new-tokens", "2", "--context", "30", "--json", str(out))
     assert r.exit_code == 0, r.output
     assert json.loads(out.read_text())["context_tokens"] == 30

@@ -7,10 +7,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from typer.testing import CliRunner
+from conftest import run
 
 from kdcode import fim
-from kdcode.cli import app
 from kdcode.data import load_corpus
 from kdcode.evaluation.completion_sets import build_line_samples
 from kdcode.evaluation.evaluate import run_eval
@@ -20,7 +19,6 @@ from kdcode.inference.engine import Engine, load_engine, prefix_at, suffix_at
 from kdcode.inference.infill import encode_infill
 from kdcode.spec import DataSpec, EvalSpec
 
-runner = CliRunner(env={"COLUMNS": "160", "TERM": "dumb"})
 SOURCE = "import os\n\n\ndef main(argv):\n    path = os.path.join(argv[0], 'x')\n    return path\n"
 
 
@@ -109,12 +107,12 @@ def test_eval_infill_on_a_tiny_model(tmp_path, fim_teacher_dir, corpus_dir, teac
 
 
 def test_eval_infill_refusals_are_one_line(teacher_dir, corpus_dir):
-    r = runner.invoke(app, ["eval", str(teacher_dir), "--data", str(corpus_dir), "--task", "infill",
-                            "--samples", "2"])
+    r = run("eval", str(teacher_dir), "--data", str(corpus_dir), "--task", "infill",
+            "--samples", "2")
     assert r.exit_code == 2 and "does not infill" in r.output and "Traceback" not in r.output
-    r = runner.invoke(app, ["eval", str(teacher_dir), "--task", "fill"])
+    r = run("eval", str(teacher_dir), "--task", "fill")
     assert r.exit_code == 2 and "task" in r.output
-    r = runner.invoke(app, ["eval", str(teacher_dir), "--task", "infill", "--format", "py150"])
+    r = run("eval", str(teacher_dir), "--task", "infill", "--format", "py150")
     assert r.exit_code == 2 and "raw code" in r.output
 
 
@@ -144,21 +142,21 @@ def test_engine_infills_between_prefix_and_suffix(engine):
 def test_complete_uses_the_suffix_when_the_model_infills(tmp_path, engine, fim_teacher_dir, teacher_dir):
     src = tmp_path / "f.py"
     src.write_text(SOURCE, encoding="utf-8")
-    r = runner.invoke(app, ["complete", str(fim_teacher_dir), "--file", str(src), "--line", "5", "--col", "9",
-                            "--max-tokens", "6", "--json"])
+    r = run("complete", str(fim_teacher_dir), "--file", str(src), "--line", "5", "--col", "9",
+            "--max-tokens", "6", "--json")
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     prefix, suffix = prefix_at(SOURCE, 5, 9), suffix_at(SOURCE, 5, 9)
     assert out["infill"] == {"format": "starcoder", "suffix_chars": len(suffix), "cut": False}
     assert out["completions"][0]["text"] == engine.complete(prefix, 6, suffix=suffix).choices[0].text
-    r = runner.invoke(app, ["complete", str(fim_teacher_dir), "--file", str(src), "--line", "5", "--col", "9",
-                            "--max-tokens", "6", "--json", "--no-suffix"])
+    r = run("complete", str(fim_teacher_dir), "--file", str(src), "--line", "5", "--col", "9",
+            "--max-tokens", "6", "--json", "--no-suffix")
     out = json.loads(r.output)
     assert out["infill"] is None and out["completions"][0]["text"] == engine.complete(prefix, 6).choices[0].text
-    r = runner.invoke(app, ["complete", str(teacher_dir), "--file", str(src), "--line", "5", "--max-tokens", "4",
-                            "--json"])
+    r = run("complete", str(teacher_dir), "--file", str(src), "--line", "5", "--max-tokens", "4",
+            "--json")
     assert r.exit_code == 0 and json.loads(r.output)["infill"] is None  # no FIM tokens: the prefix alone
-    r = runner.invoke(app, ["complete", str(teacher_dir), "--file", str(src), "--line", "5", "--fim-format", "qwen"])
+    r = run("complete", str(teacher_dir), "--file", str(src), "--line", "5", "--fim-format", "qwen")
     assert r.exit_code == 2 and "does not infill" in r.output and "qwen FIM tokens" in r.output
 
 
@@ -205,7 +203,7 @@ def test_the_infill_order_is_the_models_own_unless_asked(tmp_path, fim_teacher_d
     assert load_engine(str(folder), device="cpu", warm_up=False, verify=False, fim_order="psm").fim_order == "psm"
     spec = EvalSpec(data={"source": str(corpus_dir)}, task="infill", samples=4, max_new_tokens=4)
     assert run_eval(str(folder), spec, verify=False)["fim"]["order"] == "spm"
-    r = runner.invoke(app, ["eval", str(folder), "--task", "infill", "--fim-order", "sideways"])
+    r = run("eval", str(folder), "--task", "infill", "--fim-order", "sideways")
     assert r.exit_code == 2 and "fim_order" in r.output and "Traceback" not in r.output
-    r = runner.invoke(app, ["complete", str(folder), "--fim-order", "sideways", "--no-verify"], input="x = ")
+    r = run("complete", str(folder), "--fim-order", "sideways", "--no-verify", input="x = ")
     assert r.exit_code == 2 and "unknown FIM order" in r.output

@@ -7,21 +7,18 @@ from __future__ import annotations
 import json
 
 import pytest
-from typer.testing import CliRunner
 
 pytest.importorskip("gguf", reason="GGUF export needs the gguf package: pip install 'kdcode[gguf]'")
 llama_cpp = pytest.importorskip("llama_cpp", reason="the llama.cpp backend needs llama-cpp-python: "
                                 "pip install 'kdcode[llamacpp]'")
 
+from conftest import run  # noqa: E402
 from runtime_models import completions, differences, held_out_prompts, tiny_llama, two_layer_teacher  # noqa: E402
 
-from kdcode.cli import app  # noqa: E402
 from kdcode.errors import KdcodeError  # noqa: E402
 from kdcode.export.run import run_export, sidecar_path  # noqa: E402
 from kdcode.inference.loader import load_for_inference  # noqa: E402
 from kdcode.spec import ExportSpec  # noqa: E402
-
-runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
@@ -136,19 +133,19 @@ def test_a_changed_gguf_is_refused_unless_no_verify(tiny_gguf, tmp_path):
 @pytest.mark.slow
 def test_cli_export_then_complete_eval_and_bench_a_gguf(student_src, corpus_dir, tmp_path):
     out = tmp_path / "s.gguf"
-    made = runner.invoke(app, ["export", str(student_src), "--format", "gguf", "--quant", "q8_0", "--out", str(out)])
+    made = run("export", str(student_src), "--format", "gguf", "--quant", "q8_0", "--out", str(out))
     assert made.exit_code == 0, made.output
     assert "ollama create" in made.output and (tmp_path / "s.Modelfile").is_file()
-    done = runner.invoke(app, ["complete", str(out), "--json", "--max-tokens", "4"], input="import os\n")
+    done = run("complete", str(out), "--json", "--max-tokens", "4", input="import os\n")
     assert done.exit_code == 0, done.output
     assert json.loads(done.output)["runtime"]["backend"] == "llama.cpp"
-    ev = runner.invoke(app, ["eval", str(out), "--data", str(corpus_dir), "--samples", "5", "--max-new-tokens", "4",
-                             "--ppl-blocks", "2", "--json", str(tmp_path / "eval.json")])
+    ev = run("eval", str(out), "--data", str(corpus_dir), "--samples", "5", "--max-new-tokens", "4",
+             "--ppl-blocks", "2", "--json", str(tmp_path / "eval.json"))
     assert ev.exit_code == 0, ev.output
     assert json.loads((tmp_path / "eval.json").read_text())["runtime"]["dtype"] == "q8_0 (GGUF)"
-    bench = runner.invoke(app, ["bench", str(out), "--compare", str(student_src), "--data", str(corpus_dir),
-                                "--prompts", "2", "--rounds", "2", "--new-tokens", "3", "--json",
-                                str(tmp_path / "bench.json")])
+    bench = run("bench", str(out), "--compare", str(student_src), "--data", str(corpus_dir),
+                "--prompts", "2", "--rounds", "2", "--new-tokens", "3", "--json",
+                str(tmp_path / "bench.json"))
     assert bench.exit_code == 0, bench.output
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["backend"] == "llama.cpp" and result["compare"]["backend"] == "torch"

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from kdcode.plugins import make_strategy
-from kdcode.strategies.losses import causal_ce, cosine_hidden, soft_kl
+from kdcode.strategies.divergences import forward_kl
+from kdcode.strategies.losses import causal_ce, cosine_hidden
 
 LN3 = math.log(3.0)
 
@@ -25,18 +26,18 @@ STUDENT = out([[0.0, 0.0], [5.0, -5.0]], hidden=[[1.0, 0.0], [3.0, 3.0]])
 TEACHER = out([[LN3, 0.0], [-5.0, 5.0]], hidden=[[1.0, 1.0], [0.0, 9.0]])
 
 
-def test_soft_kl_temperature_1():
+def test_forward_kl_temperature_1():
     # p_t = [3/4, 1/4], p_s = [1/2, 1/2]: KL = 3/4 ln(3/2) + 1/4 ln(1/2)
     expected = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
-    assert soft_kl(STUDENT.logits, TEACHER.logits, LABELS, 1.0).item() == pytest.approx(expected, abs=1e-6)
+    assert forward_kl(STUDENT.logits, TEACHER.logits, LABELS, 1.0).item() == pytest.approx(expected, abs=1e-6)
     assert expected == pytest.approx(0.130812, abs=1e-6)
 
 
-def test_soft_kl_temperature_2_is_scaled_by_t_squared():
+def test_forward_kl_temperature_2_is_scaled_by_t_squared():
     # t/2 = [ln3/2, 0]: p_t = [sqrt3, 1]/(sqrt3 + 1); KL against uniform, times T^2 = 4
     p = math.sqrt(3) / (math.sqrt(3) + 1)
     expected = 4 * (p * math.log(2 * p) + (1 - p) * math.log(2 * (1 - p)))
-    assert soft_kl(STUDENT.logits, TEACHER.logits, LABELS, 2.0).item() == pytest.approx(expected, abs=1e-6)
+    assert forward_kl(STUDENT.logits, TEACHER.logits, LABELS, 2.0).item() == pytest.approx(expected, abs=1e-6)
     assert expected == pytest.approx(0.145363, abs=1e-5)
 
 
@@ -66,7 +67,7 @@ def test_pretraining_total_with_defaults():
 
 
 def test_pretraining_distilbert_weights_with_cosine():
-    s = make_strategy("pretraining", {"alpha_ce": 5, "alpha_clm": 2, "alpha_cos": 1, "temperature": 1})
+    s = make_strategy("pretraining", {"alpha_soft": 5, "alpha_hard": 2, "alpha_cos": 1, "temperature": 1})
     assert s.needs_hidden_states
     terms = s.loss(STUDENT, TEACHER, LABELS)
     expected = 5 * 0.130812 + 2 * math.log(2) + 1 * (1 - 1 / math.sqrt(2))
@@ -101,15 +102,15 @@ def test_soft_loss_gradient_flows_to_student_only():
 
 def test_tvd_golden_value_and_its_cached_form():
     # p_t = [3/4, 1/4], p_s = [1/2, 1/2] at position 0: TVD = 1/2 (1/4 + 1/4) = 1/4; hard = ln 2
+    from kdcode.strategies.divergences import sparse_tvd, tvd
     from kdcode.strategies.sparse import SparseTargets
-    from kdcode.strategies.tvd import tvd_dense, tvd_sparse
 
-    assert tvd_dense(STUDENT.logits, TEACHER.logits, LABELS, 1.0).item() == pytest.approx(0.25, abs=1e-6)
+    assert tvd(STUDENT.logits, TEACHER.logits, LABELS, 1.0).item() == pytest.approx(0.25, abs=1e-6)
     s = make_strategy("tvd", {})
     terms = s.loss(STUDENT, TEACHER, LABELS)
     assert terms["loss"].item() == pytest.approx(0.25 + 0.5 * math.log(2), abs=1e-6)
     t = TEACHER.logits
     full = SparseTargets(t.topk(2, -1).values, t.topk(2, -1).indices, torch.logsumexp(t, -1), 1.0)
-    assert tvd_sparse(STUDENT.logits, full, LABELS, 1.0).item() == pytest.approx(0.25, abs=1e-6)  # k = vocab: exact
+    assert sparse_tvd(STUDENT.logits, full, LABELS, 1.0).item() == pytest.approx(0.25, abs=1e-6)  # k = vocab: exact
     top1 = SparseTargets(t.topk(1, -1).values, t.topk(1, -1).indices, torch.logsumexp(t, -1), 1.0)
-    assert tvd_sparse(STUDENT.logits, top1, LABELS, 1.0).item() == pytest.approx(0.25, abs=1e-6)  # 2 buckets
+    assert sparse_tvd(STUDENT.logits, top1, LABELS, 1.0).item() == pytest.approx(0.25, abs=1e-6)  # 2 buckets

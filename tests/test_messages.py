@@ -12,14 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run
 from rich.console import Console
-from typer.testing import CliRunner
 
 import kdcode
-from kdcode.cli import app
 
 ROOT = Path(kdcode.__file__).parent
-runner = CliRunner(env={"COLUMNS": "200", "TERM": "dumb"})
 # a style tag Rich would read ("[green]", "[bold red]", "[/]", "[/yellow]"): in a message it would be eaten or shown
 STYLES = "bold|italic|dim|underline|red|green|yellow|blue|magenta|cyan|white|link"
 STYLE_TAG = re.compile(rf"\[/\]|\[/?(?:{STYLES})\b[^\]]*\]")
@@ -79,16 +77,16 @@ def _one_error_line(result, needle: str) -> None:
 
 def test_serve_export_and_complete_errors_print_a_bracketed_path_as_it_is(bracketed):
     missing = str(bracketed / "nope")
-    _one_error_line(runner.invoke(app, ["serve", missing]), f"{missing} does not exist")
-    _one_error_line(runner.invoke(app, ["export", missing, "--format", "gguf", "--out", str(bracketed / "o.gguf")]),
+    _one_error_line(run("serve", missing), f"{missing} does not exist")
+    _one_error_line(run("export", missing, "--format", "gguf", "--out", str(bracketed / "o.gguf")),
                     f"{missing} does not exist")
-    _one_error_line(runner.invoke(app, ["complete", str(bracketed)], input="x = "), f"{bracketed} has no config.json")
+    _one_error_line(run("complete", str(bracketed), input="x = "), f"{bracketed} has no config.json")
 
 
 def test_export_to_a_bracketed_path_says_where_it_wrote(student_src, bracketed):
     pytest.importorskip("gguf")
     out = bracketed / "s.gguf"
-    result = runner.invoke(app, ["export", str(student_src), "--format", "gguf", "--out", str(out)])
+    result = run("export", str(student_src), "--format", "gguf", "--out", str(out))
     assert result.exit_code == 0, (result.exception, result.output)
     assert f"GGUF written to {out} " in result.output and f"ollama create NAME -f {bracketed}/s.Modelfile" in \
         result.output
@@ -99,14 +97,14 @@ def test_pip_lines_keep_their_extras(tmp_path, monkeypatch):
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import fails as if it were not installed
-    result = runner.invoke(app, ["complete", str(gguf)], input="x = ")
+    result = run("complete", str(gguf), input="x = ")
     _one_error_line(result, "pip install 'kdcode[llamacpp]'")
     onnx = tmp_path / "onnx"
     onnx.mkdir()
     (onnx / "model.onnx").write_bytes(b"onnx")
     (onnx / "kdcode.json").write_text(json.dumps({"kind": "export", "format": "onnx"}))
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    _one_error_line(runner.invoke(app, ["complete", str(onnx)], input="x = "), "pip install 'kdcode[onnx]'")
+    _one_error_line(run("complete", str(onnx), input="x = "), "pip install 'kdcode[onnx]'")
 
 
 def test_a_progress_bar_shows_a_bracketed_task_as_it_is():

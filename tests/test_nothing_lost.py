@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_bad_input import EVAL_FAST, FAST, one_clear_line, run
+from test_bad_input import EVAL_FAST, FAST, one_clear_line
 
 from kdcode.artifacts import MANIFEST, verify
 
@@ -290,16 +291,8 @@ def test_any_damage_to_a_model_folder_is_one_line_or_a_correct_load(data, studen
     _damage(folder, name, kind, seed, value, plain)
     no_verify = data.draw(st.booleans())
     args = ["complete", str(folder), "--max-tokens", "2", *(["--no-verify"] if no_verify else [])]
-    r = runner_with_input(args, "def f(x):\n    return ")
+    r = run(*args, input="def f(x):\n    return ")
     assert "Traceback" not in r.output, r.output
     if r.exit_code != 0:
         errors = [x for x in r.output.splitlines() if x.startswith("error: ")]
         assert r.exit_code == 2 and len(errors) == 1, (name, kind, r.output)
-
-
-def runner_with_input(args: list[str], text: str):
-    from typer.testing import CliRunner
-
-    from kdcode.cli import app
-
-    return CliRunner(env={"COLUMNS": "200"}).invoke(app, args, input=text)

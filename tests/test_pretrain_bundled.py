@@ -5,23 +5,21 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import run
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from typer.testing import CliRunner
 
 from kdcode.artifacts import sha256_file
-from kdcode.cli import app
 from kdcode.models import bundled_path, load_model
 
-runner = CliRunner(env={"COLUMNS": "120"})
 SPECIALS = ["<s>", "</s>", "<pad>", "<|UNKNOWN|>", "<EOL>"]
 
 
 @pytest.mark.slow
 def test_pretrain_makes_a_loadable_model_and_tokenizer(tmp_path, corpus_dir):
     out = tmp_path / "pre"
-    r = runner.invoke(app, ["pretrain", "--data", str(corpus_dir), "--layers", "2", "--hidden", "32", "--heads", "2",
-                            "--vocab-size", "400", "--block-size", "32", "--max-steps", "3", "--warmup-steps", "1",
-                            "--precision", "fp32", "--out", str(out)])
+    r = run("pretrain", "--data", str(corpus_dir), "--layers", "2", "--hidden", "32", "--heads", "2",
+            "--vocab-size", "400", "--block-size", "32", "--max-steps", "3", "--warmup-steps", "1",
+            "--precision", "fp32", "--out", str(out))
     assert r.exit_code == 0, r.output
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -37,16 +35,16 @@ def test_pretrain_makes_a_loadable_model_and_tokenizer(tmp_path, corpus_dir):
     assert m["training"]["tokens_seen"] == 3 * 16 * 32
 
     again = tmp_path / "again"
-    r = runner.invoke(app, ["pretrain", "--data", str(corpus_dir), "--layers", "1", "--hidden", "32", "--heads", "2",
-                            "--block-size", "32", "--max-steps", "1", "--precision", "fp32", "--tokenizer", str(out),
-                            "--out", str(again)])
+    r = run("pretrain", "--data", str(corpus_dir), "--layers", "1", "--hidden", "32", "--heads", "2",
+            "--block-size", "32", "--max-steps", "1", "--precision", "fp32", "--tokenizer", str(out),
+            "--out", str(again))
     assert r.exit_code == 0, r.output
     assert AutoTokenizer.from_pretrained(again).get_vocab() == tok.get_vocab()
 
     # --init continues training the same model: weights move, shape and tokenizer stay, lineage is kept
     more = tmp_path / "more"
-    r = runner.invoke(app, ["pretrain", "--data", str(corpus_dir), "--init", str(out), "--block-size", "32",
-                            "--max-steps", "2", "--warmup-steps", "0", "--precision", "fp32", "--out", str(more)])
+    r = run("pretrain", "--data", str(corpus_dir), "--init", str(out), "--block-size", "32",
+            "--max-steps", "2", "--warmup-steps", "0", "--precision", "fp32", "--out", str(more))
     assert r.exit_code == 0, r.output
     cont = AutoModelForCausalLM.from_pretrained(more)
     assert cont.config.n_layer == 2 and cont.config.n_embd == 32
@@ -59,8 +57,8 @@ def test_pretrain_makes_a_loadable_model_and_tokenizer(tmp_path, corpus_dir):
     assert m2["init"]["tokens_seen_total"] == 3 * 16 * 32 + 2 * 16 * 32
     assert m2["tokenizer"]["trained"] is False and m2["spec"]["model"]["layers"] == 2
 
-    r = runner.invoke(app, ["pretrain", "--data", str(corpus_dir), "--init", str(out), "--layers", "4",
-                            "--max-steps", "1", "--out", str(tmp_path / "bad")])
+    r = run("pretrain", "--data", str(corpus_dir), "--init", str(out), "--layers", "4",
+            "--max-steps", "1", "--out", str(tmp_path / "bad"))
     assert r.exit_code == 2 and "--layers 4 does not match the --init model (2)" in r.output
     assert not (tmp_path / "bad").exists()
 

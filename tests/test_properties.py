@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from typer.testing import CliRunner
 
-from kdcode.cli import app
 from kdcode.data import Document, stdlib_root
 from kdcode.errors import KdcodeError
 from kdcode.evaluation.completion_sets import build_line_samples
@@ -33,7 +32,6 @@ from kdcode.spec import (
     resolve_run_spec,
 )
 
-runner = CliRunner(env={"COLUMNS": "200", "TERM": "dumb"})
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # ------------------------------------------------------------------------------------ spec round trip
@@ -116,7 +114,7 @@ def test_print_spec_output_is_the_same_spec(data):
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "run.yaml"
         path.write_text(dump_yaml(spec), encoding="utf-8")
-        r = runner.invoke(app, ["distil", "--spec", str(path), "--print-spec"])
+        r = run("distil", "--spec", str(path), "--print-spec")
     assert r.exit_code == 0, r.output
     assert resolve_run_spec(yaml.safe_load(r.output), {}, "printed") == spec
 

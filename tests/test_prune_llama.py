@@ -8,17 +8,15 @@ import json
 
 import pytest
 import torch
+from conftest import run
 from transformers import AutoModelForCausalLM, LlamaConfig, Olmo2Config, Phi3Config, Qwen2Config
-from typer.testing import CliRunner
 
-from kdcode.cli import app
 from kdcode.compression.compress import run_compress
 from kdcode.compression.prune_llama import LlamaPruner
 from kdcode.errors import KdcodeError
 from kdcode.inference.forward import _forward_kwargs, _out_cache
 from kdcode.spec import CompressSpec, DataSpec
 
-runner = CliRunner(env={"COLUMNS": "200", "TERM": "dumb"})
 SHAPE = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 3, "num_attention_heads": 8,
          "max_position_embeddings": 128, "head_dim": 8}
 
@@ -101,8 +99,7 @@ def test_compress_prunes_a_gqa_model_into_a_plain_transformers_folder(tmp_path, 
     tiny(Qwen2Config, tokenizer, num_key_value_heads=2, tie_word_embeddings=True).save_pretrained(src)
     tokenizer.save_pretrained(src)
     args = ["--data", corpus_dir, "--calib-batches", 1, "--calib-batch-size", 2, "--calib-block-size", 32]
-    r = runner.invoke(app, [str(a) for a in ["compress", src, "--prune-heads", 0.5, "--prune-ffn", 0.25,
-                                             "--out", tmp_path / "p", *args]])
+    r = run("compress", src, "--prune-heads", 0.5, "--prune-ffn", 0.25, "--out", tmp_path / "p", *args)
     assert r.exit_code == 0, r.output
     assert "plain transformers" in r.output
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "p")
@@ -112,10 +109,9 @@ def test_compress_prunes_a_gqa_model_into_a_plain_transformers_folder(tmp_path, 
     assert manifest["compression"]["layout"]["loader"] == "transformers"
     assert [s["step"] for s in manifest["compression"]["steps"]] == ["prune-heads", "prune-ffn"]
     assert all(len(k) == 4 for k in manifest["compression"]["steps"][0]["kept"])
-    r = runner.invoke(app, [str(a) for a in ["compress", tmp_path / "p", "--int8", "--out", tmp_path / "q"]])
+    r = run("compress", tmp_path / "p", "--int8", "--out", tmp_path / "q")
     assert r.exit_code == 0, r.output
-    r = runner.invoke(app, [str(a) for a in ["eval", tmp_path / "q", "--data", corpus_dir, "--samples", 2,
-                                             "--max-new-tokens", 2, "--ppl-blocks", 0]])
+    r = run("eval", tmp_path / "q", "--data", corpus_dir, "--samples", 2, "--max-new-tokens", 2, "--ppl-blocks", 0)
     assert r.exit_code == 0, r.output
 
 

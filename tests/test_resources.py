@@ -43,8 +43,25 @@ def test_estimate_formula():
     assert estimate_step_bytes(2 * batch, block, hidden, layers, vocab) == 2 * expected
 
 
-def test_available_memory_on_cpu_is_positive():
-    assert available_memory(CPU) > 0
+def _meminfo() -> dict[str, int]:
+    """/proc/meminfo in bytes (its figures are kB)."""
+    with open("/proc/meminfo") as f:
+        return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f)}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="Linux's /proc/meminfo is the reference")
+def test_available_memory_on_cpu_is_the_kernels_memavailable():
+    """The kernel's own estimate of what can be allocated without swapping (MemAvailable), not free RAM (MemFree,
+    which leaves out the page cache) nor total RAM. Other processes move it between two reads: the figure must lie
+    within what /proc/meminfo said just before and just after, give or take 64 MiB."""
+    slack = 64 * 2**20
+    before = _meminfo()
+    got = available_memory(CPU)
+    after = _meminfo()
+    low = min(before["MemAvailable"], after["MemAvailable"]) - slack
+    high = max(before["MemAvailable"], after["MemAvailable"]) + slack
+    assert low <= got <= high, (got, before["MemAvailable"], after["MemAvailable"])
+    assert 0 < got < before["MemTotal"]
 
 
 def test_fits_returns_the_estimate(monkeypatch):

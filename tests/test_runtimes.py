@@ -8,16 +8,13 @@ import json
 import sys
 
 import pytest
+from conftest import run
 from runtime_models import completions, differences, held_out_prompts
-from typer.testing import CliRunner
 
-from kdcode.cli import app
 from kdcode.errors import KdcodeError
 from kdcode.inference.backends import detect_backend
 from kdcode.inference.loader import load_for_inference
 from kdcode.spec import BenchSpec, RuntimeSpec
-
-runner = CliRunner()
 
 
 @pytest.mark.slow
@@ -106,15 +103,15 @@ def test_missing_extras_are_named(monkeypatch, tmp_path, teacher_dir):
 
 @pytest.mark.slow
 def test_cli_flags_reach_the_runtime(teacher_dir):
-    result = runner.invoke(app, ["complete", str(teacher_dir), "--json", "--kv-cache", "static", "--max-tokens", "4",
-                                 "--device", "cpu"], input="import os\n")
+    result = run("complete", str(teacher_dir), "--json", "--kv-cache", "static", "--max-tokens", "4",
+                 "--device", "cpu", input="import os\n")
     assert result.exit_code == 0, result.output
     runtime = json.loads(result.output)["runtime"]
     assert runtime["backend"] == "torch" and runtime["kv_cache"] == "static"
-    bad = runner.invoke(app, ["bench", str(teacher_dir), "--backend", "llama.cpp", "--compile"])
+    bad = run("bench", str(teacher_dir), "--backend", "llama.cpp", "--compile")
     assert bad.exit_code == 2 and "torch options" in bad.output
     for command in ("eval", "bench", "complete", "serve"):
-        help_text = runner.invoke(app, [command, "--help"], terminal_width=200).output
+        help_text = run(command, "--help", terminal_width=200).output
         assert "--backend" in help_text and "--kv-cache" in help_text and "--compile" in help_text
 
 

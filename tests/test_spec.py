@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -57,7 +58,7 @@ def test_default_spec_plugins_validate() -> None:
     strategy, init = validate_plugins(RunSpec())
     assert type(strategy).__name__ == "ReverseKL"
     assert strategy.params.temperature == 1.0
-    assert (strategy.params.alpha_kd, strategy.params.alpha_clm) == (1.0, 0.5)
+    assert (strategy.params.alpha_soft, strategy.params.alpha_hard) == (1.0, 0.5)
     assert type(init).__name__ == "Auto"
 
 
@@ -146,10 +147,12 @@ def test_strategy_temperature_must_be_positive(temperature: float) -> None:
 
 
 def test_strategy_all_alphas_zero_rejected() -> None:
-    with pytest.raises(KdcodeError, match="alpha_ce, alpha_clm and alpha_cos are all zero"):
-        make_strategy("pretraining", {"alpha_ce": 0, "alpha_clm": 0, "alpha_cos": 0})
+    with pytest.raises(KdcodeError, match="alpha_soft, alpha_hard and alpha_cos are all zero"):
+        make_strategy("pretraining", {"alpha_soft": 0, "alpha_hard": 0, "alpha_cos": 0})
+    with pytest.raises(KdcodeError, match="alpha_soft, alpha_hard, alpha_hid and alpha_attn are all zero"):
+        make_strategy("intermediate", {"alpha_soft": 0, "alpha_hard": 0, "alpha_hid": 0})
     # one non-zero weight is enough
-    assert make_strategy("pretraining", {"alpha_ce": 0, "alpha_clm": 1.0}).params.alpha_clm == 1.0
+    assert make_strategy("pretraining", {"alpha_soft": 0, "alpha_hard": 1.0}).params.alpha_hard == 1.0
 
 
 def test_strategy_unknown_param_named() -> None:
@@ -266,7 +269,7 @@ def test_yaml_roundtrip_default_and_custom() -> None:
         {
             "teacher": {"name": "microsoft/CodeGPT-small-py", "revision": "main"},
             "student": {"layers": 3, "init": {"name": "random", "params": {"seed": 3}}},
-            "strategy": {"name": "in-training", "params": {"temperature": 1.5, "alpha_ce": 0.25}},
+            "strategy": {"name": "in-training", "params": {"temperature": 1.5, "alpha_soft": 0.25}},
             "data": {"source": "data/train.jsonl", "format": "py150", "max_files": 100, "test_fraction": 0.1},
             "train": {"epochs": 1.5, "lr": 3e-4, "precision": "bf16", "teacher_lr": 1e-5},
             "out": "students/s3",
@@ -383,13 +386,9 @@ def test_data_spec_defaults() -> None:
 
 
 def test_old_init_params_still_load_with_one_deprecation_line(tmp_path):
-    from typer.testing import CliRunner
-
-    from kdcode.cli import app
-
     old = tmp_path / "old.yaml"
     old.write_text("student:\n  layers: 2\n  init: layers\n  init_params: {layers: [0, 3]}\n")
-    r = CliRunner().invoke(app, ["distil", "--spec", str(old), "--print-spec"])
+    r = run("distil", "--spec", old, "--print-spec")
     assert r.exit_code == 0, r.output
     assert "warning: student.init_params is deprecated" in r.output
     printed = yaml.safe_load(r.stdout)
@@ -397,9 +396,45 @@ def test_old_init_params_still_load_with_one_deprecation_line(tmp_path):
     assert "init_params" not in printed["student"]
     new = tmp_path / "new.yaml"
     new.write_text(yaml.safe_dump({"student": printed["student"]}))
-    r = CliRunner().invoke(app, ["distil", "--spec", str(new), "--validate"])
+    r = run("distil", "--spec", new, "--validate")
     assert r.exit_code == 0 and "deprecated" not in r.output, r.output
     assert "init 'layers'" in r.output
+
+
+OLD_WEIGHTS = {  # strategy: {old name: new name} (kdcode <= 0.1.0)
+    "pretraining": {"alpha_ce": "alpha_soft", "alpha_clm": "alpha_hard"},
+    "in-training": {"alpha_ce": "alpha_soft", "alpha_clm": "alpha_hard"},
+    "intermediate": {"alpha_ce": "alpha_soft", "alpha_clm": "alpha_hard"},
+    "jsd": {"alpha_kd": "alpha_soft", "alpha_clm": "alpha_hard"},
+    "reverse-kl": {"alpha_kd": "alpha_soft", "alpha_clm": "alpha_hard"},
+    "tvd": {"alpha_tvd": "alpha_soft", "alpha_clm": "alpha_hard"},
+}
+
+
+@pytest.mark.parametrize("name", list(OLD_WEIGHTS))
+def test_old_weight_names_still_load_as_the_new_ones_with_a_deprecation(name):
+    from kdcode.errors import KdcodeDeprecation
+
+    old = dict(zip(OLD_WEIGHTS[name], (0.25, 0.75)))
+    with pytest.warns(KdcodeDeprecation) as caught:
+        params = make_strategy(name, old).params
+    assert sorted(str(w.message) for w in caught) == sorted(
+        f"strategy param {o} is deprecated: write {n}" for o, n in OLD_WEIGHTS[name].items()
+    )
+    assert (params.alpha_soft, params.alpha_hard) == (0.25, 0.75)
+    assert not any(k in params.model_dump() for k in OLD_WEIGHTS[name])  # manifests record the new names
+    with pytest.raises(KdcodeError, match="give alpha_soft alone"):
+        make_strategy(name, {next(iter(OLD_WEIGHTS[name])): 1.0, "alpha_soft": 1.0})
+
+
+def test_old_weight_names_in_a_spec_file_are_one_warning_line_each(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text("strategy:\n  name: pretraining\n  params: {alpha_ce: 0.9, alpha_clm: 0.1}\n")
+    r = run("distil", "--spec", old, "--validate")
+    assert r.exit_code == 0, r.output
+    warnings = [line for line in r.output.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: strategy param alpha_ce is deprecated: write alpha_soft",
+                        "warning: strategy param alpha_clm is deprecated: write alpha_hard"], r.output
 
 
 def test_a_flag_that_changes_the_init_drops_the_file_init_params(tmp_path):

@@ -7,18 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from conftest import run
 
-from kdcode.cli import app
 from kdcode.errors import KdcodeError
 from kdcode.spec import SweepSpec
 
-runner = CliRunner(env={"COLUMNS": "200", "TERM": "dumb"})
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def run(*args: object):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def records(out: Path) -> list[dict]:

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from conftest import run
 
-from kdcode.cli import app
 from kdcode.data import encode_documents, load_corpus, to_blocks
 from kdcode.errors import KdcodeError
 from kdcode.models import load_model
@@ -25,8 +24,6 @@ from kdcode.train.distil import run_distil
 from kdcode.train.loop import Interrupted, train_loop
 from kdcode.train.optim import lr_at
 from kdcode.train.state import RunContext
-
-runner = CliRunner(env={"COLUMNS": "120"})
 
 
 @pytest.fixture(scope="module")
@@ -190,9 +187,9 @@ def test_sigint_checkpoints_and_resume_completes(tmp_path, teacher_dir, corpus_d
     assert "SIGINT at step" in err and "--resume" in err
     assert not out.exists() and (out.with_name("student.ckpt") / "state.json").is_file()
 
-    r = runner.invoke(app, _distil_args(teacher_dir, corpus_dir, out, "--max-steps", 100000))
+    r = run(*_distil_args(teacher_dir, corpus_dir, out, "--max-steps", 100000))
     assert r.exit_code == 2 and "add --resume" in r.output
-    r = runner.invoke(app, _distil_args(teacher_dir, corpus_dir, out, "--max-steps", 100000, "--resume", "--lr", 1))
+    r = run(*_distil_args(teacher_dir, corpus_dir, out, "--max-steps", 100000, "--resume", "--lr", 1))
     assert r.exit_code == 2 and "another spec" in r.output
 
 

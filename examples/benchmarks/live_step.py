@@ -65,7 +65,7 @@ def kdcode_round(student, teacher, blocks, steps: int, batch: int, threads: int,
     stamps: list[float] = []
     cfg = TrainSpec(max_steps=steps, batch_size=batch, block_size=blocks.size(1), precision=precision, lr=5e-4,
                     warmup_steps=0, eval_every=10**6, threads=threads)
-    strategy = make_strategy("pretraining", {"temperature": 2.0, "alpha_ce": 0.5, "alpha_clm": 0.5})
+    strategy = make_strategy("pretraining", {"temperature": 2.0, "alpha_soft": 0.5, "alpha_hard": 0.5})
     train_loop(student, strategy, blocks, None, cfg, teacher=teacher, description="kdcode",
                on_step=lambda r: stamps.append(time.perf_counter()))
     return (steps - 1) * batch * blocks.size(1) / (stamps[-1] - stamps[0])

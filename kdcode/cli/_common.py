@@ -79,9 +79,12 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                     fail(f"{name} failed: {type(exc).__name__}: {_one_line(exc)} (kdcode --debug {name} ... shows "
                          "the traceback)", code=1)
         finally:  # shown once recording has stopped (while recording, showing a warning records it again)
+            shown: set[str] = set()  # a spec validated twice (a sweep's points, then each run) says each once
             for w in list(caught):
                 if issubclass(w.category, KdcodeDeprecation):
-                    warn(str(w.message))
+                    if str(w.message) not in shown:
+                        shown.add(str(w.message))
+                        warn(str(w.message))
                 else:
                     warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 

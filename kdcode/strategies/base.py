@@ -1,16 +1,27 @@
 """The contract every KD strategy fulfils: its params model, what it needs from the models, its loss.
 
-The loss terms strategies share live in :mod:`kdcode.strategies.losses`; the fused soft+hard pass in
-:mod:`kdcode.strategies.fused`, the sparse (teacher-cache) one in :mod:`kdcode.strategies.sparse`.
-A strategy's registry name is its ``name`` (set by the registry: written once, where it is registered).
+A strategy's loss is a weighted sum of named terms (:func:`weighted`). The divergences between the teacher's and
+the student's distributions live in :mod:`kdcode.strategies.divergences` (reference formulas; the fused pass in
+:mod:`kdcode.strategies.fused`, teacher-cache targets in :mod:`kdcode.strategies.sparse`), the other terms in
+:mod:`kdcode.strategies.losses`. Weights have one naming in every strategy (:class:`WeightParams`):
+
+    alpha_soft   the divergence between the two models' distributions (forward KL, reverse KL, JSD or TVD)
+    alpha_hard   the causal-LM cross-entropy on the data's next tokens
+    alpha_cos    1 - cos between last hidden states          alpha_hid / alpha_attn   hidden-state / attention MSE
+
+(docs/strategies.md: which strategy is which terms). A strategy's registry name is its ``name`` (set by the
+registry: written once, where it is registered).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from kdcode.errors import KdcodeDeprecation
 
 
 class StrategyParams(BaseModel):
@@ -35,6 +46,60 @@ class TemperatureParams(StrategyParams):
             return self.temperature
         progress = min(max(progress, 0.0), 1.0)
         return self.temperature + (self.temperature_end - self.temperature) * progress
+
+
+class WeightParams(TemperatureParams):
+    """A soft term at temperature T and the hard loss, weighted ``alpha_soft`` and ``alpha_hard`` (subclasses set
+    the defaults and may add ``alpha_*`` weights of their own). ``renamed``: a strategy's old spellings of its
+    weights (kdcode <= 0.1.0: ``alpha_ce``/``alpha_kd``/``alpha_tvd`` for the soft weight, ``alpha_clm`` for the hard
+    one), which still load with one deprecation line each."""
+
+    renamed: ClassVar[dict[str, str]] = {}
+
+    alpha_soft: float = Field(1.0, ge=0, description="weight of the soft term (the divergence to the teacher)")
+    alpha_hard: float = Field(0.5, ge=0, description="weight of the hard causal-LM loss")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not cls.renamed.keys() & data.keys():
+            return data
+        data = dict(data)
+        for old, new in cls.renamed.items():
+            if old not in data:
+                continue
+            if new in data:
+                raise ValueError(f"{old} is the old name of {new}; give {new} alone")
+            data[new] = data.pop(old)
+            warnings.warn(f"strategy param {old} is deprecated: write {new}", KdcodeDeprecation, stacklevel=2)
+        return data
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> WeightParams:
+        weights = [name for name in type(self).model_fields if name.startswith("alpha_")]
+        if all(getattr(self, name) == 0 for name in weights):
+            both = "both" if len(weights) == 2 else "all"
+            raise ValueError(f"{', '.join(weights[:-1])} and {weights[-1]} are {both} zero: nothing to learn from")
+        return self
+
+
+class DivergenceParams(WeightParams):
+    """A divergence on logits at T plus the hard loss (``jsd``, ``reverse-kl``)."""
+
+    renamed: ClassVar[dict[str, str]] = {"alpha_kd": "alpha_soft", "alpha_clm": "alpha_hard"}
+
+    temperature: float = Field(1.0, gt=0, description="softmax temperature T (T0 of a schedule)")
+    alpha_soft: float = Field(1.0, ge=0, description="weight of the divergence")
+    alpha_hard: float = Field(0.0, ge=0, description="weight of the hard causal-LM loss")
+
+
+def weighted(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> dict[str, torch.Tensor]:
+    """``terms`` and ``"loss"`` = sum of ``weights[name] * terms[name]``, added in the order of ``weights``."""
+    total: torch.Tensor | None = None
+    for name, weight in weights.items():
+        total = weight * terms[name] if total is None else total + weight * terms[name]
+    assert total is not None
+    return {**terms, "loss": total}
 
 
 class Strategy:

@@ -1,7 +1,8 @@
-"""Soft KL at temperature T and hard CE in one fused pass over the vocabulary, with hand-written gradients,
-chunked along the sequence so that memory does not grow with the vocabulary beyond the logits themselves.
+"""The fused forms of the forward and reverse KL (:mod:`kdcode.strategies.divergences`): the soft term at
+temperature T and the hard CE in one pass over the vocabulary, with hand-written gradients, chunked along the
+sequence so that memory does not grow with the vocabulary beyond the logits themselves.
 
-For a student's logits s, the two terms every logit-KD strategy pays for are
+For a student's logits s, the two terms every KL strategy pays for are
 
     hard = CE(softmax(s), y)                       d/ds_j = softmax(s)_j - [j = y]
     soft = T^2 KL(p || softmax(s/T))               d/ds_j = T (q_j - p_j),  q = softmax(s/T)
@@ -12,8 +13,9 @@ the same tensor) and the backward writes one gradient. Two teacher forms:
 
 - dense: the live teacher's logits, p = softmax(t/T) over the whole vocabulary;
 - sparse: a teacher cache's top-k logits and ``lse = logsumexp(t/T)``, with the rest of the teacher's mass
-  as one bucket (see :mod:`kdcode.cache`); its gradient is T (q_j - p_j) on the top k and
-  T q_j (1 - p_rest / q_rest) elsewhere (the teacher's rest mass spread like the student's).
+  as one bucket (:mod:`kdcode.strategies.sparse`, built by :mod:`kdcode.train.teacher_cache`); its gradient is
+  T (q_j - p_j) on the top k and T q_j (1 - p_rest / q_rest) elsewhere (the teacher's rest mass spread like the
+  student's).
 
 Memory: the float32 work (a copy of the student's logits, their two softmaxes, the teacher's softmax) is done
 ``chunk`` sequence positions at a time. With one chunk (short sequences, small vocabularies: the default sizes a
@@ -24,15 +26,16 @@ Liger-Kernel's losses do): the only vocabulary-sized tensors are then the studen
 gradient) and the teacher's. Values and gradients are the same either way. ``vocab`` keeps the first ``vocab``
 columns of both (the tokenizer's tokens): LM-head padding rows take part in no softmax and get no gradient.
 
-Both return (soft, hard) as means over counted positions (labels != -100), equal to
-``soft_kl``/``sparse_kl`` and ``causal_ce`` (golden tests compare values and gradients with autograd).
+Both return (soft, hard) as means over counted positions (labels != -100), equal to the reference
+``divergences.forward_kl`` (dense) or the forward KL over the cache's buckets (sparse), and ``losses.causal_ce``:
+tests/test_divergences.py compares values and gradients with the autograd references.
 
 ``reverse=True`` swaps the soft term for the reverse KL (MiniLLM's mode-seeking divergence, kdcode's default):
 
     soft = T^2 KL(q || p)                          d/ds_j = T q_j (d_j - sum_i q_i d_i),  d = log q - log p
 
 (from a cache: over the top-k buckets and the rest, d_j the log-ratio of j's bucket), equal to
-``generalised_jsd(beta=1)`` of :mod:`kdcode.strategies.jsd`.
+``divergences.reverse_kl``. Strategies reach both through ``divergences.kd_terms``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The student minimises the same loss as ``pretraining`` KD,
 
-    L_s = a_ce * T^2 * KL(softmax(t/T) || softmax(s/T)) + a_clm * CE(s, y) + a_cos * (1 - cos(h_s, h_t)),
+    L_s = a_soft * T^2 * KL(softmax(t/T) || softmax(s/T)) + a_hard * CE(s, y) + a_cos * (1 - cos(h_s, h_t)),
 
 while the teacher keeps training in the same step on its own hard loss L_t = CE(t, y), in train mode
 with its own optimiser. The student's soft targets are the teacher's logits detached from its graph.

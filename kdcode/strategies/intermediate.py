@@ -4,7 +4,7 @@ For each student block i mapped to teacher block m(i) (default: the init's layer
 gets the evenly spaced map), with h the block outputs and W_i a learned linear projection when the
 student is narrower than the teacher (identity otherwise):
 
-    L = a_ce * T^2 * KL(softmax(t/T) || softmax(s/T)) + a_clm * CE(s, y)
+    L = a_soft * T^2 * KL(softmax(t/T) || softmax(s/T)) + a_hard * CE(s, y)
         + a_hid * mean_i MSE(W_i h_s_i, h_t_m(i)) + a_attn * mean_i MSE(A_s_i, A_t_m(i))
 
 The attention term compares attention probabilities and needs equal head counts (and eager attention,
@@ -13,7 +13,7 @@ set on both models when a_attn > 0). Frozen teacher.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -21,14 +21,16 @@ from pydantic import Field
 
 from kdcode.errors import KdcodeError
 from kdcode.inits.base import evenly_spaced
-from kdcode.strategies.base import Strategy, TemperatureParams
+from kdcode.strategies.base import Strategy, WeightParams, weighted
+from kdcode.strategies.divergences import kd_terms
 from kdcode.strategies.losses import IGNORE, masked_mean
-from kdcode.strategies.pretraining import logit_terms
 
 
-class IntermediateParams(TemperatureParams):
-    alpha_ce: float = Field(0.5, ge=0, description="weight of the soft (KL) loss on the logits")
-    alpha_clm: float = Field(0.5, ge=0, description="weight of the hard causal-LM loss")
+class IntermediateParams(WeightParams):
+    renamed: ClassVar[dict[str, str]] = {"alpha_ce": "alpha_soft", "alpha_clm": "alpha_hard"}
+
+    alpha_soft: float = Field(0.5, ge=0, description="weight of the soft loss: T^2 KL(teacher || student)")
+    alpha_hard: float = Field(0.5, ge=0, description="weight of the hard causal-LM loss")
     alpha_hid: float = Field(1.0, ge=0, description="weight of the hidden-state MSE")
     alpha_attn: float = Field(0.0, ge=0, description="weight of the attention-map MSE")
     layer_map: list[int] | None = Field(None, description="teacher block for each student block (default: init's)")
@@ -77,9 +79,9 @@ class IntermediateKD(Strategy):
     def loss(self, student: Any, teacher: Any | None, labels: torch.Tensor, progress: float = 0.0):
         p = self.params
         assert teacher is not None, "intermediate KD needs teacher outputs"
-        soft, hard = logit_terms(student.logits, teacher, labels, p.temperature_at(progress), self.vocab, self.chunk)
+        soft, hard = kd_terms(student.logits, teacher, labels, p.temperature_at(progress), self.vocab, self.chunk)
         terms = {"soft": soft, "hard": hard}
-        total = p.alpha_ce * terms["soft"] + p.alpha_clm * terms["hard"]
+        weights = {"soft": p.alpha_soft, "hard": p.alpha_hard}
         counted = labels != IGNORE  # every position's hidden state, as it is (no shift)
         if p.alpha_hid > 0:
             mses = []
@@ -90,13 +92,12 @@ class IntermediateKD(Strategy):
                     h_s = self.projections[i](h_s)
                 mses.append(masked_mean(((h_s - h_t) ** 2).mean(-1), counted))
             terms["hid"] = torch.stack(mses).mean()
-            total = total + p.alpha_hid * terms["hid"]
+            weights["hid"] = p.alpha_hid
         if p.alpha_attn > 0:
             errs = [
                 F.mse_loss(student.attentions[i].float(), teacher.attentions[j].detach().float())
                 for i, j in enumerate(self.layer_map)
             ]
             terms["attn"] = torch.stack(errs).mean()
-            total = total + p.alpha_attn * terms["attn"]
-        terms["loss"] = total
-        return terms
+            weights["attn"] = p.alpha_attn
+        return weighted(terms, weights)

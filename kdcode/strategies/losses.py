@@ -1,4 +1,5 @@
-"""Loss terms the strategies share.
+"""Loss terms the strategies share, other than the divergences between the two models' distributions
+(:mod:`kdcode.strategies.divergences`): the hard loss, the hidden-state cosine, and the reduction they all use.
 
 All losses work on causal-LM outputs: position t predicts token t+1, and labels equal to -100 are
 ignored. Each term is a mean over the predicted (unmasked) positions: :func:`masked_mean`.
@@ -33,16 +34,6 @@ def causal_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Hard loss: cross-entropy of the next token, mean over counted positions."""
     logits, target, _ = shift(logits, labels)
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1), ignore_index=IGNORE)
-
-
-def soft_kl(s_logits: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(softmax(t/T) || softmax(s/T)), mean over counted positions (Hinton et al., 2015)."""
-    s, _, mask = shift(s_logits, labels)
-    t = t_logits[:, :-1]
-    log_ps = F.log_softmax(s.float() / temperature, dim=-1)
-    log_pt = F.log_softmax(t.float() / temperature, dim=-1)
-    kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
-    return masked_mean(kl, mask) * temperature**2
 
 
 def cosine_hidden(h_s: torch.Tensor, h_t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

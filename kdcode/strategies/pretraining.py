@@ -1,34 +1,30 @@
 """Pre-training KD with a frozen teacher: DistilBERT (Sanh et al., 2019) and DistilGPT2.
 
-    L = a_ce * T^2 * KL(softmax(t/T) || softmax(s/T)) + a_clm * CE(s, y) + a_cos * (1 - cos(h_s, h_t))
+    L = a_soft * T^2 * KL(softmax(t/T) || softmax(s/T)) + a_hard * CE(s, y) + a_cos * (1 - cos(h_s, h_t))
 
-The teacher is in eval mode and gets no gradient. Defaults follow DistilGPT2 (T=2, a_ce=a_clm=0.5);
-the cosine term (DistilBERT's a_cos) compares last hidden states and needs equal widths.
+(the paper's a_ce, a_clm and a_cos). The teacher is in eval mode and gets no gradient. Defaults follow DistilGPT2
+(T=2, a_soft=a_hard=0.5); the cosine term (DistilBERT's a_cos) compares last hidden states and needs equal widths.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from kdcode.errors import KdcodeError
-from kdcode.strategies.base import Strategy, TemperatureParams
-from kdcode.strategies.fused import dense_kd_terms
+from kdcode.strategies.base import Strategy, WeightParams, weighted
+from kdcode.strategies.divergences import kd_terms
 from kdcode.strategies.losses import cosine_hidden
 
 
-class DistilParams(TemperatureParams):
-    alpha_ce: float = Field(0.5, ge=0, description="weight of the soft (KL) loss")
-    alpha_clm: float = Field(0.5, ge=0, description="weight of the hard causal-LM loss")
-    alpha_cos: float = Field(0.0, ge=0, description="weight of the hidden-state cosine loss")
+class DistilParams(WeightParams):
+    renamed: ClassVar[dict[str, str]] = {"alpha_ce": "alpha_soft", "alpha_clm": "alpha_hard"}
 
-    @model_validator(mode="after")
-    def _some_weight(self) -> DistilParams:
-        if self.alpha_ce == 0 and self.alpha_clm == 0 and self.alpha_cos == 0:
-            raise ValueError("alpha_ce, alpha_clm and alpha_cos are all zero: nothing to learn from")
-        return self
+    alpha_soft: float = Field(0.5, ge=0, description="weight of the soft loss: T^2 KL(teacher || student)")
+    alpha_hard: float = Field(0.5, ge=0, description="weight of the hard causal-LM loss")
+    alpha_cos: float = Field(0.0, ge=0, description="weight of the hidden-state cosine loss")
 
 
 class PretrainingKD(Strategy):
@@ -44,32 +40,12 @@ class PretrainingKD(Strategy):
     def loss(self, student: Any, teacher: Any | None, labels: torch.Tensor, progress: float = 0.0):
         p = self.params
         assert teacher is not None, "pretraining KD needs teacher outputs"
-        soft, hard = logit_terms(student.logits, teacher, labels, p.temperature_at(progress), self.vocab, self.chunk)
-        terms: dict[str, torch.Tensor] = {"soft": soft, "hard": hard}
-        total = p.alpha_ce * terms["soft"] + p.alpha_clm * terms["hard"]
+        soft, hard = kd_terms(student.logits, teacher, labels, p.temperature_at(progress), self.vocab, self.chunk)
+        terms = {"soft": soft, "hard": hard}
+        weights = {"soft": p.alpha_soft, "hard": p.alpha_hard}
         if p.alpha_cos > 0:
             if not hasattr(teacher, "hidden_states"):
                 raise KdcodeError("alpha_cos needs the live teacher's hidden states; a teacher cache has none")
             terms["cos"] = cosine_hidden(student.hidden_states[-1], teacher.hidden_states[-1].detach(), labels)
-            total = total + p.alpha_cos * terms["cos"]
-        terms["loss"] = total
-        return terms
-
-
-def logit_terms(
-    s_logits: torch.Tensor,
-    teacher: Any,
-    labels: torch.Tensor,
-    temperature: float,
-    vocab: int | None = None,
-    chunk: int | None = None,
-    reverse: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(soft KL, hard CE) in one fused pass over the first ``vocab`` tokens: against a live teacher's logits or
-    cached top-k soft targets, ``chunk`` positions at a time (:mod:`kdcode.strategies.fused`); ``reverse``: the
-    soft term is KL(student || teacher)."""
-    from kdcode.strategies.sparse import SparseTargets, sparse_kd_terms
-
-    if isinstance(teacher, SparseTargets):
-        return sparse_kd_terms(s_logits, teacher, labels, temperature, vocab, chunk, reverse)
-    return dense_kd_terms(s_logits, teacher.logits, labels, temperature, vocab, chunk, reverse)
+            weights["cos"] = p.alpha_cos
+        return weighted(terms, weights)

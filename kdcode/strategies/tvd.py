@@ -2,47 +2,31 @@
 Zhou et al., 2024): when the target verifies a sampled draft token, the chance it is accepted is
 ``1 - TVD(p, q)`` (Leviathan et al., 2023), so minimising the TVD is minimising rejections.
 
-    L = a_tvd * TVD(softmax(t/T), softmax(s/T)) + a_clm * CE(s, y),    TVD(p, q) = 1/2 sum_j |p_j - q_j|
+    L = a_soft * TVD(softmax(t/T), softmax(s/T)) + a_hard * CE(s, y),    TVD(p, q) = 1/2 sum_j |p_j - q_j|
 
 Frozen teacher, T=1 by default (the temperature drafts are sampled at). From a teacher cache the TVD is taken
 over the teacher's top k tokens plus one bucket for the rest of the vocabulary (a lower bound of the full TVD,
-exact when k is the vocabulary).
+exact when k is the vocabulary): :func:`kdcode.strategies.divergences.tvd` and ``sparse_tvd``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
 
-from kdcode.strategies.base import Strategy, TemperatureParams
-from kdcode.strategies.losses import causal_ce, masked_mean, shift
+from kdcode.strategies.base import Strategy, WeightParams, weighted
+from kdcode.strategies.divergences import sparse_tvd, tvd
+from kdcode.strategies.losses import causal_ce
 
 
-class TVDParams(TemperatureParams):
+class TVDParams(WeightParams):
+    renamed: ClassVar[dict[str, str]] = {"alpha_tvd": "alpha_soft", "alpha_clm": "alpha_hard"}
+
     temperature: float = Field(1.0, gt=0, description="softmax temperature T of both distributions")
-    alpha_tvd: float = Field(1.0, ge=0, description="weight of the total variation distance")
-    alpha_clm: float = Field(0.5, ge=0, description="weight of the hard causal-LM loss")
-
-
-def tvd_dense(s_logits: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-    """TVD between the teacher's and the student's softmax at T, mean over counted positions."""
-    s, _, mask = shift(s_logits, labels)
-    q = torch.softmax(s.float() / temperature, dim=-1)
-    p = torch.softmax(t_logits[:, :-1].float() / temperature, dim=-1)
-    return masked_mean(0.5 * (p - q).abs().sum(-1), mask)
-
-
-def tvd_sparse(s_logits: torch.Tensor, targets: Any, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-    """TVD over the teacher's cached top-k tokens and one rest bucket, mean over counted positions."""
-    s, _, mask = shift(s_logits, labels)
-    q = torch.softmax(s.float() / temperature, dim=-1)
-    ids = targets.topk_ids[:, :-1].long()
-    p_k = torch.exp(targets.topk_logits[:, :-1].float() / temperature - targets.lse[:, :-1].float()[..., None])
-    q_k = q.gather(-1, ids)
-    rest = ((1 - p_k.sum(-1)).clamp(min=0) - (1 - q_k.sum(-1)).clamp(min=0)).abs()
-    return masked_mean(0.5 * ((p_k - q_k).abs().sum(-1) + rest), mask)
+    alpha_soft: float = Field(1.0, ge=0, description="weight of the total variation distance")
+    alpha_hard: float = Field(0.5, ge=0, description="weight of the hard causal-LM loss")
 
 
 class TVDKD(Strategy):
@@ -59,9 +43,7 @@ class TVDKD(Strategy):
         temperature = p.temperature_at(progress)
         s = self.logits(student)  # the tokenizer's tokens: LM-head padding is no token either model can draft
         if isinstance(teacher, SparseTargets):
-            tvd = tvd_sparse(s, teacher, labels, temperature)
+            soft = sparse_tvd(s, teacher, labels, temperature)
         else:
-            tvd = tvd_dense(s, self.logits(teacher).detach(), labels, temperature)
-        terms = {"tvd": tvd, "hard": causal_ce(s, labels)}
-        terms["loss"] = p.alpha_tvd * terms["tvd"] + p.alpha_clm * terms["hard"]
-        return terms
+            soft = tvd(s, self.logits(teacher).detach(), labels, temperature)
+        return weighted({"tvd": soft, "hard": causal_ce(s, labels)}, {"tvd": p.alpha_soft, "hard": p.alpha_hard})

@@ -2,7 +2,7 @@
 
 Per training block the cache stores the token ids, the teacher's top-k logits and their vocabulary
 ids, and ``lse`` = logsumexp(logits / T) over the whole vocabulary at the cache temperature T (the
-sparse KL against them: :mod:`kdcode.strategies.sparse`). Shards are safetensors files; ``cache.json``
+divergences against them: :mod:`kdcode.strategies.divergences`). Shards are safetensors files; ``cache.json``
 records the teacher, tokenizer and data fingerprints, block size, k and T, and a cache that does not
 match a run is refused.
 """
