@@ -175,7 +175,7 @@ def test_teacher_held_in_half_precision_student_copied_from_its_stored_weights(
 ):
     from transformers import AutoModelForCausalLM
 
-    seen = _captured_run(monkeypatch, tmp_path, teacher_dir, corpus_dir, "--teacher-dtype", dtype)
+    seen = _captured_run(monkeypatch, tmp_path, teacher_dir, corpus_dir, "--teacher-dtype", dtype, "--init", "spread")
     assert seen["teacher"].dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     stored = AutoModelForCausalLM.from_pretrained(teacher_dir)
     student = seen["student"]
