@@ -36,6 +36,7 @@ def no_pickle(folder: Path) -> None:
 
 
 def spec(corpus_dir: Path, **kw) -> CompressSpec:
+    kw = {"check_samples": 0, "check_blocks": 0, **kw}  # the quality check has its own tests (test_int8_schemes)
     return CompressSpec(
         data=DataSpec(source=str(corpus_dir)), calib_batches=2, calib_batch_size=2, calib_block_size=32, **kw
     )
@@ -245,10 +246,15 @@ def test_cli_compress_and_its_errors(tmp_path, teacher_dir, corpus_dir):
             "2",
             "--calib-block-size",
             "32",
+            "--check-samples",
+            "2",
+            "--check-blocks",
+            "1",
         ],
     )
     assert r.exit_code == 0, r.output
     assert "prune-heads, int8" in r.output and (out / INT8_FILE).is_file()
+    assert "quality: ES " in r.output and " -> " in r.output  # before -> after, measured before success
     for args, needle in [
         ([], "nothing to do"),
         (["--int8", "--dtype", "fp16"], "drop --dtype fp16"),

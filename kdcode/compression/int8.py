@@ -4,8 +4,8 @@ Every ``nn.Linear`` and GPT-2 ``Conv1D`` weight is stored as int8 with one float
 (symmetric: ``scale = max|w| / 127``, ``q = round(w / scale)``), so ``|w - q * scale| <= scale / 2``;
 the activations are treated as the scheme says (:mod:`kdcode.compression.int8_kernels`): quantized per tensor
 (``per-tensor``, torch's fbgemm/x86 ``linear_dynamic``: the scheme of folders written before schemes existed),
-per token (``per-token``), or kept float32 (``weight-only``). A LM head tied to the input embedding is quantized once: the
-embedding reads the same int8 rows and dequantizes them. Biases, layer norms and position embeddings stay
+per token (``per-token``), or kept float32 (``weight-only``). A LM head tied to the input embedding is quantized
+once: the embedding reads the same int8 rows and dequantizes them. Biases, layer norms and position embeddings stay
 float32. An int8 folder holds ``model_int8.safetensors`` with ``<module>.weight_int8`` /
 ``<module>.weight_scale`` keys. This module knows nothing of folders or manifests.
 """

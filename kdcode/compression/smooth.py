@@ -58,7 +58,8 @@ def smoothing_groups(model: nn.Module) -> list[Group]:
         groups += [(norms[0], "norm", [attn.q_proj, attn.k_proj, attn.v_proj]),
                    (norms[1], "norm", [mlp.gate_proj, mlp.up_proj]), (mlp.up_proj, "rows", [mlp.down_proj])]
     if not groups:
-        raise KdcodeError(f"--int8-scheme smoothquant supports GPT-2 and Llama-style blocks; this {kind} model has none")
+        raise KdcodeError(f"--int8-scheme smoothquant supports GPT-2 and Llama-style blocks; this {kind} model has "
+                          "none")
     return groups
 
 
