@@ -465,11 +465,30 @@ class SweepSpec(_Spec):
         return self
 
 
-class CompressSpec(_Spec):
+INT8_SCHEMES = ("weight-only", "per-token", "smoothquant", "per-tensor")
+
+
+class QualityCheckSpec(_Spec):
+    """What `kdcode compress` and `kdcode export` measure before they report success: the model before and after
+    on the held-out split of ``data`` (line completion ES and perplexity), and when to warn."""
+
+    check_samples: int = Field(32, ge=0, description="held-out line completions scored before and after (0 skips)")
+    check_blocks: int = Field(16, ge=0, description="held-out blocks for perplexity before and after (0 skips)")
+    max_es_drop: float = Field(1.0, ge=0.0, description="warn when ES drops by more than this many points")
+    max_ppl_rise: float = Field(3.0, ge=0.0, description="warn when perplexity rises by more than this many percent")
+
+
+class CompressSpec(QualityCheckSpec):
     """`kdcode compress`: prune (heads, MLP neurons), then store as fp16/bf16 or int8."""
 
     dtype: Literal["fp32", "fp16", "bf16"] | None = Field(None, description="store float weights in this dtype")
-    int8: bool = Field(False, description="dynamic int8 quantization of Linear/Conv1D weights (CPU inference)")
+    int8: bool = Field(False, description="int8 weights of Linear/Conv1D (CPU inference)")
+    int8_scheme: Literal["weight-only", "per-token", "smoothquant", "per-tensor"] = Field(
+        "weight-only", description="int8 activations: weight-only (kept float32; the default, see "
+        "docs/compression.md), per-token (int8 per token), smoothquant (outliers moved into the weights, then per "
+        "tensor), per-tensor (one scale per input: the old scheme, which Llama-style outliers defeat)"
+    )
+    smooth_alpha: float = Field(0.5, gt=0.0, lt=1.0, description="smoothquant: migration strength alpha")
     prune_heads: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of attention heads removed per layer")
     prune_ffn: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of MLP neurons removed per layer")
     data: DataSpec = Field(default_factory=DataSpec, description="calibration corpus (its train split)")
@@ -479,6 +498,12 @@ class CompressSpec(_Spec):
 
 
 GGUF_QUANTS = ("f32", "f16", "q8_0", "q4_0")
+
+
+class ExportCheckSpec(QualityCheckSpec):
+    """The quality check of `kdcode export --quant/--int8`: on the held-out split of ``data``."""
+
+    data: DataSpec = Field(default_factory=DataSpec, description="held-out code for the check")
 
 
 class ExportSpec(_Spec):

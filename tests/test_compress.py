@@ -33,6 +33,7 @@ def no_pickle(folder: Path) -> None:
 
 
 def spec(corpus_dir: Path, **kw) -> CompressSpec:
+    kw = {"check_samples": 0, "check_blocks": 0, **kw}  # the quality check has its own tests (test_int8_schemes)
     return CompressSpec(
         data=DataSpec(source=str(corpus_dir)), calib_batches=2, calib_batch_size=2, calib_block_size=32, **kw
     )
@@ -225,9 +226,11 @@ def test_ffn_only_pruned_folder_loads_with_plain_transformers(tmp_path, teacher_
 def test_cli_compress_and_its_errors(tmp_path, teacher_dir, corpus_dir):
     out = tmp_path / "c"
     r = run("compress", teacher_dir, "--out", out, "--int8", "--prune-heads", 0.5, "--data", corpus_dir,
-            "--calib-batches", 1, "--calib-batch-size", 2, "--calib-block-size", 32)
+            "--calib-batches", 1, "--calib-batch-size", 2, "--calib-block-size", 32, "--check-samples", 2,
+            "--check-blocks", 1)
     assert r.exit_code == 0, r.output
     assert "prune-heads, int8" in r.output and (out / INT8_FILE).is_file()
+    assert "quality: ES " in r.output and " -> " in r.output  # before -> after, measured before success
     for args, needle in [
         ([], "nothing to do"),
         (["--int8", "--dtype", "fp16"], "drop --dtype fp16"),

@@ -10,13 +10,19 @@ import typer
 from rich.table import Table
 
 from kdcode.cli._common import (
+    CheckBlocksOpt,
+    CheckSamplesOpt,
     DataOpt,
     GlobOpt,
+    MaxEsDropOpt,
+    MaxPplRiseOpt,
     NoVerifyOpt,
     OverwriteOpt,
+    check_flags,
     fail,
     handle_errors,
     overrides,
+    print_quality,
     write_json,
 )
 from kdcode.cli._console import out_console, styled
@@ -76,8 +82,14 @@ def compress(
     out: Annotated[Path, typer.Option(help="Folder to write.")],
     dtype: Annotated[str | None, typer.Option(help="Store the weights as fp16, bf16 (or fp32).")] = None,
     int8: Annotated[
-        bool, typer.Option("--int8", help="Dynamic int8 quantization of Linear/Conv1D weights, for CPU inference.")
+        bool, typer.Option("--int8", help="int8 weights of every Linear/Conv1D, for CPU inference.")
     ] = False,
+    int8_scheme: Annotated[
+        str, typer.Option(help="int8 activations: weight-only (float32, the default), per-token (int8 per token), "
+                          "smoothquant (outliers moved into the weights, then per tensor) or per-tensor (the old "
+                          "scheme; loses much on Llama-style models). See docs/compression.md.")
+    ] = "weight-only",
+    smooth_alpha: Annotated[float, typer.Option(help="smoothquant: migration strength alpha.")] = 0.5,
     prune_heads: Annotated[
         float, typer.Option(help="Fraction of attention heads removed per layer (GPT-2, Llama-style; GQA: per group).")
     ] = 0.0,
@@ -87,10 +99,15 @@ def compress(
     calib_batches: Annotated[int, typer.Option(help="Calibration batches that score heads/neurons.")] = 8,
     calib_batch_size: Annotated[int, typer.Option(help="Blocks per calibration batch.")] = 8,
     calib_block_size: Annotated[int | None, typer.Option(help="Tokens per calibration block (default 256).")] = None,
+    check_samples: CheckSamplesOpt = 32,
+    check_blocks: CheckBlocksOpt = 16,
+    max_es_drop: MaxEsDropOpt = 1.0,
+    max_ppl_rise: MaxPplRiseOpt = 3.0,
     overwrite: OverwriteOpt = False,
     no_verify: NoVerifyOpt = False,
 ) -> None:
-    """Prune (heads, MLP neurons), then store as fp16/bf16 or int8; the manifest keeps the parent chain."""
+    """Prune (heads, MLP neurons), then store as fp16/bf16 or int8; measures ES and perplexity before and after on
+    held-out code and warns beyond the thresholds; the manifest keeps the parent chain and the quality."""
     from kdcode.artifacts import weights_size
     from kdcode.compression.compress import run_compress
     from kdcode.spec import CompressSpec, build_spec
@@ -98,7 +115,9 @@ def compress(
     spec = build_spec(
         CompressSpec,
         {
-            "dtype": dtype, "int8": int8, "prune_heads": prune_heads, "prune_ffn": prune_ffn,
+            "dtype": dtype, "int8": int8, "int8_scheme": int8_scheme, "smooth_alpha": smooth_alpha,
+            "prune_heads": prune_heads, "prune_ffn": prune_ffn,
+            **check_flags(check_samples, check_blocks, max_es_drop, max_ppl_rise),
             "data": overrides({"source": data, "glob": glob}), "calib_batches": calib_batches,
             "calib_batch_size": calib_batch_size, "calib_block_size": calib_block_size,
         },
@@ -111,6 +130,7 @@ def compress(
         f"{m['params_m_before']}M -> {m['params_m']}M params, {weights_size(folder) / 1e6:.2f} MB on disk; "
         f"loads with {comp['loading']})"
     ))
+    print_quality(comp.get("quality"))
     out_console().print(f"next:\n  kdcode eval {folder}\n  kdcode bench {folder} --compare {model} --device cpu")
 
 

@@ -2,10 +2,13 @@
 
 Steps run in a fixed order, each optional: **prune** (attention heads and/or MLP neurons of a GPT-2,
 :mod:`kdcode.compression.prune`, or of Llama-style blocks, :mod:`kdcode.compression.prune_llama`), then **store**
-(``--dtype fp16|bf16``, or ``--int8``; :mod:`kdcode.compression.int8`). fp16/bf16, FFN-pruned and pruned
-Llama-style folders are plain Hugging Face folders; head-pruned GPT-2 and int8 folders load through
-:func:`kdcode.models.load_model`, which rebuilds them from ``kdcode.json``'s ``compression.layout``
-(:mod:`kdcode.compression.load`).
+(``--dtype fp16|bf16``, or ``--int8`` with its ``--int8-scheme``: :mod:`kdcode.compression.int8`, smoothquant
+first migrating activation outliers into the weights, :mod:`kdcode.compression.smooth`). Before it reports
+success it measures the model before and after on held-out code (:mod:`kdcode.compression.quality`).
+
+fp16/bf16, FFN-pruned and pruned Llama-style folders are plain Hugging Face folders; head-pruned GPT-2 and int8
+folders load through :func:`kdcode.models.load_model`, which rebuilds them from ``kdcode.json``'s
+``compression.layout`` (:mod:`kdcode.compression.load`).
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdcode.compression.int8 import INT8_FILE, INT8_SCHEME, quantize_model
+from kdcode.compression.int8 import INT8_FILE, quantize_model
 from kdcode.compression.prune import GPT2Pruner, heads_per_layer
 from kdcode.compression.prune_llama import LlamaPruner
+from kdcode.compression.quality import check_spec, compare, in_memory, measure
 from kdcode.errors import KdcodeError
 from kdcode.spec import CompressSpec
 
@@ -85,6 +89,25 @@ class _Int8Folder:
         save_file(tensors, str(Path(path) / INT8_FILE), metadata={"format": "pt", "kdcode": "int8"})
 
 
+def _smooth(model: nn.Module, spec: CompressSpec, tokenizer: Any) -> dict[str, Any]:
+    """SmoothQuant's migration on calibration blocks of the train split; the manifest step."""
+    from kdcode.compression.smooth import smooth_model
+    from kdcode.models import context_length
+
+    blocks = calibration_blocks(spec, tokenizer, context_length(model.config, 1024))
+    done = smooth_model(model, blocks, spec.calib_batch_size, spec.smooth_alpha)
+    calib = {"data": spec.data.source, "split": "train", "blocks": len(blocks), "block_size": blocks.size(1)}
+    return {"step": "smooth", **done, "calibration": calib}
+
+
+def _step_name(step: dict[str, Any]) -> str:
+    if step["step"] == "int8":
+        return f"int8 ({step['int8_scheme']})"
+    if step["step"] == "dtype":
+        return step["dtype"]
+    return step["step"] + (f" {step['fraction']:g}" if "fraction" in step else "")
+
+
 def run_compress(
     name: str, spec: CompressSpec, out: Path, overwrite: bool = False, verify: bool = True
 ) -> tuple[Path, dict[str, Any]]:
@@ -102,6 +125,9 @@ def run_compress(
     model = lm.model
     if kdcode_layout(lm.manifest).get("int8"):
         raise KdcodeError(f"{name} is already int8; compress its float parent instead")
+    checking = check_spec(spec, spec.data)
+    before = measure(name, checking, spec.check_samples, in_memory(model, lm.tokenizer, lm.verified)) if checking \
+        else None
     params_before = count_params(model)
     steps: list[dict[str, Any]] = []
     if spec.prune_heads or spec.prune_ffn:
@@ -110,10 +136,11 @@ def run_compress(
     int8_layout = None
     if spec.int8:
         model.float()
-        int8_layout = quantize_model(model)
-        steps.append(
-            {"step": "int8", "scheme": INT8_SCHEME, "modules": len(int8_layout["modules"]), "tied": int8_layout["tied"]}
-        )
+        if spec.int8_scheme == "smoothquant":
+            steps.append(_smooth(model, spec, lm.tokenizer))
+        int8_layout = quantize_model(model, "per-tensor" if spec.int8_scheme == "smoothquant" else spec.int8_scheme)
+        steps.append({"step": "int8", "int8_scheme": spec.int8_scheme, "scheme": int8_layout["scheme"],
+                      "modules": len(int8_layout["modules"]), "tied": int8_layout["tied"]})
     elif spec.dtype:
         model.to(DTYPES[spec.dtype])
         steps.append({"step": "dtype", "dtype": spec.dtype})
@@ -149,6 +176,10 @@ def run_compress(
             "parent_manifest": lm.manifest,
         },
     }
+    if checking and before is not None:
+        after = measure(str(out), checking, spec.check_samples, in_memory(model, lm.tokenizer))
+        what = " + ".join(_step_name(s) for s in steps)
+        manifest["compression"]["quality"] = compare(before, after, spec, what)
     writer = _Int8Folder(model) if int8_layout else model
     save_model(out, writer, lm.tokenizer, manifest, overwrite=overwrite)
     from kdcode.artifacts import read_manifest

@@ -2,29 +2,43 @@
 
 Every ``nn.Linear`` and GPT-2 ``Conv1D`` weight is stored as int8 with one float32 scale per output channel
 (symmetric: ``scale = max|w| / 127``, ``q = round(w / scale)``), so ``|w - q * scale| <= scale / 2``;
-activations are quantized per tensor at run time by torch's fbgemm/x86 kernel
-(``torch.ops.quantized.linear_dynamic``). A LM head tied to the input embedding is quantized once: the
-embedding reads the same int8 rows and dequantizes them. Biases, layer norms and position embeddings stay
+the activations are treated as the scheme says (:mod:`kdcode.compression.int8_kernels`): quantized per tensor
+(``per-tensor``, torch's fbgemm/x86 ``linear_dynamic``: the scheme of folders written before schemes existed),
+per token (``per-token``), or kept float32 (``weight-only``). A LM head tied to the input embedding is quantized
+once: the embedding reads the same int8 rows and dequantizes them. Biases, layer norms and position embeddings stay
 float32. An int8 folder holds ``model_int8.safetensors`` with ``<module>.weight_int8`` /
 ``<module>.weight_scale`` keys. This module knows nothing of folders or manifests.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
+from kdcode.compression.int8_kernels import ACTIVATIONS, make_kernel, reduce_range
 from kdcode.errors import KdcodeError
 
 INT8_FILE = "model_int8.safetensors"
-INT8_SCHEME = (
+_WEIGHTS = (
     "weights int8 symmetric per output channel (scale = max|w|/127, w ~ q*scale), stored (out, in) as "
-    "<module>.weight_int8 + float32 <module>.weight_scale; activations quantized dynamically per tensor "
-    "(uint8) by torch.ops.quantized.linear_dynamic; bias, norms, position embeddings float32"
+    "<module>.weight_int8 + float32 <module>.weight_scale; "
 )
+_REST = "; bias, norms, position embeddings float32"
+ACTIVATION_TEXT = {
+    "per-tensor": "activations quantized dynamically per tensor (uint8) by torch.ops.quantized.linear_dynamic",
+    "per-token": "activations quantized dynamically per token (int8, scale = max|x_row|/127), int8 x int8 -> int32 "
+    "by torch._int_mm, rescaled by token x channel scales",
+    "weight-only": "activations float32: torch._weight_int8pack_mm up to 16 rows, dequantized weights and a "
+    "float32 matmul for longer inputs",
+}
+INT8_SCHEME = _WEIGHTS + ACTIVATION_TEXT["per-tensor"] + _REST  # the text folders without 'activations' carry
+
+
+def scheme_text(activations: str) -> str:
+    return _WEIGHTS + ACTIVATION_TEXT[activations] + _REST
+
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8: (q int8 (rows, cols), scale float32 (rows,)) with |w - q*scale| <= scale/2."""
@@ -39,29 +53,23 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale[:, None]
 
 
-def _reduce_range() -> bool:
-    # fbgemm without VNNI adds u8*s8 pairs in int16 (vpmaddubsw), which saturates for 8-bit activations;
-    # torch's own dynamic Linear uses 7-bit activations on fbgemm/x86 for that reason, and so do we.
-    return torch.backends.quantized.engine in ("fbgemm", "x86")
-
-
-def _prepack(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> Any:
-    with warnings.catch_warnings():  # quantized tensor creation is deprecated in torch 2.13, still works
-        warnings.simplefilter("ignore")
-        zero = torch.zeros(q.size(0), dtype=torch.long)
-        qw = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
-        return torch.ops.quantized.linear_prepack(qw, bias)
+def _check_activations(activations: str) -> str:
+    if activations not in ACTIVATIONS:
+        raise KdcodeError(f"unknown int8 activations {activations!r}; expected one of {', '.join(ACTIVATIONS)}")
+    return activations
 
 
 class Int8Linear(nn.Module):
-    """``y = x @ (q * scale).T + bias`` on torch's dynamic int8 kernel; holds only the packed weight.
+    """``y = x @ (q * scale).T + bias`` on the int8 kernel of ``activations``; holds only what the kernel needs.
 
-    Its state dict is ``weight_int8`` (out, in) int8, ``weight_scale`` (out,) float32 and ``bias``.
+    Its state dict is ``weight_int8`` (out, in) int8, ``weight_scale`` (out,) float32 and ``bias``, whatever the
+    kernel.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, activations: str = "per-tensor") -> None:
         super().__init__()
         self.in_features, self.out_features, self.has_bias = in_features, out_features, bias
+        self.activations = _check_activations(activations)
         self.set_weight(
             torch.zeros(out_features, in_features, dtype=torch.int8),
             torch.ones(out_features),
@@ -69,26 +77,25 @@ class Int8Linear(nn.Module):
         )
 
     def set_weight(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
-        self._packed = _prepack(q.contiguous(), scale.float(), None if bias is None else bias.detach().float())
+        self._kernel = make_kernel(self.activations, q, scale, bias)
 
     @classmethod
-    def from_float(cls, module: nn.Module) -> Int8Linear:
+    def from_float(cls, module: nn.Module, activations: str = "per-tensor") -> Int8Linear:
         from transformers.pytorch_utils import Conv1D
 
         w = module.weight.detach()
         w = w.t() if isinstance(module, Conv1D) else w  # Conv1D stores (in, out)
-        new = cls(w.size(1), w.size(0), module.bias is not None)
+        new = cls(w.size(1), w.size(0), module.bias is not None, activations)
         new.set_weight(*quantize_int8(w), module.bias)
         return new
 
     def unpacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        qw, bias = torch.ops.quantized.linear_unpack(self._packed)
-        return qw.int_repr(), qw.q_per_channel_scales().float(), bias
+        return self._kernel.unpacked()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             raise KdcodeError("int8 models run on CPU only (torch's dynamic int8 kernels); use --device cpu")
-        return torch.ops.quantized.linear_dynamic(x.float(), self._packed, _reduce_range())
+        return self._kernel(x)
 
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
         q, scale, bias = self.unpacked()
@@ -122,7 +129,8 @@ class Int8Linear(nn.Module):
         self.set_weight(q, scale, state_dict.get(prefix + "bias"))
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.has_bias}, int8"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.has_bias}, int8, "
+                f"activations {self.activations}")
 
 
 class Int8Embedding(nn.Module):
@@ -151,19 +159,21 @@ class Int8Embedding(nn.Module):
 class Int8TiedHead(nn.Module):
     """The LM head tied to an :class:`Int8Embedding`: packs its int8 rows once; stores nothing of its own."""
 
-    def __init__(self, embedding: Int8Embedding) -> None:
+    def __init__(self, embedding: Int8Embedding, activations: str = "per-tensor") -> None:
         super().__init__()
         object.__setattr__(self, "embedding", embedding)  # not a submodule: its tensors are saved once
-        self._packed: Any = None
+        self.activations = _check_activations(activations)
+        self._kernel: Any = None
         self._version = -1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             raise KdcodeError("int8 models run on CPU only (torch's dynamic int8 kernels); use --device cpu")
         emb = self.embedding
-        if self._packed is None or self._version != emb.version:
-            self._packed, self._version = _prepack(emb.weight_int8, emb.weight_scale, None), emb.version
-        return torch.ops.quantized.linear_dynamic(x.float(), self._packed, _reduce_range())
+        if self._kernel is None or self._version != emb.version:
+            self._kernel = make_kernel(self.activations, emb.weight_int8, emb.weight_scale, None)
+            self._version = emb.version
+        return self._kernel(x)
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -181,42 +191,47 @@ def tied_names(model: nn.Module) -> tuple[str, str] | None:
     return names[id(inp)], names[id(out)]
 
 
-def quantize_model(model: nn.Module) -> dict[str, Any]:
+def quantize_model(model: nn.Module, activations: str = "per-tensor") -> dict[str, Any]:
     """Replace every Linear / Conv1D by :class:`Int8Linear` (in place); returns the int8 layout."""
+    _check_activations(activations)
     tied = tied_names(model)
     if tied and getattr(model.get_submodule(tied[1]), "bias", None) is not None:
         raise KdcodeError("a tied LM head with a bias is not supported by --int8")
     targets = [n for n, m in model.named_modules() if _is_linear(m) and (not tied or n != tied[1])]
     for name in targets:
-        model.set_submodule(name, Int8Linear.from_float(model.get_submodule(name)))
+        model.set_submodule(name, Int8Linear.from_float(model.get_submodule(name), activations))
     if tied:
         emb = Int8Embedding.from_float(model.get_submodule(tied[0]))
         model.set_submodule(tied[0], emb)
-        model.set_submodule(tied[1], Int8TiedHead(emb))
+        model.set_submodule(tied[1], Int8TiedHead(emb, activations))
     return {
-        "scheme": INT8_SCHEME,
+        "scheme": scheme_text(activations),
+        "activations": activations,
         "file": INT8_FILE,
         "modules": targets,
         "tied": {"embedding": tied[0], "head": tied[1]} if tied else None,
-        "reduce_range": _reduce_range(),
+        "reduce_range": reduce_range() if activations == "per-tensor" else None,
     }
 
 
 def apply_int8_layout(model: nn.Module, layout: dict[str, Any]) -> None:
-    """Put empty int8 modules where ``layout`` says (shapes from the float skeleton); load fills them."""
+    """Put empty int8 modules where ``layout`` says (shapes from the float skeleton); load fills them. A layout
+    without ``activations`` (written before schemes existed) is per-tensor."""
     from transformers.pytorch_utils import Conv1D
+
+    activations = layout.get("activations") or "per-tensor"
 
     for name in layout["modules"]:
         m = model.get_submodule(name)
         if not _is_linear(m):
             raise KdcodeError(f"int8 layout names {name}, which is not a Linear/Conv1D in this architecture")
         in_f, out_f = (m.weight.shape[0], m.weight.shape[1]) if isinstance(m, Conv1D) else m.weight.shape[::-1]
-        model.set_submodule(name, Int8Linear(int(in_f), int(out_f), m.bias is not None))
+        model.set_submodule(name, Int8Linear(int(in_f), int(out_f), m.bias is not None, activations))
     tied = layout.get("tied")
     if tied:
         emb = Int8Embedding(*model.get_submodule(tied["embedding"]).weight.shape)
         model.set_submodule(tied["embedding"], emb)
-        model.set_submodule(tied["head"], Int8TiedHead(emb))
+        model.set_submodule(tied["head"], Int8TiedHead(emb, activations))
 
 
 def memory_bytes(model: nn.Module) -> int:
@@ -230,8 +245,8 @@ def memory_bytes(model: nn.Module) -> int:
     for m in model.modules():
         if isinstance(m, Int8Linear):
             total += m.in_features * m.out_features + 4 * m.out_features * (2 if m.has_bias else 1)
-        elif isinstance(m, Int8TiedHead):
-            total += m.embedding.weight_int8.numel()
+        elif isinstance(m, Int8TiedHead):  # a packed or transposed copy of the rows; weight-only reads them as is
+            total += m.embedding.weight_int8.numel() if m.activations != "weight-only" else 0
     return total
 
 

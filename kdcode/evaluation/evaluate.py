@@ -30,11 +30,14 @@ def run_eval(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     runtime: Any = None,
+    loaded: Any = None,
 ) -> dict[str, Any]:
     """Evaluate a model folder / id (or a GGUF / ONNX export, in the backend ``runtime`` names: a
     :class:`kdcode.spec.RuntimeSpec` or its dict) on line completion and perplexity (``spec.task`` infill: on
     single-line infilling, :mod:`kdcode.evaluation.infill`); returns the metrics dict (with the device, dtype,
-    threads and backend it ran with under ``runtime``)."""
+    threads and backend it ran with under ``runtime``). ``loaded``: a model already in memory (what
+    :func:`kdcode.inference.loader.load_for_inference` returns, or an object with its ``model``, ``tokenizer``,
+    ``runtime`` and ``verified``), evaluated as it is instead of loading ``name``."""
     from kdcode.inference.decode import DecodeOptions, VocabIndex, beam_search, greedy, n_positions
     from kdcode.inference.loader import load_for_inference
 
@@ -47,8 +50,8 @@ def run_eval(
     if spec.task == "infill" and (spec.lines or spec.data.format == "py150"):
         raise KdcodeError("--task infill removes whole lines from held-out raw code files; drop --lines and "
                           "--format py150")
-    lm = load_for_inference(name, spec.device, spec.dtype, spec.threads, verify=verify, allow_pickle=allow_pickle,
-                            trust_remote_code=trust_remote_code, runtime=runtime)
+    lm = loaded or load_for_inference(name, spec.device, spec.dtype, spec.threads, verify=verify,
+                                      allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, runtime=runtime)
     if spec.task == "infill":
         from kdcode.evaluation.infill import run_infill
 

@@ -8,6 +8,11 @@ Both record the source (its path, the sha256 of its weight files, its own manife
   ``F.kdcode.json`` beside ``F.gguf`` with the same plus the GGUF's own sha256 (checked on load when present),
   and the ollama ``F.Modelfile``.
 
+A quantized export (GGUF ``--quant`` other than f32, ONNX ``--int8``) is measured before it reports success: ES and
+perplexity of the float source and of the export in its runtime on the same held-out code
+(:mod:`kdcode.compression.quality`), recorded under ``quality`` in the manifest (the GGUF's sidecar); where the
+runtime is not installed (llama-cpp-python for GGUF) the record says so.
+
 Outputs are checked before the model is loaded (never inside the source, writable, enough space) and written
 atomically: a killed export leaves no half-written file or folder under the asked name, and a GGUF's three files
 replace the old ones together or not at all (:mod:`kdcode.export.fileset`).
@@ -23,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from kdcode.errors import KdcodeError
-from kdcode.spec import ExportSpec
+from kdcode.spec import ExportCheckSpec, ExportSpec
 
 BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
@@ -76,8 +81,10 @@ def _load(name: str, verify: bool) -> Any:
 
 
 def run_export(name: str, spec: ExportSpec, out: Path, overwrite: bool = False,
-               verify: bool = True) -> tuple[Path, dict[str, Any]]:
-    """Export ``name`` as ``spec`` says to ``out`` (a .gguf file, or a folder for ONNX). Returns (out, manifest)."""
+               verify: bool = True, check: ExportCheckSpec | None = None) -> tuple[Path, dict[str, Any]]:
+    """Export ``name`` as ``spec`` says to ``out`` (a .gguf file, or a folder for ONNX); a quantized export is
+    measured against its source as ``check`` says (None: not measured; the CLI always passes one). Returns (out,
+    manifest)."""
     from kdcode.artifacts import check_output
     from kdcode.models import resolve_path, weights_bytes
 
@@ -96,9 +103,48 @@ def run_export(name: str, spec: ExportSpec, out: Path, overwrite: bool = False,
                                   "another --out")
             if path.exists() and not overwrite:
                 raise KdcodeError(f"{path} exists; choose another --out or pass --overwrite")
-        return out, _export_gguf(_load(name, verify), spec, out)
+        lm = _load(name, verify)
+        before = _before(lm, spec, check)
+        return out, _with_quality(_export_gguf(lm, spec, out), out, sidecar_path(out), before)
     check_output(out, overwrite, {"MODEL": source}, need_bytes=2 * size if size else None)
-    return out, _export_onnx(_load(name, verify), spec, out, overwrite)
+    lm = _load(name, verify)
+    before = _before(lm, spec, check)
+    return out, _with_quality(_export_onnx(lm, spec, out, overwrite), out, out / "kdcode.json", before)
+
+
+def _before(lm: Any, spec: ExportSpec, check: ExportCheckSpec | None) -> dict[str, Any] | None:
+    """The float source measured, when the export quantizes; or why its export cannot be measured here."""
+    import importlib.util
+
+    from kdcode.compression.quality import check_spec, in_memory, measure, skipped
+
+    if check is None:
+        return None
+    quant = (spec.quant or "f32") if spec.format == "gguf" else ("int8" if spec.int8 else "f32")
+    eval_spec = check_spec(check, check.data)
+    if quant == "f32" or eval_spec is None:
+        return None
+    if spec.format == "gguf" and importlib.util.find_spec("llama_cpp") is None:
+        return {"quality": skipped(f"llama-cpp-python is not installed, so the {quant} GGUF cannot be run here "
+                                   "(pip install llama-cpp-python, then kdcode eval F.gguf)")}
+    return {"what": f"{spec.format} {quant}", "check": check, "spec": eval_spec,
+            "before": measure(lm.name, eval_spec, check.check_samples, in_memory(lm.model, lm.tokenizer, lm.verified))}
+
+
+def _with_quality(manifest: dict[str, Any], out: Path, record: Path, before: dict[str, Any] | None) -> dict[str, Any]:
+    """The written export measured in its runtime against ``before``; the manifest file gains ``quality``."""
+    from kdcode.artifacts import write_json
+    from kdcode.compression.quality import compare, measure
+
+    if before is None:
+        return manifest
+    quality = before.get("quality")
+    if quality is None:
+        after = measure(str(out), before["spec"], before["check"].check_samples)
+        quality = compare(before["before"], after, before["check"], before["what"])
+    manifest = {**manifest, "quality": quality}
+    write_json(record, manifest)
+    return manifest
 
 
 def _check_extra(fmt: str) -> None:

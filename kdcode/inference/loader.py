@@ -31,8 +31,9 @@ def dtype_name(model: Any) -> str:
 
     params = list(model.parameters())
     base = str(params[0].dtype).replace("torch.", "") if params else "float32"
-    if any(isinstance(m, Int8Linear) for m in model.modules()):
-        return f"int8 dynamic (Linear/Conv1D), rest {base}"
+    schemes = sorted({m.activations for m in model.modules() if isinstance(m, Int8Linear)})
+    if schemes:
+        return f"int8 ({'/'.join(schemes)}) Linear/Conv1D, rest {base}"
     return base
 
 
