@@ -198,7 +198,7 @@ app()
 def test_sigterm_during_export_removes_its_temp_files_and_says_so(student_src, tmp_path):
     pytest.importorskip("gguf")
     from kdcode.export.run import run_export
-    from kdcode.spec import ExportSpec
+    from kdcode.spec_compress import ExportSpec
 
     out = tmp_path / "s.gguf"
     run_export(str(student_src), ExportSpec(format="gguf"), out)

@@ -123,7 +123,8 @@ def test_half_precision_student_loads_in_its_dtype(tokenizer, tmp_path, dtype):
 
 def test_int8_student_completes_through_load_model(tmp_path, teacher_dir, corpus_dir):
     from kdcode.compression.compress import run_compress
-    from kdcode.spec import CompressSpec, DataSpec
+    from kdcode.spec import DataSpec
+    from kdcode.spec_compress import CompressSpec
 
     spec = CompressSpec(
         data=DataSpec(source=str(corpus_dir)), calib_batches=1, calib_batch_size=2, calib_block_size=32, int8=True

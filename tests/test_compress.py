@@ -19,7 +19,8 @@ from kdcode.compression.prune import keep_top, prune_ffn, prune_heads, unit_impo
 from kdcode.errors import KdcodeError
 from kdcode.inference.decode import _forward_kwargs, _out_cache
 from kdcode.models import load_model
-from kdcode.spec import CompressSpec, DataSpec
+from kdcode.spec import DataSpec
+from kdcode.spec_compress import CompressSpec
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 

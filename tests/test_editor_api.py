@@ -236,7 +236,7 @@ def test_api_show_infills_in_the_order_of_the_exported_modelfile(tmp_path, fim_t
     assert shown.index("<fim_suffix>{{ .Suffix }}") < shown.index("<fim_middle>{{ .Prompt }}")  # SPM: suffix first
     pytest.importorskip("gguf")
     from kdcode.export.run import modelfile_path, run_export
-    from kdcode.spec import ExportSpec
+    from kdcode.spec_compress import ExportSpec
 
     out = tmp_path / "spm.gguf"
     run_export(str(folder), ExportSpec(format="gguf"), out, verify=False)

@@ -22,7 +22,7 @@ from kdcode.export.gguf_arch import _pairs_adjacent, arch_of  # noqa: E402
 from kdcode.export.gguf_file import gguf_manifest, read_fields  # noqa: E402
 from kdcode.export.gguf_vocab import tokenizer_from_gguf  # noqa: E402
 from kdcode.export.run import modelfile_path, run_export, sidecar_path  # noqa: E402
-from kdcode.spec import ExportSpec  # noqa: E402
+from kdcode.spec_compress import ExportSpec  # noqa: E402
 
 
 def _export(src: Path, out: Path, quant: str = "f32", **kw) -> dict:
@@ -147,7 +147,7 @@ def test_refusals_are_one_line(student_src, tmp_path, tokenizer):
 
 def test_int8_folders_are_refused(student_src, tmp_path, corpus_dir):
     from kdcode.compression.compress import run_compress
-    from kdcode.spec import CompressSpec
+    from kdcode.spec_compress import CompressSpec
 
     int8, _ = run_compress(str(student_src), CompressSpec(int8=True, data={"source": str(corpus_dir)}), tmp_path / "q")
     with pytest.raises(KdcodeError, match="export its float parent"):

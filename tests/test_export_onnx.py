@@ -21,7 +21,7 @@ from kdcode.errors import KdcodeError  # noqa: E402
 from kdcode.export.run import run_export  # noqa: E402
 from kdcode.inference.loader import load_for_inference  # noqa: E402
 from kdcode.models import load_model  # noqa: E402
-from kdcode.spec import ExportSpec  # noqa: E402
+from kdcode.spec_compress import ExportSpec  # noqa: E402
 
 pytestmark = pytest.mark.slow  # every test here exports a graph first (~10-30 s on 2 busy cores)
 

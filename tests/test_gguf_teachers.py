@@ -19,7 +19,7 @@ from kdcode import gguf_source  # noqa: E402
 from kdcode.errors import KdcodeError  # noqa: E402
 from kdcode.export.run import run_export  # noqa: E402
 from kdcode.models import load_model, resolve_path  # noqa: E402
-from kdcode.spec import ExportSpec  # noqa: E402
+from kdcode.spec_compress import ExportSpec  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

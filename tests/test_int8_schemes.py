@@ -19,7 +19,8 @@ from kdcode.compression.int8 import INT8_SCHEME, Int8Linear, dequantize_int8, qu
 from kdcode.compression.quality import compare, quality_lines
 from kdcode.compression.smooth import smooth_model
 from kdcode.models import load_model
-from kdcode.spec import CompressSpec, DataSpec, QualityCheckSpec
+from kdcode.spec import DataSpec
+from kdcode.spec_compress import CompressSpec, QualityCheckSpec
 
 runner = CliRunner(env={"COLUMNS": "120", "TERM": "dumb"})
 SCHEMES = ("per-tensor", "per-token", "weight-only", "smoothquant")
@@ -243,7 +244,7 @@ def test_onnx_int8_export_is_measured_in_onnxruntime(tmp_path, llama_dir, corpus
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     from kdcode.export.run import run_export
-    from kdcode.spec import ExportCheckSpec, ExportSpec
+    from kdcode.spec_compress import ExportCheckSpec, ExportSpec
 
     check = ExportCheckSpec(data=DataSpec(source=str(corpus_dir)), check_samples=2, check_blocks=1)
     out, m = run_export(str(llama_dir), ExportSpec(format="onnx", int8=True), tmp_path / "onnx", check=check)

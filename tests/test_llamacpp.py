@@ -18,7 +18,7 @@ from runtime_models import completions, differences, held_out_prompts, tiny_llam
 from kdcode.errors import KdcodeError  # noqa: E402
 from kdcode.export.run import run_export, sidecar_path  # noqa: E402
 from kdcode.inference.loader import load_for_inference  # noqa: E402
-from kdcode.spec import ExportSpec  # noqa: E402
+from kdcode.spec_compress import ExportSpec  # noqa: E402
 
 
 @pytest.fixture(scope="module")

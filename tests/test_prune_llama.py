@@ -15,7 +15,8 @@ from kdcode.compression.compress import run_compress
 from kdcode.compression.prune_llama import LlamaPruner
 from kdcode.errors import KdcodeError
 from kdcode.inference.forward import _forward_kwargs, _out_cache
-from kdcode.spec import CompressSpec, DataSpec
+from kdcode.spec import DataSpec
+from kdcode.spec_compress import CompressSpec
 
 SHAPE = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 3, "num_attention_heads": 8,
          "max_position_embeddings": 128, "head_dim": 8}

@@ -94,7 +94,7 @@ def test_missing_extras_are_named(monkeypatch, tmp_path, teacher_dir):
     with pytest.raises(KdcodeError, match=r"pip install 'kdcode\[onnx\]'"):
         load_for_inference(str(onnx), "cpu")
     from kdcode.export.run import run_export
-    from kdcode.spec import ExportSpec
+    from kdcode.spec_compress import ExportSpec
 
     with pytest.raises(KdcodeError, match=r"--format gguf needs gguf: pip install 'kdcode\[gguf\]'"):
         run_export(str(teacher_dir), ExportSpec(format="gguf"), tmp_path / "t.gguf")

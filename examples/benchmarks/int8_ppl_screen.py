@@ -24,7 +24,8 @@ from kdcode.data import encode_documents
 from kdcode.evaluation.completion_sets import eval_docs
 from kdcode.evaluation.perplexity import held_out_loss
 from kdcode.models import load_model
-from kdcode.spec import CompressSpec, EvalSpec
+from kdcode.spec import EvalSpec
+from kdcode.spec_compress import CompressSpec
 
 
 def main() -> None:

@@ -23,7 +23,8 @@ from kdcode.artifacts import weights_size
 from kdcode.compression.compress import run_compress
 from kdcode.device import cpu_features, machine_line
 from kdcode.evaluation.evaluate import run_eval
-from kdcode.spec import INT8_SCHEMES, BenchSpec, CompressSpec, DataSpec, EvalSpec
+from kdcode.spec import BenchSpec, DataSpec, EvalSpec
+from kdcode.spec_compress import INT8_SCHEMES, CompressSpec
 
 
 def variants(model: str, work: Path, schemes: list[str], dtypes: list[str], data: DataSpec) -> dict[str, str]:

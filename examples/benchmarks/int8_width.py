@@ -23,7 +23,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from kdcode.compression.compress import run_compress
 from kdcode.evaluation.bench import run_bench
 from kdcode.models import load_tokenizer
-from kdcode.spec import BenchSpec, CompressSpec
+from kdcode.spec import BenchSpec
+from kdcode.spec_compress import CompressSpec
 
 
 def build(width: int, layers: int, folder: Path, seed: int) -> Path:

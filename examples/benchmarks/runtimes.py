@@ -51,7 +51,8 @@ from kdcode.evaluation.bench import run_bench_many
 from kdcode.evaluation.evaluate import run_eval
 from kdcode.export.run import run_export, sidecar_path
 from kdcode.models import resolve_path
-from kdcode.spec import BenchSpec, CompressSpec, EvalSpec, ExportSpec
+from kdcode.spec import BenchSpec, EvalSpec
+from kdcode.spec_compress import CompressSpec, ExportSpec
 
 # variant -> (backend, precision, decode path)
 VARIANTS = {

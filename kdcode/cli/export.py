@@ -8,20 +8,15 @@ from typing import Annotated
 import typer
 
 from kdcode.cli._common import (
-    CheckBlocksOpt,
-    CheckSamplesOpt,
     DataOpt,
     GlobOpt,
-    MaxEsDropOpt,
-    MaxPplRiseOpt,
     NoVerifyOpt,
     OverwriteOpt,
-    check_flags,
     handle_errors,
     overrides,
-    print_quality,
 )
 from kdcode.cli._console import out_console, styled
+from kdcode.cli._quality import CheckBlocksOpt, CheckSamplesOpt, MaxEsDropOpt, MaxPplRiseOpt, check_flags, print_quality
 
 
 @handle_errors
@@ -49,7 +44,8 @@ def export(
     export (--quant other than f32, --int8) is measured against its source on held-out code (--data's test
     split) where its runtime is installed."""
     from kdcode.export.run import modelfile_path, run_export, sidecar_path
-    from kdcode.spec import ExportCheckSpec, ExportSpec, build_spec
+    from kdcode.spec import build_spec
+    from kdcode.spec_compress import ExportCheckSpec, ExportSpec
 
     spec = build_spec(ExportSpec, {"format": fmt, "quant": quant, "int8": int8, "opset": opset}, "flags")
     check = build_spec(ExportCheckSpec, {"data": overrides({"source": data, "glob": glob}),

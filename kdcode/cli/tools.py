@@ -10,22 +10,17 @@ import typer
 from rich.table import Table
 
 from kdcode.cli._common import (
-    CheckBlocksOpt,
-    CheckSamplesOpt,
     DataOpt,
     GlobOpt,
-    MaxEsDropOpt,
-    MaxPplRiseOpt,
     NoVerifyOpt,
     OverwriteOpt,
-    check_flags,
     fail,
     handle_errors,
     overrides,
-    print_quality,
     write_json,
 )
 from kdcode.cli._console import out_console, styled
+from kdcode.cli._quality import CheckBlocksOpt, CheckSamplesOpt, MaxEsDropOpt, MaxPplRiseOpt, check_flags, print_quality
 
 
 @handle_errors
@@ -110,7 +105,8 @@ def compress(
     held-out code and warns beyond the thresholds; the manifest keeps the parent chain and the quality."""
     from kdcode.artifacts import weights_size
     from kdcode.compression.compress import run_compress
-    from kdcode.spec import CompressSpec, build_spec
+    from kdcode.spec import build_spec
+    from kdcode.spec_compress import CompressSpec
 
     spec = build_spec(
         CompressSpec,

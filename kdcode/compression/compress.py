@@ -24,7 +24,7 @@ from kdcode.compression.prune import GPT2Pruner, heads_per_layer
 from kdcode.compression.prune_llama import LlamaPruner
 from kdcode.compression.quality import check_spec, compare, in_memory, measure
 from kdcode.errors import KdcodeError
-from kdcode.spec import CompressSpec
+from kdcode.spec_compress import CompressSpec
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-from kdcode.spec import DataSpec, EvalSpec, QualityCheckSpec
+from kdcode.spec import DataSpec, EvalSpec
+from kdcode.spec_compress import QualityCheckSpec
 
 
 def check_spec(check: QualityCheckSpec, data: DataSpec) -> EvalSpec | None:

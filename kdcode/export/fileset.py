@@ -107,3 +107,12 @@ def _roll_back(placed: list[Path], set_aside: list[tuple[Path, Path]]) -> None:
     for backup, out in reversed(set_aside):
         with suppress(OSError):
             os.replace(backup, out)
+
+
+def sidecar_path(gguf: Path) -> Path:
+    """The manifest kdcode writes beside a GGUF file."""
+    return gguf.with_name(gguf.name.removesuffix(".gguf") + ".kdcode.json")
+
+
+def modelfile_path(gguf: Path) -> Path:
+    return gguf.with_name(gguf.name.removesuffix(".gguf") + ".Modelfile")

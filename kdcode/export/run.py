@@ -28,17 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from kdcode.errors import KdcodeError
-from kdcode.spec import ExportCheckSpec, ExportSpec
+from kdcode.export.fileset import modelfile_path, sidecar_path  # noqa: F401 - importers take them from here too
+from kdcode.spec_compress import ExportCheckSpec, ExportSpec
 
 BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
-
-
-def sidecar_path(gguf: Path) -> Path:
-    return gguf.with_name(gguf.name.removesuffix(".gguf") + ".kdcode.json")
-
-
-def modelfile_path(gguf: Path) -> Path:
-    return gguf.with_name(gguf.name.removesuffix(".gguf") + ".Modelfile")
 
 
 def _libraries(*names: str) -> dict[str, str]:

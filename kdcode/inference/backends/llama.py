@@ -237,9 +237,9 @@ def load_gguf(path: Path, threads: int, verify: bool) -> tuple[LlamaModel, Any, 
                           "run the GGUF dequantized in torch with --backend torch") from exc
 
     from kdcode.artifacts import sha256_file
+    from kdcode.export.fileset import sidecar_path
     from kdcode.export.gguf_file import gguf_manifest, read_fields
     from kdcode.export.gguf_vocab import tokenizer_from_gguf
-    from kdcode.export.run import sidecar_path
 
     fields = read_fields(path)
     sidecar = sidecar_path(path)
