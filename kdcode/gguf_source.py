@@ -214,17 +214,19 @@ def check_architecture(path: Path, arch: str | None) -> None:
 
 
 def import_folder(path: Path) -> Path:
-    """The plain safetensors folder made from GGUF file ``path`` (made now if not in the cache)."""
-    from kdcode.artifacts import verify
+    """The plain safetensors folder made from GGUF file ``path`` (made now if not in the cache). A folder already
+    there is taken when its manifest names weight files that exist: a command resolves a name several times, and
+    the weights' sha256 is checked once, when the model is loaded (a damaged folder is one line there)."""
+    from kdcode.artifacts import read_manifest
 
     digest = file_sha256(path)
     folder = cache_root() / "gguf" / f"{path.stem[:60]}-{digest[:16]}"
-    if (folder / "kdcode.json").is_file():
-        try:
-            if verify(folder):
-                return folder
-        except KdcodeError:
-            pass  # damaged: made again below
+    try:
+        listed = (read_manifest(folder) or {}).get("weights_sha256") or {}
+    except KdcodeError:
+        listed = {}  # damaged manifest: made again below
+    if listed and all((folder / name).is_file() for name in listed):
+        return folder
     info = gguf_info(path)
     check_architecture(path, info["architecture"])
     print(f"dequantizing {path.name} ({info['architecture']}, {info['quantization']}) to float32 into "
