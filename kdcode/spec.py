@@ -12,37 +12,17 @@ import json
 import typing
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from kdcode.errors import KdcodeDeprecation, KdcodeError
+from kdcode.spec_base import DeviceName, _Spec
+from kdcode.spec_latency import LatencySpec, Precision
 
 BUNDLED = "bundled"
 CONTEXT_HELP = "prompt tokens kept (default: min(the model's positions, 1024) minus the new tokens)"
-
-
-def _accepts_bool(annotation: Any) -> bool:
-    if annotation is bool or annotation is Any:
-        return True
-    return any(_accepts_bool(a) for a in typing.get_args(annotation))
-
-
-class _Spec(BaseModel):
-    """Every spec: unknown keys, infinities and NaN are errors, and true/false is not a number."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_bools_for_numbers(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for key, value in data.items():
-                field = cls.model_fields.get(key) if isinstance(key, str) else None
-                if isinstance(value, bool) and field is not None and not _accepts_bool(field.annotation):
-                    raise ValueError(f"{key}: {str(value).lower()} is a yes/no value; give a number or a name")
-        return data
 
 
 class TeacherSpec(_Spec):
@@ -88,6 +68,11 @@ class StudentSpec(_Spec):
     init: InitSpec = Field(default_factory=InitSpec)
     hidden_size: int | None = Field(None, ge=8, description="narrower student (random/pretrained init only)")
     heads: int | None = Field(None, ge=1, description="attention heads of a narrower student")
+    prune_heads: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of each block's attention heads removed at "
+                               "init, by importance on calibration blocks (as kdcode compress prunes)")
+    prune_ffn: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of each block's MLP channels removed at init")
+    runtime: Precision = Field("fp32", description="also write the trained student in this runtime precision, to "
+                               "OUT-<precision> (kdcode compress): bf16, int8 (weight-only) or int8-per-token")
 
     @model_validator(mode="before")
     @classmethod
@@ -203,6 +188,8 @@ class RunSpec(_Spec):
     data: DataSpec = Field(default_factory=DataSpec)
     train: TrainSpec = Field(default_factory=lambda: TrainSpec(**DEFAULT_DISTIL_BUDGET))
     teacher_cache: str | None = Field(None, description="train from this teacher-logit cache (kdcode cache-teacher)")
+    latency: LatencySpec | None = Field(None, description="choose the student's shape by this latency budget, "
+                                        "measured on this machine (kdcode plan); replaces student.layers")
     out: str = "student"
 
 
@@ -220,6 +207,16 @@ def resolve_run_spec(file_data: dict[str, Any], overrides: dict[str, Any], where
         train = {**DEFAULT_DISTIL_BUDGET, **train}
     data["train"] = train
     return build_spec(RunSpec, data, where)
+
+
+class PlanSpec(_Spec):
+    """`kdcode plan`: the candidate table for a teacher and a latency budget, without training."""
+
+    teacher: str = BUNDLED
+    latency: LatencySpec
+    data: DataSpec = Field(default_factory=DataSpec)
+    block_size: int = Field(256, ge=8, description="token block of the calibration and held-out blocks")
+    seed: int = 0
 
 
 class ModelShape(_Spec):
@@ -356,7 +353,6 @@ def dump_yaml(spec: BaseModel) -> str:
     return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
 
 
-DeviceName = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")]
 DtypeName = Literal["auto", "fp32", "fp16", "bf16"]
 # Where a model runs (kdcode.inference.backends): "auto" picks by what the path is (a .gguf file: llama.cpp, a
 # folder with model.onnx: onnxruntime, else torch).

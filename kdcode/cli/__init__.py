@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from kdcode import __version__
-from kdcode.cli import cache, data, export, measure, serving, study, tools, train
+from kdcode.cli import cache, data, export, measure, plan, serving, study, tools, train
 
 app = typer.Typer(
     name="kdcode",
@@ -41,7 +41,7 @@ def root(
     ctx.obj = {"debug": debug}
 
 
-for module in (train, cache, measure, study, serving, tools, export):
+for module in (train, plan, cache, measure, study, serving, tools, export):
     module.register(app)
 app.add_typer(data.data_app, name="data")
 

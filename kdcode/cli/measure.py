@@ -36,6 +36,7 @@ from kdcode.cli._common import (
     write_json,
 )
 from kdcode.cli._console import metrics_table, out_console, styled
+from kdcode.cli.plan import latency_budget
 
 EVAL_COLUMNS = [("es", "ES"), ("em", "EM %"), ("token_accuracy", "token acc %"), ("perplexity", "perplexity"),
                 ("samples", "samples")]
@@ -220,6 +221,7 @@ def bench(
         )
         if compare:
             console.print(ratio_line(compare, result["ratios"]))
+    result.update(latency_budget(model, json_out))
     write_json(json_out, result)
     if record:
         record_metrics(model, "bench", {k: v for k, v in result.items() if k != "compare"})

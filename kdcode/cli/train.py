@@ -22,11 +22,20 @@ from kdcode.cli._common import (
     TeacherOpt,
     TemperatureOpt,
     TrustRemoteCodeOpt,
+    fail,
     fim_overrides,
     handle_errors,
     overrides,
 )
 from kdcode.cli._console import out_console, styled
+from kdcode.cli.plan import (
+    LatencyMsOpt,
+    NewTokensOpt,
+    PrecisionsOpt,
+    PromptTokensOpt,
+    RunThreadsOpt,
+    latency_overrides,
+)
 
 MaxStepsOpt = Annotated[int | None, typer.Option(help="Stop after this many optimiser steps.")]
 EpochsOpt = Annotated[float | None, typer.Option(help="Stop after this many passes over the train split.")]
@@ -58,6 +67,11 @@ def distil(
     hidden_size: Annotated[int | None, typer.Option(help="Narrower student width (random/pretrained init).")] = None,
     heads: Annotated[int | None, typer.Option(help="Attention heads of a narrower student.")] = None,
     teacher_cache: Annotated[str | None, typer.Option(help="Train from a teacher-logit cache (cache-teacher).")] = None,
+    latency_ms: LatencyMsOpt = None,
+    prompt_tokens: PromptTokensOpt = None,
+    new_tokens: NewTokensOpt = None,
+    precisions: PrecisionsOpt = None,
+    run_threads: RunThreadsOpt = None,
     fim_rate: FimRateOpt = None,
     fim_spm_rate: FimSpmRateOpt = None,
     fim_mode: FimModeOpt = None,
@@ -96,7 +110,11 @@ def distil(
         "train.checkpoint_every": checkpoint_every, "train.tensorboard": tensorboard or None,
         "train.precision": precision, "train.seed": seed, "out": out,
         "data.fim": fim_overrides(fim_rate, fim_spm_rate, fim_mode, fim_format) or None,
+        **latency_overrides(latency_ms, None, prompt_tokens, new_tokens, precisions, run_threads),
     })
+    if latency_ms is not None and (layers is not None or init is not None):
+        fail("--latency-ms chooses the student's depth and blocks by measurement; drop "
+             + ("--layers" if layers is not None else "--init"))
     run = resolve_run_spec(read_spec_file(spec) if spec else {}, flags, str(spec) if spec else "flags")
     if print_spec:
         typer.echo(dump_yaml(run), nl=False)
@@ -106,7 +124,7 @@ def distil(
         from kdcode.plugins import validate_plugins
 
         validate_plugins(run)
-        if run.student.init.name != "pretrained":
+        if run.student.init.name != "pretrained" and run.latency is None:
             check_depth(run.teacher.name, run.student.layers, run.teacher.revision)
         typer.echo(f"spec is valid: strategy {run.strategy.name!r}, init {run.student.init.name!r}")
         return

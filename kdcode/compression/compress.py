@@ -51,25 +51,56 @@ def prune_model(model: nn.Module, spec: CompressSpec, tokenizer: Any) -> tuple[n
     Returns the pruned model and the steps for the manifest."""
     from kdcode.models import context_length
 
-    heads, ffn = bool(spec.prune_heads), bool(spec.prune_ffn)
-    kind = GPT2Pruner if getattr(model.config, "model_type", None) == "gpt2" else LlamaPruner
-    pruner = kind(model, heads, ffn)
-    units = pruner.units()  # check the fractions before the calibration pass
-    if heads:
-        pruner.keep_heads(torch.zeros(units["heads"]), spec.prune_heads)
-    if ffn:
-        pruner.keep_ffn(torch.zeros(units["ffn"]), spec.prune_ffn)
+    check_prunable(model, spec.prune_heads, spec.prune_ffn)  # the fractions, before the calibration pass
     blocks = calibration_blocks(spec, tokenizer, context_length(model.config, 1024))
-    scores = pruner.importance(blocks, spec.calib_batch_size, heads, ffn)
-    calib = {"data": spec.data.source, "split": "train", "blocks": len(blocks), "block_size": blocks.size(1),
-             "batch_size": spec.calib_batch_size}
-    keep_heads = [pruner.keep_heads(s, spec.prune_heads) for s in scores["heads"]] if heads else None
-    keep_ffn = [pruner.keep_ffn(s, spec.prune_ffn) for s in scores["ffn"]] if ffn else None
+    calib = {"data": spec.data.source, "split": "train"}
+    return prune_with(model, spec.prune_heads, spec.prune_ffn, blocks, spec.calib_batch_size, calib)
+
+
+def pruner_for(model: nn.Module, heads: float, ffn: float) -> Any:
+    """The family's pruner (GPT-2 or Llama-style blocks); one line for a family kdcode cannot prune."""
+    kind = GPT2Pruner if getattr(model.config, "model_type", None) == "gpt2" else LlamaPruner
+    return kind(model, bool(heads), bool(ffn))
+
+
+def check_prunable(model: nn.Module, heads: float, ffn: float) -> None:
+    """The fractions leave every layer at least one head / channel (raises the pruner's one line)."""
+    pruner = pruner_for(model, heads, ffn)
+    units = pruner.units()
+    if heads:
+        pruner.keep_heads(torch.zeros(units["heads"]), heads)
+    if ffn:
+        pruner.keep_ffn(torch.zeros(units["ffn"]), ffn)
+
+
+def prune_with(model: nn.Module, heads: float, ffn: float, blocks: torch.Tensor, batch_size: int,
+               calib: dict[str, Any]) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """Prune ``heads`` / ``ffn`` fractions of each layer by importance measured on ``blocks``; the pruned model and
+    the manifest steps (``calib`` says where the blocks came from)."""
+    pruner = pruner_for(model, heads, ffn)
+    scores = pruner.importance(blocks, batch_size, bool(heads), bool(ffn))
+    calib = {**calib, "blocks": len(blocks), "block_size": blocks.size(1), "batch_size": batch_size}
+    keep_heads = [pruner.keep_heads(s, heads) for s in scores["heads"]] if heads else None
+    keep_ffn = [pruner.keep_ffn(s, ffn) for s in scores["ffn"]] if ffn else None
     steps = [{"step": step, "fraction": fraction, "score": score, "calibration": calib, "kept": keep}
-             for step, fraction, score, keep in (("prune-heads", spec.prune_heads, pruner.head_score, keep_heads),
-                                                 ("prune-ffn", spec.prune_ffn, pruner.ffn_score, keep_ffn))
+             for step, fraction, score, keep in (("prune-heads", heads, pruner.head_score, keep_heads),
+                                                 ("prune-ffn", ffn, pruner.ffn_score, keep_ffn))
              if fraction]
     return pruner.apply(keep_heads, keep_ffn), steps
+
+
+PRUNE_AT_INIT = {"blocks": 8, "batch_size": 4}  # what a student's init-time pruning scores units on
+
+
+def prune_at_init(student: nn.Module, heads: float, ffn: float, calibration: torch.Tensor) -> tuple[nn.Module, list]:
+    """A student's heads / MLP channels pruned by importance right after its init (distil, and the plan's finalists:
+    the same blocks, so the same units)."""
+    if not (heads or ffn):
+        return student, []
+    device = next(student.parameters()).device
+    blocks = calibration[: PRUNE_AT_INIT["blocks"]].to(device)
+    return prune_with(student, heads, ffn, blocks, PRUNE_AT_INIT["batch_size"],
+                      {"data": "training blocks (the init's calibration sample)", "split": "train"})
 
 
 class _Int8Folder:

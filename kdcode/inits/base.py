@@ -130,6 +130,12 @@ def student_config(
     return config
 
 
+def calibration_sample(blocks: Any, seed: int, n: int = 256) -> Any:
+    """Up to ``n`` training blocks in a fixed random order: what an init measures the teacher on."""
+    g = torch.Generator().manual_seed(seed)
+    return blocks[torch.randperm(len(blocks), generator=g)[:n]]
+
+
 def new_model(config: Any) -> torch.nn.Module:
     """A model of ``config`` with float32 weights, whatever dtype the teacher is stored in: the optimiser's
     updates need them (bf16/fp16 compute is autocast's job)."""

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from kdcode.artifacts import check_output, check_trainable, record_layout
+from kdcode.compression.compress import prune_at_init
 from kdcode.data import (
     Corpus,
     data_section,
@@ -23,6 +24,7 @@ from kdcode.data import (
 )
 from kdcode.device import resolve_device
 from kdcode.errors import KdcodeError
+from kdcode.inits.base import calibration_sample
 from kdcode.spec import RunSpec
 from kdcode.train.loop import train_loop
 from kdcode.train.resources import check_block_size, check_memory
@@ -57,7 +59,7 @@ def run_distil(spec: RunSpec, overwrite: bool = False, resume: bool = False) -> 
     strategy, init = _plugins(spec)
     check_output(out, overwrite, distil_inputs(spec), need_bytes=weights_bytes(spec.teacher.name))
     _check_cache_path(spec, out)
-    if spec.student.init.name != "pretrained":
+    if spec.student.init.name != "pretrained" and spec.latency is None:  # a budget chooses the depth later
         check_depth(spec.teacher.name, spec.student.layers, spec.teacher.revision)
     run = run_context(spec, resume, spec.train.tensorboard)
     teacher = load_model(spec.teacher.name, revision=spec.teacher.revision,
@@ -70,11 +72,20 @@ def run_distil(spec: RunSpec, overwrite: bool = False, resume: bool = False) -> 
     _check_teacher(spec, strategy, teacher)
     corpus = load_corpus(spec.data)
     cache, blocks, valid_blocks = _training_blocks(spec, strategy, teacher, corpus, transform)
+    plan = None
+    if spec.latency is not None:  # the shape chosen by measuring candidates on this machine
+        from kdcode.planning.plan import apply_plan, plan_for_run
+
+        plan = plan_for_run(spec, teacher, blocks, valid_blocks, out)
+        spec = apply_plan(spec, plan)
+        strategy, init = _plugins(spec)
+    calibration = calibration_sample(blocks, spec.train.seed)
     if init.needs_calibration:
-        init.prepare(teacher.model, calibration_blocks(blocks, spec.train.seed), spec.student.layers)
+        init.prepare(teacher.model, calibration, spec.student.layers)
     student, layer_map = init.build(
         teacher.model, spec.student.layers, spec.student.hidden_size, spec.student.heads, tokenizer=teacher.tokenizer
     )
+    student, pruned = prune_at_init(student, spec.student.prune_heads, spec.student.prune_ffn, calibration)
     start = _loss_before_training(spec, init, teacher.model, student, layer_map, valid_blocks)
     check_vocab(student, teacher.tokenizer, "the student")
     check_round_trip(student, teacher.tokenizer)
@@ -91,7 +102,8 @@ def run_distil(spec: RunSpec, overwrite: bool = False, resume: bool = False) -> 
         "teacher": teacher.describe(),
         "strategy": {"name": spec.strategy.name, "params": strategy.params.model_dump()},
         "init": {"name": spec.student.init.name, "params": init.params.model_dump(), "origin": init.origin,
-                 "before_training": start},
+                 "before_training": start, "pruned": pruned or None},
+        "latency_plan": plan,
         "layer_map": layer_map,
         "model": {
             "n_layer": student.config.num_hidden_layers,
@@ -106,15 +118,11 @@ def run_distil(spec: RunSpec, overwrite: bool = False, resume: bool = False) -> 
     }
     record_layout(manifest, heads_per_layer(student), f"init {spec.student.init.name} {init.params.model_dump()}")
     save_trained(out, student, teacher.tokenizer, manifest, overwrite, result, run)
+    if plan is not None or spec.student.runtime != "fp32":
+        from kdcode.planning.plan import write_runtime
+
+        write_runtime(out, spec, plan, overwrite)
     return out, manifest
-
-
-def calibration_blocks(blocks: Any, seed: int, n: int = 256) -> Any:
-    """Up to ``n`` training blocks in a fixed random order: what an init measures the teacher on."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    return blocks[torch.randperm(len(blocks), generator=g)[:n]]
 
 
 def _loss_before_training(spec: RunSpec, init: Any, teacher: Any, student: Any, layer_map: list[int | None],

@@ -1,0 +1,167 @@
+"""Students chosen by a latency budget (`kdcode plan`, `distil --latency-ms`): the search finds each family's
+deepest shape within the budget and measures the boundary, the finalists are scored by the proxy and the best
+within the budget is chosen, a student made this way records its plan and measured latency, and the three
+outcomes a budget can have are one line each. Time is a model of the timed model's size (no wall clock decides)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_gpt2, run
+
+from kdcode.compression.int8 import Int8Linear
+from kdcode.errors import KdcodeError
+from kdcode.models import count_params
+from kdcode.planning import timing
+from kdcode.planning.plan import PLAN_FILE_SUFFIX, plan_for_run, plan_shapes
+from kdcode.planning.search import families
+from kdcode.planning.shapes import Shape
+from kdcode.spec_latency import LatencySpec
+
+FACTOR = {"fp32": 1.0, "bf16": 0.8, "int8": 0.6}
+
+
+def model_ms(model: torch.nn.Module) -> float:
+    """A stand-in clock: 1 ms per 1,000 weights, less for bf16 and int8 (what real timing shows on big models)."""
+    kind = ("int8" if any(isinstance(m, Int8Linear) for m in model.modules())
+            else "bf16" if next(model.parameters()).dtype == torch.bfloat16 else "fp32")
+    return count_params(model) / 1000 * FACTOR[kind]
+
+
+@pytest.fixture(autouse=True)
+def fake_clock(monkeypatch):
+    monkeypatch.setattr(timing.Timed, "once", lambda self, task: model_ms(self.model))
+
+
+@pytest.fixture()
+def blocks(tokenizer, corpus_dir):
+    from kdcode.data import load_corpus, split_blocks
+    from kdcode.inits.base import calibration_sample
+    from kdcode.spec import DataSpec
+
+    train, valid = split_blocks(load_corpus(DataSpec(source=str(corpus_dir))), tokenizer, 64)
+    return calibration_sample(train, 0), valid
+
+
+def spec(budget: float, **kw) -> LatencySpec:
+    return LatencySpec(latency_ms=budget, prompt_tokens=48, new_tokens=4, rounds=2, search_rounds=1, proxy_blocks=4,
+                       **{"precisions": ["fp32", "int8"], "ffn_keep": [1.0, 0.5], "head_prune": [0.0], **kw})
+
+
+def test_each_family_keeps_its_deepest_shape_within_the_budget_and_the_best_proxy_wins(tokenizer, blocks):
+    teacher = make_gpt2(tokenizer)  # 4 layers x 32: 1 layer ~33k weights, 4 layers ~71k
+    calib, valid = blocks
+    plan = plan_shapes(teacher, tokenizer, calib, valid, spec(50), log=lambda line: None)
+    assert plan["outcome"] == "chosen" and plan["line"] is None
+    rows = {Shape(r["layers"], r["ffn_keep"], r["head_prune"], r["precision"]): r for r in plan["candidates"]}
+    finals = [s for s, r in rows.items() if r["phase"] == "final"]
+    assert len(finals) == 4  # one per (MLP kept, precision) family
+    for s in finals:
+        assert rows[s]["ms"] <= 50 and rows[s]["meets"]
+        deeper = Shape(s.layers + 1, *s.family)
+        assert s.layers == 4 or rows[deeper]["ms"] > 50  # the boundary was measured, not guessed
+        assert rows[s]["proxy_loss"] > 0 and len(rows[s]["teacher_blocks"]) == s.layers
+    chosen = plan["chosen"]
+    assert chosen["chosen"] and chosen["meets"]
+    assert chosen["proxy_loss"] == min(rows[s]["proxy_loss"] for s in finals)
+    assert sum(r["chosen"] for r in plan["candidates"]) == 1
+    assert plan["teacher"]["layers"] == 4 and plan["teacher"]["ms"] > 50
+    assert plan["task"]["prompt_tokens"] == 48 and plan["task"]["new_tokens"] == 4 and plan["task"]["prompt"]
+    assert plan["machine"]["threads"] >= 1 and "cpu_features" in plan["machine"]
+    json.dumps(plan)  # the table is JSON too
+
+
+def test_a_budget_nothing_meets_names_the_fastest(tokenizer, blocks):
+    plan = plan_shapes(make_gpt2(tokenizer), tokenizer, *blocks, spec(5), log=lambda line: None)
+    assert plan["outcome"] == "none" and plan["chosen"] is None
+    fastest = min(r["ms"] for r in plan["candidates"])
+    assert plan["line"].startswith("no candidate meets 5 ms")
+    assert f"takes {fastest} ms" in plan["line"] and "--latency-ms to at least" in plan["line"]
+
+
+def test_a_budget_the_teacher_meets_says_no_student_is_needed(tokenizer, blocks):
+    plan = plan_shapes(make_gpt2(tokenizer), tokenizer, *blocks, spec(1e6), log=lambda line: None)
+    assert plan["outcome"] == "teacher" and plan["chosen"] is None
+    assert plan["line"].startswith("the teacher itself (4 layers, fp32)") and "no student is needed" in plan["line"]
+    assert [r["layers"] for r in plan["candidates"]] == [4]  # nothing else had to be timed
+
+
+def test_a_family_that_cannot_be_pruned_is_searched_by_depth_and_precision(tokenizer):
+    from transformers import AutoModelForCausalLM, Phi3Config
+
+    phi3 = AutoModelForCausalLM.from_config(Phi3Config(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        max_position_embeddings=128, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id))
+    lines: list[str] = []
+    fams = families(phi3, spec(50, head_prune=[0.0, 0.5]), torch.device("cpu"), lines.append)
+    assert fams == [(1.0, 0.0, "fp32"), (1.0, 0.0, "int8")]
+    assert lines == ["the teacher's family (phi3) cannot be pruned by kdcode in every way (GPT-2 and Llama-style "
+                     "blocks): depth and precision are searched"]
+
+
+def test_plan_cli_prints_the_table_and_json_and_one_line_when_nothing_fits(teacher_dir, corpus_dir, tmp_path):
+    out = tmp_path / "plan.json"
+    args = ["plan", "--teacher", teacher_dir, "--data", corpus_dir, "--prompt-tokens", 48, "--new-tokens", 4,
+            "--precisions", "fp32", "--ffn-keep", "1,0.5", "--head-prune", "0", "--rounds", 1]
+    r = run(*args, "--latency-ms", 50, "--json", out)
+    assert r.exit_code == 0, r.output
+    plan = json.loads(out.read_text())
+    assert "chosen:" in r.output and "quality proxy: held-out loss at init" in r.output
+    assert plan["chosen"]["layers"] >= 1 and plan["budget_ms"] == 50
+    r = run(*args, "--latency-ms", 5)
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.output.strip().splitlines()[-1].startswith("error: no candidate meets 5 ms")
+    r = run(*args[:3])
+    assert r.exit_code == 2 and "--latency-ms is required" in r.output
+
+
+def test_distil_by_budget_writes_the_chosen_student_its_int8_runtime_and_their_latency(teacher_dir, corpus_dir,
+                                                                                     tmp_path):
+    out = tmp_path / "s"
+    r = run("distil", "--teacher", teacher_dir, "--data", corpus_dir, "--latency-ms", 45, "--prompt-tokens", 48,
+            "--new-tokens", 4, "--precisions", "int8", "--max-steps", 2, "--batch-size", 2, "--block-size", 64,
+            "--out", out)
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "kdcode.json").read_text())
+    plan = manifest["latency_plan"]
+    chosen = plan["chosen"]
+    assert chosen["precision"] == "int8" and manifest["model"]["n_layer"] == chosen["layers"]
+    assert manifest["layer_map"] == chosen["teacher_blocks"]
+    assert manifest["spec"]["student"]["runtime"] == "int8"
+    runtime = tmp_path / "s-int8"
+    rt_manifest = json.loads((runtime / "kdcode.json").read_text())
+    assert rt_manifest["metrics"]["latency"]["meets"] is True and rt_manifest["metrics"]["latency"]["budget_ms"] == 45
+    assert manifest["metrics"]["latency"]["measured_on"] == "s-int8"
+    assert (tmp_path / ("s" + PLAN_FILE_SUFFIX)).exists()
+    r = run("bench", runtime, "--prompts", 1, "--rounds", 1, "--new-tokens", 2, "--json", "-")
+    assert r.exit_code == 0, r.output
+    check = json.loads(r.output[r.output.index("{"):])["latency_budget"]
+    assert check["meets"] is True and check["prompt_tokens"] == 48
+
+
+def test_distil_by_budget_refuses_layers_and_a_budget_the_teacher_meets(teacher_dir, corpus_dir, tmp_path):
+    r = run("distil", "--teacher", teacher_dir, "--latency-ms", 45, "--layers", 2, "--out", tmp_path / "a")
+    assert r.exit_code == 2 and "drop --layers" in r.output
+    r = run("distil", "--teacher", teacher_dir, "--data", corpus_dir, "--latency-ms", 1e6, "--prompt-tokens", 48,
+            "--new-tokens", 4, "--precisions", "fp32", "--max-steps", 1, "--block-size", 64, "--out", tmp_path / "b")
+    assert r.exit_code != 0 and "the teacher itself" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_resumed_run_reuses_its_plan(tokenizer, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from kdcode.spec import RunSpec
+
+    run_spec = RunSpec(teacher={"name": "t"}, latency=spec(50).model_dump())
+    saved = {"spec": run_spec.latency.model_dump(mode="json"), "teacher_name": "t", "outcome": "chosen",
+             "chosen": {"layers": 2, "ffn_keep": 1.0, "head_prune": 0.0, "precision": "fp32"}}
+    (tmp_path / ("s" + PLAN_FILE_SUFFIX)).write_text(json.dumps(saved))
+    monkeypatch.setattr("kdcode.planning.plan.plan_shapes", lambda *a, **k: pytest.fail("planned again"))
+    assert plan_for_run(run_spec, SimpleNamespace(), None, None, tmp_path / "s") == saved
+    with pytest.raises(KdcodeError):
+        from kdcode.planning.plan import require_student
+
+        require_student({"outcome": "none", "line": "no candidate meets 1 ms"})
