@@ -18,7 +18,8 @@ from kdcode.planning.shapes import Shape
 from kdcode.planning.timing import Task, Timed, make_task, summary, time_interleaved
 from kdcode.spec_latency import LatencySpec
 
-PLAN_FILE_SUFFIX = ".plan.json"  # OUT.plan.json: a distil run's plan, reused by --resume
+PLAN_FILE_SUFFIX = ".plan.json"
+CALIBRATION_BLOCKS = 64  # train blocks kdcode plan reads (the init and the pruning score 8 of them)  # OUT.plan.json: a distil run's plan, reused by --resume
 
 
 def _outcome_teacher(plan: dict[str, Any], task: Task) -> str:
@@ -111,18 +112,28 @@ def require_student(plan: dict[str, Any]) -> dict[str, Any]:
 
 def run_plan(spec: Any, log: Log = _stderr) -> dict[str, Any]:
     """`kdcode plan`: load the teacher and the data (as distil would), then :func:`plan_shapes`."""
-    from kdcode.data import load_corpus, split_blocks
-    from kdcode.inits.base import calibration_sample
+    import random
+
+    from kdcode.data import encode_documents, load_corpus
     from kdcode.models import load_model
 
     teacher = load_model(spec.teacher)
     corpus = load_corpus(spec.data)
     block = min(spec.block_size, n_positions(teacher.model))
-    train, valid = split_blocks(corpus, teacher.tokenizer, block)
-    if len(valid) == 0 or len(train) == 0:
+    # the calibration blocks: documents of the train split in a seeded order, until 64 blocks (not the whole split)
+    docs = list(corpus.splits["train"])
+    random.Random(spec.seed).shuffle(docs)
+    train: list[int] = []
+    for i in range(0, len(docs), 32):
+        train += encode_documents(docs[i : i + 32], teacher.tokenizer)
+        if len(train) >= CALIBRATION_BLOCKS * block:
+            break
+    valid = encode_documents(corpus.splits["valid"], teacher.tokenizer)
+    if min(len(train), len(valid)) < block:
         raise KdcodeError(f"the train and held-out splits of --data {spec.data.source} need at least one {block}-token "
                           "block each; use more data")
-    plan = plan_shapes(teacher.model, teacher.tokenizer, calibration_sample(train, spec.seed), valid, spec.latency, log)
+    calibration, held_out = (torch.tensor(s[: len(s) // block * block]).view(-1, block) for s in (train, valid))
+    plan = plan_shapes(teacher.model, teacher.tokenizer, calibration, held_out, spec.latency, log)
     plan["teacher_name"] = spec.teacher
     return plan
 

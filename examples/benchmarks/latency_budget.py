@@ -1,0 +1,233 @@
+"""Students chosen by a latency budget, checked against a grid of hand-picked shapes that meet the same budget.
+
+    python examples/benchmarks/latency_budget.py --out DIR plan --teacher bundled --budgets 40,60,90  # quiet machine
+    python examples/benchmarks/latency_budget.py --out DIR grid --teacher bundled --budget 60 \\
+        --shapes 6:1:0:fp32,8:0.5:0:fp32,... --steps 300                     # distil + ES of the chosen and the grid
+    python examples/benchmarks/latency_budget.py --out DIR check                 # quiet: `kdcode bench` of the chosen
+    python examples/benchmarks/latency_budget.py --out DIR table
+
+- ``plan``: `kdcode plan` for each budget (the candidate table; DIR/plan-<teacher>-<budget>.json).
+- ``grid``: the plan's chosen shape and every ``--shapes`` entry (``layers:ffn_keep:head_prune:precision``; each
+  must meet the budget in the plan's own measurements, which the script checks), each built as the plan builds its
+  finalists (the measured-importance init's blocks, pruned by importance), its quality proxy recorded, distilled
+  with the same ``--steps`` and written in its runtime precision; then line-completion ES (CodeXGLUE's, greedy)
+  with its standard error on ``--samples`` held-out stdlib lines. Appends rows to DIR/results.jsonl.
+- ``check``: `kdcode bench` on each chosen student as written: its budget's task timed independently of the plan.
+- ``table``: per budget, the chosen shape, its measured ms, ES +- SE, the best grid ES +- SE, whether the chosen is
+  within one SE of the best, and the proxy's Spearman rank correlation with ES (per budget and pooled).
+
+Every row names the CPU's instruction sets and threads. Distillation and ES runs are not timed; ``plan`` and
+``check`` are, and belong on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from kdcode.device import machine_line
+
+HERE = Path(__file__).resolve().parent
+
+
+def _load(name: str, path: Path) -> Any:
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def _append(out: Path, row: dict[str, Any]) -> None:
+    with (out / "results.jsonl").open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+def _rows(out: Path) -> list[dict[str, Any]]:
+    path = out / "results.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def plan_path(out: Path, teacher: str, budget: float) -> Path:
+    return out / f"plan-{Path(teacher).name}-{budget:g}.json"
+
+
+def plan(args: argparse.Namespace) -> None:
+    from kdcode.planning.plan import run_plan
+    from kdcode.spec import PlanSpec
+
+    for budget in [float(b) for b in args.budgets.split(",")]:
+        latency = {"latency_ms": budget, "threads": args.threads, "new_tokens": args.new_tokens}
+        if args.prompt_tokens:
+            latency["prompt_tokens"] = args.prompt_tokens
+        result = run_plan(PlanSpec(teacher=args.teacher, latency=latency))
+        plan_path(args.out, args.teacher, budget).write_text(json.dumps(result, indent=1))
+        chosen = result["chosen"]
+        print(f"{args.teacher} {budget:g} ms: {result['outcome']}"
+              + (f", chosen {chosen['layers']} layers MLP {chosen['ffn_keep']} heads -{chosen['head_prune']} "
+                 f"{chosen['precision']} {chosen['ms']} ms proxy {chosen['proxy_loss']}" if chosen else
+                 f": {result['line']}"), flush=True)
+
+
+def _shape(text: str) -> dict[str, Any]:
+    layers, ffn, heads, precision = text.split(":")
+    return {"layers": int(layers), "ffn_keep": float(ffn), "head_prune": float(heads), "precision": precision}
+
+
+def _key(row: dict[str, Any]) -> tuple:
+    return (row["layers"], row["ffn_keep"], row["head_prune"], row["precision"])
+
+
+def grid(args: argparse.Namespace) -> None:
+    import torch
+
+    from kdcode.data import load_corpus, split_blocks
+    from kdcode.inits.base import calibration_sample
+    from kdcode.models import load_model
+    from kdcode.planning.search import Finalists
+    from kdcode.planning.shapes import Shape
+    from kdcode.spec import DataSpec, RunSpec, TrainSpec
+    from kdcode.spec_latency import LatencySpec
+    from kdcode.train.distil import run_distil
+
+    result = json.loads(plan_path(args.out, args.teacher, args.budget).read_text())
+    measured = {_key(r): r for r in result["candidates"]}
+    shapes = [result["chosen"]] + [_shape(s) for s in args.shapes.split(",") if s]
+    for s in shapes[1:]:
+        row = measured.get(_key(s))
+        if row is None or not row["meets"]:
+            sys.exit(f"grid shape {s} was not measured within {args.budget:g} ms by the plan; pick from its table")
+    teacher = load_model(args.teacher)
+    train, valid = split_blocks(load_corpus(DataSpec()), teacher.tokenizer, args.block_size)
+    calibration = calibration_sample(train, 0)
+    spec = LatencySpec(**result["spec"])
+    fin = Finalists(teacher.model, calibration, valid, spec, torch.device("cpu"))
+    real_teacher = _load("real_teacher", HERE / "real_teacher.py")
+    sets = real_teacher.completion_sets(args.out, args.samples)
+    done = {(r["budget_ms"], tuple(r["shape"].values())) for r in _rows(args.out) if r.get("kind") == "grid"}
+    for i, s in enumerate(shapes):
+        shape = Shape(**{k: s[k] for k in ("layers", "ffn_keep", "head_prune", "precision")})
+        if (args.budget, tuple(shape.as_dict().values())) in done:
+            continue
+        _, info = fin.build(shape)
+        name = f"b{args.budget:g}-{shape.layers}l-f{shape.ffn_keep:g}-h{shape.head_prune:g}-{shape.precision}"
+        out = args.out / Path(args.teacher).name / name
+        run_spec = RunSpec(
+            teacher={"name": args.teacher},
+            student={"layers": shape.layers, "init": {"name": "layers", "params": {"layers": info["teacher_blocks"]}},
+                     "prune_heads": shape.head_prune, "prune_ffn": round(1 - shape.ffn_keep, 6),
+                     "runtime": shape.precision},
+            train=TrainSpec(max_steps=args.steps, batch_size=args.batch_size, block_size=args.block_size,
+                            lr=args.lr, eval_every=max(args.steps, 1), threads=args.threads),
+            out=str(out))
+        run_distil(run_spec, overwrite=True)
+        folder = out if shape.precision == "fp32" else out.with_name(f"{out.name}-{shape.precision}")
+        es = real_teacher.score(str(folder), sets["stdlib"], None)
+        row = {"kind": "grid", "teacher": args.teacher, "budget_ms": args.budget, "chosen": i == 0,
+               "shape": shape.as_dict(), "plan_ms": measured[_key(s)]["ms"], "proxy_loss": info["proxy_loss"],
+               "steps": args.steps, "folder": str(folder), "es": es["es"], "es_se": es["es_se"],
+               "samples": es["samples"], "machine": machine_line()}
+        _append(args.out, row)
+        print(json.dumps(row), flush=True)
+
+
+def check(args: argparse.Namespace) -> None:
+    for row in [r for r in _rows(args.out) if r.get("kind") == "grid" and r["chosen"]]:
+        proc = subprocess.run(["kdcode", "bench", row["folder"], "--prompts", "4", "--rounds", "3", "--json", "-"],
+                              capture_output=True, text=True, check=True)
+        budget = json.loads(proc.stdout[proc.stdout.index("{"):])["latency_budget"]
+        out = {"kind": "check", "teacher": row["teacher"], "budget_ms": row["budget_ms"], "folder": row["folder"],
+               **budget, "machine": machine_line()}
+        _append(args.out, out)
+        print(json.dumps(out), flush=True)
+
+
+def spearman(x: list[float], y: list[float]) -> float | None:
+    if len(x) < 3:
+        return None
+
+    def ranks(v: list[float]) -> list[float]:
+        order = sorted(range(len(v)), key=v.__getitem__)
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(v):
+            j = i
+            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    var = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+    return round(cov / var, 3) if var else None
+
+
+def table(args: argparse.Namespace) -> None:
+    rows = _rows(args.out)
+    grids = [r for r in rows if r.get("kind") == "grid"]
+    checks = {(r["teacher"], r["budget_ms"]): r for r in rows if r.get("kind") == "check"}
+    print("| teacher | budget ms | chosen shape | plan ms | bench ms [range] | ES +- SE | best grid ES +- SE (shape) "
+          "| within 1 SE | proxy rank corr. |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    pooled: tuple[list[float], list[float]] = ([], [])
+    for key in sorted({(r["teacher"], r["budget_ms"]) for r in grids}):
+        group = [r for r in grids if (r["teacher"], r["budget_ms"]) == key]
+        chosen = next((r for r in group if r["chosen"]), None)
+        others = [r for r in group if not r["chosen"]]
+        best = max(others, key=lambda r: r["es"]) if others else None
+        rho = spearman([-r["proxy_loss"] for r in group], [r["es"] for r in group])
+        pooled[0].extend(-r["proxy_loss"] for r in group)
+        pooled[1].extend(r["es"] for r in group)
+        c = checks.get(key)
+        bench = f"{c['ms']} [{c['ms_range'][0]}-{c['ms_range'][1]}] {'meets' if c['meets'] else 'MISSES'}" if c else "-"
+        s = chosen["shape"] if chosen else {}
+        label = lambda sh: f"{sh['layers']}L MLP {sh['ffn_keep']:g} heads -{sh['head_prune']:g} {sh['precision']}"  # noqa: E731
+        within = chosen and best and chosen["es"] >= best["es"] - best["es_se"]
+        print(f"| {Path(key[0]).name} | {key[1]:g} | {label(s) if s else '-'} | {chosen and chosen['plan_ms']} | "
+              f"{bench} | {chosen and chosen['es']} +- {chosen and chosen['es_se']} | "
+              f"{best and best['es']} +- {best and best['es_se']} ({best and label(best['shape'])}) | "
+              f"{'yes' if within else 'no'} | {rho} (n={len(group)}) |")
+    print(f"pooled proxy rank correlation: {spearman(*pooled)} over {len(pooled[0])} students")
+    if grids:
+        print(f"machine: {grids[0]['machine']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("plan")
+    p.add_argument("--teacher", default="bundled")
+    p.add_argument("--budgets", required=True)
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--prompt-tokens", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None)
+    g = sub.add_parser("grid")
+    g.add_argument("--teacher", default="bundled")
+    g.add_argument("--budget", type=float, required=True)
+    g.add_argument("--shapes", required=True, help="layers:ffn_keep:head_prune:precision,...")
+    g.add_argument("--steps", type=int, default=300)
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--block-size", type=int, default=256)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--samples", type=int, default=100)
+    g.add_argument("--threads", type=int, default=None)
+    sub.add_parser("check")
+    sub.add_parser("table")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    {"plan": plan, "grid": grid, "check": check, "table": table}[args.cmd](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
