@@ -18,7 +18,8 @@ from kdcode.planning.shapes import Shape
 from kdcode.planning.timing import Task, Timed, make_task, summary, time_interleaved
 from kdcode.spec_latency import LatencySpec
 
-PLAN_FILE_SUFFIX = ".plan.json"
+PLAN_FILE_SUFFIX = ".plan.json"  # OUT.plan.json: a distil run's plan, reused by --resume
+CALIBRATION_BLOCKS = 64  # train blocks kdcode plan reads (the init and the pruning score 8 of them)
 CALIBRATION_BLOCKS = 64  # train blocks kdcode plan reads (the init and the pruning score 8 of them)  # OUT.plan.json: a distil run's plan, reused by --resume
 
 
