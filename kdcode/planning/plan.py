@@ -20,7 +20,6 @@ from kdcode.spec_latency import LatencySpec
 
 PLAN_FILE_SUFFIX = ".plan.json"  # OUT.plan.json: a distil run's plan, reused by --resume
 CALIBRATION_BLOCKS = 64  # train blocks kdcode plan reads (the init and the pruning score 8 of them)
-CALIBRATION_BLOCKS = 64  # train blocks kdcode plan reads (the init and the pruning score 8 of them)  # OUT.plan.json: a distil run's plan, reused by --resume
 
 
 def _outcome_teacher(plan: dict[str, Any], task: Task) -> str:
