@@ -47,7 +47,7 @@ COLUMNS = [("precision", "precision"), ("ms", "ms / completion"), ("params_m", "
 
 
 def _label(row: dict[str, Any]) -> str:
-    parts = [f"{row['layers']} layers"]
+    parts = [f"{row['layers']} layer" + ("s" if row['layers'] != 1 else "")]
     if row["ffn_keep"] < 1:
         parts.append(f"MLP {row['ffn_keep']:.0%}")
     if row["head_prune"]:

@@ -35,7 +35,7 @@ class Shape:
         return (self.ffn_keep, self.head_prune, self.precision)
 
     def label(self) -> str:
-        parts = [f"{self.layers} layers"]
+        parts = [f"{self.layers} layer" + ("s" if self.layers != 1 else "")]
         if self.ffn_keep < 1:
             parts.append(f"MLP {self.ffn_keep:.0%}")
         if self.head_prune:
