@@ -11,7 +11,8 @@
   must meet the budget in the plan's own measurements, or be shallower than a shape of its family that did), each
   built as the plan builds its finalists (the measured-importance init's blocks, pruned by importance), its quality
   proxy recorded, distilled with the same ``--steps`` and written in its runtime precision; then line-completion ES
-  (CodeXGLUE's, greedy) with its standard error on ``--samples`` held-out stdlib lines. Appends rows to DIR/results.jsonl.
+  (CodeXGLUE's, greedy) with its standard error on ``--samples`` held-out stdlib lines.
+  Appends rows to DIR/results.jsonl.
 - ``check``: `kdcode bench` on each chosen student as written: its budget's task timed independently of the plan.
 - ``table``: per budget, the chosen shape, its measured ms, ES +- SE, the best grid ES +- SE, whether the chosen is
   within one SE of the best, and the proxy's Spearman rank correlation with ES (per budget and pooled).
