@@ -66,6 +66,11 @@ def plan(args: argparse.Namespace) -> None:
         latency = {"latency_ms": budget, "threads": args.threads, "new_tokens": args.new_tokens}
         if args.prompt_tokens:
             latency["prompt_tokens"] = args.prompt_tokens
+        for key in ("ffn_keep", "head_prune", "precisions"):
+            value = getattr(args, key)
+            if value:
+                latency[key] = [v if key == "precisions" else float(v) for v in value.split(",")]
+        latency["rounds"] = args.rounds
         result = run_plan(PlanSpec(teacher=args.teacher, latency=latency))
         plan_path(args.out, args.teacher, budget).write_text(json.dumps(result, indent=1))
         chosen = result["chosen"]
@@ -140,8 +145,20 @@ def grid(args: argparse.Namespace) -> None:
         print(json.dumps(row), flush=True)
 
 
+def _record_plan(folder: Path, plan_file: Path) -> None:
+    """The plan a chosen student was made by, in its manifest as `distil --latency-ms` records it (so `kdcode bench`
+    checks its budget)."""
+    from kdcode.artifacts import MANIFEST, read_manifest, write_json
+
+    manifest = read_manifest(folder)
+    if manifest is not None and not manifest.get("latency_plan"):
+        manifest["latency_plan"] = json.loads(plan_file.read_text())
+        write_json(folder / MANIFEST, manifest)
+
+
 def check(args: argparse.Namespace) -> None:
     for row in [r for r in _rows(args.out) if r.get("kind") == "grid" and r["chosen"]]:
+        _record_plan(Path(row["folder"]), plan_path(args.out, row["teacher"], row["budget_ms"]))
         proc = subprocess.run(["kdcode", "bench", row["folder"], "--prompts", "4", "--rounds", "3", "--json", "-"],
                               capture_output=True, text=True, check=True)
         budget = json.loads(proc.stdout[proc.stdout.index("{"):])["latency_budget"]
@@ -215,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--prompt-tokens", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--ffn-keep", default=None, help="e.g. 1,0.75,0.5 (default: the spec's)")
+    p.add_argument("--head-prune", default=None, help="e.g. 0,0.5")
+    p.add_argument("--precisions", default=None, help="e.g. fp32,bf16,int8")
+    p.add_argument("--rounds", type=int, default=5, help="the finalists' interleaved rounds")
     g = sub.add_parser("grid")
     g.add_argument("--teacher", default="bundled")
     g.add_argument("--budget", type=float, required=True)
