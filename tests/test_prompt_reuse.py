@@ -1,7 +1,8 @@
 """Decoding stopped from outside and started from the previous call's KV cache: the engine's completions with a kept
 cache are token for token a cold start's, and only the tokens after the shared prefix are fed to the model (GPT-2
-and Llama, greedy and speculative); a set ``cancel`` stops greedy, beam, sampling and speculative decoding before
-their next model pass. Forward passes and the tokens fed are counted with hooks, never timed."""
+and Llama, greedy and speculative, drafted by a model or by prompt lookup); a set ``cancel`` stops greedy, beam,
+sampling and speculative decoding before their next model pass. Forward passes and the tokens fed are counted with
+hooks, never timed."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from runtime_models import tiny_llama
 
 from kdcode.inference.engine import Engine, load_engine
 from kdcode.inference.forward import PromptCache
+from kdcode.inference.lookup import as_lookup
 
 BASE = (
     "import os\n\n\ndef main(argv):\n    path = os.path.join(argv[0], 'x')\n    if not path:\n"
@@ -52,19 +54,22 @@ def draft_dir(tmp_path_factory, teacher_dir):
     return make_fim_model(tmp_path_factory.mktemp("draft"), teacher_dir, seed=1, n_layer=2)
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama", "draft"])
+@pytest.fixture(scope="module", params=["gpt2", "llama", "draft", "lookup"])
 def engine(request, teacher_dir, llama_dir, draft_dir, fim_teacher_dir) -> Engine:
     if request.param == "gpt2":
         return load_engine(str(teacher_dir), device="cpu", warm_up=False)
     if request.param == "llama":
         return load_engine(str(llama_dir), device="cpu", warm_up=False)
+    if request.param == "lookup":  # prompt lookup drafting: the target's cache alone
+        return load_engine(str(llama_dir), device="cpu", warm_up=False, draft="lookup", draft_tokens=3)
     return load_engine(str(fim_teacher_dir), device="cpu", warm_up=False, draft=str(draft_dir), draft_tokens=3)
 
 
 def _models(engine: Engine) -> list:
     """Each model of the engine and the cache it keeps."""
     pairs = [(engine.model, engine.prompt_cache)]
-    return pairs + ([(engine.draft.model, engine.draft_cache)] if engine.draft is not None else [])
+    drafted = engine.draft is not None and as_lookup(engine.draft) is None  # prompt lookup has no model
+    return pairs + ([(engine.draft.model, engine.draft_cache)] if drafted else [])
 
 
 def test_a_kept_cache_gives_a_cold_starts_tokens_and_feeds_only_what_changed(engine):
@@ -129,16 +134,18 @@ def test_prompt_cache_keeps_only_what_it_can_cut_back():
     assert kept.cache is None
 
 
-@pytest.mark.parametrize("how", ["greedy", "beams", "sampled", "draft"])
+@pytest.mark.parametrize("how", ["greedy", "beams", "sampled", "draft", "lookup"])
 def test_cancel_stops_decoding_before_the_next_model_pass(teacher_dir, draft_dir, fim_teacher_dir, how):
     """``cancel`` set while pass 3 runs: it is the last pass, of the target and of the draft."""
     if how == "draft":
         engine = load_engine(str(fim_teacher_dir), device="cpu", warm_up=False, draft=str(draft_dir), draft_tokens=2)
+    elif how == "lookup":
+        engine = load_engine(str(teacher_dir), device="cpu", warm_up=False, draft="lookup", draft_tokens=2)
     else:
         engine = load_engine(str(teacher_dir), device="cpu", warm_up=False)
     cancel = threading.Event()
     target = Fed(engine.model, cancel, cancel_at=3)
-    draft = Fed(engine.draft.model) if engine.draft is not None else None
+    draft = Fed(engine.draft.model) if how == "draft" else None
     kw = {"n": 2} if how == "beams" else {"n": 2, "temperature": 0.8, "seed": 1} if how == "sampled" else {}
     result = engine.complete(BASE, 60, stop=[], cancel=cancel, **kw)
     assert result.cancelled and len(target.tokens) == 3

@@ -7,20 +7,24 @@ Sub-commands (each appends rows to OUT/results.jsonl and prints a table; all nam
     python examples/benchmarks/real_teacher.py --out DIR checkpoint --run STUDENT_OUT --layer-map 0,1,...  # a folder
     python examples/benchmarks/real_teacher.py --out DIR lookup --teacher smollm2 [--draft DRAFT] [--k 8]
     python examples/benchmarks/real_teacher.py --out DIR speed --teacher smollm2 --student STUDENT [--rounds 3]
+    python examples/benchmarks/real_teacher.py --out DIR speed --teacher smollm2 --draft lookup [--k 8]  # or a DRAFT
 
 - ``quality``: line-completion ES / EM (CodeXGLUE's, greedy) with the standard error of ES, on two fixed sets of
   ``--samples`` lines: the held-out stdlib test split (what `kdcode eval` draws, seed 0) and installed third-party
   packages that are never in the corpus (the gap ablation's ``thirdparty`` set), beside the repeat-the-previous-line
   baseline. Context: `kdcode eval`'s default (min(positions, 1024) minus 48 new tokens).
 - ``curve``: the student's held-out loss against KD tokens seen, from its ``train_log.jsonl`` (a run bound by steps).
-- ``lookup``: drafting by prompt lookup, simulated exactly on the teacher's own greedy continuations (no timing):
-  at each teacher pass the proposal is the ``k`` tokens that followed the last earlier occurrence of the context's
-  final 3-, 2- or 1-gram; the pass keeps the proposal's longest prefix equal to the greedy tokens plus the
-  teacher's own next token. With ``--draft``: the same for a draft model's greedy proposals (real speculative
-  decoding, so its acceptance is measured by kdcode.inference.speculative). Tokens per teacher pass is what a
-  memory-bound decode step turns into speed.
+- ``lookup``: drafting by prompt lookup (``--draft lookup``, kdcode.inference.lookup: no draft model), decoded for
+  real on the teacher's greedy continuations (no timing): at each teacher pass the proposal is the ``k`` tokens that
+  followed the most recent earlier occurrence of the context's final 3-, 2- or 1-gram; the pass keeps the
+  proposal's longest prefix the teacher agrees with plus the teacher's own next token. The output is checked against
+  plain greedy decoding. With ``--draft``: the same for a draft model's greedy proposals. Tokens per teacher pass is
+  what a memory-bound decode step turns into speed. (The figures of docs/real-teacher.md from before prompt lookup
+  was a draft were simulated on the greedy continuations, the last ``k``-token proposal not cut to the tokens left.)
 - ``speed``: `kdcode bench` of teacher and student in interleaved rounds (A B, B A, ...) on the same prompts, torch
-  fp32, the ratio with its range. Run it on a quiet machine only.
+  fp32, the ratio with its range. With ``--draft lookup`` (or ``--draft DRAFT``) instead of ``--student``: `kdcode
+  bench TEACHER --draft lookup`, the teacher alone vs drafted by prompt lookup, the ratio, tokens per teacher pass
+  and acceptance at ``--k``, and whether the outputs were identical. Run it on a quiet machine only.
 """
 
 from __future__ import annotations
@@ -140,41 +144,16 @@ def checkpoint(args: argparse.Namespace) -> list[dict[str, Any]]:
              "folder": str(out)}]
 
 
-def lookup_proposal(context: list[int], k: int, max_n: int = 3) -> list[int]:
-    """The k tokens after the last earlier occurrence of the context's final n-gram (n = max_n..1), else []."""
-    for n in range(max_n, 0, -1):
-        if len(context) <= n:
-            continue
-        tail = context[-n:]
-        for start in range(len(context) - n - 1, -1, -1):
-            if context[start:start + n] == tail:
-                return context[start + n:start + n + k]
-    return []
-
-
-def simulate_lookup(prompt: list[int], greedy: list[int], k: int) -> tuple[int, int, int]:
-    """(teacher passes, proposed, accepted) for greedy speculative decoding with prompt-lookup proposals."""
-    passes = proposed = accepted = 0
-    done = 0
-    while done < len(greedy):
-        proposal = lookup_proposal(prompt + greedy[:done], k)
-        passes += 1
-        proposed += len(proposal)
-        ok = 0
-        while ok < len(proposal) and done + ok < len(greedy) and proposal[ok] == greedy[done + ok]:
-            ok += 1
-        accepted += ok
-        done += ok + 1  # the accepted tokens and the teacher's own next one
-    return passes, proposed, accepted
-
-
 def lookup(args: argparse.Namespace) -> list[dict[str, Any]]:
     from kdcode.inference.decode import DecodeOptions, VocabIndex, encode_prompt, greedy, n_positions
     from kdcode.inference.loader import load_for_inference
+    from kdcode.inference.lookup import PromptLookup
+    from kdcode.inference.speculative import speculative
 
     sets = completion_sets(args.out, args.samples)
     lm = load_for_inference(args.teacher, "cpu", "fp32")
     index = VocabIndex(lm.tokenizer)
+    draft = load_for_inference(args.draft, "cpu", "fp32") if args.draft else None
     rows = []
     for key, path in sets.items():
         prompts = [LineSample(**json.loads(x)).input for x in path.read_text().splitlines()][: args.prompts]
@@ -182,37 +161,52 @@ def lookup(args: argparse.Namespace) -> list[dict[str, Any]]:
                              fixed_length=True)
         context = opts.context_for(n_positions(lm.model))
         encoded = [encode_prompt(index, text, opts, context) for text in prompts]  # what the teacher sees
-        gen = greedy(lm.model, index, encoded, opts, 1)
-        passes = proposed = accepted = tokens = 0
-        for prompt, out in zip(encoded, gen.token_ids):
-            p, q, a = simulate_lookup(list(prompt.ids), list(out), args.k)
-            passes, proposed, accepted, tokens = passes + p, proposed + q, accepted + a, tokens + len(out)
-        row = {"kind": "lookup", "set": key, "teacher": args.teacher, "k": args.k, "prompts": len(prompts),
-               "tokens": tokens, "teacher_passes": passes, "proposed": proposed, "accepted": accepted,
-               "tokens_per_pass": round(tokens / passes, 3), "acceptance_rate": round(accepted / max(proposed, 1), 4),
+        own = greedy(lm.model, index, encoded, opts, 1)
+        gen, acc = speculative(lm.model, PromptLookup(max_n=args.max_n), index, encoded, opts, args.k)
+        s = acc.summary()
+        tokens = sum(gen.token_counts)
+        row = {"kind": "lookup", "set": key, "teacher": args.teacher, "k": args.k, "max_n": args.max_n,
+               "prompts": len(prompts), "tokens": tokens, "teacher_passes": s["target_passes"],
+               "proposed": s["proposed"], "accepted": s["accepted"], "tokens_per_pass": s["tokens_per_pass"],
+               "acceptance_rate": s["acceptance_rate"], "identical_to_greedy": gen.token_ids == own.token_ids,
                "machine": machine_line()}
-        print(f"prompt lookup on {key}: {tokens} tokens in {passes} teacher passes = {row['tokens_per_pass']} tokens "
-              f"per pass (acceptance {row['acceptance_rate']})", flush=True)
+        print(f"prompt lookup on {key}: {tokens} tokens in {s['target_passes']} teacher passes = "
+              f"{row['tokens_per_pass']} tokens per pass (acceptance {row['acceptance_rate']}; output = greedy: "
+              f"{row['identical_to_greedy']})", flush=True)
         rows.append(row)
-        if args.draft:
-            from kdcode.inference.speculative import speculative
-
-            draft = load_for_inference(args.draft, "cpu", "fp32")
-            _, acc = speculative(lm.model, draft.model, index, encoded, opts, args.k)
-            s = acc.summary()
+        if draft is not None:
+            dgen, dacc = speculative(lm.model, draft.model, index, encoded, opts, args.k)
+            s = dacc.summary()
             rows.append({"kind": "draft", "set": key, "teacher": args.teacher, "draft": args.draft, **s,
-                         "machine": machine_line()})
+                         "identical_to_greedy": dgen.token_ids == own.token_ids, "machine": machine_line()})
             print(f"draft {args.draft} on {key}: {s['tokens_per_pass']} tokens per pass (acceptance "
                   f"{s['acceptance_rate']})", flush=True)
     return rows
 
 
 def speed(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from kdcode.evaluation.bench import run_bench
+    from kdcode.evaluation.bench import run_bench, run_bench_draft
     from kdcode.spec import BenchSpec
 
     spec = BenchSpec(prompts=args.prompts, rounds=args.rounds, new_tokens=args.new_tokens, threads=args.threads,
                      context_tokens=args.context, device="cpu", dtype="fp32")
+    if args.draft:  # kdcode bench TEACHER --draft lookup|DRAFT: the teacher alone and drafted, interleaved
+        result = run_bench_draft(args.teacher, spec, args.draft, args.k if args.k == "auto" else int(args.k))
+        r, drafted = result["ratios"], result["with_draft"]
+        acc = drafted.get("acceptance") or {}
+        row = {"kind": "speed_draft", "teacher": args.teacher, "draft": args.draft, "k": acc.get("draft_tokens"),
+               "speedup": r["speedup"], "speedup_range": r["speedup_range"], "separated": r["separated"],
+               "identical_output": r["identical_output"], "tokens_per_pass": acc.get("tokens_per_pass"),
+               "acceptance_rate": acc.get("acceptance_rate"), "accepted_per_pass": acc.get("accepted_per_pass"),
+               "target_passes": acc.get("target_passes"), "teacher_ms_per_token": result["ms_per_token_p50"],
+               "drafted_ms_per_token": drafted["ms_per_token_p50"], "teacher_samples_per_s": result["samples_per_s"],
+               "drafted_samples_per_s": drafted["samples_per_s"], "context_tokens": result["context_tokens"],
+               "new_tokens": args.new_tokens, "rounds": args.rounds, "threads": result["threads"],
+               "machine": machine_line()}
+        print(json.dumps(row, indent=1))
+        return [row]
+    if not args.student:
+        raise SystemExit("speed: give --student STUDENT (the teacher vs a student) or --draft lookup|DRAFT")
     result = run_bench(args.student, spec, compare=args.teacher)
     r = result["ratios"]
     row = {"kind": "speed", "student": args.student, "teacher": args.teacher, "speedup": r["speedup"],
@@ -241,10 +235,14 @@ def main(argv: list[str] | None = None) -> int:
     lk.add_argument("--teacher", default="smollm2")
     lk.add_argument("--draft")
     lk.add_argument("--k", type=int, default=8)
+    lk.add_argument("--max-n", type=int, default=3, help="longest n-gram prompt lookup matches")
     lk.add_argument("--prompts", type=int, default=24)
     sp = sub.add_parser("speed")
     sp.add_argument("--teacher", default="smollm2")
-    sp.add_argument("--student", required=True)
+    sp.add_argument("--student", help="time the teacher against this student")
+    sp.add_argument("--draft", help="instead: time the teacher alone against it drafted by lookup (prompt lookup) "
+                    "or by this draft model, identical output")
+    sp.add_argument("--k", default="8", help="draft tokens per teacher pass with --draft, or auto")
     sp.add_argument("--rounds", type=int, default=3)
     sp.add_argument("--prompts", type=int, default=8)
     sp.add_argument("--threads", type=int, default=2)

@@ -220,8 +220,20 @@ def runtime_flags(backend: str, kv_cache: str, compile_step: bool) -> dict[str, 
 
 DraftOpt = Annotated[
     str | None, typer.Option("--draft", help="A student of this model drafting for it (speculative decoding: the "
-                             "model's own output, faster when the student guesses well).")
+                             "model's own output, faster when the student guesses well), or lookup: prompt lookup, "
+                             "tokens copied from the context, no draft model (a folder named lookup: ./lookup).")
 ]
+
+
+def draft_arg(value: str | None) -> str | None:
+    """--draft as given. The word ``lookup`` is prompt lookup even where a file or folder of that name is here: one
+    warning line then says to write ./lookup for it."""
+    from kdcode.inference.lookup import LOOKUP
+
+    if value == LOOKUP and Path(LOOKUP).exists():
+        warn(f"--draft {LOOKUP} drafts by prompt lookup (no draft model), not with ./{LOOKUP}; for that folder "
+             f"give --draft ./{LOOKUP}")
+    return value
 
 
 def parse_draft_tokens(value: str) -> int | str:

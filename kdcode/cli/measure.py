@@ -28,6 +28,7 @@ from kdcode.cli._common import (
     ThreadsOpt,
     TrustRemoteCodeOpt,
     check_json_path,
+    draft_arg,
     handle_errors,
     overrides,
     record_metrics,
@@ -191,7 +192,7 @@ def bench(
     )
     runtime = runtime_flags(backend, kv_cache, compile_step)
     check_json_path(json_out, model, compare)
-    if draft:
+    if draft_arg(draft):
         from kdcode.cli.speculate import bench_draft
 
         refuse_with(f"--draft {draft}", {

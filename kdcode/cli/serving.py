@@ -22,6 +22,7 @@ from kdcode.cli._common import (
     KvCacheOpt,
     NoVerifyOpt,
     ThreadsOpt,
+    draft_arg,
     fail,
     handle_errors,
     parse_draft_tokens,
@@ -79,7 +80,7 @@ def complete(
     prefix = prefix_at(text, line, col) if line is not None else text
     runtime = runtime_flags(backend, kv_cache, compile_step)
     engine = load_engine(model, device=device, dtype=dtype, threads=threads, verify=not no_verify, warm_up=False,
-                         fim_format=fim_format, fim_order=fim_order, runtime=runtime, draft=draft,
+                         fim_format=fim_format, fim_order=fim_order, runtime=runtime, draft=draft_arg(draft),
                          draft_tokens=parse_draft_tokens(draft_tokens))
     suffix = suffix_at(text, line, col) if line is not None and engine.fim is not None and not no_suffix else None
     result = engine.complete(prefix, max_tokens, n=n, beams=beams, temperature=temperature, seed=seed, suffix=suffix)
@@ -150,7 +151,7 @@ def serve(
         fail(f"--body-timeout must be more than 0 seconds, not {body_timeout}")
     engine = load_engine(model, device=device, dtype=dtype, threads=threads, verify=not no_verify,
                          fim_format=fim_format, fim_order=fim_order,
-                         runtime=runtime_flags(backend, kv_cache, compile_step), draft=draft,
+                         runtime=runtime_flags(backend, kv_cache, compile_step), draft=draft_arg(draft),
                          draft_tokens=parse_draft_tokens(draft_tokens))
     app_ = create_app(model, engine=engine, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
                       body_timeout_s=body_timeout, max_context_chars=max_context_chars, max_queue=max_queue,

@@ -30,12 +30,15 @@ def eval_acceptance(student: str, teacher: str, spec: Any, draft_tokens: str, ve
 
 def bench_draft(model: str, spec: Any, draft: str, draft_tokens: str, verify: bool, json_out: Path | None,
                 record: bool, columns: list[tuple[str, str]], with_ranges: Any) -> None:
-    """``kdcode bench TEACHER --draft STUDENT``: the teacher alone and with the draft, interleaved."""
+    """``kdcode bench TEACHER --draft STUDENT|lookup``: the teacher alone and with the draft, interleaved."""
     from kdcode.evaluation.bench import run_bench_draft
+    from kdcode.inference.lookup import LOOKUP
 
     result = run_bench_draft(model, spec, draft, parse_draft_tokens(draft_tokens), verify)
     drafted = result["with_draft"]
-    rows = [(f"{model} alone", with_ranges(result)), (f"{model} + draft {draft}", with_ranges(drafted))]
+    lookup = draft == LOOKUP  # prompt lookup: no draft model
+    rows = [(f"{model} alone", with_ranges(result)),
+            (f"{model} + {'prompt lookup' if lookup else f'draft {draft}'}", with_ranges(drafted))]
     if str(json_out) != "-":
         console = out_console()
         console.print(metrics_table(
@@ -45,7 +48,7 @@ def bench_draft(model: str, spec: Any, draft: str, draft_tokens: str, verify: bo
         r, acc = result["ratios"], drafted.get("acceptance") or {}
         lo, hi = r["speedup_range"]
         console.print(
-            f"with the draft: {r['speedup']}x samples/s [{lo}-{hi}] "
+            f"with {'prompt lookup' if lookup else 'the draft'}: {r['speedup']}x samples/s [{lo}-{hi}] "
             f"({'ranges separate' if r['separated'] else 'ranges overlap: too close to rank'}); k="
             f"{acc.get('draft_tokens')}, acceptance {acc.get('acceptance_rate')}, {acc.get('tokens_per_pass')} "
             f"tokens per teacher pass; output identical to the teacher's own: {r['identical_output']}",

@@ -71,16 +71,20 @@ class Runner:
         self._greedy = greedy
         warm, self.prompts = prompts[: spec.warmup], prompts[spec.warmup :]
         self.draft, self.draft_tokens = None, draft_tokens
-        if draft is not None:  # speculative decoding: the same model's own output, drafted by a student
+        if draft is not None:  # speculative decoding: the same model's own output, drafted by a student or by lookup
             from kdcode.evaluation.acceptance import auto_k
+            from kdcode.inference.lookup import as_lookup
             from kdcode.inference.speculative import check_pair
 
             if spec.batch_size != 1:
                 raise KdcodeError("--draft runs at batch 1 (speculative decoding); drop --batch-size")
-            self.draft = load_for_inference(draft, spec.device, spec.dtype, spec.threads, verify=verify)
-            check_pair(self.lm.tokenizer, self.draft.tokenizer, name, draft)
+            lookup = as_lookup(draft)  # prompt lookup: no draft model
+            if lookup is None:
+                loaded = load_for_inference(draft, spec.device, spec.dtype, spec.threads, verify=verify)
+                check_pair(self.lm.tokenizer, loaded.tokenizer, name, draft)
+            self.draft = lookup if lookup is not None else loaded.model
             if draft_tokens == "auto":
-                self.draft_tokens = auto_k(self.lm.model, self.draft.model, self.index, prompts[:4], self.opts)
+                self.draft_tokens = auto_k(self.lm.model, self.draft, self.index, prompts[:4], self.opts)
         if warm:
             self._decode(warm)
 
@@ -89,7 +93,7 @@ class Runner:
             return self._greedy(self.lm.model, self.index, prompts, self.opts, self.spec.batch_size), None
         from kdcode.inference.speculative import speculative
 
-        return speculative(self.lm.model, self.draft.model, self.index, prompts, self.opts, int(self.draft_tokens))
+        return speculative(self.lm.model, self.draft, self.index, prompts, self.opts, int(self.draft_tokens))
 
     def round(self) -> dict[str, float]:
         """One timed pass over the prompt set."""
@@ -298,8 +302,9 @@ def run_bench_draft(
     name: str, spec: BenchSpec, draft: str, draft_tokens: int | str = 4, verify: bool = True, isolate: bool = True,
     **load: Any,
 ) -> dict[str, Any]:
-    """``name`` alone and with ``draft`` drafting for it (speculative decoding), the same prompts, interleaved
-    rounds; the ratio of their speeds, the acceptance, and whether the outputs were identical."""
+    """``name`` alone and with ``draft`` drafting for it (speculative decoding; ``"lookup"``: prompt lookup, no draft
+    model), the same prompts, interleaved rounds; the ratio of their speeds, the acceptance, and whether the outputs
+    were identical."""
     alone, drafted = run_bench_many([name, name], spec, verify, isolate,
                                     drafts=[None, {"draft": draft, "draft_tokens": draft_tokens}], **load)
     alone["with_draft"] = {**drafted, "draft": draft}

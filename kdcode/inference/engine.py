@@ -13,6 +13,10 @@ The engine keeps its model's KV cache (and its draft's) from one call to the nex
 that starts as the previous one did is prefilled only from where they differ, as an editor's next request is
 (torch models, greedy or sampled one at a time and speculative; beam search and other backends start cold).
 ``cancel``, an event another thread sets, stops a completion before its next model pass.
+
+A draft makes the completion the model's own output in fewer model passes (speculative decoding,
+:mod:`kdcode.inference.speculative`): a student of the model, or ``"lookup"`` (prompt lookup: proposals copied from
+the context, no draft model; :mod:`kdcode.inference.lookup`).
 """
 
 from __future__ import annotations
@@ -128,15 +132,20 @@ class Engine:
         self.device = str(model_device(self.model))
         self.runtime = loaded.runtime or {"device": self.device, "dtype": self.dtype, "threads": None}
         self.index = VocabIndex.for_model(self.model, loaded.tokenizer)
-        self.draft, self.draft_tokens = draft, draft_tokens  # a student drafting for it (speculative decoding)
         from kdcode.inference.forward import PromptCache
+        from kdcode.inference.lookup import as_lookup
 
+        # a student drafting for it, or prompt lookup (PromptLookup, "lookup"): speculative decoding
+        self.draft, self.draft_tokens = as_lookup(draft) or draft, draft_tokens
         self.prompt_cache, self.draft_cache = PromptCache(), PromptCache()  # each model's, from its last call
-        if draft is not None:
+        lookup = as_lookup(self.draft)
+        if lookup is not None:
+            self.runtime = {**self.runtime, "draft": lookup.name, "lookup_max_n": lookup.max_n}
+        elif self.draft is not None:
             from kdcode.inference.speculative import check_pair
 
-            check_pair(loaded.tokenizer, draft.tokenizer, loaded.name, draft.name)
-            self.runtime = {**self.runtime, "draft": draft.name}
+            check_pair(loaded.tokenizer, self.draft.tokenizer, loaded.name, self.draft.name)
+            self.runtime = {**self.runtime, "draft": self.draft.name}
         _ = self.index.token_texts  # built once here (healing needs it): every call shares it
         # how it infills: the FIM tokens of its tokenizer (the named family's when given), None when it does not
         self.fim = fim.require(self.tokenizer, fim_format, self.name) if fim_format else fim.detect(self.tokenizer)
@@ -145,6 +154,15 @@ class Engine:
     @property
     def tokenizer(self) -> Any:
         return self.loaded.tokenizer
+
+    @property
+    def draft_model(self) -> Any:
+        """What speculative decoding drafts with: the draft's model, the :class:`PromptLookup`, or None."""
+        from kdcode.inference.lookup import as_lookup
+
+        if self.draft is None or as_lookup(self.draft) is not None:
+            return self.draft
+        return self.draft.model
 
     def count_tokens(self, prompt: str) -> int:
         return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
@@ -161,7 +179,7 @@ class Engine:
 
         opts = DecodeOptions(max_new_tokens=16, heal_space=True)
         texts = ["import os\n\n\ndef main():\n    ", "class Config:\n    def __init__(self, path):\n        "]
-        self.draft_tokens = auto_k(self.model, self.draft.model, self.index, texts, opts)
+        self.draft_tokens = auto_k(self.model, self.draft_model, self.index, texts, opts)
         self.runtime = {**self.runtime, "draft_tokens": self.draft_tokens}
         return self.draft_tokens
 
@@ -240,10 +258,10 @@ class Engine:
         self.prompt_cache.reused = self.draft_cache.reused = 0
         if temperature == 0 and (beams > 1 or n > 1):  # beams reorder the cache: cold, the kept one left as it is
             gen = beam_alternatives(self.model, self.index, encoded, opts, beams, n, cancel=cancel)
-        elif self.draft is not None and n == 1:  # the model's own output, drafted by the student
+        elif self.draft is not None and n == 1:  # the model's own output, drafted by the student or by lookup
             from kdcode.inference.speculative import speculative
 
-            gen, _ = speculative(self.model, self.draft.model, self.index, [encoded], opts, self.draft_tokens,
+            gen, _ = speculative(self.model, self.draft_model, self.index, [encoded], opts, self.draft_tokens,
                                  on_token=stream.on_token, cancel=cancel, reuse=(self.prompt_cache, self.draft_cache))
         else:
             rows = n if temperature > 0 else 1
@@ -271,20 +289,23 @@ def load_engine(
     fim_format: str | None = None,
     fim_order: str = "auto",
     runtime: Any = None,
-    draft: str | None = None,
+    draft: Any = None,
     draft_tokens: int | str = 4,
 ) -> Engine:
     """Load a model folder / ``bundled`` / hub id through :func:`kdcode.inference.loader.load_for_inference`
     (``device`` auto: CUDA when there is one; ``dtype`` auto: as its config names; ``runtime``: the backend, a
     :class:`kdcode.spec.RuntimeSpec` or its dict) and warm it up. ``fim_format`` names its FIM token family
-    when detection would pick another."""
+    when detection would pick another. ``draft``: a student of this model drafting for it (a folder, hub id), or
+    prompt lookup: the word ``"lookup"`` or a :class:`kdcode.inference.lookup.PromptLookup` (``max_n``); a folder
+    named lookup is ``"./lookup"`` or ``Path("lookup")``. ``draft_tokens``: k, or ``"auto"`` (calibrated)."""
     from kdcode.inference.loader import load_for_inference
+    from kdcode.inference.lookup import as_lookup
 
     lm = load_for_inference(name, device, dtype, threads, verify=verify, allow_pickle=allow_pickle,
                             trust_remote_code=trust_remote_code, runtime=runtime)
-    helper = None
-    if draft is not None:  # ``draft``: a student of this model drafting for it; ``draft_tokens``: k, or "auto"
-        helper = load_for_inference(draft, device, dtype, threads, verify=verify)
+    helper = as_lookup(draft)  # prompt lookup: no model to load
+    if draft is not None and helper is None:
+        helper = load_for_inference(str(draft), device, dtype, threads, verify=verify)
     engine = Engine(lm, fim_format, helper, 4 if draft_tokens == "auto" else int(draft_tokens), fim_order)
     if helper is not None and draft_tokens == "auto":
         engine.calibrate_draft()

@@ -11,6 +11,11 @@ Token healing and stop strings work as in :mod:`kdcode.inference.decode` (the sa
 
 Acceptance, the most direct measure of how faithfully a student imitates its teacher: ``accepted / proposed``
 draft tokens, and the mean tokens per target pass (accepted + the target's own one).
+
+The draft may also be no model at all: prompt lookup (:mod:`kdcode.inference.lookup`, ``draft="lookup"``) copies
+its proposal from the context, and the target verifies it by the same rule (a deterministic proposal is a one-hot
+``q``); a pass where nothing in the context matches is a plain single-token target step. Only the target has a
+cache then.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 from kdcode.errors import KdcodeError
 from kdcode.inference.decode import Cancel, DecodeOptions, Generation, Prompt, cancelled, encode_prompt, n_positions
 from kdcode.inference.forward import Forward, PromptCache
+from kdcode.inference.lookup import NgramIndex, PromptLookup, as_lookup
 from kdcode.inference.vocab import VocabIndex
 
 
@@ -107,6 +113,72 @@ def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator |
     return int(torch.multinomial(probs, 1, generator=generator)), probs
 
 
+class _ModelDraft:
+    """A draft model: ``kk`` tokens picked one pass at a time from its own cache (masked as the target's are)."""
+
+    def __init__(self, side: _Side) -> None:
+        self.side = side
+
+    def propose(self, last: int, kk: int, gen: list[int], masks: _Masks, temp: float,
+                generator: torch.Generator | None) -> tuple[list[int], list[torch.Tensor | None]]:
+        d, proposals, q_dists = self.side, [], []
+        if kk:
+            logits = d.feed([last], keep=1)[-1]
+            for i in range(kk):
+                tok, q = _pick(masks.apply(logits, gen + proposals), temp, generator)
+                proposals.append(tok)
+                q_dists.append(q)
+                if i < kk - 1:
+                    logits = d.feed([tok], keep=1)[-1]
+        return proposals, q_dists
+
+    def settle(self, last: int, proposals: list[int], accepted: int, produced: list[int]) -> None:
+        """Roll back to what the target kept: the draft keeps what it has of the accepted proposals."""
+        d, kk = self.side, len(proposals)
+        if not kk:  # the draft was not run this pass: it still owes the last context token
+            d.pending = d.pending + [last]
+        elif accepted == kk:
+            d.pending = [proposals[-1]]  # the last proposal was never fed to the draft
+        else:
+            d.cut(kk - 1 - accepted)
+
+
+class _LookupDraft:
+    """Prompt lookup (:mod:`kdcode.inference.lookup`): proposals copied from the context, no model, no cache; each is
+    deterministic (``q`` one-hot: None)."""
+
+    def __init__(self, ids: list[int], lookup: PromptLookup) -> None:
+        self.context = NgramIndex(ids, lookup.max_n)
+
+    def propose(self, last: int, kk: int, gen: list[int], masks: _Masks, temp: float,
+                generator: torch.Generator | None) -> tuple[list[int], list[torch.Tensor | None]]:
+        proposals = self.context.propose(kk)
+        return proposals, [None] * len(proposals)
+
+    def settle(self, last: int, proposals: list[int], accepted: int, produced: list[int]) -> None:
+        self.context.extend(produced)
+
+
+def _judge(p_logits: torch.Tensor, tok: int, q: torch.Tensor | None, temp: float,
+           generator: torch.Generator | None) -> tuple[bool, list[int]]:
+    """Whether the target keeps the proposed ``tok``, and, when a sampled proposal is rejected, the token that
+    replaces it. Greedy: kept when it is the target's argmax. Sampling: kept with probability ``min(1, p/q)``, else
+    replaced by a sample of ``norm(max(0, p - q))``; ``q`` is the draft's distribution, None for a deterministic
+    proposal (prompt lookup): one-hot at ``tok``, so it is kept with probability ``p(tok)``."""
+    if temp <= 0:
+        return int(p_logits.argmax()) == tok, []
+    p = torch.softmax(p_logits.float() / temp, dim=-1).cpu()
+    if q is None:
+        q = torch.zeros_like(p)
+        q[tok] = 1.0
+    if torch.rand((), generator=generator) < torch.clamp(p[tok] / q[tok], max=1.0):
+        return True, []
+    residual = torch.clamp(p - q, min=0)
+    total = residual.sum()
+    fix = residual / total if total > 0 else p
+    return False, [int(torch.multinomial(fix, 1, generator=generator))]
+
+
 @torch.inference_mode()
 def speculative_one(
     target: Any,
@@ -124,29 +196,34 @@ def speculative_one(
     """Decode one prompt: (generated ids, acceptance, seconds per target pass); ``on_token(0, id)`` sees every
     token as it is produced (several per pass). No pass starts once ``cancel`` is set. ``target_reuse`` and
     ``draft_reuse`` start each model from the cache it kept, cut back to what this prompt shares with it, and keep
-    the grown caches for the next call."""
-    t, d = _Side(Forward.of(target, index)), _Side(Forward.of(draft, index))
+    the grown caches for the next call. ``draft``: a draft model, or prompt lookup (``"lookup"`` or a
+    :class:`PromptLookup`: no draft model, so ``draft_reuse`` is not used)."""
+    lookup = as_lookup(draft)
+    t = _Side(Forward.of(target, index))
+    d = None if lookup is not None else _Side(Forward.of(draft, index))
     masks = _Masks(index, prompt, opts)
     ids = list(prompt.ids) or [index.pad_id]
     gen: list[int] = []
     stats, times = Acceptance(k), []
     if cancelled(cancel):
         return gen, stats, times
-    reuse = [(side, kept) for side, kept in ((t, target_reuse), (d, draft_reuse))
+    sides = [(t, target_reuse)] + ([(d, draft_reuse)] if d is not None else [])
+    reuse = [(side, kept) for side, kept in sides
              if kept is not None and side.fwd.step is None]  # another backend's cache: cold
     for side, kept in reuse:
         side.cache, side.cached = kept.take(ids, len(ids) - 1)
-    for side in (t, d):
-        if side.cached < len(ids) - 1:  # both caches hold all but the last context token
+    for side, _ in sides:
+        if side.cached < len(ids) - 1:  # every cache holds all but the last context token
             side.feed(ids[side.cached : -1], keep=1)
-    _decode_passes(t, d, index, prompt, opts, k, generator, on_token, cancel, masks, ids[-1], gen, stats, times)
+    drafter = _LookupDraft(ids, lookup) if lookup is not None else _ModelDraft(d)  # type: ignore[arg-type]
+    _decode_passes(t, drafter, index, prompt, opts, k, generator, on_token, cancel, masks, ids[-1], gen, stats, times)
     for side, kept in reuse:
         kept.keep(side.cache, ids + gen)
     return gen, stats, times
 
 
 def _decode_passes(
-    t: _Side, d: _Side, index: VocabIndex, prompt: Prompt, opts: DecodeOptions, k: int,
+    t: _Side, drafter: _ModelDraft | _LookupDraft, index: VocabIndex, prompt: Prompt, opts: DecodeOptions, k: int,
     generator: torch.Generator | None, on_token: Any, cancel: Cancel | None, masks: _Masks, last: int,
     gen: list[int], stats: Acceptance, times: list[float],
 ) -> None:
@@ -155,46 +232,23 @@ def _decode_passes(
     while len(gen) < opts.max_new_tokens and not cancelled(cancel):
         t0 = time.perf_counter()
         kk = min(k, opts.max_new_tokens - len(gen) - 1)
-        proposals: list[int] = []
-        q_dists: list[torch.Tensor] = []
-        if kk:
-            logits = d.feed([last], keep=1)[-1]
-            for i in range(kk):
-                tok, q = _pick(masks.apply(logits, gen + proposals), temp, generator)
-                proposals.append(tok)
-                q_dists.append(q)
-                if i < kk - 1:
-                    logits = d.feed([tok], keep=1)[-1]
-        scores = t.feed([last, *proposals], keep=kk + 1)  # row i predicts the token after proposals[:i]
+        proposals, q_dists = drafter.propose(last, kk, gen, masks, temp, generator)
+        n = len(proposals)  # kk from a draft model; up to kk (none when nothing matches) from prompt lookup
+        scores = t.feed([last, *proposals], keep=n + 1)  # row i predicts the token after proposals[:i]
         accepted, new = 0, []
         for i, tok in enumerate(proposals):
-            p_logits = masks.apply(scores[i], gen + proposals[:i])
-            if temp <= 0:
-                if int(p_logits.argmax()) != tok:
-                    break
-            else:
-                p = torch.softmax(p_logits.float() / temp, dim=-1).cpu()
-                if torch.rand((), generator=generator) >= torch.clamp(p[tok] / q_dists[i][tok], max=1.0):
-                    residual = torch.clamp(p - q_dists[i], min=0)
-                    total = residual.sum()
-                    fix = residual / total if total > 0 else p
-                    new = [int(torch.multinomial(fix, 1, generator=generator))]
-                    break
+            kept, new = _judge(masks.apply(scores[i], gen + proposals[:i]), tok, q_dists[i], temp, generator)
+            if not kept:
+                break
             accepted += 1
         if not new:  # every proposal up to the first disagreement was kept: the target's own next token
             new = [_pick(masks.apply(scores[accepted], gen + proposals[:accepted]), temp, generator)[0]]
         stats.passes += 1
-        stats.proposed += kk
+        stats.proposed += n
         stats.accepted += accepted
         produced = proposals[:accepted] + new
-        # roll back: the target keeps context + accepted proposals; the draft, what it has of them
-        t.cut(kk - accepted)
-        if not kk:  # the draft was not run this pass: it still owes the last context token
-            d.pending = d.pending + [last]
-        elif accepted == kk:
-            d.pending = [proposals[-1]]  # the last proposal was never fed to the draft
-        else:
-            d.cut(kk - 1 - accepted)
+        t.cut(n - accepted)  # the target keeps context + accepted proposals
+        drafter.settle(last, proposals, accepted, produced)
         for tok in produced:
             gen.append(tok)
             if on_token is not None:
@@ -229,11 +283,13 @@ def speculative(
     reuse: tuple[PromptCache, PromptCache] | None = None,
 ) -> tuple[Generation, Acceptance]:
     """Speculative decoding of every prompt (batch 1); the result is shaped as greedy decoding's (``prefill_s``:
-    each prompt's first pass; ``step_s``: every later pass, each making one or more tokens). ``cancel`` and
-    ``reuse`` (the target's and the draft's kept caches) as in :func:`speculative_one`."""
+    each prompt's first pass; ``step_s``: every later pass, each making one or more tokens). ``draft``: a draft
+    model, or prompt lookup (``"lookup"``, :class:`PromptLookup`); ``cancel`` and ``reuse`` (the target's and the
+    draft's kept caches) as in :func:`speculative_one`."""
     if k < 1:
         raise KdcodeError(f"--draft-tokens must be at least 1, not {k}")
-    context = opts.context_for(min(n_positions(target), n_positions(draft)))
+    positions = n_positions(target) if as_lookup(draft) else min(n_positions(target), n_positions(draft))
+    context = opts.context_for(positions)
     generator = None
     if opts.temperature > 0:
         generator = torch.Generator()
