@@ -230,12 +230,8 @@ def bench(
 
 def with_ranges(result: dict) -> dict:
     """A result whose timed figures read ``median [min-max]`` (the table's cells)."""
-    out = dict(result)
-    for key, value in result.items():
-        rng = result.get(f"{key}_range")
-        if rng is not None and value is not None:
-            out[key] = f"{value} [{rng[0]}-{rng[1]}]"
-    return out
+    ranged = {k: (v, result.get(f"{k}_range")) for k, v in result.items()}
+    return {k: f"{v} [{r[0]}-{r[1]}]" if r is not None and v is not None else v for k, (v, r) in ranged.items()}
 
 
 def ratio_line(compare: str, r: dict) -> str:
