@@ -81,7 +81,7 @@ def plan_shapes(teacher: torch.nn.Module, tokenizer: Any, calibration: torch.Ten
             rows = _final_round(search, fin, finalists, log)
             for _ in range(2):  # a finalist over the budget in the final rounds: one block less, timed again
                 missed = [s for s, r in rows.items() if not r["meets"] and s.layers > 1]
-                if any(r["meets"] for r in rows.values()) or not missed:
+                if not missed:
                     break
                 rows = _final_round(search, fin, [Shape(s.layers - 1, *s.family) for s in missed], log)
             ok = [s for s, r in search.rows.items() if r.get("phase") == "final" and r["meets"]]
