@@ -165,3 +165,28 @@ def test_a_resumed_run_reuses_its_plan(tokenizer, tmp_path, monkeypatch):
         from kdcode.planning.plan import require_student
 
         require_student({"outcome": "none", "line": "no candidate meets 1 ms"})
+
+
+def test_a_finalist_over_the_budget_in_the_final_rounds_gives_way_to_one_block_less(tokenizer, blocks, monkeypatch):
+    from kdcode.planning import plan as plan_module
+
+    calls = []
+    real = plan_module.time_interleaved
+
+    def noisy_first_final(models, task, rounds, warmup=1):  # the first final rounds: int8 shapes run slow
+        out = real(models, task, rounds, warmup)
+        calls.append(len(models))
+        if len(calls) == 1:
+            out = {s: [ms + 100 for ms in v] if s.precision == "int8" else v for s, v in out.items()}
+        return out
+
+    monkeypatch.setattr(plan_module, "time_interleaved", noisy_first_final)
+    plan = plan_shapes(make_gpt2(tokenizer), tokenizer, *blocks, spec(50), log=lambda line: None)
+    finals = [r for r in plan["candidates"] if r["phase"] == "final"]
+    missed = [r for r in finals if r["precision"] == "int8" and not r["meets"]]
+    assert missed and len(calls) == 2 and calls[1] == len(missed)
+    for r in missed:  # each family that missed was timed again one block shallower, and fits
+        again = next(x for x in finals if x["precision"] == "int8" and x["ffn_keep"] == r["ffn_keep"]
+                     and x["layers"] == r["layers"] - 1)
+        assert again["meets"] and again["proxy_loss"] > 0
+    assert plan["chosen"]["meets"]
