@@ -27,18 +27,19 @@ from kdcode.spec import BenchSpec, DataSpec, EvalSpec
 from kdcode.spec_compress import INT8_SCHEMES, CompressSpec
 
 
-def variants(model: str, work: Path, schemes: list[str], dtypes: list[str], data: DataSpec) -> dict[str, str]:
-    """name -> folder of every variant, fp32 (the model itself) first."""
+def variants(model: str, work: Path, schemes: list[str], dtypes: list[str], data: DataSpec,
+             reuse: bool = False) -> dict[str, str]:
+    """name -> folder of every variant, fp32 (the model itself) first; ``reuse``: a variant already written in
+    ``work`` (by an earlier run of this script) is taken as it is."""
     from kdcode.models import resolve_path
 
     out = {"fp32": str(resolve_path(model) or model)}
     off = {"check_samples": 0, "check_blocks": 0, "data": data}
-    for scheme in schemes:
-        folder = work / f"int8-{scheme}"
-        out[f"int8 {scheme}"] = str(run_compress(model, CompressSpec(int8=True, int8_scheme=scheme, **off), folder,
-                                                 overwrite=True)[0])
-    for dtype in dtypes:
-        out[dtype] = str(run_compress(model, CompressSpec(dtype=dtype, **off), work / dtype, overwrite=True)[0])
+    wanted = {f"int8 {s}": (work / f"int8-{s}", CompressSpec(int8=True, int8_scheme=s, **off)) for s in schemes}
+    wanted |= {d: (work / d, CompressSpec(dtype=d, **off)) for d in dtypes}
+    for name, (folder, spec) in wanted.items():
+        done = reuse and (folder / "kdcode.json").exists()
+        out[name] = str(folder if done else run_compress(model, spec, folder, overwrite=True)[0])
     return out
 
 
@@ -77,6 +78,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=100, help="held-out line completions per variant")
     ap.add_argument("--ppl-blocks", type=int, default=64)
     ap.add_argument("--speed", action="store_true", help="also time every variant (run it on a quiet machine)")
+    ap.add_argument("--speed-only", action="store_true", help="time the variants, skip ES and perplexity")
+    ap.add_argument("--reuse", action="store_true", help="take variants already in --work-dir as they are")
     ap.add_argument("--prompts", type=int, default=16, help="bench: timed completions per round")
     ap.add_argument("--rounds", type=int, default=5, help="bench: interleaved rounds")
     ap.add_argument("--threads", type=int, default=None)
@@ -89,12 +92,12 @@ def main() -> None:
     print(f"{report['machine']}; CPU features: {', '.join(report['cpu_features'])}")
     for model in args.models:
         work = (args.work_dir or Path(tempfile.mkdtemp(prefix="kdcode-int8-quality-"))) / model.replace("/", "_")
-        folders = variants(model, work, args.schemes, args.dtypes, data)
+        folders = variants(model, work, args.schemes, args.dtypes, data, reuse=args.reuse)
         print(f"{model}:")
         eval_spec = EvalSpec(data=data, samples=args.samples, ppl_blocks=args.ppl_blocks, device="cpu",
                              threads=args.threads)
-        rows = quality(folders, eval_spec)
-        if args.speed:
+        rows = {n: {"folder": f} for n, f in folders.items()} if args.speed_only else quality(folders, eval_spec)
+        if args.speed or args.speed_only:
             bench = BenchSpec(data=data, prompts=args.prompts, rounds=args.rounds, threads=args.threads, device="cpu")
             for name, s in speed(folders, bench).items():
                 rows[name]["speed"] = s
