@@ -17,7 +17,7 @@ from typing import Any
 
 from kdcode import __version__
 from kdcode.errors import KdcodeError
-from kdcode.hub import HUB_URL, hub_status  # noqa: F401 - doctor reports it
+from kdcode.models.hub import HUB_URL, hub_status  # noqa: F401 - doctor reports it
 
 # the libraries whose versions change kdcode's results or what it can load and run; optional ones say "not installed"
 LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "datasets", "accelerate", "numpy", "gguf",
@@ -64,7 +64,7 @@ def hf_cache_dir() -> str:
 
 
 def bundled_teacher() -> dict[str, Any]:
-    from kdcode.models import bundled_path
+    from kdcode.models.load import bundled_path
 
     path = bundled_path()
     return {"path": str(path), "present": (path / "config.json").is_file()}
@@ -72,8 +72,8 @@ def bundled_teacher() -> dict[str, Any]:
 
 def check_folder(name: str) -> dict[str, Any]:
     """Would ``load_model(name)`` accept this folder? status: verified, unverified or refused (with why)."""
-    from kdcode.artifacts import verify
-    from kdcode.models import _check_local, resolve_path
+    from kdcode.models.artifacts import verify
+    from kdcode.models.load import _check_local, resolve_path
 
     try:
         path = resolve_path(name)

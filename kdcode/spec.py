@@ -109,9 +109,10 @@ class StudentSpec(_Spec):
         return data
 
 
-FimFormatName = Literal["starcoder", "qwen", "codellama", "deepseek"]  # the keys of kdcode.fim.FORMATS
+FimFormatName = Literal["starcoder", "qwen", "codellama", "deepseek"]  # the keys of kdcode.models.fim_tokens.FORMATS
 FIM_FORMATS: tuple[str, ...] = typing.get_args(FimFormatName)
-# order of an infilling prompt: prefix-suffix-middle, suffix-prefix-middle, or as the model was trained (kdcode.fim)
+# order of an infilling prompt: prefix-suffix-middle, suffix-prefix-middle, or as the model was trained
+# (kdcode.models.fim_tokens.infill_order)
 FimOrderName = Literal["auto", "psm", "spm"]
 
 

@@ -16,12 +16,12 @@ gguf = pytest.importorskip("gguf", reason="GGUF export needs the gguf package: p
 
 from runtime_models import tiny_llama  # noqa: E402
 
-from kdcode.artifacts import weights_sha256  # noqa: E402
 from kdcode.errors import KdcodeError  # noqa: E402
 from kdcode.export.gguf_arch import _pairs_adjacent, arch_of  # noqa: E402
 from kdcode.export.gguf_file import gguf_manifest, read_fields  # noqa: E402
 from kdcode.export.gguf_vocab import tokenizer_from_gguf  # noqa: E402
 from kdcode.export.run import modelfile_path, run_export, sidecar_path  # noqa: E402
+from kdcode.models.artifacts import weights_sha256  # noqa: E402
 from kdcode.spec_compress import ExportSpec  # noqa: E402
 
 

@@ -267,7 +267,7 @@ def test_a_growth_that_fails_leaves_the_cache_as_it_was(tmp_path, teacher_dir, c
     import safetensors.torch
 
     from kdcode.errors import KdcodeError
-    from kdcode.models import load_model
+    from kdcode.models.load import load_model
     from kdcode.train.teacher_cache import build_cache, cache_order, grow_cache, load_cache
 
     teacher = load_model(str(teacher_dir))

@@ -109,11 +109,11 @@ def test_the_study_is_never_imported_by_what_it_drives():
     graph = import_graph()
     for name, edges in graph.items():
         if name.startswith(("kdcode.train", "kdcode.evaluation")):
-            assert not edges & {"kdcode.sweep", "kdcode.report"}, name
+            assert not edges & {"kdcode.study.sweep", "kdcode.study.report"}, name
 
 
 def test_py150_is_a_pure_string_module():
-    assert import_graph()["kdcode.py150"] <= {"kdcode.errors"}
+    assert import_graph()["kdcode.data.py150"] <= {"kdcode.errors"}
 
 
 def _long_functions() -> list[str]:

@@ -31,7 +31,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def calibration_blocks(spec: CompressSpec, tokenizer: Any, n_positions: int) -> torch.Tensor:
     """The first ``calib_batches * calib_batch_size`` blocks of the corpus's train split (all files if empty)."""
-    from kdcode.data import encode_documents, load_corpus, to_blocks
+    from kdcode.data.corpus import encode_documents, load_corpus, to_blocks
 
     corpus = load_corpus(spec.data)
     docs = corpus.splits.get("train") or [d for s in corpus.splits.values() for d in s]
@@ -49,7 +49,7 @@ def prune_model(model: nn.Module, spec: CompressSpec, tokenizer: Any) -> tuple[n
     """Score every head and MLP unit on calibration batches, cut the lowest ``spec.prune_*`` fraction of each
     layer's: GPT-2 in place (layers may keep different heads), Llama-style blocks rebuilt from a smaller config.
     Returns the pruned model and the steps for the manifest."""
-    from kdcode.models import context_length
+    from kdcode.models.load import context_length
 
     heads, ffn = bool(spec.prune_heads), bool(spec.prune_ffn)
     kind = GPT2Pruner if getattr(model.config, "model_type", None) == "gpt2" else LlamaPruner
@@ -73,7 +73,7 @@ def prune_model(model: nn.Module, spec: CompressSpec, tokenizer: Any) -> tuple[n
 
 
 class _Int8Folder:
-    """What :func:`kdcode.artifacts.save_model` writes for an int8 model: config + int8 safetensors."""
+    """What :func:`kdcode.models.artifacts.save_model` writes for an int8 model: config + int8 safetensors."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -92,7 +92,7 @@ class _Int8Folder:
 def _smooth(model: nn.Module, spec: CompressSpec, tokenizer: Any) -> dict[str, Any]:
     """SmoothQuant's migration on calibration blocks of the train split; the manifest step."""
     from kdcode.compression.smooth import smooth_model
-    from kdcode.models import context_length
+    from kdcode.models.load import context_length
 
     blocks = calibration_blocks(spec, tokenizer, context_length(model.config, 1024))
     done = smooth_model(model, blocks, spec.calib_batch_size, spec.smooth_alpha)
@@ -112,8 +112,8 @@ def run_compress(
     name: str, spec: CompressSpec, out: Path, overwrite: bool = False, verify: bool = True
 ) -> tuple[Path, dict[str, Any]]:
     """Load ``name``, prune then quantize / cast it as ``spec`` says, and write ``out`` with the manifest chain."""
-    from kdcode.artifacts import check_output, kdcode_layout, save_model, weights_sha256
-    from kdcode.models import count_params, load_model, resolve_path, weights_bytes
+    from kdcode.models.artifacts import check_output, kdcode_layout, save_model, weights_sha256
+    from kdcode.models.load import count_params, load_model, resolve_path, weights_bytes
 
     if spec.int8 and spec.dtype not in (None, "fp32"):
         raise KdcodeError(f"--int8 keeps the non-quantized tensors in fp32; drop --dtype {spec.dtype}")
@@ -182,6 +182,6 @@ def run_compress(
         manifest["compression"]["quality"] = compare(before, after, spec, what)
     writer = _Int8Folder(model) if int8_layout else model
     save_model(out, writer, lm.tokenizer, manifest, overwrite=overwrite)
-    from kdcode.artifacts import read_manifest
+    from kdcode.models.artifacts import read_manifest
 
     return out, read_manifest(out) or manifest

@@ -18,9 +18,9 @@ def load_compressed(path: Path, manifest: dict[str, Any]) -> nn.Module:
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from kdcode.artifacts import weight_files
     from kdcode.compression.int8 import apply_int8_layout, tied_names
     from kdcode.compression.prune import resize_heads
+    from kdcode.models.artifacts import weight_files
 
     layout = manifest["compression"]["layout"]
     config = AutoConfig.from_pretrained(path)

@@ -37,7 +37,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 def bench_prompts(spec: BenchSpec) -> list[str]:
     """The fixed prompt set: ``warmup + prompts`` held-out line prefixes (the same for every model)."""
-    from kdcode.data import load_corpus
+    from kdcode.data.corpus import load_corpus
     from kdcode.evaluation.completion_sets import build_line_samples
 
     corpus = load_corpus(spec.data)
@@ -119,9 +119,9 @@ class Runner:
         """What does not change between rounds: size, memory, and what the figures were measured on."""
         import torch
 
-        from kdcode.artifacts import weights_size
         from kdcode.compression.int8 import memory_bytes
         from kdcode.device import peak_rss_mb
+        from kdcode.models.artifacts import weights_size
 
         lm = self.lm
         stepped = getattr(lm.model, "files", None) is not None  # a backend's model: its files are its weights

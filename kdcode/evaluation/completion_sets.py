@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdcode.data import Document, load_corpus
+from kdcode.data.corpus import Document, load_corpus
 from kdcode.errors import KdcodeError
 from kdcode.spec import EvalSpec
 
@@ -139,8 +139,8 @@ def read_completion_set(source: str, split: str = "test") -> tuple[list[LineSamp
     """
     from collections import Counter
 
-    from kdcode.data import to_py150
-    from kdcode.records import load_records
+    from kdcode.data.corpus import to_py150
+    from kdcode.data.records import load_records
 
     records = load_records(source, split)
     if all("input" in r and "gt" in r for r in records):

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kdcode.data import Document
+from kdcode.data.corpus import Document
 from kdcode.errors import KdcodeError
 from kdcode.evaluation.completion_sets import (
     _LINE_BREAKS,
@@ -42,8 +42,8 @@ def run_eval(
     from kdcode.inference.loader import load_for_inference
 
     if predictions is not None:
-        from kdcode.artifacts import check_output
-        from kdcode.models import input_path
+        from kdcode.models.artifacts import check_output
+        from kdcode.models.load import input_path
 
         check_output(predictions, inputs={"MODEL": input_path(name), "--lines": spec.lines}, folder=False,
                      flag="--predictions")

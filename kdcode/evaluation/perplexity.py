@@ -37,7 +37,7 @@ def held_out_loss(
 
 def perplexity(model: Any, tokenizer: Any, docs: list[Any], max_blocks: int, block_size: int) -> dict[str, Any]:
     """exp(mean next-token CE) over the first ``max_blocks`` blocks of the documents' token stream."""
-    from kdcode.data import encode_documents
+    from kdcode.data.corpus import encode_documents
 
     stream = encode_documents(docs, tokenizer)
     n = min(max_blocks, len(stream) // block_size)

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from kdcode.data import Document
+from kdcode.data.corpus import Document
 
 # Code tokens CodeXGLUE's eval_acc leaves out of token-level accuracy.
 NOT_COUNTED = frozenset({"<s>", "</s>", "<EOL>", "<pad>"})

@@ -47,7 +47,7 @@ def atomic_files(outs: Sequence[Path], mode: int = 0o644) -> Iterator[list[Path]
     """Yield one temp path beside each of ``outs`` (in order); when the block returns, move them all into place
     (readable as ``mode`` less the umask, as any file the user writes), or none of them. A failure names the file
     at fault (a KdcodeError); temp files never outlive the call."""
-    from kdcode.artifacts import clean_stale_temp_files, current_umask
+    from kdcode.models.artifacts import clean_stale_temp_files, current_umask
 
     temps: list[Path] = []
     try:
@@ -70,7 +70,7 @@ def atomic_files(outs: Sequence[Path], mode: int = 0o644) -> Iterator[list[Path]
 def commit(pairs: Sequence[tuple[Path, Path]]) -> None:
     """Rename each ``(temp, out)`` pair into place, all or none (the old files set aside, then put back on a
     failure); a failure is a KdcodeError naming the ``out`` that failed."""
-    from kdcode.artifacts import write_error
+    from kdcode.models.artifacts import write_error
 
     for _, out in pairs:  # a folder would be set aside whole and never deleted: refuse it before anything moves
         if out.is_dir() and not out.is_symlink():

@@ -96,7 +96,7 @@ def _fim_ids(writer: Any, tokenizer: Any) -> dict[str, Any] | None:
     """llama.cpp's FIM token keys (its /infill builds the prompt from them), when the tokenizer has FIM tokens."""
     import gguf
 
-    from kdcode.fim import detect
+    from kdcode.models.fim_tokens import detect
 
     tokens = detect(tokenizer)
     if tokens is None:

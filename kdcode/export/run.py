@@ -37,7 +37,7 @@ BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 def _libraries(*names: str) -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
-    from kdcode.artifacts import library_versions
+    from kdcode.models.artifacts import library_versions
 
     out = library_versions()
     for name in names:
@@ -49,7 +49,7 @@ def _libraries(*names: str) -> dict[str, str]:
 
 
 def _source(lm: Any) -> dict[str, Any]:
-    from kdcode.artifacts import weights_sha256
+    from kdcode.models.artifacts import weights_sha256
 
     return {"name": lm.name, "path": str(lm.folder.resolve()) if lm.folder else None,
             "weights_sha256": weights_sha256(lm.folder) if lm.folder else {"hub": lm.fingerprint},
@@ -60,8 +60,8 @@ def _source(lm: Any) -> dict[str, Any]:
 def _load(name: str, verify: bool) -> Any:
     import torch
 
-    from kdcode.artifacts import kdcode_layout
-    from kdcode.models import load_model
+    from kdcode.models.artifacts import kdcode_layout
+    from kdcode.models.load import load_model
 
     lm = load_model(name, check=verify, dtype=torch.float32)
     layout = kdcode_layout(lm.manifest)
@@ -78,8 +78,8 @@ def run_export(name: str, spec: ExportSpec, out: Path, overwrite: bool = False,
     """Export ``name`` as ``spec`` says to ``out`` (a .gguf file, or a folder for ONNX); a quantized export is
     measured against its source as ``check`` says (None: not measured; the CLI always passes one). Returns (out,
     manifest)."""
-    from kdcode.artifacts import check_output
-    from kdcode.models import resolve_path, weights_bytes
+    from kdcode.models.artifacts import check_output
+    from kdcode.models.load import resolve_path, weights_bytes
 
     source = resolve_path(name)
     size = weights_bytes(name)
@@ -126,8 +126,8 @@ def _before(lm: Any, spec: ExportSpec, check: ExportCheckSpec | None) -> dict[st
 
 def _with_quality(manifest: dict[str, Any], out: Path, record: Path, before: dict[str, Any] | None) -> dict[str, Any]:
     """The written export measured in its runtime against ``before``; the manifest file gains ``quality``."""
-    from kdcode.artifacts import write_json
     from kdcode.compression.quality import compare, measure
+    from kdcode.models.artifacts import write_json
 
     if before is None:
         return manifest
@@ -160,12 +160,12 @@ def _provenance(lm: Any, spec: ExportSpec) -> dict[str, Any]:
 
 
 def _export_gguf(lm: Any, spec: ExportSpec, out: Path) -> dict[str, Any]:
-    from kdcode.artifacts import sha256_file
     from kdcode.export.fileset import atomic_files
     from kdcode.export.gguf_file import MANIFEST_KEY, write_gguf
     from kdcode.export.modelfile import modelfile
-    from kdcode.fim import detect, infill_order
-    from kdcode.models import context_length
+    from kdcode.models.artifacts import sha256_file
+    from kdcode.models.fim_tokens import detect, infill_order
+    from kdcode.models.load import context_length
 
     quant = spec.quant or "f32"
     inside = _provenance(lm, spec)
@@ -191,7 +191,7 @@ def _export_gguf(lm: Any, spec: ExportSpec, out: Path) -> dict[str, Any]:
 @contextmanager
 def _naming(target: Path) -> Iterator[None]:
     """A failure to write ``target`` (disk full, read-only, a library's wrapper of them) as one line naming it."""
-    from kdcode.artifacts import write_error
+    from kdcode.models.artifacts import write_error
 
     try:
         yield
@@ -202,8 +202,8 @@ def _naming(target: Path) -> Iterator[None]:
 
 
 def _export_onnx(lm: Any, spec: ExportSpec, out: Path, overwrite: bool) -> dict[str, Any]:
-    from kdcode.artifacts import MANIFEST, atomic_dir, read_manifest, sha256_file, write_json
     from kdcode.export.onnx_graph import export_onnx, quantize_int8
+    from kdcode.models.artifacts import MANIFEST, atomic_dir, read_manifest, sha256_file, write_json
     from kdcode.quiet import quiet_hf, quiet_loggers
 
     manifest = _provenance(lm, spec)

@@ -114,11 +114,11 @@ class Engine:
         self, loaded: Any, fim_format: str | None = None, draft: Any = None, draft_tokens: int = 4,
         fim_order: str = "auto",
     ) -> None:
-        from kdcode import fim
         from kdcode.device import model_device
         from kdcode.inference.decode import VocabIndex
         from kdcode.inference.loader import dtype_name
-        from kdcode.models import context_length
+        from kdcode.models import fim_tokens
+        from kdcode.models.load import context_length
 
         self.loaded = loaded
         self.name = loaded.name
@@ -139,8 +139,9 @@ class Engine:
             self.runtime = {**self.runtime, "draft": draft.name}
         _ = self.index.token_texts  # built once here (healing needs it): every call shares it
         # how it infills: the FIM tokens of its tokenizer (the named family's when given), None when it does not
-        self.fim = fim.require(self.tokenizer, fim_format, self.name) if fim_format else fim.detect(self.tokenizer)
-        self.fim_order = fim.infill_order(fim_order, loaded.manifest)  # psm | spm
+        self.fim = (fim_tokens.require(self.tokenizer, fim_format, self.name) if fim_format
+                    else fim_tokens.detect(self.tokenizer))
+        self.fim_order = fim_tokens.infill_order(fim_order, loaded.manifest)  # psm | spm
 
     @property
     def tokenizer(self) -> Any:
@@ -208,7 +209,7 @@ class Engine:
         if seed is not None and not -(2**63) <= seed < 2**64:
             raise KdcodeError(f"seed {seed} does not fit in 64 bits")
         if suffix is not None and self.fim is None:
-            from kdcode.fim import require
+            from kdcode.models.fim_tokens import require
 
             require(self.tokenizer, None, self.name)  # raises: one line saying it does not infill
         t0 = time.perf_counter()

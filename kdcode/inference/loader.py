@@ -52,11 +52,11 @@ def load_for_inference(
     """Load ``name`` (a folder, ``bundled`` or a hub id; a GGUF file or an ONNX export for those backends) for
     inference: on ``device`` (``auto``: CUDA when present), in ``dtype``, with ``threads`` CPU threads, in the
     backend and decode path ``runtime`` asks for (:class:`kdcode.spec.RuntimeSpec`). Returns
-    :class:`kdcode.models.Loaded` whose ``runtime`` says the device, dtype, threads and backend used."""
-    from kdcode.artifacts import kdcode_layout
+    :class:`kdcode.models.load.Loaded` whose ``runtime`` says the device, dtype, threads and backend used."""
     from kdcode.device import describe_device, resolve_device, set_threads
     from kdcode.inference.backends import detect_backend, load_backend
-    from kdcode.models import load_model, resolve_path
+    from kdcode.models.artifacts import kdcode_layout
+    from kdcode.models.load import load_model, resolve_path
 
     rt = runtime if isinstance(runtime, RuntimeSpec) else RuntimeSpec.model_validate(runtime or {})
     backend = detect_backend(name) if rt.backend == "auto" else rt.backend
@@ -74,7 +74,7 @@ def load_for_inference(
     n_threads = set_threads(threads)
     path = resolve_path(name)
     if path is not None:
-        from kdcode.artifacts import read_manifest
+        from kdcode.models.artifacts import read_manifest
 
         if kdcode_layout(read_manifest(path)).get("int8"):
             if dev.type != "cpu":
@@ -88,9 +88,9 @@ def load_for_inference(
     lm.runtime = {"device": describe_device(dev), "dtype": dtype_name(lm.model), "threads": n_threads,
                   "backend": "torch", "kv_cache": "static" if rt.compile else rt.kv_cache, "compile": rt.compile}
     if rt.compile or rt.kv_cache == "static":
-        from kdcode.artifacts import weight_files
         from kdcode.inference.backends.static import StaticTorch
-        from kdcode.models import count_params
+        from kdcode.models.artifacts import weight_files
+        from kdcode.models.load import count_params
 
         files = weight_files(lm.folder) if lm.folder else []
         lm.model = StaticTorch(lm.model, rt.compile, count_params(lm.model), files, lm.runtime["dtype"])

@@ -35,8 +35,8 @@ class Pretrained(Init):
         heads: int | None = None,
         tokenizer: Any = None,
     ) -> tuple[torch.nn.Module, list[int | None]]:
-        from kdcode.artifacts import check_trainable
-        from kdcode.models import check_same_vocab, load_model
+        from kdcode.models.artifacts import check_trainable
+        from kdcode.models.load import check_same_vocab, load_model
 
         start = load_model(self.params.path, allow_pickle=self.params.allow_pickle)
         check_trainable(start.manifest, f"init 'pretrained' checkpoint {self.params.path}")

@@ -10,8 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kdcode.artifacts import check_output, check_trainable, record_layout
-from kdcode.data import (
+from kdcode.data.corpus import (
     Corpus,
     data_section,
     encode_documents,
@@ -23,6 +22,7 @@ from kdcode.data import (
 )
 from kdcode.device import resolve_device
 from kdcode.errors import KdcodeError
+from kdcode.models.artifacts import check_output, check_trainable, record_layout
 from kdcode.spec import RunSpec
 from kdcode.train.loop import train_loop
 from kdcode.train.resources import check_block_size, check_memory
@@ -31,7 +31,7 @@ from kdcode.train.state import check_round_trip, run_context, save_trained
 
 def distil_inputs(spec: RunSpec) -> dict[str, Any]:
     """Every local path a distil run reads, by the flag that names it (an output may be none of them)."""
-    from kdcode.models import resolve_path
+    from kdcode.models.load import resolve_path
 
     teacher = resolve_path(spec.teacher.name) if spec.teacher.name else None
     return {
@@ -51,7 +51,7 @@ def run_distil(spec: RunSpec, overwrite: bool = False, resume: bool = False) -> 
     continues it. If the final save fails, the final weights stay in ``OUT.ckpt`` and the error says so.
     """
     from kdcode.compression.prune import heads_per_layer
-    from kdcode.models import check_depth, count_params, load_model, weights_bytes
+    from kdcode.models.load import check_depth, count_params, load_model, weights_bytes
 
     out = Path(spec.out)
     strategy, init = _plugins(spec)
@@ -62,7 +62,7 @@ def run_distil(spec: RunSpec, overwrite: bool = False, resume: bool = False) -> 
     run = run_context(spec, resume, spec.train.tensorboard)
     teacher = load_model(spec.teacher.name, revision=spec.teacher.revision,
                          trust_remote_code=spec.teacher.trust_remote_code, allow_pickle=spec.teacher.allow_pickle)
-    from kdcode import fim
+    from kdcode.data import fim
 
     # FIM as the spec says, else as the teacher was trained (a FIM teacher's students keep infilling)
     transform, fim_section = fim.prepare(fim.effective(spec.data.fim, teacher.manifest), teacher.tokenizer,
@@ -292,7 +292,7 @@ def _ready_cache(
 def cache_key(teacher: Any, corpus: Corpus, fmt: str, block_size: int, fim: Any = None) -> dict[str, Any]:
     """What a teacher cache must match to be reused: teacher, tokenizer, training data, block size, and the FIM
     transform of the blocks (None: none)."""
-    from kdcode.fim import cache_key as fim_key
+    from kdcode.data.fim import cache_key as fim_key
     from kdcode.train.teacher_cache import tokenizer_hash
 
     return {
@@ -311,8 +311,8 @@ def run_cache_teacher(
     """One teacher pass over the training blocks of ``data`` (``max_blocks`` of them, a seeded random sample, when
     given), stored as top-k soft targets; FIM-transformed as `distil` would transform them (``data.fim``, else as
     the teacher was trained)."""
-    from kdcode import fim
-    from kdcode.models import load_model, resolve_path
+    from kdcode.data import fim
+    from kdcode.models.load import load_model, resolve_path
     from kdcode.train.teacher_cache import build_cache
 
     check_output(out, overwrite, {"--teacher": resolve_path(teacher_name), "--data": data.source})

@@ -98,7 +98,7 @@ def check_memory(batch: int, block: int, hidden: int, layers: int, vocab: int, d
 
 def check_block_size(model: Any, block_size: int, what: str) -> None:
     """Refuse training blocks longer than ``model`` has positions for."""
-    from kdcode.models import context_length
+    from kdcode.models.load import context_length
 
     n_pos = context_length(model.config)
     if n_pos is not None and block_size > n_pos:

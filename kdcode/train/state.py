@@ -231,7 +231,7 @@ def check_round_trip(model: torch.nn.Module, tokenizer: Any) -> None:
     any training: a save-time incompatibility (a config field kdcode did not map, say) then costs seconds, not a
     run. Head-pruned models (kdcode's own loader) are checked by that loader instead."""
     from kdcode.compression.prune import heads_per_layer
-    from kdcode.models import count_params
+    from kdcode.models.load import count_params
     from kdcode.quiet import quiet_hf
 
     if heads_per_layer(model):
@@ -263,7 +263,7 @@ def save_trained(
 ) -> None:
     """Save a trained model; if that fails, keep its final weights (and optimizer state) in ``OUT.ckpt`` so that
     the same command with ``--resume`` writes it without training again, and say so in the one error line."""
-    from kdcode.artifacts import save_model
+    from kdcode.models.artifacts import save_model
     from kdcode.train.runlog import write_log
 
     try:

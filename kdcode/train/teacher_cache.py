@@ -111,7 +111,7 @@ def build_cache(
     """Run the teacher over ``max_blocks`` of ``blocks`` (default: all; the first of :func:`cache_order`) and write
     the cache folder atomically; soft targets over the first ``vocab`` tokens (the tokenizer's; default: the
     teacher's whole LM head)."""
-    from kdcode.artifacts import atomic_dir, write_json
+    from kdcode.models.artifacts import atomic_dir, write_json
 
     vocab = int(vocab or teacher.config.vocab_size)
     if not 1 <= top_k <= vocab:
@@ -141,7 +141,7 @@ def grow_cache(
     """Extend the cache in ``folder`` (already checked against this run) to ``wanted`` blocks of ``blocks`` (the
     whole training split it was made from), continuing its order. New shards are written first and the manifest
     last (atomically): a run killed while growing leaves the old cache intact."""
-    from kdcode.artifacts import write_json
+    from kdcode.models.artifacts import write_json
 
     manifest = read_manifest(folder)
     have, total = coverage(manifest)

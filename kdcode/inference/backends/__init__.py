@@ -31,9 +31,9 @@ def detect_backend(name: str) -> str:
 
 def load_backend(name: str, backend: str, device: str | None, dtype: str, threads: int | None,
                  verify: bool) -> Any:
-    """``name`` loaded for ``backend`` (onnxruntime or llama.cpp) as :class:`kdcode.models.Loaded`."""
+    """``name`` loaded for ``backend`` (onnxruntime or llama.cpp) as :class:`kdcode.models.load.Loaded`."""
     from kdcode.device import describe_device, resolve_device, set_threads
-    from kdcode.models import Loaded
+    from kdcode.models.load import Loaded
 
     if resolve_device(device).type != "cpu":
         raise KdcodeError(f"the {backend} backend runs on the CPU here; use --device cpu")
@@ -51,7 +51,7 @@ def load_backend(name: str, backend: str, device: str | None, dtype: str, thread
         fingerprint = (manifest or {}).get("sha256") or ""
     elif backend == "onnxruntime":
         from kdcode.inference.backends.ort import load_onnx
-        from kdcode.models import load_tokenizer
+        from kdcode.models.load import load_tokenizer
 
         if not path.is_dir():
             raise KdcodeError(f"--backend onnxruntime runs an ONNX export folder, and {name} is not one; make one "

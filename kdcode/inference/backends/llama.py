@@ -236,10 +236,10 @@ def load_gguf(path: Path, threads: int, verify: bool) -> tuple[LlamaModel, Any, 
         raise KdcodeError("the llama.cpp backend needs llama-cpp-python and gguf: pip install 'kdcode[llamacpp]', or "
                           "run the GGUF dequantized in torch with --backend torch") from exc
 
-    from kdcode.artifacts import sha256_file
     from kdcode.export.fileset import sidecar_path
     from kdcode.export.gguf_file import gguf_manifest, read_fields
     from kdcode.export.gguf_vocab import tokenizer_from_gguf
+    from kdcode.models.artifacts import sha256_file
 
     fields = read_fields(path)
     sidecar = sidecar_path(path)

@@ -91,9 +91,9 @@ def load_onnx(folder: Path, threads: int, verify: bool) -> tuple[OrtModel, dict[
     """The ONNX export in ``folder``: (model, manifest, verified)."""
     from transformers import AutoConfig
 
-    from kdcode.artifacts import read_manifest
-    from kdcode.artifacts import verify as verify_folder
-    from kdcode.models import load_error
+    from kdcode.models.artifacts import read_manifest
+    from kdcode.models.artifacts import verify as verify_folder
+    from kdcode.models.load import load_error
     from kdcode.quiet import quiet_hf
 
     manifest = read_manifest(folder)

@@ -61,7 +61,7 @@ class StaticTorch(StepModel):
     backend = "torch"
 
     def __init__(self, model: Any, compile_step: bool, param_count: int, files: list[Any], dtype: str) -> None:
-        from kdcode.models import context_length
+        from kdcode.models.load import context_length
 
         super().__init__(model.config, files, param_count)
         self.model = model.eval()

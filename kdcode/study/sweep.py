@@ -27,7 +27,6 @@ from kdcode import __version__
 from kdcode.errors import KdcodeError
 from kdcode.evaluation.bench import run_bench
 from kdcode.evaluation.evaluate import run_eval
-from kdcode.report import append_record, read_records
 from kdcode.spec import (
     BenchSpec,
     EvalSpec,
@@ -40,6 +39,7 @@ from kdcode.spec import (
     read_spec_file,
     resolve_run_spec,
 )
+from kdcode.study.report import append_record, read_records
 from kdcode.train.distil import run_cache_teacher, run_distil
 from kdcode.train.loop import Interrupted
 from kdcode.train.teacher_cache import blocks_for_run
@@ -321,7 +321,7 @@ def _inside(path: Path, root: Path) -> bool:
 
 def _reusable_student(folder: Path, run: RunSpec) -> bool:
     """A complete student of exactly this run spec (an interrupted point whose distil had finished)."""
-    from kdcode.artifacts import read_manifest
+    from kdcode.models.artifacts import read_manifest
 
     try:
         manifest = read_manifest(folder) if folder.is_dir() else None
@@ -345,7 +345,7 @@ def _new_record(m: Point | Baseline, kind: str, baseline: str, spec: Any, folder
 
 
 def _measure_teacher(b: Baseline) -> dict[str, Any]:
-    from kdcode.models import resolve_path
+    from kdcode.models.load import resolve_path
 
     t = b.run.teacher
     load = {"allow_pickle": t.allow_pickle, "trust_remote_code": t.trust_remote_code}
@@ -443,7 +443,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, where: str = "sweep spec", 
             )
         previous = {r["name"]: r for r in read_records(results) if "name" in r}
     out.mkdir(parents=True, exist_ok=True)
-    from kdcode.artifacts import write_json
+    from kdcode.models.artifacts import write_json
 
     write_json(out / "sweep.json", spec.model_dump(mode="json"))
 

@@ -273,7 +273,7 @@ def model_card(manifest: dict[str, Any]) -> str:
             f"Load it with kdcode ({compression.get('loading')}):",
             "",
             "```python",
-            "from kdcode.models import load_model",
+            "from kdcode.models.load import load_model",
             'lm = load_model("PATH")  # lm.model, lm.tokenizer',
             "```",
         ]

@@ -82,7 +82,7 @@ def not_cached(repo_id: str, revision: str | None, repo_type: str = "model") -> 
 def file_sha256(path: Path) -> tuple[str, bool | None]:
     """(sha256 of a cached file, verified): a Git LFS blob is stored under its sha256, so a cached weight file
     can be checked against its own name (True); None when its blob is not named by a sha256."""
-    from kdcode.artifacts import sha256_file
+    from kdcode.models.artifacts import sha256_file
 
     digest = sha256_file(path)
     blob = Path(os.path.realpath(path)).name

@@ -1,6 +1,6 @@
 """Records: JSON-lines / JSON files, and Hugging Face datasets by id (``NAME[:CONFIG]``, pinned by revision).
 
-With :mod:`kdcode.data`, one of the two modules that import ``datasets``.
+With :mod:`kdcode.data.corpus`, one of the two modules that import ``datasets``.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def load_dataset(datasets: Any, source: str, revision: str | None = None) -> tup
 
     With the hub off or unreachable, a dataset in the Hugging Face hub cache (``datasets--ORG--NAME/snapshots``)
     is read from its cached snapshot, so its exact commit is known; otherwise ``datasets`` fetches it."""
-    from kdcode import hub
+    from kdcode.models import hub
 
     name, _, config = source.partition(":")
     if not config and name.rsplit("/", 1)[-1] in _CODEXGLUE_COMPLETION:

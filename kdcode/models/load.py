@@ -11,8 +11,8 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from kdcode.artifacts import PICKLE_WEIGHTS, read_manifest, sha256_file, verify, weight_files
 from kdcode.errors import KdcodeError
+from kdcode.models.artifacts import PICKLE_WEIGHTS, read_manifest, sha256_file, verify, weight_files
 from kdcode.quiet import quiet_hf
 from kdcode.spec import BUNDLED
 
@@ -82,7 +82,7 @@ def context_length(config: Any, default: int | None = None) -> int | None:
 
 def weights_bytes(name: str, revision: str | None = None) -> int | None:
     """Bytes of a model's weight files: a local folder's, or a hub model's in the cache (None when not there)."""
-    from kdcode import hub
+    from kdcode.models import hub
 
     try:
         path = resolve_path(name)
@@ -100,7 +100,7 @@ def read_config(name: str, revision: str | None = None) -> Any:
     """A model's config without its weights (a local folder, or a hub model in the cache); None if not at hand."""
     from transformers import AutoConfig
 
-    from kdcode import hub
+    from kdcode.models import hub
 
     try:
         path = resolve_path(name) or hub.snapshot(name, revision)
@@ -128,7 +128,7 @@ def check_depth(name: str, layers: int, revision: str | None = None) -> None:
 def resolve_path(name: str) -> Path | None:
     """The local folder ``name`` refers to, or None when it must be a hub id. A GGUF source (``FILE.gguf``, a folder
     holding one, ``ollama:NAME[:TAG]``, ``smollm2``) is its dequantized folder in kdcode's cache, made once."""
-    from kdcode.gguf_source import gguf_file, import_folder
+    from kdcode.models.gguf import gguf_file, import_folder
 
     gguf = gguf_file(name)
     if gguf is not None:
@@ -180,7 +180,7 @@ HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.py", "*.safetenso
 def hub_snapshot(name: str, revision: str | None = None, allow_pickle: bool = False) -> Path:
     """The local snapshot folder of hub model ``name`` at ``revision``: from the cache when the hub is off or does
     not answer (one clear line when it is not there), else downloaded (only what a model folder needs)."""
-    from kdcode import hub
+    from kdcode.models import hub
 
     if hub.cache_only():
         folder = hub.snapshot(name, revision)
@@ -249,7 +249,7 @@ def load_model(
     Any damage to a folder (a truncated or corrupt weight file, a manifest or config of the wrong shape, missing
     tokenizer files) is one KdcodeError line, never a traceback.
     """
-    from kdcode import hub
+    from kdcode.models import hub
 
     local = resolve_path(name)
     path = local if local is not None else hub_snapshot(name, revision, allow_pickle)
@@ -274,8 +274,8 @@ def load_model(
 def _model(path: Path, manifest: dict[str, Any] | None, allow_pickle: bool, trust_remote_code: bool, dtype: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
-    from kdcode.artifacts import kdcode_layout
     from kdcode.compression.load import load_compressed
+    from kdcode.models.artifacts import kdcode_layout
 
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if not allow_pickle:

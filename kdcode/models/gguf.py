@@ -152,7 +152,7 @@ def ollama_blob(ref: str) -> Path:
 # ---- hashing, once per file version ----------------------------------------------------------------------------
 def file_sha256(path: Path) -> str:
     """sha256 of ``path``, remembered in the cache by (path, size, mtime) so a large file is hashed once."""
-    from kdcode.artifacts import sha256_file, write_json
+    from kdcode.models.artifacts import sha256_file, write_json
 
     st = path.stat()
     index_path = cache_root() / "sha256.json"
@@ -217,7 +217,7 @@ def import_folder(path: Path) -> Path:
     """The plain safetensors folder made from GGUF file ``path`` (made now if not in the cache). A folder already
     there is taken when its manifest names weight files that exist: a command resolves a name several times, and
     the weights' sha256 is checked once, when the model is loaded (a damaged folder is one line there)."""
-    from kdcode.artifacts import read_manifest
+    from kdcode.models.artifacts import read_manifest
 
     digest = file_sha256(path)
     folder = cache_root() / "gguf" / f"{path.stem[:60]}-{digest[:16]}"
@@ -232,7 +232,7 @@ def import_folder(path: Path) -> Path:
     print(f"dequantizing {path.name} ({info['architecture']}, {info['quantization']}) to float32 into "
           f"{folder} (once per file)", file=sys.stderr, flush=True)
     model, tokenizer = _dequantize(path)
-    from kdcode.artifacts import save_model
+    from kdcode.models.artifacts import save_model
 
     manifest = {"kind": "gguf-import", "source": {
         "gguf": str(path), "sha256": digest, "bytes": path.stat().st_size, **info, "dequantized": True,
