@@ -1,4 +1,4 @@
-"""Where models run: device choice (``auto|cpu|cuda[:N]``), its description, threads, bf16 support, memory.
+"""Where models run: device choice (``auto|cpu|cuda[:N]``), its description, dtypes, threads, bf16 support, memory.
 
 One policy for training, evaluation, benchmarks, completion and serving. Errors name the flag and the fix.
 """
@@ -14,6 +14,18 @@ from kdcode.errors import KdcodeError
 
 DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N."
 _CUDA = re.compile(r"^cuda(:\d+)?$")
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+DTYPE_HELP = "auto (the dtype the model's config names), fp32, fp16 or bf16."
+
+
+def torch_dtype(name: str) -> Any:
+    """``"auto"`` or the torch dtype of ``fp32`` / ``fp16`` / ``bf16``."""
+    import torch
+
+    table = {"auto": "auto", "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if name not in table:
+        raise KdcodeError(f"--dtype {name!r}: use {DTYPE_HELP}")
+    return table[name]
 
 
 def resolve_device(requested: str | None = "auto") -> Any:

@@ -23,10 +23,9 @@ from kdcode.compression.int8 import INT8_FILE, quantize_model
 from kdcode.compression.prune import GPT2Pruner, heads_per_layer
 from kdcode.compression.prune_llama import LlamaPruner
 from kdcode.compression.quality import check_spec, compare, in_memory, measure
+from kdcode.device import torch_dtype
 from kdcode.errors import KdcodeError
 from kdcode.spec_compress import CompressSpec
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def calibration_blocks(spec: CompressSpec, tokenizer: Any, n_positions: int) -> torch.Tensor:
@@ -142,7 +141,7 @@ def run_compress(
         steps.append({"step": "int8", "int8_scheme": spec.int8_scheme, "scheme": int8_layout["scheme"],
                       "modules": len(int8_layout["modules"]), "tied": int8_layout["tied"]})
     elif spec.dtype:
-        model.to(DTYPES[spec.dtype])
+        model.to(torch_dtype(spec.dtype))
         steps.append({"step": "dtype", "dtype": spec.dtype})
     custom = bool(heads or int8_layout)
     reasons = []

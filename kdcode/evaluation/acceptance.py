@@ -7,22 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from kdcode.errors import KdcodeError
-
-
-def auto_k(target: Any, draft: Any, index: Any, prompts: list[str], opts: Any, choices=(1, 2, 3, 4, 6, 8)) -> int:
-    """``--draft-tokens auto``: the k with the most target tokens per second on a few calibration prompts."""
-    import time
-
-    from kdcode.inference.speculative import speculative
-
-    best, best_rate = choices[0], 0.0
-    for k in choices:
-        t0 = time.perf_counter()
-        gen, _ = speculative(target, draft, index, prompts, opts, k=k)
-        rate = sum(gen.token_counts) / (time.perf_counter() - t0)
-        if rate > best_rate:
-            best, best_rate = k, rate
-    return best
+from kdcode.inference.speculative import auto_k
 
 
 def run_acceptance(student: str, teacher: str, spec: Any, k: int | str = 4, verify: bool = True) -> dict[str, Any]:

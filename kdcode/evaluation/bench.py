@@ -72,8 +72,7 @@ class Runner:
         warm, self.prompts = prompts[: spec.warmup], prompts[spec.warmup :]
         self.draft, self.draft_tokens = None, draft_tokens
         if draft is not None:  # speculative decoding: the same model's own output, drafted by a student
-            from kdcode.evaluation.acceptance import auto_k
-            from kdcode.inference.speculative import check_pair
+            from kdcode.inference.speculative import auto_k, check_pair
 
             if spec.batch_size != 1:
                 raise KdcodeError("--draft runs at batch 1 (speculative decoding); drop --batch-size")

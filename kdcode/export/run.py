@@ -23,12 +23,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from kdcode.errors import KdcodeError
 from kdcode.export.fileset import modelfile_path, sidecar_path  # noqa: F401 - importers take them from here too
+from kdcode.models.artifacts import utc_now
 from kdcode.spec_compress import ExportCheckSpec, ExportSpec
 
 BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
@@ -154,7 +154,7 @@ def _provenance(lm: Any, spec: ExportSpec) -> dict[str, Any]:
     from kdcode import __version__
 
     return {"kind": "export", "kdcode_version": __version__,
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created_at": utc_now(),
             "export": spec.model_dump(mode="json"), "source": _source(lm),
             **({"fim": lm.manifest["fim"]} if isinstance((lm.manifest or {}).get("fim"), dict) else {})}
 

@@ -157,8 +157,8 @@ class Engine:
 
     def calibrate_draft(self) -> int:
         """``--draft-tokens auto``: the k with the most tokens per second on a few short completions."""
-        from kdcode.evaluation.acceptance import auto_k
         from kdcode.inference.decode import DecodeOptions
+        from kdcode.inference.speculative import auto_k
 
         opts = DecodeOptions(max_new_tokens=16, heal_space=True)
         texts = ["import os\n\n\ndef main():\n    ", "class Config:\n    def __init__(self, path):\n        "]

@@ -5,21 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from kdcode.device import torch_dtype
 from kdcode.errors import KdcodeError
 from kdcode.spec import RuntimeSpec
-
-DTYPES = ("auto", "fp32", "fp16", "bf16")
-DTYPE_HELP = "auto (the dtype the model's config names), fp32, fp16 or bf16."
-
-
-def torch_dtype(name: str) -> Any:
-    """``"auto"`` or the torch dtype of ``fp32`` / ``fp16`` / ``bf16``."""
-    import torch
-
-    table = {"auto": "auto", "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if name not in table:
-        raise KdcodeError(f"--dtype {name!r}: use {DTYPE_HELP}")
-    return table[name]
 
 
 def dtype_name(model: Any) -> str:

@@ -147,12 +147,17 @@ def clean_stale_temp_files(out: Path) -> list[Path]:
     return removed
 
 
-def _inside(a: Path, b: Path) -> bool:
-    try:
-        a.relative_to(b)
-        return True
-    except ValueError:
-        return False
+def inside(path: Path, root: Path) -> bool:
+    """Whether ``path`` is ``root`` or lies inside it (both resolved)."""
+    return path.resolve().is_relative_to(root.resolve())
+
+
+def utc_now(timestamp: float | None = None, timespec: str = "seconds", zulu: bool = False) -> str:
+    """A UTC time in ISO 8601 (``timestamp``: seconds since the epoch, None: now): ``+00:00`` as manifests and sweep
+    records write it, ``Z`` with ``zulu`` as Ollama's API does."""
+    when = datetime.now(timezone.utc) if timestamp is None else datetime.fromtimestamp(timestamp, timezone.utc)
+    text = when.isoformat(timespec=timespec)
+    return text.replace("+00:00", "Z") if zulu else text
 
 
 def check_output(
@@ -179,8 +184,8 @@ def check_output(
         if not src.exists():
             continue
         src = src.resolve()
-        if target == src or _inside(src, target) or _inside(target, src):
-            how = "is" if target == src else "contains" if _inside(src, target) else "lies inside"
+        if inside(src, target) or inside(target, src):
+            how = "is" if target == src else "contains" if inside(src, target) else "lies inside"
             raise KdcodeError(
                 f"{flag} {out} {how} the input {name} {value}; writing there would destroy it: choose another {flag}"
             )
@@ -333,7 +338,7 @@ def _save(out: Path, model: Any, tokenizer: Any, manifest: dict[str, Any], overw
             extra(tmp)
         full = {
             "kdcode_version": __version__,
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created_at": utc_now(),
             **manifest,
             "weights_sha256": weights_sha256(tmp),
             "libraries": library_versions(),

@@ -293,9 +293,21 @@ def _model(path: Path, manifest: dict[str, Any] | None, allow_pickle: bool, trus
         raise load_error(path, exc) from exc
 
 
-def check_same_vocab(teacher_tok: Any, student_tok: Any, what: str) -> None:
+def check_vocab(model: Any, tokenizer: Any, what: str) -> None:
+    """``model`` scores every token of ``tokenizer`` (its LM head may be padded beyond them, never shorter)."""
+    width = int(model.config.vocab_size)
+    if width < len(tokenizer):
+        raise KdcodeError(
+            f"{what} scores {width} tokens but the tokenizer has {len(tokenizer)}: they are not one tokenizer's "
+            "model; KD needs a teacher and student of one tokenizer"
+        )
+
+
+def check_same_vocab(teacher_tok: Any, student_tok: Any, what: str, teacher: str = "the teacher",
+                     need: str = "KD needs one vocabulary: use a student made from this teacher") -> None:
+    """``student_tok`` (``what``) has ``teacher_tok``'s vocabulary (``teacher``), else one line saying what ``need``s
+    it (KD by default; speculative decoding names its draft and target)."""
     if teacher_tok.get_vocab() != student_tok.get_vocab():
         raise KdcodeError(
-            f"{what} and the teacher use different tokenizers (vocab {len(student_tok)} vs {len(teacher_tok)}); "
-            "KD needs one vocabulary: use a student made from this teacher"
+            f"{what} and {teacher} use different tokenizers (vocab {len(student_tok)} vs {len(teacher_tok)}); {need}"
         )

@@ -18,7 +18,6 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from kdcode import __version__
 from kdcode.errors import KdcodeError
 from kdcode.evaluation.bench import run_bench
 from kdcode.evaluation.evaluate import run_eval
+from kdcode.models.artifacts import inside, utc_now
 from kdcode.spec import (
     BenchSpec,
     EvalSpec,
@@ -307,18 +307,6 @@ def _error(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, KdcodeError) else f"{type(exc).__name__}: {exc}"
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _inside(path: Path, root: Path) -> bool:
-    try:
-        path.resolve().relative_to(root.resolve())
-        return True
-    except ValueError:
-        return False
-
-
 def _reusable_student(folder: Path, run: RunSpec) -> bool:
     """A complete student of exactly this run spec (an interrupted point whose distil had finished)."""
     from kdcode.models.artifacts import read_manifest
@@ -339,7 +327,7 @@ def _new_record(m: Point | Baseline, kind: str, baseline: str, spec: Any, folder
         "folder": folder, "eval_spec": m.eval.model_dump(mode="json"), "bench_spec": m.bench.model_dump(mode="json"),
         "infill_spec": m.infill.model_dump(mode="json") if m.infill else None,
         "draft_tokens": getattr(m, "draft_tokens", None),
-        "eval": None, "infill": None, "bench": None, "acceptance": None, "wall_s": {}, "started_at": _now(),
+        "eval": None, "infill": None, "bench": None, "acceptance": None, "wall_s": {}, "started_at": utc_now(),
         "kdcode": __version__,
     }
 
@@ -359,7 +347,7 @@ def _measure_teacher(b: Baseline) -> dict[str, Any]:
     except Exception as exc:  # recorded; the students still run
         record.update(status="failed", error=_error(exc), traceback=traceback.format_exc(limit=-8))
     record["wall_s"]["total"] = round(time.perf_counter() - start, 2)
-    record["finished_at"] = _now()
+    record["finished_at"] = utc_now()
     return record
 
 
@@ -383,7 +371,7 @@ def _run_point(point: Point, baseline: str, root: Path, resume: bool, cache_note
             # A folder inside the sweep folder is this sweep's own (a leftover of an interrupted point);
             # a checkpoint left by an interrupted distil is continued on --resume.
             go_on = resume and has_checkpoint(folder.with_name(folder.name + ".ckpt"))
-            _, manifest = run_distil(point.run, overwrite=_inside(folder, root), resume=go_on)
+            _, manifest = run_distil(point.run, overwrite=inside(folder, root), resume=go_on)
             record["training"] = manifest.get("training")
             record["resumed_checkpoint"] = go_on
         record["wall_s"]["distil"] = round(time.perf_counter() - t0, 2)
@@ -393,7 +381,7 @@ def _run_point(point: Point, baseline: str, root: Path, resume: bool, cache_note
     except Exception as exc:  # a failed point is recorded with its error; the sweep goes on
         record.update(status="failed", error=_error(exc), traceback=traceback.format_exc(limit=-8))
     record["wall_s"]["total"] = round(time.perf_counter() - start, 2)
-    record["finished_at"] = _now()
+    record["finished_at"] = utc_now()
     return record
 
 

@@ -23,6 +23,7 @@ from kdcode.data.corpus import (
 from kdcode.device import resolve_device
 from kdcode.errors import KdcodeError
 from kdcode.models.artifacts import check_output, check_trainable, record_layout
+from kdcode.models.load import check_vocab
 from kdcode.spec import RunSpec
 from kdcode.train.loop import train_loop
 from kdcode.train.resources import check_block_size, check_memory
@@ -180,22 +181,12 @@ def _plugins(spec: RunSpec) -> tuple[Any, Any]:
 
 def _hold_teacher(spec: RunSpec, strategy: Any, model: Any) -> None:
     """The teacher in ``teacher.dtype``; one that trains alongside the student keeps float32 weights."""
-    from kdcode.inference.loader import torch_dtype
+    from kdcode.device import torch_dtype
 
     if strategy.needs_teacher_grad:
         model.float()
     elif spec.teacher.dtype != "auto":
         model.to(torch_dtype(spec.teacher.dtype))
-
-
-def check_vocab(model: Any, tokenizer: Any, what: str) -> None:
-    """``model`` scores every token of ``tokenizer`` (its LM head may be padded beyond them, never shorter)."""
-    width = int(model.config.vocab_size)
-    if width < len(tokenizer):
-        raise KdcodeError(
-            f"{what} scores {width} tokens but the tokenizer has {len(tokenizer)}: they are not one tokenizer's "
-            "model; KD needs a teacher and student of one tokenizer"
-        )
 
 
 def _check_teacher(spec: RunSpec, strategy: Any, teacher: Any) -> None:
