@@ -8,6 +8,7 @@ This module imports neither torch nor any plugin.
 
 from __future__ import annotations
 
+import difflib
 import json
 import typing
 import warnings
@@ -264,8 +265,6 @@ def _known_keys(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> list[str
 
 def format_validation_error(exc: ValidationError, where: str, model: type[BaseModel] | None = None) -> str:
     """One line per problem: the dotted field, what is wrong (with a did-you-mean for unknown keys)."""
-    import difflib
-
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"

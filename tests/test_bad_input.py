@@ -420,7 +420,8 @@ def test_remote_code_never_runs_without_the_flag(remote_code, tmp_path, corpus_d
 
 def test_trust_remote_code_flags_reach_the_loader(monkeypatch, tmp_path, corpus_dir, teacher_dir):
     import kdcode.evaluation.bench
-    import kdcode.models.load
+    import kdcode.inference.loader
+    import kdcode.train.distil
 
     seen: list[dict] = []
 
@@ -432,7 +433,8 @@ def test_trust_remote_code_flags_reach_the_loader(monkeypatch, tmp_path, corpus_
         seen.append(kwargs)
         raise KdcodeError("stop here")
 
-    monkeypatch.setattr(kdcode.models.load, "load_model", fake_load_model)
+    monkeypatch.setattr(kdcode.train.distil, "load_model", fake_load_model)  # where distil and eval call it
+    monkeypatch.setattr(kdcode.inference.loader, "load_model", fake_load_model)
     monkeypatch.setattr(kdcode.evaluation.bench, "run_bench", fake_run_bench)
     for flags in ([], ["--trust-remote-code", "--allow-pickle"]):
         seen.clear()

@@ -155,13 +155,13 @@ def test_int8_folders_are_refused(student_src, tmp_path, corpus_dir):
 
 
 def test_a_failed_export_leaves_nothing_under_the_name(student_src, tmp_path, monkeypatch):
-    import kdcode.export.gguf_file as gguf_file
+    import kdcode.export.run
 
     def broken(path, *a, **k):
         Path(path).write_bytes(b"GGUF half")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(gguf_file, "write_gguf", broken)
+    monkeypatch.setattr(kdcode.export.run, "write_gguf", broken)
     out = tmp_path / "s.gguf"
     with pytest.raises(KdcodeError, match="No space left"):
         _export(student_src, out)

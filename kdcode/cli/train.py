@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -200,8 +201,6 @@ def pretrain(
 
 
 def _print_skipped(console: Any, manifest: dict[str, Any], data: Any) -> None:
-    from collections import Counter
-
     from kdcode.data.corpus import skip_reasons
 
     skipped = Counter(manifest.get("data", {}).get("skipped") or {})

@@ -21,6 +21,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from kdcode.models.fim_tokens import FORMATS, FimFormat, FimTokens, find_tokens, resolve
 from kdcode.spec import FimSpec
 
@@ -33,8 +35,6 @@ def ensure_tokens(tokenizer: Any, model: Any, name: str | None) -> tuple[FimToke
     found = resolve(tokenizer, name)
     if found is not None:
         return found, {"added_tokens": {}, "vocab_size": len(tokenizer)}
-    import torch
-
     fmt = FORMATS[name or "starcoder"]
     before = len(tokenizer)
     replace = "replace_extra_special_tokens"

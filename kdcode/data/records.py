@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kdcode.errors import KdcodeError
+from kdcode.models import hub
 
 
 def _json_records(path: Path) -> list[dict[str, Any]]:
@@ -50,8 +51,6 @@ def load_dataset(datasets: Any, source: str, revision: str | None = None) -> tup
 
     With the hub off or unreachable, a dataset in the Hugging Face hub cache (``datasets--ORG--NAME/snapshots``)
     is read from its cached snapshot, so its exact commit is known; otherwise ``datasets`` fetches it."""
-    from kdcode.models import hub
-
     name, _, config = source.partition(":")
     if not config and name.rsplit("/", 1)[-1] in _CODEXGLUE_COMPLETION:
         config = "python"

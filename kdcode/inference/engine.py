@@ -22,7 +22,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kdcode.device import model_device
 from kdcode.errors import KdcodeError
+from kdcode.inference.decode import DecodeOptions, VocabIndex, beam_alternatives, encode_prompt, greedy, n_positions
+from kdcode.inference.forward import PromptCache
+from kdcode.inference.infill import encode_infill
+from kdcode.inference.loader import dtype_name, load_for_inference
+from kdcode.inference.speculative import auto_k, check_pair, speculative
+from kdcode.models import fim_tokens
+from kdcode.models.fim_tokens import require
+from kdcode.models.load import context_length
 
 DEFAULT_STOP: tuple[str, ...] = ("\n",)
 OnText = Callable[[int, str], None]  # (choice index, text delta)
@@ -114,12 +123,6 @@ class Engine:
         self, loaded: Any, fim_format: str | None = None, draft: Any = None, draft_tokens: int = 4,
         fim_order: str = "auto",
     ) -> None:
-        from kdcode.device import model_device
-        from kdcode.inference.decode import VocabIndex
-        from kdcode.inference.loader import dtype_name
-        from kdcode.models import fim_tokens
-        from kdcode.models.load import context_length
-
         self.loaded = loaded
         self.name = loaded.name
         self.model = loaded.model.eval()
@@ -129,12 +132,8 @@ class Engine:
         self.runtime = loaded.runtime or {"device": self.device, "dtype": self.dtype, "threads": None}
         self.index = VocabIndex.for_model(self.model, loaded.tokenizer)
         self.draft, self.draft_tokens = draft, draft_tokens  # a student drafting for it (speculative decoding)
-        from kdcode.inference.forward import PromptCache
-
         self.prompt_cache, self.draft_cache = PromptCache(), PromptCache()  # each model's, from its last call
         if draft is not None:
-            from kdcode.inference.speculative import check_pair
-
             check_pair(loaded.tokenizer, draft.tokenizer, loaded.name, draft.name)
             self.runtime = {**self.runtime, "draft": draft.name}
         _ = self.index.token_texts  # built once here (healing needs it): every call shares it
@@ -157,9 +156,6 @@ class Engine:
 
     def calibrate_draft(self) -> int:
         """``--draft-tokens auto``: the k with the most tokens per second on a few short completions."""
-        from kdcode.inference.decode import DecodeOptions
-        from kdcode.inference.speculative import auto_k
-
         opts = DecodeOptions(max_new_tokens=16, heal_space=True)
         texts = ["import os\n\n\ndef main():\n    ", "class Config:\n    def __init__(self, path):\n        "]
         self.draft_tokens = auto_k(self.model, self.draft.model, self.index, texts, opts)
@@ -191,9 +187,6 @@ class Engine:
         ``suffix`` (even an empty one: the end of the file) the model fills in the middle between ``prompt``
         and it; ``prompt_tokens`` is then the window's length. Once ``cancel`` (a ``threading.Event``) is set, no
         model pass starts: the completion ends where it is, marked ``cancelled``."""
-        from kdcode.inference.decode import DecodeOptions, beam_alternatives, encode_prompt, greedy, n_positions
-        from kdcode.inference.infill import encode_infill
-
         if not 1 <= max_tokens < self.n_positions:
             raise KdcodeError(
                 f"max_tokens must be 1 to {self.n_positions - 1} (the model has {self.n_positions} positions)"
@@ -209,8 +202,6 @@ class Engine:
         if seed is not None and not -(2**63) <= seed < 2**64:
             raise KdcodeError(f"seed {seed} does not fit in 64 bits")
         if suffix is not None and self.fim is None:
-            from kdcode.models.fim_tokens import require
-
             require(self.tokenizer, None, self.name)  # raises: one line saying it does not infill
         t0 = time.perf_counter()
         if prompt_tokens is None and suffix is None:
@@ -242,8 +233,6 @@ class Engine:
         if temperature == 0 and (beams > 1 or n > 1):  # beams reorder the cache: cold, the kept one left as it is
             gen = beam_alternatives(self.model, self.index, encoded, opts, beams, n, cancel=cancel)
         elif self.draft is not None and n == 1:  # the model's own output, drafted by the student
-            from kdcode.inference.speculative import speculative
-
             gen, _ = speculative(self.model, self.draft.model, self.index, [encoded], opts, self.draft_tokens,
                                  on_token=stream.on_token, cancel=cancel, reuse=(self.prompt_cache, self.draft_cache))
         else:
@@ -279,8 +268,6 @@ def load_engine(
     (``device`` auto: CUDA when there is one; ``dtype`` auto: as its config names; ``runtime``: the backend, a
     :class:`kdcode.spec.RuntimeSpec` or its dict) and warm it up. ``fim_format`` names its FIM token family
     when detection would pick another."""
-    from kdcode.inference.loader import load_for_inference
-
     lm = load_for_inference(name, device, dtype, threads, verify=verify, allow_pickle=allow_pickle,
                             trust_remote_code=trust_remote_code, runtime=runtime)
     helper = None

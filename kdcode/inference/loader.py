@@ -5,15 +5,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from kdcode.device import torch_dtype
+from kdcode.compression.int8 import Int8Linear
+from kdcode.device import describe_device, resolve_device, set_threads, torch_dtype
 from kdcode.errors import KdcodeError
+from kdcode.inference.backends import detect_backend, load_backend
+from kdcode.inference.backends.static import StaticTorch
+from kdcode.models.artifacts import kdcode_layout, read_manifest, weight_files
+from kdcode.models.load import count_params, load_model, resolve_path
 from kdcode.spec import RuntimeSpec
 
 
 def dtype_name(model: Any) -> str:
     """The dtype a model runs in, as kdcode reports it (int8 folders and other backends' models say so)."""
-    from kdcode.compression.int8 import Int8Linear
-
     if isinstance(getattr(model, "dtype_name", None), str):  # kdcode.inference.backends.base.StepModel
         return model.dtype_name
 
@@ -41,11 +44,6 @@ def load_for_inference(
     inference: on ``device`` (``auto``: CUDA when present), in ``dtype``, with ``threads`` CPU threads, in the
     backend and decode path ``runtime`` asks for (:class:`kdcode.spec.RuntimeSpec`). Returns
     :class:`kdcode.models.load.Loaded` whose ``runtime`` says the device, dtype, threads and backend used."""
-    from kdcode.device import describe_device, resolve_device, set_threads
-    from kdcode.inference.backends import detect_backend, load_backend
-    from kdcode.models.artifacts import kdcode_layout
-    from kdcode.models.load import load_model, resolve_path
-
     rt = runtime if isinstance(runtime, RuntimeSpec) else RuntimeSpec.model_validate(runtime or {})
     backend = detect_backend(name) if rt.backend == "auto" else rt.backend
     if backend != "torch":
@@ -62,8 +60,6 @@ def load_for_inference(
     n_threads = set_threads(threads)
     path = resolve_path(name)
     if path is not None:
-        from kdcode.models.artifacts import read_manifest
-
         if kdcode_layout(read_manifest(path)).get("int8"):
             if dev.type != "cpu":
                 raise KdcodeError(f"{name} is int8, which runs on the CPU only (torch's dynamic int8 kernels); "
@@ -76,10 +72,6 @@ def load_for_inference(
     lm.runtime = {"device": describe_device(dev), "dtype": dtype_name(lm.model), "threads": n_threads,
                   "backend": "torch", "kv_cache": "static" if rt.compile else rt.kv_cache, "compile": rt.compile}
     if rt.compile or rt.kv_cache == "static":
-        from kdcode.inference.backends.static import StaticTorch
-        from kdcode.models.artifacts import weight_files
-        from kdcode.models.load import count_params
-
         files = weight_files(lm.folder) if lm.folder else []
         lm.model = StaticTorch(lm.model, rt.compile, count_params(lm.model), files, lm.runtime["dtype"])
     return lm

@@ -7,6 +7,7 @@ folder beside the target, which is renamed into place only once complete.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -16,11 +17,15 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from kdcode import __version__
 from kdcode.errors import KdcodeError
+from kdcode.quiet import quiet_hf
 
 MANIFEST = "kdcode.json"
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
@@ -53,8 +58,6 @@ def weights_size(folder: Path) -> int:
 
 
 def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {"kdcode": __version__}
     for name in ("torch", "transformers", "tokenizers", "safetensors", "datasets"):
         try:
@@ -92,10 +95,6 @@ def clean_stale_temps(out: Path) -> list[Path]:
     process started whose owner (the pid in the name) is no longer running; a name without a pid must
     also be an hour old. A concurrent writer's temp folder is never touched.
     """
-    import glob
-
-    import psutil
-
     removed = []
     for path in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
         try:
@@ -128,10 +127,6 @@ def clean_stale_temps(out: Path) -> list[Path]:
 def clean_stale_temp_files(out: Path) -> list[Path]:
     """Remove the temp files (``.{out.name}.tmp-{pid}-*``) that killed runs writing the single file ``out`` left;
     the same rules as :func:`clean_stale_temps` (older than this process, owner gone), files only."""
-    import glob
-
-    import psutil
-
     removed = []
     for path in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
         try:
@@ -318,8 +313,6 @@ def save_model(
     extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write model + tokenizer + manifest + card to ``out`` atomically. Returns ``out``."""
-    from kdcode.quiet import quiet_hf
-
     try:
         _save(out, model, tokenizer, manifest, overwrite, extra, quiet_hf)
     except KdcodeError:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 
 from kdcode.device import describe_device, memory_mb, peak_memory_mb, set_threads
 from kdcode.errors import KdcodeError
@@ -107,8 +108,6 @@ def train_loop(
     Data-parallel under ``accelerate launch`` / ``torchrun`` (each process takes its slice of every global
     batch of ``batch_size`` blocks); single process otherwise.
     """
-    from accelerate import Accelerator
-
     # ---- setup -------------------------------------------------------------------------------------
     run = run or RunContext()
     torch.manual_seed(cfg.seed)
