@@ -1,4 +1,4 @@
-"""Where models run: device choice (``auto|cpu|cuda[:N]``), its description, threads, bf16 support, memory.
+"""Where models run: device choice (``auto|cpu|cuda[:N]``), its description, dtypes, threads, bf16 support, memory.
 
 One policy for training, evaluation, benchmarks, completion and serving. Errors name the flag and the fix.
 """
@@ -10,16 +10,27 @@ import re
 from pathlib import Path
 from typing import Any
 
+import psutil
+import torch
+
 from kdcode.errors import KdcodeError
 
 DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N."
 _CUDA = re.compile(r"^cuda(:\d+)?$")
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+DTYPE_HELP = "auto (the dtype the model's config names), fp32, fp16 or bf16."
+
+
+def torch_dtype(name: str) -> Any:
+    """``"auto"`` or the torch dtype of ``fp32`` / ``fp16`` / ``bf16``."""
+    table = {"auto": "auto", "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if name not in table:
+        raise KdcodeError(f"--dtype {name!r}: use {DTYPE_HELP}")
+    return table[name]
 
 
 def resolve_device(requested: str | None = "auto") -> Any:
     """A ``torch.device`` for ``auto`` (CUDA when there is one), ``cpu``, ``cuda`` or ``cuda:N``."""
-    import torch
-
     name = (requested or "auto").strip().lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -40,8 +51,6 @@ def resolve_device(requested: str | None = "auto") -> Any:
 
 def set_threads(threads: int | None) -> int:
     """Use ``threads`` CPU threads for torch (None: leave torch's choice); returns the count in use."""
-    import torch
-
     if threads:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
@@ -68,8 +77,6 @@ def cpu_name() -> str:
 def describe_device(device: Any) -> str:
     """``cuda:<GPU name>`` or ``cpu:<processor> [<instruction sets>]``, as manifests and reports record it: the
     instruction sets decide kernels, so they travel with every figure."""
-    import torch
-
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
     return f"cpu:{cpu_name()} [{' '.join(cpu_features()) or 'no AVX2'}]"
@@ -112,8 +119,6 @@ def cpu_has_int8_dot() -> bool:
 def torch_kernels() -> str:
     """The vector instruction set ATen's CPU kernels dispatch to (``DEFAULT``, ``AVX2``, ``AVX512``, ...): the
     same command gives other low bits on another path."""
-    import torch
-
     try:
         return str(torch.backends.cpu.get_cpu_capability())
     except AttributeError:  # pragma: no cover - torch < 2.1
@@ -122,15 +127,11 @@ def torch_kernels() -> str:
 
 def machine_line() -> str:
     """One line naming what a figure was measured on: CPU, its instruction sets, torch's kernels, threads."""
-    import torch
-
     features = " ".join(cpu_features()) or "no AVX2"
     return f"{cpu_name()} [{features}] torch kernels {torch_kernels()}, {torch.get_num_threads()} threads"
 
 
 def rss_mb() -> float:
-    import psutil
-
     return psutil.Process().memory_info().rss / 2**20
 
 
@@ -152,8 +153,6 @@ def peak_rss_mb() -> float:
 
 def memory_mb(device: Any) -> float:
     """Memory in use now: allocated CUDA memory, or the process's RSS on the CPU."""
-    import torch
-
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device) / 2**20
     return rss_mb()
@@ -161,8 +160,6 @@ def memory_mb(device: Any) -> float:
 
 def peak_memory_mb(device: Any) -> float:
     """Peak memory: max allocated CUDA memory, or the process's peak RSS on the CPU."""
-    import torch
-
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return peak_rss_mb()

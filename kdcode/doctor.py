@@ -12,12 +12,17 @@ import os
 import platform
 import sys
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 from typing import Any
 
+import torch
+from huggingface_hub import constants
+
 from kdcode import __version__
+from kdcode.device import cpu_features, cpu_has_bf16, cpu_has_int8_dot, cpu_name, torch_kernels
 from kdcode.errors import KdcodeError
-from kdcode.hub import HUB_URL, hub_status  # noqa: F401 - doctor reports it
+from kdcode.models.artifacts import verify
+from kdcode.models.hub import HUB_URL, hub_status  # noqa: F401 - doctor reports it
+from kdcode.models.load import _check_local, bundled_path, resolve_path
 
 # the libraries whose versions change kdcode's results or what it can load and run; optional ones say "not installed"
 LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "datasets", "accelerate", "numpy", "gguf",
@@ -36,10 +41,6 @@ def versions() -> dict[str, str | None]:
 
 
 def device_info() -> dict[str, Any]:
-    import torch
-
-    from kdcode.device import cpu_features, cpu_has_bf16, cpu_has_int8_dot, cpu_name, torch_kernels
-
     cuda = torch.cuda.is_available()
     return {
         "device": f"cuda:{torch.cuda.get_device_name()}" if cuda else "cpu",
@@ -55,26 +56,16 @@ def device_info() -> dict[str, Any]:
 
 
 def hf_cache_dir() -> str:
-    try:
-        from huggingface_hub import constants
-
-        return str(constants.HF_HUB_CACHE)
-    except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
-        return str(Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser() / "hub")
+    return str(constants.HF_HUB_CACHE)
 
 
 def bundled_teacher() -> dict[str, Any]:
-    from kdcode.models import bundled_path
-
     path = bundled_path()
     return {"path": str(path), "present": (path / "config.json").is_file()}
 
 
 def check_folder(name: str) -> dict[str, Any]:
     """Would ``load_model(name)`` accept this folder? status: verified, unverified or refused (with why)."""
-    from kdcode.artifacts import verify
-    from kdcode.models import _check_local, resolve_path
-
     try:
         path = resolve_path(name)
         if path is None:

@@ -7,8 +7,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from kdcode.errors import KdcodeError
+from kdcode.inits import INITS
 from kdcode.registry import Registry
 from kdcode.spec import RunSpec, format_validation_error
+from kdcode.strategies import STRATEGIES
 
 
 def _make(registry: Registry, name: str, params: dict[str, Any]) -> Any:
@@ -22,14 +24,10 @@ def _make(registry: Registry, name: str, params: dict[str, Any]) -> Any:
 
 
 def make_strategy(name: str, params: dict[str, Any]) -> Any:
-    from kdcode.strategies import STRATEGIES
-
     return _make(STRATEGIES, name, params)
 
 
 def make_init(name: str, params: dict[str, Any]) -> Any:
-    from kdcode.inits import INITS
-
     return _make(INITS, name, params)
 
 
@@ -41,9 +39,6 @@ def validate_plugins(spec: RunSpec) -> tuple[Any, Any]:
 
 def describe_plugins(name: str | None = None) -> list[dict[str, Any]]:
     """Every strategy and init (or the one called ``name``): kind, name, summary, source, params schema."""
-    from kdcode.inits import INITS
-    from kdcode.strategies import STRATEGIES
-
     entries = []
     for kind, reg in (("strategy", STRATEGIES), ("init", INITS)):
         for n in reg.names():

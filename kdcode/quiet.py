@@ -5,32 +5,29 @@ longer than the specified maximum"), for the length of a block; what was set bef
 from __future__ import annotations
 
 import contextlib
+import logging
+import warnings
 from collections.abc import Iterator
+
+from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+from transformers.utils import logging as hf_logging
 
 
 @contextlib.contextmanager
 def quiet_hf() -> Iterator[None]:
-    from transformers.utils import logging as hf_logging
-
-    try:
-        from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-    except ImportError:  # pragma: no cover - very old huggingface_hub
-        are_progress_bars_disabled = disable_progress_bars = enable_progress_bars = None  # type: ignore[assignment]
-
     bars = hf_logging.is_progress_bar_enabled()
     verbosity = hf_logging.get_verbosity()
-    hub_bars_off = are_progress_bars_disabled() if are_progress_bars_disabled else True
+    hub_bars_off = are_progress_bars_disabled()
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    if disable_progress_bars:
-        disable_progress_bars()
+    disable_progress_bars()
     try:
         yield
     finally:
         if bars:
             hf_logging.enable_progress_bar()
         hf_logging.set_verbosity(verbosity)
-        if enable_progress_bars and not hub_bars_off:
+        if not hub_bars_off:
             enable_progress_bars()
 
 
@@ -38,9 +35,6 @@ def quiet_hf() -> Iterator[None]:
 def quiet_loggers(*names: str) -> Iterator[None]:
     """Python warnings off, and the named loggers ("" is the root logger) at ERROR, for the length of a block:
     exporters' advice ("torchvision is not installed", "consider pre-processing") is not kdcode's output."""
-    import logging
-    import warnings
-
     loggers = [logging.getLogger(n or None) for n in names]
     levels = [lg.level for lg in loggers]
     with warnings.catch_warnings():

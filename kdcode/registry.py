@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
 from typing import Any, Generic, TypeVar
 
+from rapidfuzz import process
+
 from kdcode.errors import KdcodeError
 
 T = TypeVar("T")
@@ -29,8 +31,6 @@ class UnknownNameError(KdcodeError):
 
 def did_you_mean(name: str, choices: list[str]) -> str:
     """A ' Did you mean ...?' suffix for the closest known names (empty when none is close)."""
-    from rapidfuzz import process
-
     close = [c for c, score, _ in process.extract(name, choices, limit=3) if score >= 60]
     return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 

@@ -8,6 +8,7 @@ This module imports neither torch nor any plugin.
 
 from __future__ import annotations
 
+import difflib
 import json
 import typing
 import warnings
@@ -94,9 +95,10 @@ class StudentSpec(_Spec):
         return data
 
 
-FimFormatName = Literal["starcoder", "qwen", "codellama", "deepseek"]  # the keys of kdcode.fim.FORMATS
+FimFormatName = Literal["starcoder", "qwen", "codellama", "deepseek"]  # the keys of kdcode.models.fim_tokens.FORMATS
 FIM_FORMATS: tuple[str, ...] = typing.get_args(FimFormatName)
-# order of an infilling prompt: prefix-suffix-middle, suffix-prefix-middle, or as the model was trained (kdcode.fim)
+# order of an infilling prompt: prefix-suffix-middle, suffix-prefix-middle, or as the model was trained
+# (kdcode.models.fim_tokens.infill_order)
 FimOrderName = Literal["auto", "psm", "spm"]
 
 
@@ -260,8 +262,6 @@ def _known_keys(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> list[str
 
 def format_validation_error(exc: ValidationError, where: str, model: type[BaseModel] | None = None) -> str:
     """One line per problem: the dotted field, what is wrong (with a did-you-mean for unknown keys)."""
-    import difflib
-
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"

@@ -21,7 +21,7 @@ torch.set_num_threads(1)  # tiny models: one thread is fastest and deterministic
 
 from typer.testing import CliRunner, Result  # noqa: E402
 
-from kdcode.data import split_of, stdlib_root  # noqa: E402
+from kdcode.data.corpus import split_of, stdlib_root  # noqa: E402
 
 # One runner for every CLI test: rich output 200 columns wide (no wrapping inside a message) and no colour.
 runner = CliRunner(env={"COLUMNS": "200", "TERM": "dumb"})
@@ -65,7 +65,7 @@ def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer(corpus_dir: Path):
-    from kdcode.bpe import train_bpe
+    from kdcode.data.bpe import train_bpe
 
     texts = [p.read_text(encoding="utf-8") for p in sorted(corpus_dir.glob("*.py"))]
     return train_bpe(texts, vocab_size=512)
@@ -96,7 +96,7 @@ def teacher_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
 def student_src(tmp_path_factory, tokenizer) -> Path:
     """A kdcode student folder (manifest with sha256), made once; tests that damage it use a copy."""
     out = tmp_path_factory.mktemp("students") / "student"
-    from kdcode.artifacts import save_model
+    from kdcode.models.artifacts import save_model
 
     return save_model(out, make_gpt2(tokenizer, n_layer=2, seed=1), tokenizer, {"kind": "student"})
 
@@ -113,7 +113,7 @@ def make_fim_model(folder: Path, base_dir: Path, seed: int = 0, n_layer: int = 4
     random GPT-2 whose embeddings have rows for them."""
     from transformers import AutoTokenizer
 
-    from kdcode.fim import ensure_tokens
+    from kdcode.data.fim import ensure_tokens
 
     tok = AutoTokenizer.from_pretrained(base_dir)
     model = make_gpt2(tok, n_layer=n_layer, seed=seed)

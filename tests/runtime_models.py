@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 
-from kdcode.artifacts import save_model
-from kdcode.data import load_corpus
+from kdcode.data.corpus import load_corpus
 from kdcode.evaluation.completion_sets import build_line_samples
 from kdcode.inference.decode import DecodeOptions, VocabIndex, beam_search, greedy
 from kdcode.inference.loader import load_for_inference
-from kdcode.models import load_model
+from kdcode.models.artifacts import save_model
+from kdcode.models.load import load_model
 from kdcode.spec import DataSpec
 
 OPTS = DecodeOptions(max_new_tokens=16)

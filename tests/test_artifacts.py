@@ -10,9 +10,9 @@ import torch
 from conftest import make_gpt2
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kdcode.artifacts import MANIFEST, atomic_dir, save_model, sha256_file, update_metrics, verify
 from kdcode.errors import KdcodeError
-from kdcode.models import load_model
+from kdcode.models.artifacts import MANIFEST, atomic_dir, save_model, sha256_file, update_metrics, verify
+from kdcode.models.load import load_model
 
 
 @pytest.fixture()

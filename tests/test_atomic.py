@@ -16,8 +16,8 @@ from types import SimpleNamespace
 import pytest
 from conftest import make_gpt2, run
 
-import kdcode.artifacts
-from kdcode.artifacts import MANIFEST, atomic_dir, clean_stale_temps, save_model, verify
+import kdcode.models.artifacts
+from kdcode.models.artifacts import MANIFEST, atomic_dir, clean_stale_temps, save_model, verify
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,7 +146,7 @@ def test_eval_record_failing_midway_keeps_the_old_manifest(student, corpus_dir, 
 
     fake_json = SimpleNamespace(dump=dump_half_then_fail, dumps=json.dumps, loads=json.loads,
                                 JSONDecodeError=json.JSONDecodeError)  # fmt: skip
-    monkeypatch.setattr(kdcode.artifacts, "json", fake_json)
+    monkeypatch.setattr(kdcode.models.artifacts, "json", fake_json)
     r = run("eval", str(student), "--data", str(corpus_dir), "--samples", "2", "--max-new-tokens",
             "2", "--ppl-blocks", "0", "--record")  # fmt: skip
     assert r.exit_code == 2, r.output
@@ -166,7 +166,7 @@ def test_eval_record_failing_midway_keeps_the_old_manifest(student, corpus_dir, 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_json_and_text_written_atomically_are_as_readable_as_any_file(tmp_path, umask):
     """mkstemp makes 0600: a sidecar or manifest was unreadable to the group beside a 0644 weight file."""
-    from kdcode.artifacts import write_json, write_text_atomic
+    from kdcode.models.artifacts import write_json, write_text_atomic
 
     old = os.umask(umask)
     try:

@@ -13,8 +13,8 @@ import torch
 from conftest import make_gpt2, run
 
 from kdcode import __version__
-from kdcode.artifacts import MANIFEST, verify
 from kdcode.errors import KdcodeError
+from kdcode.models.artifacts import MANIFEST, verify
 
 FAST = ["--layers", "2", "--max-steps", "2", "--batch-size", "2", "--block-size", "32", "--precision", "fp32"]
 UNKNOWN = "unknown key (not a field of this section)"
@@ -420,7 +420,8 @@ def test_remote_code_never_runs_without_the_flag(remote_code, tmp_path, corpus_d
 
 def test_trust_remote_code_flags_reach_the_loader(monkeypatch, tmp_path, corpus_dir, teacher_dir):
     import kdcode.evaluation.bench
-    import kdcode.models
+    import kdcode.inference.loader
+    import kdcode.train.distil
 
     seen: list[dict] = []
 
@@ -432,7 +433,8 @@ def test_trust_remote_code_flags_reach_the_loader(monkeypatch, tmp_path, corpus_
         seen.append(kwargs)
         raise KdcodeError("stop here")
 
-    monkeypatch.setattr(kdcode.models, "load_model", fake_load_model)
+    monkeypatch.setattr(kdcode.train.distil, "load_model", fake_load_model)  # where distil and eval call it
+    monkeypatch.setattr(kdcode.inference.loader, "load_model", fake_load_model)
     monkeypatch.setattr(kdcode.evaluation.bench, "run_bench", fake_run_bench)
     for flags in ([], ["--trust-remote-code", "--allow-pickle"]):
         seen.clear()
@@ -446,8 +448,8 @@ def test_trust_remote_code_flags_reach_the_loader(monkeypatch, tmp_path, corpus_
 
 # ---------------------------------------------------------------------------------------- vocab
 def test_teacher_and_student_with_different_vocab_refused(tokenizer, corpus_dir):
-    from kdcode.bpe import train_bpe
-    from kdcode.models import check_same_vocab
+    from kdcode.data.bpe import train_bpe
+    from kdcode.models.load import check_same_vocab
 
     other = train_bpe([p.read_text() for p in sorted(corpus_dir.glob("*.py"))[:3]], vocab_size=300)
     with pytest.raises(KdcodeError, match="use different tokenizers .* KD needs one vocabulary"):
@@ -456,7 +458,7 @@ def test_teacher_and_student_with_different_vocab_refused(tokenizer, corpus_dir)
 
 
 def test_pretrained_student_with_another_vocab_refused(tmp_path, teacher_dir, corpus_dir):
-    from kdcode.bpe import train_bpe
+    from kdcode.data.bpe import train_bpe
 
     other_tok = train_bpe([p.read_text() for p in sorted(corpus_dir.glob("*.py"))[:3]], vocab_size=300)
     other = tmp_path / "other"

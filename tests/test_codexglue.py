@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import run
 
-from kdcode.data import Document, load_corpus
+from kdcode.data.corpus import Document, load_corpus
 from kdcode.errors import KdcodeError
 from kdcode.evaluation.completion_sets import read_completion_set
 from kdcode.evaluation.token_level import _eval_blocks, token_accuracy
@@ -23,7 +23,7 @@ def hand_tokenizer():
     """A byte-level BPE whose sub-tokens are known: 'foo_bar' is three sub-tokens, the rest one each."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    from kdcode.bpe import SPECIAL_TOKENS, wrap
+    from kdcode.data.bpe import SPECIAL_TOKENS, wrap
 
     vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
     for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):

@@ -12,13 +12,13 @@ from conftest import make_gpt2, run
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from kdcode.artifacts import sha256_file
 from kdcode.compression.compress import run_compress
 from kdcode.compression.int8 import INT8_FILE, Int8Linear, dequantize_int8, quantize_int8, quantize_model
 from kdcode.compression.prune import keep_top, prune_ffn, prune_heads, unit_importance
 from kdcode.errors import KdcodeError
 from kdcode.inference.decode import _forward_kwargs, _out_cache
-from kdcode.models import load_model
+from kdcode.models.artifacts import sha256_file
+from kdcode.models.load import load_model
 from kdcode.spec import DataSpec
 from kdcode.spec_compress import CompressSpec
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdcode.data import (
+from kdcode.data.corpus import (
     Document,
     encode_documents,
     fingerprint,

@@ -12,10 +12,10 @@ import torch
 from conftest import make_gpt2, run
 
 from kdcode import __version__
-from kdcode.artifacts import save_model
 from kdcode.device import cpu_has_bf16
 from kdcode.doctor import HUB_URL, check_folder, hub_status
-from kdcode.models import bundled_path
+from kdcode.models.artifacts import save_model
+from kdcode.models.load import bundled_path
 
 
 def doctor(*args: object):

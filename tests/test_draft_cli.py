@@ -9,7 +9,7 @@ import json
 import pytest
 from conftest import make_gpt2, run
 
-from kdcode.artifacts import MANIFEST, save_model
+from kdcode.models.artifacts import MANIFEST, save_model
 
 SOURCE = "import os\n\n\ndef main(argv):\n    path = os.path.join(argv[0], 'x')\n    return path\n"
 
@@ -115,7 +115,7 @@ def test_bench_with_prompt_lookup_compares_speeds_on_identical_outputs(teacher_d
 
 
 def test_a_draft_of_another_vocabulary_is_one_line(teacher_dir, tmp_path, corpus_dir):
-    from kdcode.bpe import train_bpe
+    from kdcode.data.bpe import train_bpe
 
     other_tok = train_bpe([p.read_text() for p in sorted(corpus_dir.glob("*.py"))[:3]], vocab_size=300)
     other = save_model(tmp_path / "other", make_gpt2(other_tok, n_layer=1), other_tok, {"kind": "student"})

@@ -222,8 +222,8 @@ def test_api_show_infills_in_the_order_of_the_exported_modelfile(tmp_path, fim_t
 
     from fastapi.testclient import TestClient
 
-    from kdcode.artifacts import read_manifest, write_json
     from kdcode.export.modelfile import template
+    from kdcode.models.artifacts import read_manifest, write_json
 
     folder = tmp_path / "spm"
     shutil.copytree(fim_teacher_dir, folder)

@@ -16,12 +16,12 @@ gguf = pytest.importorskip("gguf", reason="GGUF export needs the gguf package: p
 
 from runtime_models import tiny_llama  # noqa: E402
 
-from kdcode.artifacts import weights_sha256  # noqa: E402
 from kdcode.errors import KdcodeError  # noqa: E402
 from kdcode.export.gguf_arch import _pairs_adjacent, arch_of  # noqa: E402
 from kdcode.export.gguf_file import gguf_manifest, read_fields  # noqa: E402
 from kdcode.export.gguf_vocab import tokenizer_from_gguf  # noqa: E402
 from kdcode.export.run import modelfile_path, run_export, sidecar_path  # noqa: E402
+from kdcode.models.artifacts import weights_sha256  # noqa: E402
 from kdcode.spec_compress import ExportSpec  # noqa: E402
 
 
@@ -155,13 +155,13 @@ def test_int8_folders_are_refused(student_src, tmp_path, corpus_dir):
 
 
 def test_a_failed_export_leaves_nothing_under_the_name(student_src, tmp_path, monkeypatch):
-    import kdcode.export.gguf_file as gguf_file
+    import kdcode.export.run
 
     def broken(path, *a, **k):
         Path(path).write_bytes(b"GGUF half")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(gguf_file, "write_gguf", broken)
+    monkeypatch.setattr(kdcode.export.run, "write_gguf", broken)
     out = tmp_path / "s.gguf"
     with pytest.raises(KdcodeError, match="No space left"):
         _export(student_src, out)

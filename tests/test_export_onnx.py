@@ -16,11 +16,11 @@ pytest.importorskip("onnxscript", reason="ONNX export (torch.onnx, dynamo) needs
 from conftest import run  # noqa: E402
 from runtime_models import completions, differences, held_out_prompts, tiny_llama, two_layer_teacher  # noqa: E402
 
-from kdcode.artifacts import MANIFEST, weights_sha256  # noqa: E402
 from kdcode.errors import KdcodeError  # noqa: E402
 from kdcode.export.run import run_export  # noqa: E402
 from kdcode.inference.loader import load_for_inference  # noqa: E402
-from kdcode.models import load_model  # noqa: E402
+from kdcode.models.artifacts import MANIFEST, weights_sha256  # noqa: E402
+from kdcode.models.load import load_model  # noqa: E402
 from kdcode.spec_compress import ExportSpec  # noqa: E402
 
 pytestmark = pytest.mark.slow  # every test here exports a graph first (~10-30 s on 2 busy cores)

@@ -12,9 +12,11 @@ from conftest import run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kdcode import fim
-from kdcode.data import encode_documents, load_corpus, split_blocks, train_blocks
+from kdcode.data import fim
+from kdcode.data.corpus import encode_documents, load_corpus, split_blocks, train_blocks
 from kdcode.errors import KdcodeError
+from kdcode.inference.infill import split_prompt
+from kdcode.models import fim_tokens
 from kdcode.spec import DataSpec, FimSpec
 
 SOURCE = (
@@ -50,7 +52,7 @@ def family_tokenizer(specials: list[str], eos: str | None = None):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_each_family_is_detected_from_its_special_tokens(family):
     tok = family_tokenizer(FAMILIES[family])
-    found = fim.detect(tok)
+    found = fim_tokens.detect(tok)
     assert found is not None and found.name == family
     vocab = tok.get_vocab()
     assert [found.prefix_id, found.suffix_id, found.middle_id] == [vocab[found.prefix], vocab[found.suffix],
@@ -59,17 +61,17 @@ def test_each_family_is_detected_from_its_special_tokens(family):
     if family == "codellama":
         assert found.prefix == "\u2581<PRE>" and vocab["\u2581<EOT>"] in found.stop_ids
     others = [f for f in FAMILIES if f != family]
-    assert all(fim.find_tokens(tok, other) is None for other in others)
-    assert fim.resolve(tok, family) == found
+    assert all(fim_tokens.find_tokens(tok, other) is None for other in others)
+    assert fim_tokens.resolve(tok, family) == found
 
 
 def test_a_tokenizer_without_fim_tokens(tokenizer):
-    assert fim.detect(tokenizer) is None
+    assert fim_tokens.detect(tokenizer) is None
     with pytest.raises(KdcodeError) as info:
-        fim.require(tokenizer, None, "model x")
+        fim_tokens.require(tokenizer, None, "model x")
     assert "model x does not infill" in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(KdcodeError, match="unknown FIM format 'fancy'; use one of starcoder, qwen"):
-        fim.resolve(tokenizer, "fancy")
+        fim_tokens.resolve(tokenizer, "fancy")
 
 
 @pytest.mark.parametrize("name", [None, "qwen"])
@@ -99,7 +101,7 @@ code_text = st.text(st.sampled_from(list("abc xyz_():=\n    \t#'\"0123") + ["\u0
 
 @settings(max_examples=150, deadline=None)
 @given(text=code_text, seed=st.integers(0, 2**32), mode=st.sampled_from(["document", "line"]),
-       family=st.sampled_from(list(fim.FORMATS)), spm=st.booleans())
+       family=st.sampled_from(list(fim_tokens.FORMATS)), spm=st.booleans())
 def test_text_round_trip(text, seed, mode, family, spm):
     """Un-permuting gives the document back, whatever the split, order and family."""
     a, b = fim.split_points(text, random.Random(seed), mode)
@@ -108,7 +110,7 @@ def test_text_round_trip(text, seed, mode, family, spm):
         middle = text[a:b]
         assert middle.strip() and "\n" not in middle and (a == 0 or text[a - 1] == "\n")
         assert b == len(text) or text[b] in "\n\r"
-    fmt = fim.FORMATS[family]
+    fmt = fim_tokens.FORMATS[family]
     rendered = fim.render(text[:a], text[a:b], text[b:], fmt, spm)
     assert fim.unrender(rendered, fmt) == text
 
@@ -135,7 +137,7 @@ def test_piece_round_trip_keeps_length_and_the_middle(fim_tok, corpus_dir):
     """A rearranged piece is as long as it was; un-permuted and decoded it is a stretch of the original code that
     holds the whole middle (the three FIM tokens take the place of the suffix's end, then the prefix's start);
     with nothing cut, un-permuting gives the piece's text back exactly."""
-    tokens = fim.resolve(fim_tok, None)
+    tokens = fim_tokens.resolve(fim_tok, None)
     text = sorted(corpus_dir.glob("*.py"))[0].read_text(encoding="utf-8")
     ids = fim_tok(text, add_special_tokens=False)["input_ids"]
     eos = fim_tok.eos_token_id
@@ -162,7 +164,7 @@ def test_piece_round_trip_keeps_length_and_the_middle(fim_tok, corpus_dir):
 
 @pytest.mark.slow
 def test_blocks_are_seeded_by_block_alone_and_rate_zero_is_off(fim_tok, corpus_dir):
-    tokens = fim.resolve(fim_tok, None)
+    tokens = fim_tokens.resolve(fim_tok, None)
     corpus = load_corpus(DataSpec(source=str(corpus_dir)))
     stream = encode_documents(corpus.splits["train"], fim_tok)
     t = fim.Transform(FimSpec(rate=0.5, seed=3), tokens, fim_tok)
@@ -182,17 +184,17 @@ def test_blocks_are_seeded_by_block_alone_and_rate_zero_is_off(fim_tok, corpus_d
 
 
 def test_split_prompt_reads_client_templates(fim_tok):
-    tokens = fim.resolve(fim_tok, None)
+    tokens = fim_tokens.resolve(fim_tok, None)
     fmt = tokens.format
-    assert fim.split_prompt(fmt.template("def f(", "):\n"), tokens) == ("def f(", "):\n")
-    assert fim.split_prompt("<file_sep>other" + fmt.template("a", "b") + "mid", tokens) == ("amid", "b")
-    assert fim.split_prompt(f"{fmt.prefix}{fmt.suffix}SUF{fmt.middle}PRE", tokens) == ("PRE", "SUF")  # SPM
-    assert fim.split_prompt("def f(x):", tokens) is None
-    assert fim.split_prompt(f"{fmt.prefix}a{fmt.suffix}b", tokens) is None  # no middle token: not a template
-    llama = fim.FORMATS["codellama"]
+    assert split_prompt(fmt.template("def f(", "):\n"), tokens) == ("def f(", "):\n")
+    assert split_prompt("<file_sep>other" + fmt.template("a", "b") + "mid", tokens) == ("amid", "b")
+    assert split_prompt(f"{fmt.prefix}{fmt.suffix}SUF{fmt.middle}PRE", tokens) == ("PRE", "SUF")  # SPM
+    assert split_prompt("def f(x):", tokens) is None
+    assert split_prompt(f"{fmt.prefix}a{fmt.suffix}b", tokens) is None  # no middle token: not a template
+    llama = fim_tokens.FORMATS["codellama"]
     assert llama.template() == "<PRE> {prefix} <SUF>{suffix} <MID>"
-    cl = fim.FimTokens(llama, "<PRE>", "<SUF>", "<MID>", 1, 2, 3, frozenset())
-    assert fim.split_prompt(llama.template("x = ", "\n"), cl) == ("x = ", "\n")
+    cl = fim_tokens.FimTokens(llama, "<PRE>", "<SUF>", "<MID>", 1, 2, 3, frozenset())
+    assert split_prompt(llama.template("x = ", "\n"), cl) == ("x = ", "\n")
 
 
 def test_effective_fim_follows_the_teacher_unless_told():
@@ -208,7 +210,7 @@ def test_effective_fim_follows_the_teacher_unless_told():
 def test_teacher_cache_and_live_teacher_see_the_same_blocks(tmp_path, fim_teacher_dir, corpus_dir):
     from transformers import AutoTokenizer
 
-    from kdcode.models import load_model
+    from kdcode.models.load import load_model
     from kdcode.train.distil import cache_key, run_cache_teacher
     from kdcode.train.teacher_cache import check_cache, load_cache
 
@@ -262,7 +264,7 @@ def test_pretrain_adds_fim_tokens_and_distil_carries_fim_on(tmp_path, teacher_di
     assert r.exit_code == 0, r.output
     s = json.loads((student / "kdcode.json").read_text())
     assert s["fim"]["rate"] == 0.5 and s["fim"]["mode"] == "line"
-    assert fim.detect(AutoTokenizer.from_pretrained(student)).middle_id == n + 2
+    assert fim_tokens.detect(AutoTokenizer.from_pretrained(student)).middle_id == n + 2
     off = tmp_path / "off"
     r = run("distil", "--teacher", str(more), "--layers", "1", "--data", str(corpus_dir),
             "--max-steps", "1", "--batch-size", "4", "--block-size", "32", "--precision", "fp32",

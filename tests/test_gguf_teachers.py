@@ -15,10 +15,10 @@ gguf = pytest.importorskip("gguf", reason="GGUF teachers need the gguf package: 
 
 from runtime_models import tiny_llama  # noqa: E402
 
-from kdcode import gguf_source  # noqa: E402
 from kdcode.errors import KdcodeError  # noqa: E402
 from kdcode.export.run import run_export  # noqa: E402
-from kdcode.models import load_model, resolve_path  # noqa: E402
+from kdcode.models import gguf as gguf_source  # noqa: E402
+from kdcode.models.load import load_model, resolve_path  # noqa: E402
 from kdcode.spec_compress import ExportSpec  # noqa: E402
 
 

@@ -9,14 +9,14 @@ import json
 import pytest
 from conftest import run
 
-from kdcode import fim
-from kdcode.data import load_corpus
+from kdcode.data.corpus import load_corpus
 from kdcode.evaluation.completion_sets import build_line_samples
 from kdcode.evaluation.evaluate import run_eval
 from kdcode.evaluation.infill import build_infill_samples
 from kdcode.inference.decode import DecodeOptions, greedy
 from kdcode.inference.engine import Engine, load_engine, prefix_at, suffix_at
 from kdcode.inference.infill import encode_infill
+from kdcode.models import fim_tokens
 from kdcode.spec import DataSpec, EvalSpec
 
 SOURCE = "import os\n\n\ndef main(argv):\n    path = os.path.join(argv[0], 'x')\n    return path\n"
@@ -88,14 +88,14 @@ def test_eval_infill_on_a_tiny_model(tmp_path, fim_teacher_dir, corpus_dir, teac
     gts = [s.gt for s in holes]
     assert line_metrics(preds.read_text(encoding="utf-8").splitlines(), gts)["es"] == a["es"]
     # prefix-only from as many prefix tokens as each infill prompt held: the windows of the prompts themselves
-    from kdcode import fim
     from kdcode.inference.decode import DecodeOptions, VocabIndex, encode_prompt, greedy
     from kdcode.inference.infill import encode_infill
-    from kdcode.models import load_model
+    from kdcode.models import fim_tokens
+    from kdcode.models.load import load_model
 
     lm = load_model(str(fim_teacher_dir))
     index = VocabIndex.for_model(lm.model, lm.tokenizer)
-    tokens = fim.require(lm.tokenizer, None, "t")
+    tokens = fim_tokens.require(lm.tokenizer, None, "t")
     opts = DecodeOptions(max_new_tokens=6, heal=True)
     windows = [encode_infill(index, tokens, h.prefix, h.suffix, 122, True, a["fim"]["order"])[1] for h in holes]
     assert any(w.cut_prefix for w in windows)  # the suffix displaced prefix tokens, so the two rows differ in input
@@ -161,7 +161,7 @@ def test_complete_uses_the_suffix_when_the_model_infills(tmp_path, engine, fim_t
 
 
 def test_vocab_index_stops_at_fim_tokens(engine):
-    t = fim.detect(engine.tokenizer)
+    t = fim_tokens.detect(engine.tokenizer)
     assert {t.prefix_id, t.suffix_id, t.middle_id} <= engine.index.stop_ids
 
 
@@ -179,15 +179,15 @@ def test_an_spm_prompt_puts_the_prefix_right_before_the_middle(engine):
 def test_the_infill_order_is_the_models_own_unless_asked(tmp_path, fim_teacher_dir, corpus_dir):
     import shutil
 
-    from kdcode.artifacts import read_manifest, write_json
     from kdcode.errors import KdcodeError
+    from kdcode.models.artifacts import read_manifest, write_json
 
-    assert fim.infill_order("auto", None) == "psm" and fim.infill_order("spm", None) == "spm"
-    assert fim.infill_order("auto", {"fim": {"rate": 0.5, "spm_rate": 0.5}}) == "spm"  # kdcode trained it with SPM
-    assert fim.infill_order("auto", {"fim": {"rate": 0.5, "spm_rate": 0.1}}) == "psm"
-    assert fim.infill_order("psm", {"fim": {"rate": 0.5, "spm_rate": 1.0}}) == "psm"
+    assert fim_tokens.infill_order("auto", None) == "psm" and fim_tokens.infill_order("spm", None) == "spm"
+    assert fim_tokens.infill_order("auto", {"fim": {"rate": 0.5, "spm_rate": 0.5}}) == "spm"  # kdcode trained it, SPM
+    assert fim_tokens.infill_order("auto", {"fim": {"rate": 0.5, "spm_rate": 0.1}}) == "psm"
+    assert fim_tokens.infill_order("psm", {"fim": {"rate": 0.5, "spm_rate": 1.0}}) == "psm"
     with pytest.raises(KdcodeError, match="unknown FIM order 'mps'"):
-        fim.infill_order("mps", None)
+        fim_tokens.infill_order("mps", None)
     # a model whose manifest records SPM training is prompted in SPM by the engine and by eval
     folder = tmp_path / "spm_model"
     shutil.copytree(fim_teacher_dir, folder)

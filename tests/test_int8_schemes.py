@@ -18,7 +18,7 @@ from kdcode.compression.compress import _smooth, run_compress
 from kdcode.compression.int8 import INT8_SCHEME, Int8Linear, dequantize_int8, quantize_model
 from kdcode.compression.quality import compare, quality_lines
 from kdcode.compression.smooth import smooth_model
-from kdcode.models import load_model
+from kdcode.models.load import load_model
 from kdcode.spec import DataSpec
 from kdcode.spec_compress import CompressSpec, QualityCheckSpec
 

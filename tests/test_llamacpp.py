@@ -159,10 +159,10 @@ def test_a_fim_models_gguf_infills_as_the_folder_does(fim_teacher_dir, tmp_path)
 
     from transformers import AutoTokenizer
 
-    from kdcode.artifacts import read_manifest, write_json
     from kdcode.export.gguf_file import gguf_manifest, read_fields
     from kdcode.export.run import modelfile_path
     from kdcode.inference.engine import load_engine
+    from kdcode.models.artifacts import read_manifest, write_json
 
     folder = tmp_path / "spm_model"
     shutil.copytree(fim_teacher_dir, folder)

@@ -206,7 +206,7 @@ def test_plugin_by_entry_point(tmp_path, monkeypatch, teacher_dir, corpus_dir):
             f"kdcode.strategies.{name.replace('-', '_')}:"
             + {"pretraining": "PretrainingKD", "hard-only": "HardOnly"}[name],
         )
-    monkeypatch.setattr("kdcode.strategies.STRATEGIES", fresh)
+    monkeypatch.setattr("kdcode.plugins.STRATEGIES", fresh)
     assert "topk-kl" in fresh.names() and fresh.source("topk-kl") == "package 'kdcode-topk'"
     spec = tmp_path / "run.yaml"
     spec.write_text("strategy:\n  name: topk-kl\n  params: {k: 4}\n")
@@ -264,10 +264,9 @@ def test_a_cache_covers_the_run_and_distil_builds_or_grows_it(tmp_path, teacher_
 
 
 def test_a_growth_that_fails_leaves_the_cache_as_it_was(tmp_path, teacher_dir, corpus_dir, monkeypatch):
-    import safetensors.torch
-
+    import kdcode.train.teacher_cache
     from kdcode.errors import KdcodeError
-    from kdcode.models import load_model
+    from kdcode.models.load import load_model
     from kdcode.train.teacher_cache import build_cache, cache_order, grow_cache, load_cache
 
     teacher = load_model(str(teacher_dir))
@@ -278,7 +277,7 @@ def test_a_growth_that_fails_leaves_the_cache_as_it_was(tmp_path, teacher_dir, c
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    monkeypatch.setattr(kdcode.train.teacher_cache, "save_file", full_disk)
     with pytest.raises(OSError):
         grow_cache(teacher.model, blocks, tmp_path / "c", 9, len(teacher.tokenizer))
     assert (tmp_path / "c" / "cache.json").read_text() == before and len(load_cache(tmp_path / "c").input_ids) == 3

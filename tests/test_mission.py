@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from kdcode.models import bundled_path
+from kdcode.models.load import bundled_path
 
 pytestmark = pytest.mark.slow
 

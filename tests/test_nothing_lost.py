@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_bad_input import EVAL_FAST, FAST, one_clear_line
 
-from kdcode.artifacts import MANIFEST, verify
+from kdcode.models.artifacts import MANIFEST, verify
 
 
 @contextlib.contextmanager
@@ -109,7 +109,7 @@ def test_a_disk_that_fills_during_training_is_one_line_and_leaves_nothing_half_w
 
 @pytest.mark.slow
 def test_compress_to_a_full_disk_is_one_line(tmp_path, student, monkeypatch):
-    import kdcode.artifacts as artifacts
+    import kdcode.models.artifacts as artifacts
 
     with tmpfs(tmp_path / "disk", "512k") as disk:
         (disk / "filler").write_bytes(b"\0" * (shutil.disk_usage(disk).free - 4096))
@@ -134,7 +134,7 @@ def test_a_failed_final_save_keeps_the_trained_weights_and_resume_writes_them(
 ):
     """A library error that wraps a disk error (safetensors' SafetensorError is not an OSError) at the final save:
     the final weights stay in OUT.ckpt, and the same command with --resume writes the student without training."""
-    import kdcode.artifacts as artifacts
+    import kdcode.models.artifacts as artifacts
 
     class SafetensorError(Exception):
         pass
@@ -166,7 +166,7 @@ def test_a_failed_final_save_keeps_the_trained_weights_and_resume_writes_them(
 
 # ------------------------------------------------------------------------------ 6: smaller items
 def test_leftovers_of_a_killed_overwrite_are_cleaned_or_restored(tmp_path, student):
-    from kdcode.artifacts import clean_stale_temps
+    from kdcode.models.artifacts import clean_stale_temps
 
     dead = 2**22 + 12345  # above pid_max's default: no such process
     out = tmp_path / "student"

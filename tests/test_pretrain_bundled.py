@@ -8,8 +8,8 @@ import pytest
 from conftest import run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kdcode.artifacts import sha256_file
-from kdcode.models import bundled_path, load_model
+from kdcode.models.artifacts import sha256_file
+from kdcode.models.load import bundled_path, load_model
 
 SPECIALS = ["<s>", "</s>", "<pad>", "<|UNKNOWN|>", "<EOL>"]
 

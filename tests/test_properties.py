@@ -16,11 +16,11 @@ from conftest import run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kdcode.data import Document, stdlib_root
+from kdcode.data.corpus import Document, stdlib_root
+from kdcode.data.py150 import EOL, EOS, Py150Error, lines_of, normalise
 from kdcode.errors import KdcodeError
 from kdcode.evaluation.completion_sets import build_line_samples
 from kdcode.evaluation.metrics import line_metrics, sample_scores
-from kdcode.py150 import EOL, EOS, Py150Error, lines_of, normalise
 from kdcode.spec import (
     BenchSpec,
     EvalSpec,

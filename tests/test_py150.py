@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kdcode.data import Document, normalise_documents
-from kdcode.py150 import (
+from kdcode.data.corpus import Document, normalise_documents
+from kdcode.data.py150 import (
     DEFAULT_LITERALS,
     Literals,
     Py150Error,

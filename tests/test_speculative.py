@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import make_gpt2
 
-from kdcode.data import load_corpus
+from kdcode.data.corpus import load_corpus
 from kdcode.evaluation.completion_sets import build_line_samples
 from kdcode.inference.decode import DecodeOptions, VocabIndex, encode_prompt, greedy
 from kdcode.inference.speculative import Acceptance, speculative, speculative_one
@@ -82,7 +82,7 @@ def test_int8_and_head_pruned_drafts_keep_the_output(pair, tokenizer, prompts, t
 
 
 def test_a_draft_of_another_tokenizer_is_one_line(tokenizer, corpus_dir):
-    from kdcode.bpe import train_bpe
+    from kdcode.data.bpe import train_bpe
     from kdcode.errors import KdcodeError
     from kdcode.inference.speculative import check_pair
 

@@ -28,7 +28,7 @@ def md_rows(out: Path) -> dict[str, list[str]]:
 
 # --------------------------------------------------------------------------------------- expansion
 def test_plan_expands_grid_then_points_with_placeholders_and_caches(tmp_path):
-    from kdcode.sweep import plan_sweep
+    from kdcode.study.sweep import plan_sweep
 
     out = str(tmp_path / "s")
     spec = SweepSpec(
@@ -82,7 +82,7 @@ def test_plan_expands_grid_then_points_with_placeholders_and_caches(tmp_path):
     ],
 )
 def test_plan_refuses_bad_points(tmp_path, points, needle):
-    from kdcode.sweep import plan_sweep
+    from kdcode.study.sweep import plan_sweep
 
     with pytest.raises(KdcodeError, match=needle):
         plan_sweep(SweepSpec(points=points, out=str(tmp_path / "s")))
@@ -108,7 +108,7 @@ def test_examples_validate(name):
 
 
 def test_codegpt_example_follows_the_codexglue_protocol():
-    from kdcode.sweep import load_sweep, plan_sweep
+    from kdcode.study.sweep import load_sweep, plan_sweep
 
     plan = plan_sweep(load_sweep(EXAMPLES / "codegpt.yaml"))
     for p in plan.points:
@@ -163,7 +163,7 @@ def test_report_rebuilds_table_and_plot_and_copes_without_matplotlib(tmp_path, m
 
 
 def test_report_shows_acceptance_columns_when_students_were_measured_as_drafts():
-    from kdcode.report import table
+    from kdcode.study.report import table
 
     teacher = _fake("teacher", "teacher", 124.0, 510.0, 26.0, 39.1, 14.5)
     student = _fake("4L", "student", 68.0, 280.0, 43.0, 27.6, 5.9)
@@ -180,9 +180,9 @@ def test_report_shows_acceptance_columns_when_students_were_measured_as_drafts()
 def test_sweep_end_to_end_resumes_after_a_failure(tmp_path, teacher_dir, corpus_dir, monkeypatch):
     import matplotlib.image
 
-    import kdcode.sweep
+    import kdcode.study.sweep
 
-    real = kdcode.sweep.run_distil
+    real = kdcode.study.sweep.run_distil
     calls: list[str] = []
     crashed: list[str] = []
 
@@ -194,11 +194,11 @@ def test_sweep_end_to_end_resumes_after_a_failure(tmp_path, teacher_dir, corpus_
             raise RuntimeError("simulated crash")
         return real(spec, **kw)
 
-    monkeypatch.setattr(kdcode.sweep, "run_distil", flaky)
+    monkeypatch.setattr(kdcode.study.sweep, "run_distil", flaky)
     # Measure in this process: a spawned benchmark process costs ~20 s of imports per model on a busy CPU
     # (test_cli covers the isolated path).
-    real_bench = kdcode.sweep.run_bench
-    monkeypatch.setattr(kdcode.sweep, "run_bench", lambda *a, **k: real_bench(*a, isolate=False, **k))
+    real_bench = kdcode.study.sweep.run_bench
+    monkeypatch.setattr(kdcode.study.sweep, "run_bench", lambda *a, **k: real_bench(*a, isolate=False, **k))
     out = tmp_path / "sweep"
     args = [
         "sweep",
@@ -266,10 +266,10 @@ def test_sweep_end_to_end_resumes_after_a_failure(tmp_path, teacher_dir, corpus_
 
 def _one_layer_sweep(monkeypatch, teacher, corpus, samples: str, new_tokens: str, *extra: object) -> list:
     """The arguments of a one-point sweep (1 layer, 1 step), its bench in this process."""
-    import kdcode.sweep
+    import kdcode.study.sweep
 
-    real_bench = kdcode.sweep.run_bench
-    monkeypatch.setattr(kdcode.sweep, "run_bench", lambda *a, **k: real_bench(*a, isolate=False, **k))
+    real_bench = kdcode.study.sweep.run_bench
+    monkeypatch.setattr(kdcode.study.sweep, "run_bench", lambda *a, **k: real_bench(*a, isolate=False, **k))
     return ["sweep", "--teacher", teacher, "--data", corpus, "--layers", "1", "--max-steps", "1", "--batch-size", "2",
             "--block-size", "64", "--precision", "fp32", "--samples", samples, "--prompts", "1", "--new-tokens",
             new_tokens, "--threads", "1", *extra]
@@ -318,7 +318,7 @@ def test_sweep_draft_tokens_measures_each_student_as_the_teachers_draft(tmp_path
 def test_sweep_wiring_interrupt_stops_and_resume_continues_checkpoints(tmp_path, monkeypatch):
     """With the heavy calls faked: an eval error is recorded at its stage, Ctrl-C in training stops the
     sweep (nothing recorded for that point), and --resume continues the point's training checkpoint."""
-    import kdcode.sweep
+    import kdcode.study.sweep
     from kdcode.train.loop import Interrupted
 
     teacher = tmp_path / "t"
@@ -340,11 +340,10 @@ def test_sweep_wiring_interrupt_stops_and_resume_continues_checkpoints(tmp_path,
             raise KdcodeError("no held-out files")
         return {"es": 10.0, "em": 1.0, "samples": spec.samples}
 
-    monkeypatch.setattr(kdcode.sweep, "run_distil", distil)
-    monkeypatch.setattr(kdcode.sweep, "run_eval", evaluate)
-    monkeypatch.setattr(
-        kdcode.sweep, "run_bench", lambda name, spec, **kw: {"params_m": 1.0, "size_mb": 4.0, "samples_per_s": 2.0}
-    )
+    monkeypatch.setattr(kdcode.study.sweep, "run_distil", distil)
+    monkeypatch.setattr(kdcode.study.sweep, "run_eval", evaluate)
+    monkeypatch.setattr(kdcode.study.sweep, "run_bench",
+                        lambda name, spec, **kw: {"params_m": 1.0, "size_mb": 4.0, "samples_per_s": 2.0})
     out = tmp_path / "s"
     args = ["sweep", "--teacher", teacher, "--layers", "1,2,3", "--strategy", "in-training", "--out", out]
     r = run(*args)

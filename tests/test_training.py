@@ -15,9 +15,9 @@ import pytest
 import torch
 from conftest import run
 
-from kdcode.data import encode_documents, load_corpus, to_blocks
+from kdcode.data.corpus import encode_documents, load_corpus, to_blocks
 from kdcode.errors import KdcodeError
-from kdcode.models import load_model
+from kdcode.models.load import load_model
 from kdcode.plugins import make_init, make_strategy
 from kdcode.spec import DataSpec, RunSpec, TrainSpec
 from kdcode.train.distil import run_distil

@@ -21,7 +21,7 @@ from pathlib import Path
 from kdcode.compression.compress import run_compress
 from kdcode.evaluation.bench import run_bench
 from kdcode.evaluation.evaluate import run_eval
-from kdcode.models import resolve_path
+from kdcode.models.load import resolve_path
 from kdcode.spec import BenchSpec, DataSpec, EvalSpec, RunSpec
 from kdcode.spec_compress import CompressSpec
 from kdcode.train.distil import run_distil

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from kdcode.data import load_corpus, split_blocks
+from kdcode.data.corpus import load_corpus, split_blocks
 from kdcode.evaluation.completion_sets import build_line_samples
 from kdcode.evaluation.metrics import line_metrics
 from kdcode.inference.decode import DecodeOptions, VocabIndex, greedy
-from kdcode.models import load_model
+from kdcode.models.load import load_model
 from kdcode.plugins import validate_plugins
 from kdcode.spec import RunSpec
 from kdcode.train.loop import train_loop

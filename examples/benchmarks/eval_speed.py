@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from kdcode.data import load_corpus
+from kdcode.data.corpus import load_corpus
 from kdcode.evaluation.completion_sets import build_line_samples
 from kdcode.inference.decode import DecodeOptions, VocabIndex, beam_search, encode_prompt, greedy, n_positions
 from kdcode.spec import DataSpec
@@ -39,8 +39,8 @@ from kdcode.spec import DataSpec
 def random_model(vocab_size: int, layers: int, hidden: int, heads: int, positions: int) -> tuple[Any, Any]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from kdcode.bpe import train_bpe
-    from kdcode.data import stdlib_root
+    from kdcode.data.bpe import train_bpe
+    from kdcode.data.corpus import stdlib_root
 
     files = sorted(p for p in stdlib_root().glob("*.py") if 5_000 < p.stat().st_size < 60_000)[:60]
     tokenizer = train_bpe([p.read_text(encoding="utf-8") for p in files], vocab_size=vocab_size)
@@ -53,7 +53,7 @@ def random_model(vocab_size: int, layers: int, hidden: int, heads: int, position
 
 
 def load(name: str, args: argparse.Namespace) -> tuple[Any, Any, str]:
-    from kdcode.models import bundled_path, load_model
+    from kdcode.models.load import bundled_path, load_model
 
     if name == "auto":
         name = "bundled" if (bundled_path() / "config.json").is_file() else "random"

@@ -38,8 +38,8 @@ from typing import Any
 import torch
 from typer.testing import CliRunner
 
-from kdcode.bpe import train_bpe
 from kdcode.cli import app
+from kdcode.data.bpe import train_bpe
 from kdcode.plugins import make_init
 
 STEP_SECONDS = 180  # a family whose tiny model takes longer for one command is reported as too slow here
@@ -131,7 +131,7 @@ def distil(teacher: Path, out: Path, data: Path, init: str, strategy: str, layer
 def reload(student: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kdcode.models import load_model
+    from kdcode.models.load import load_model
 
     plain = AutoModelForCausalLM.from_pretrained(student).eval()
     tok = AutoTokenizer.from_pretrained(student)

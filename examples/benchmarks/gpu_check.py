@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from kdcode.models import bundled_path, load_tokenizer
+from kdcode.models.load import bundled_path, load_tokenizer
 from kdcode.spec import RunSpec
 from kdcode.train.distil import run_distil
 

@@ -25,11 +25,11 @@ from pathlib import Path
 import httpx
 import uvicorn
 
-from kdcode.data import load_corpus
-from kdcode.fim import ensure_tokens
+from kdcode.data.corpus import load_corpus
+from kdcode.data.fim import ensure_tokens
 from kdcode.inference.engine import load_engine
 from kdcode.inference.server import create_app
-from kdcode.models import load_model
+from kdcode.models.load import load_model
 from kdcode.spec import DataSpec
 
 GOAL_MS = 150.0

@@ -26,10 +26,10 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from kdcode.compression.int8 import Int8Linear, quantize_model
-from kdcode.data import load_corpus
+from kdcode.data.corpus import load_corpus
 from kdcode.evaluation.completion_sets import build_line_samples
 from kdcode.inference.decode import DecodeOptions, VocabIndex, greedy
-from kdcode.models import load_tokenizer
+from kdcode.models.load import load_tokenizer
 from kdcode.spec import DataSpec
 
 GEMM_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::linear", "quantized::linear_dynamic")

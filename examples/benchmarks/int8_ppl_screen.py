@@ -20,10 +20,10 @@ import torch
 from kdcode.compression.compress import calibration_blocks
 from kdcode.compression.int8 import quantize_model
 from kdcode.compression.smooth import smooth_model
-from kdcode.data import encode_documents
+from kdcode.data.corpus import encode_documents
 from kdcode.evaluation.completion_sets import eval_docs
 from kdcode.evaluation.perplexity import held_out_loss
-from kdcode.models import load_model
+from kdcode.models.load import load_model
 from kdcode.spec import EvalSpec
 from kdcode.spec_compress import CompressSpec
 

@@ -19,10 +19,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from kdcode.artifacts import weights_size
 from kdcode.compression.compress import run_compress
 from kdcode.device import cpu_features, machine_line
 from kdcode.evaluation.evaluate import run_eval
+from kdcode.models.artifacts import weights_size
 from kdcode.spec import BenchSpec, DataSpec, EvalSpec
 from kdcode.spec_compress import INT8_SCHEMES, CompressSpec
 
@@ -31,7 +31,7 @@ def variants(model: str, work: Path, schemes: list[str], dtypes: list[str], data
              reuse: bool = False) -> dict[str, str]:
     """name -> folder of every variant, fp32 (the model itself) first; ``reuse``: a variant already written in
     ``work`` (by an earlier run of this script) is taken as it is."""
-    from kdcode.models import resolve_path
+    from kdcode.models.load import resolve_path
 
     out = {"fp32": str(resolve_path(model) or model)}
     off = {"check_samples": 0, "check_blocks": 0, "data": data}

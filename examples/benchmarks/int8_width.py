@@ -22,7 +22,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from kdcode.compression.compress import run_compress
 from kdcode.evaluation.bench import run_bench
-from kdcode.models import load_tokenizer
+from kdcode.models.load import load_tokenizer
 from kdcode.spec import BenchSpec
 from kdcode.spec_compress import CompressSpec
 

@@ -27,7 +27,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from kdcode.data import load_corpus
+from kdcode.data.corpus import load_corpus
 from kdcode.inference.engine import load_engine
 from kdcode.spec import DataSpec
 

@@ -92,9 +92,9 @@ def _key(row: dict[str, Any]) -> tuple:
 def grid(args: argparse.Namespace) -> None:
     import torch
 
-    from kdcode.data import load_corpus, split_blocks
+    from kdcode.data.corpus import load_corpus, split_blocks
     from kdcode.inits.base import calibration_sample
-    from kdcode.models import load_model
+    from kdcode.models.load import load_model
     from kdcode.planning.search import Finalists
     from kdcode.planning.shapes import Shape
     from kdcode.spec import DataSpec, RunSpec, TrainSpec
@@ -148,7 +148,7 @@ def grid(args: argparse.Namespace) -> None:
 def _record_plan(folder: Path, plan_file: Path) -> None:
     """The plan a chosen student was made by, in its manifest as `distil --latency-ms` records it (so `kdcode bench`
     checks its budget)."""
-    from kdcode.artifacts import MANIFEST, read_manifest, write_json
+    from kdcode.models.artifacts import MANIFEST, read_manifest, write_json
 
     manifest = read_manifest(folder)
     if manifest is not None and not manifest.get("latency_plan"):

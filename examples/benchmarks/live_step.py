@@ -25,8 +25,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kdcode.data import encode_documents, load_corpus, to_blocks
-from kdcode.models import load_model
+from kdcode.data.corpus import encode_documents, load_corpus, to_blocks
+from kdcode.models.load import load_model
 from kdcode.plugins import make_init, make_strategy
 from kdcode.spec import DataSpec, TrainSpec
 from kdcode.train.loop import train_loop

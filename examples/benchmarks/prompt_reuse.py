@@ -19,7 +19,7 @@ import platform
 import statistics
 from pathlib import Path
 
-from kdcode.data import load_corpus
+from kdcode.data.corpus import load_corpus
 from kdcode.inference.engine import Engine, load_engine
 from kdcode.spec import DataSpec
 

@@ -47,7 +47,7 @@ def make_teacher(folder: Path) -> None:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    from kdcode.models import bundled_path
+    from kdcode.models.load import bundled_path
 
     spec = json.loads((bundled_path() / "tokenizer.json").read_text(encoding="utf-8"))
     vocab = spec["model"]["vocab"]

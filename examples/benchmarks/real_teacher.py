@@ -120,8 +120,8 @@ def checkpoint(args: argparse.Namespace) -> list[dict[str, Any]]:
     curve while the run goes on: the student rebuilt from the teacher with the run's layer map, its weights loaded."""
     from safetensors.torch import load_file
 
-    from kdcode.artifacts import save_model
-    from kdcode.models import load_model
+    from kdcode.models.artifacts import save_model
+    from kdcode.models.load import load_model
     from kdcode.plugins import make_init
 
     ckpt = Path(args.run).with_name(Path(args.run).name + ".ckpt")

@@ -45,12 +45,12 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from kdcode.artifacts import read_manifest, weights_sha256
 from kdcode.compression.compress import run_compress
 from kdcode.evaluation.bench import run_bench_many
 from kdcode.evaluation.evaluate import run_eval
 from kdcode.export.run import run_export, sidecar_path
-from kdcode.models import resolve_path
+from kdcode.models.artifacts import read_manifest, weights_sha256
+from kdcode.models.load import resolve_path
 from kdcode.spec import BenchSpec, EvalSpec
 from kdcode.spec_compress import CompressSpec, ExportSpec
 
@@ -119,7 +119,7 @@ def line_prompts(n: int, seed: int = 0) -> list[str]:
     """Held-out files cut after the indentation of a line (an editor's prefix), ``n`` of them."""
     import random
 
-    from kdcode.data import load_corpus
+    from kdcode.data.corpus import load_corpus
     from kdcode.spec import DataSpec
 
     docs = load_corpus(DataSpec()).splits["test"]

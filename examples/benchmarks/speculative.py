@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from kdcode.data import load_corpus
+from kdcode.data.corpus import load_corpus
 from kdcode.evaluation.completion_sets import build_line_samples
 from kdcode.inference.decode import DecodeOptions, VocabIndex, greedy
 from kdcode.inference.loader import load_for_inference

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from kdcode.data import encode_documents, load_corpus, to_blocks
+from kdcode.data.corpus import encode_documents, load_corpus, to_blocks
 from kdcode.device import cpu_has_bf16, resolve_device
-from kdcode.models import load_model
+from kdcode.models.load import load_model
 from kdcode.plugins import make_init, make_strategy
 from kdcode.spec import DataSpec, TrainSpec
 from kdcode.train.loop import train_loop

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from kdcode.artifacts import save_model
-from kdcode.models import load_model
+from kdcode.models.artifacts import save_model
+from kdcode.models.load import load_model
 
 
 def wide(layers: int, tokenizer, seed: int) -> GPT2LMHeadModel:

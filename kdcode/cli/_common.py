@@ -120,8 +120,8 @@ def check_json_path(path: Path | None, model: str, compare: str | None = None) -
     """Before any work: ``--json FILE`` may not be (or lie inside) a model folder it reads, and must be writable."""
     if path is None or str(path) == "-":
         return
-    from kdcode.artifacts import check_output
-    from kdcode.models import input_path
+    from kdcode.models.artifacts import check_output
+    from kdcode.models.load import input_path
 
     inputs = {"MODEL": input_path(model), "--compare": input_path(compare) if compare else None}
     check_output(path, inputs=inputs, folder=False, flag="--json")
@@ -135,7 +135,7 @@ def write_json(path: Path | None, data: Any) -> None:
     if str(path) == "-":
         sys.stdout.write(text)
         return
-    from kdcode.artifacts import write_error, write_text_atomic
+    from kdcode.models.artifacts import write_error, write_text_atomic
 
     try:
         write_text_atomic(path, text)
@@ -145,8 +145,8 @@ def write_json(path: Path | None, data: Any) -> None:
 
 def record_metrics(model: str, name: str, metrics: dict[str, Any]) -> None:
     """--record: store ``metrics`` under manifest["metrics"][name] of a local model folder."""
-    from kdcode.artifacts import update_metrics
-    from kdcode.models import resolve_path
+    from kdcode.models.artifacts import update_metrics
+    from kdcode.models.load import resolve_path
 
     path = resolve_path(model)
     if path is None:

@@ -44,7 +44,7 @@ def prepare_cmd(
     overwrite: Annotated[bool, typer.Option(help="Replace existing split files in --out.")] = False,
 ) -> None:
     """Normalise source files as CodeXGLUE's py150 and write them one per line, split by the usual hash split."""
-    from kdcode.data import prepare_py150 as prepare
+    from kdcode.data.corpus import prepare_py150 as prepare
 
     if data_format != "py150":
         fail(f"--format {data_format!r}: only py150 can be written one file per line; pass --format py150")

@@ -38,6 +38,7 @@ from kdcode.cli._common import (
 )
 from kdcode.cli._console import metrics_table, out_console, styled
 from kdcode.cli.plan import latency_budget
+from kdcode.cli.speculate import bench_draft, eval_acceptance
 
 EVAL_COLUMNS = [("es", "ES"), ("em", "EM %"), ("token_accuracy", "token acc %"), ("perplexity", "perplexity"),
                 ("samples", "samples")]
@@ -121,8 +122,6 @@ def eval_cmd(
     runtime = runtime_flags(backend, kv_cache, compile_step)
     check_json_path(json_out, model)
     if draft_for:
-        from kdcode.cli.speculate import eval_acceptance
-
         refuse_with(f"--draft-for {draft_for}", {
             "--task infill": spec.task == "infill", "--predictions": bool(predictions),
             f"--backend {backend}": backend != "auto", "--kv-cache static": kv_cache == "static",
@@ -193,8 +192,6 @@ def bench(
     runtime = runtime_flags(backend, kv_cache, compile_step)
     check_json_path(json_out, model, compare)
     if draft_arg(draft):
-        from kdcode.cli.speculate import bench_draft
-
         refuse_with(f"--draft {draft}", {
             "--compare": bool(compare), f"--backend {backend}": backend != "auto",
             "--kv-cache static": kv_cache == "static", "--compile": compile_step,

@@ -119,8 +119,8 @@ def plan(
 def latency_budget(model: str, json_out: Path | None) -> dict[str, Any]:
     """A student made by `distil --latency-ms`: its budget's task timed on it here, after the bench, and the verdict
     (``{"latency_budget": ...}``; empty for any other model)."""
-    from kdcode.artifacts import read_manifest
-    from kdcode.models import input_path
+    from kdcode.models.artifacts import read_manifest
+    from kdcode.models.load import input_path
     from kdcode.planning.plan import budget_line, budget_of, check_budget
 
     folder = input_path(model)

@@ -25,7 +25,7 @@ from kdcode.cli._console import out_console, styled
 
 
 def _print_report(written: dict[str, Any], records: list[dict[str, Any]]) -> None:
-    from kdcode.report import table
+    from kdcode.study.report import table
 
     headers, rows = table(records)
     t = Table(title="sweep results (ratio: model / teacher)")
@@ -86,9 +86,9 @@ def sweep(
     ] = False,
 ) -> None:
     """Distil, evaluate and benchmark every point of a sweep (teacher first); results.jsonl, results.md, pareto.png."""
-    from kdcode.report import read_records
     from kdcode.spec import read_spec_file
-    from kdcode.sweep import build_sweep, plan_sweep, run_sweep
+    from kdcode.study.report import read_records
+    from kdcode.study.sweep import build_sweep, plan_sweep, run_sweep
     from kdcode.train.loop import Interrupted
 
     if spec is None and layers is None:
@@ -123,7 +123,7 @@ def sweep(
     except (KeyboardInterrupt, Interrupted) as exc:
         fail(f"{exc or 'interrupted'}; finished points are in {sweep_spec.out}/results.jsonl: rerun the sweep with "
              "--resume", code=130)
-    from kdcode.report import latest, write_report
+    from kdcode.study.report import latest, write_report
 
     records = read_records(Path(sweep_spec.out) / "results.jsonl")
     _print_report(write_report(records, Path(sweep_spec.out)), records)
@@ -139,7 +139,7 @@ def report(
     out: Annotated[Path | None, typer.Option(help="Folder for results.md and pareto.png (default: beside it).")] = None,
 ) -> None:
     """Rebuild results.md and pareto.png from a sweep's results.jsonl alone."""
-    from kdcode.report import read_records, write_report
+    from kdcode.study.report import read_records, write_report
 
     records = read_records(results)
     _print_report(write_report(records, out or results.parent), records)

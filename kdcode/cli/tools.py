@@ -103,8 +103,8 @@ def compress(
 ) -> None:
     """Prune (heads, MLP neurons), then store as fp16/bf16 or int8; measures ES and perplexity before and after on
     held-out code and warns beyond the thresholds; the manifest keeps the parent chain and the quality."""
-    from kdcode.artifacts import weights_size
     from kdcode.compression.compress import run_compress
+    from kdcode.models.artifacts import weights_size
     from kdcode.spec import build_spec
     from kdcode.spec_compress import CompressSpec
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -120,7 +121,7 @@ def distil(
         typer.echo(dump_yaml(run), nl=False)
         return
     if validate:
-        from kdcode.models import check_depth
+        from kdcode.models.load import check_depth
         from kdcode.plugins import validate_plugins
 
         validate_plugins(run)
@@ -218,9 +219,7 @@ def pretrain(
 
 
 def _print_skipped(console: Any, manifest: dict[str, Any], data: Any) -> None:
-    from collections import Counter
-
-    from kdcode.data import skip_reasons
+    from kdcode.data.corpus import skip_reasons
 
     skipped = Counter(manifest.get("data", {}).get("skipped") or {})
     if skipped:

@@ -17,22 +17,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from kdcode.compression.int8 import INT8_FILE, quantize_model
 from kdcode.compression.prune import GPT2Pruner, heads_per_layer
 from kdcode.compression.prune_llama import LlamaPruner
 from kdcode.compression.quality import check_spec, compare, in_memory, measure
+from kdcode.compression.smooth import smooth_model
+from kdcode.data.corpus import encode_documents, load_corpus, to_blocks
+from kdcode.device import torch_dtype
 from kdcode.errors import KdcodeError
+from kdcode.models.artifacts import check_output, kdcode_layout, read_manifest, save_model, weights_sha256
+from kdcode.models.load import context_length, count_params, load_model, resolve_path, weights_bytes
 from kdcode.spec_compress import CompressSpec
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def calibration_blocks(spec: CompressSpec, tokenizer: Any, n_positions: int) -> torch.Tensor:
     """The first ``calib_batches * calib_batch_size`` blocks of the corpus's train split (all files if empty)."""
-    from kdcode.data import encode_documents, load_corpus, to_blocks
-
     corpus = load_corpus(spec.data)
     docs = corpus.splits.get("train") or [d for s in corpus.splits.values() for d in s]
     block = min(spec.calib_block_size or 256, n_positions)
@@ -49,8 +51,6 @@ def prune_model(model: nn.Module, spec: CompressSpec, tokenizer: Any) -> tuple[n
     """Score every head and MLP unit on calibration batches, cut the lowest ``spec.prune_*`` fraction of each
     layer's: GPT-2 in place (layers may keep different heads), Llama-style blocks rebuilt from a smaller config.
     Returns the pruned model and the steps for the manifest."""
-    from kdcode.models import context_length
-
     check_prunable(model, spec.prune_heads, spec.prune_ffn)  # the fractions, before the calibration pass
     blocks = calibration_blocks(spec, tokenizer, context_length(model.config, 1024))
     calib = {"data": spec.data.source, "split": "train"}
@@ -104,14 +104,12 @@ def prune_at_init(student: nn.Module, heads: float, ffn: float, calibration: tor
 
 
 class _Int8Folder:
-    """What :func:`kdcode.artifacts.save_model` writes for an int8 model: config + int8 safetensors."""
+    """What :func:`kdcode.models.artifacts.save_model` writes for an int8 model: config + int8 safetensors."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
     def save_pretrained(self, path: Path, safe_serialization: bool = True) -> None:
-        from safetensors.torch import save_file
-
         self.model.config.save_pretrained(path)
         gen = getattr(self.model, "generation_config", None)
         if gen is not None:
@@ -122,9 +120,6 @@ class _Int8Folder:
 
 def _smooth(model: nn.Module, spec: CompressSpec, tokenizer: Any) -> dict[str, Any]:
     """SmoothQuant's migration on calibration blocks of the train split; the manifest step."""
-    from kdcode.compression.smooth import smooth_model
-    from kdcode.models import context_length
-
     blocks = calibration_blocks(spec, tokenizer, context_length(model.config, 1024))
     done = smooth_model(model, blocks, spec.calib_batch_size, spec.smooth_alpha)
     calib = {"data": spec.data.source, "split": "train", "blocks": len(blocks), "block_size": blocks.size(1)}
@@ -143,9 +138,6 @@ def run_compress(
     name: str, spec: CompressSpec, out: Path, overwrite: bool = False, verify: bool = True
 ) -> tuple[Path, dict[str, Any]]:
     """Load ``name``, prune then quantize / cast it as ``spec`` says, and write ``out`` with the manifest chain."""
-    from kdcode.artifacts import check_output, kdcode_layout, save_model, weights_sha256
-    from kdcode.models import count_params, load_model, resolve_path, weights_bytes
-
     if spec.int8 and spec.dtype not in (None, "fp32"):
         raise KdcodeError(f"--int8 keeps the non-quantized tensors in fp32; drop --dtype {spec.dtype}")
     if not (spec.int8 or spec.dtype or spec.prune_heads or spec.prune_ffn):
@@ -173,7 +165,7 @@ def run_compress(
         steps.append({"step": "int8", "int8_scheme": spec.int8_scheme, "scheme": int8_layout["scheme"],
                       "modules": len(int8_layout["modules"]), "tied": int8_layout["tied"]})
     elif spec.dtype:
-        model.to(DTYPES[spec.dtype])
+        model.to(torch_dtype(spec.dtype))
         steps.append({"step": "dtype", "dtype": spec.dtype})
     custom = bool(heads or int8_layout)
     reasons = []
@@ -213,6 +205,4 @@ def run_compress(
         manifest["compression"]["quality"] = compare(before, after, spec, what)
     writer = _Int8Folder(model) if int8_layout else model
     save_model(out, writer, lm.tokenizer, manifest, overwrite=overwrite)
-    from kdcode.artifacts import read_manifest
-
     return out, read_manifest(out) or manifest

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from kdcode.compression.int8_kernels import ACTIVATIONS, make_kernel, reduce_range
 from kdcode.errors import KdcodeError
@@ -81,8 +82,6 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_float(cls, module: nn.Module, activations: str = "per-tensor") -> Int8Linear:
-        from transformers.pytorch_utils import Conv1D
-
         w = module.weight.detach()
         w = w.t() if isinstance(module, Conv1D) else w  # Conv1D stores (in, out)
         new = cls(w.size(1), w.size(0), module.bias is not None, activations)
@@ -177,8 +176,6 @@ class Int8TiedHead(nn.Module):
 
 
 def _is_linear(module: nn.Module) -> bool:
-    from transformers.pytorch_utils import Conv1D
-
     return isinstance(module, (nn.Linear, Conv1D))
 
 
@@ -217,8 +214,6 @@ def quantize_model(model: nn.Module, activations: str = "per-tensor") -> dict[st
 def apply_int8_layout(model: nn.Module, layout: dict[str, Any]) -> None:
     """Put empty int8 modules where ``layout`` says (shapes from the float skeleton); load fills them. A layout
     without ``activations`` (written before schemes existed) is per-tensor."""
-    from transformers.pytorch_utils import Conv1D
-
     activations = layout.get("activations") or "per-tensor"
 
     for name in layout["modules"]:

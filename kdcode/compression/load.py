@@ -8,20 +8,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from kdcode.compression.int8 import apply_int8_layout, tied_names
+from kdcode.compression.prune import resize_heads
 from kdcode.errors import KdcodeError
+from kdcode.models.artifacts import weight_files
 
 
 def load_compressed(path: Path, manifest: dict[str, Any]) -> nn.Module:
     """Rebuild a head-pruned and/or int8 folder: float architecture from config, reshaped, then its weights."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from kdcode.artifacts import weight_files
-    from kdcode.compression.int8 import apply_int8_layout, tied_names
-    from kdcode.compression.prune import resize_heads
-
     layout = manifest["compression"]["layout"]
     config = AutoConfig.from_pretrained(path)
     model = AutoModelForCausalLM.from_config(config)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from kdcode.errors import KdcodeError
 
@@ -86,8 +87,6 @@ def keep_top(scores: torch.Tensor, fraction: float, what: str) -> list[int]:
 
 
 def _conv1d(weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
-    from transformers.pytorch_utils import Conv1D
-
     m = Conv1D(weight.size(1), weight.size(0))
     m.weight = nn.Parameter(weight.detach().clone().contiguous())
     m.bias = nn.Parameter(bias.detach().clone().contiguous())
@@ -120,8 +119,6 @@ def prune_ffn(model: nn.Module, keep: list[list[int]]) -> None:
 
 def resize_heads(model: nn.Module, heads_per_layer: list[int]) -> None:
     """Give a freshly built GPT-2 the attention shapes of a head-pruned one (weights are loaded next)."""
-    from transformers.pytorch_utils import Conv1D
-
     for b, k in zip(gpt2_blocks(model), heads_per_layer):
         attn = b.attn
         embed, hd = attn.c_attn.weight.shape[0], attn.head_dim

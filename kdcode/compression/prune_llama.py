@@ -24,9 +24,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from kdcode.compression.prune import keep_top, mask_scores
 from kdcode.errors import KdcodeError
+from kdcode.inits.base import block_path
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 GATED_MLP = ("gate_proj", "up_proj", "down_proj")
@@ -42,8 +44,6 @@ class LlamaPruner:
     head_score, ffn_score = HEAD_SCORE, FFN_SCORE
 
     def __init__(self, model: nn.Module, heads: bool, ffn: bool) -> None:
-        from kdcode.inits.base import block_path
-
         kind = getattr(model.config, "model_type", "?")
         try:
             self.path = block_path(model)
@@ -94,8 +94,6 @@ class LlamaPruner:
 
     def apply(self, heads: list[list[int]] | None, ffn: list[list[int]] | None) -> nn.Module:
         """The model rebuilt from the smaller config with the kept units' weights (the original is left as is)."""
-        from transformers import AutoModelForCausalLM
-
         config = copy.deepcopy(self.model.config)
         state = dict(self.model.state_dict())
         g = self.n_heads // self.n_kv

@@ -7,6 +7,10 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
+from kdcode.device import describe_device, model_device
+from kdcode.evaluation.evaluate import run_eval
+from kdcode.inference.loader import dtype_name
+from kdcode.quiet import quiet_hf
 from kdcode.spec import DataSpec, EvalSpec
 from kdcode.spec_compress import QualityCheckSpec
 
@@ -21,9 +25,6 @@ def check_spec(check: QualityCheckSpec, data: DataSpec) -> EvalSpec | None:
 
 def in_memory(model: Any, tokenizer: Any, verified: Any = None) -> Any:
     """A model already in memory, shaped as :func:`kdcode.evaluation.evaluate.run_eval` takes it (``loaded``)."""
-    from kdcode.device import describe_device, model_device
-    from kdcode.inference.loader import dtype_name
-
     model.eval()
     runtime = {"device": describe_device(model_device(model)), "dtype": dtype_name(model), "backend": "torch"}
     return SimpleNamespace(model=model, tokenizer=tokenizer, runtime=runtime, verified=verified)
@@ -32,9 +33,6 @@ def in_memory(model: Any, tokenizer: Any, verified: Any = None) -> Any:
 def measure(name: str, spec: EvalSpec, samples: int, loaded: Any = None, runtime: Any = None) -> dict[str, Any]:
     """ES / EM on ``samples`` held-out line completions (None when 0) and perplexity, of a model in memory
     (``loaded``) or of ``name`` loaded in ``runtime``."""
-    from kdcode.evaluation.evaluate import run_eval
-    from kdcode.quiet import quiet_hf
-
     with quiet_hf():
         r = run_eval(name, spec, loaded=loaded, runtime=runtime)
     out = {"es": r["es"], "em": r["em"], "samples": r["samples"]} if samples else {"es": None, "em": None, "samples": 0}

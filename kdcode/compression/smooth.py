@@ -19,16 +19,16 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from kdcode.errors import KdcodeError
+from kdcode.inits.base import block_path
 
 Group = tuple[nn.Module, str, list[nn.Module]]  # producer, how it is scaled ("norm" or "rows"), readers
 
 
 def _weight_in_out(m: nn.Module) -> torch.Tensor:
     """A reader's weight as (out, in) (a GPT-2 Conv1D stores (in, out)); a view, so that scaling it scales m."""
-    from transformers.pytorch_utils import Conv1D
-
     return m.weight.data.t() if isinstance(m, Conv1D) else m.weight.data
 
 
@@ -38,8 +38,6 @@ def smoothing_groups(model: nn.Module) -> list[Group]:
     blocks = getattr(getattr(model, "transformer", None), "h", None) if kind == "gpt2" else None
     if blocks is not None:
         return [g for b in blocks for g in ((b.ln_1, "norm", [b.attn.c_attn]), (b.ln_2, "norm", [b.mlp.c_fc]))]
-    from kdcode.inits.base import block_path
-
     try:
         blocks = list(model.get_submodule(block_path(model)))
     except KdcodeError:

@@ -7,32 +7,15 @@ from __future__ import annotations
 from typing import Any
 
 from kdcode.errors import KdcodeError
-
-
-def auto_k(target: Any, draft: Any, index: Any, prompts: list[str], opts: Any, choices=(1, 2, 3, 4, 6, 8)) -> int:
-    """``--draft-tokens auto``: the k with the most target tokens per second on a few calibration prompts."""
-    import time
-
-    from kdcode.inference.speculative import speculative
-
-    best, best_rate = choices[0], 0.0
-    for k in choices:
-        t0 = time.perf_counter()
-        gen, _ = speculative(target, draft, index, prompts, opts, k=k)
-        rate = sum(gen.token_counts) / (time.perf_counter() - t0)
-        if rate > best_rate:
-            best, best_rate = k, rate
-    return best
+from kdcode.evaluation.completion_sets import build_line_samples, eval_docs
+from kdcode.inference.decode import DecodeOptions, VocabIndex, greedy
+from kdcode.inference.loader import load_for_inference
+from kdcode.inference.speculative import auto_k, check_pair, speculative
 
 
 def run_acceptance(student: str, teacher: str, spec: Any, k: int | str = 4, verify: bool = True) -> dict[str, Any]:
     """Draft ``teacher``'s greedy completions of ``spec``'s held-out line samples with ``student``; the acceptance
     figures (with k stated), and whether the output was the teacher's own (checked against plain greedy)."""
-    from kdcode.evaluation.completion_sets import build_line_samples, eval_docs
-    from kdcode.inference.decode import DecodeOptions, VocabIndex, greedy
-    from kdcode.inference.loader import load_for_inference
-    from kdcode.inference.speculative import check_pair, speculative
-
     if spec.lines:
         raise KdcodeError("--draft-for measures on the held-out split; drop --lines")
     target = load_for_inference(teacher, spec.device, spec.dtype, spec.threads, verify=verify)

@@ -18,8 +18,19 @@ import statistics
 import time
 from typing import Any
 
-from kdcode.device import cpu_features, cpu_name, torch_kernels
+import torch
+
+from kdcode.compression.int8 import memory_bytes
+from kdcode.data.corpus import load_corpus
+from kdcode.device import cpu_features, cpu_name, peak_rss_mb, resolve_device, rss_mb, torch_kernels
 from kdcode.errors import KdcodeError
+from kdcode.evaluation.completion_sets import build_line_samples
+from kdcode.inference.decode import DecodeOptions, VocabIndex, greedy, n_positions
+from kdcode.inference.loader import load_for_inference
+from kdcode.inference.lookup import as_lookup
+from kdcode.inference.speculative import auto_k, check_pair, speculative
+from kdcode.models.artifacts import weights_size
+from kdcode.progress import make_progress
 from kdcode.spec import BenchSpec
 
 TIMED = ("samples_per_s", "tokens_per_s", "ms_per_token_p50", "ms_per_token_p95", "ms_first_token_p50")
@@ -37,9 +48,6 @@ def _percentile(values: list[float], q: float) -> float:
 
 def bench_prompts(spec: BenchSpec) -> list[str]:
     """The fixed prompt set: ``warmup + prompts`` held-out line prefixes (the same for every model)."""
-    from kdcode.data import load_corpus
-    from kdcode.evaluation.completion_sets import build_line_samples
-
     corpus = load_corpus(spec.data)
     docs = corpus.splits["test"] or [d for s in corpus.splits.values() for d in s]
     return [s.input for s in build_line_samples(docs, spec.prompts + spec.warmup, spec.seed, spec.data.format)]
@@ -50,12 +58,6 @@ class Runner:
 
     def __init__(self, name: str, spec: BenchSpec, verify: bool = True, draft: str | None = None,
                  draft_tokens: int | str = 4, **load: Any) -> None:
-        import torch
-
-        from kdcode.device import resolve_device, rss_mb
-        from kdcode.inference.decode import DecodeOptions, VocabIndex, greedy, n_positions
-        from kdcode.inference.loader import load_for_inference
-
         self.name, self.spec = name, spec
         self.device = resolve_device(spec.device)
         prompts = bench_prompts(spec)
@@ -72,10 +74,6 @@ class Runner:
         warm, self.prompts = prompts[: spec.warmup], prompts[spec.warmup :]
         self.draft, self.draft_tokens = None, draft_tokens
         if draft is not None:  # speculative decoding: the same model's own output, drafted by a student or by lookup
-            from kdcode.evaluation.acceptance import auto_k
-            from kdcode.inference.lookup import as_lookup
-            from kdcode.inference.speculative import check_pair
-
             if spec.batch_size != 1:
                 raise KdcodeError("--draft runs at batch 1 (speculative decoding); drop --batch-size")
             lookup = as_lookup(draft)  # prompt lookup: no draft model
@@ -91,14 +89,10 @@ class Runner:
     def _decode(self, prompts: list[str]) -> tuple[Any, Any]:
         if self.draft is None:
             return self._greedy(self.lm.model, self.index, prompts, self.opts, self.spec.batch_size), None
-        from kdcode.inference.speculative import speculative
-
         return speculative(self.lm.model, self.draft, self.index, prompts, self.opts, int(self.draft_tokens))
 
     def round(self) -> dict[str, float]:
         """One timed pass over the prompt set."""
-        import torch
-
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         sync()
         start = time.perf_counter()
@@ -121,12 +115,6 @@ class Runner:
 
     def info(self) -> dict[str, Any]:
         """What does not change between rounds: size, memory, and what the figures were measured on."""
-        import torch
-
-        from kdcode.artifacts import weights_size
-        from kdcode.compression.int8 import memory_bytes
-        from kdcode.device import peak_rss_mb
-
         lm = self.lm
         stepped = getattr(lm.model, "files", None) is not None  # a backend's model: its files are its weights
         size = lm.model.weight_bytes if stepped else weights_size(lm.folder) if lm.folder else None
@@ -237,8 +225,6 @@ def run_bench_many(
     """Benchmark ``names`` together in interleaved rounds (see the module doc); one result per model.
     ``runtimes`` gives each model its own backend / decode path (:class:`kdcode.spec.RuntimeSpec` fields);
     ``drafts`` its draft model for speculative decoding (``{"draft": DIR, "draft_tokens": k|"auto"}``)."""
-    from kdcode.progress import make_progress
-
     workers: list[Worker] = []
     try:
         for i, name in enumerate(names):

@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdcode.data import Document, load_corpus
+from kdcode.data.corpus import Document, load_corpus, to_py150
+from kdcode.data.records import load_records
 from kdcode.errors import KdcodeError
 from kdcode.spec import EvalSpec
 
@@ -137,11 +139,6 @@ def read_completion_set(source: str, split: str = "test") -> tuple[list[LineSamp
     [tokens]}``, or ``code`` as one string) give py150 documents, and no samples: cut lines from them with
     :func:`build_line_samples` (``fmt="py150"``). A ``code`` string that is not normalised yet is normalised.
     """
-    from collections import Counter
-
-    from kdcode.data import to_py150
-    from kdcode.records import load_records
-
     records = load_records(source, split)
     if all("input" in r and "gt" in r for r in records):
         samples = []

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kdcode.data import Document
+from kdcode.data.corpus import Document
 from kdcode.errors import KdcodeError
 from kdcode.evaluation.completion_sets import (
     _LINE_BREAKS,
@@ -15,9 +15,14 @@ from kdcode.evaluation.completion_sets import (
     eval_docs,
     read_completion_set,
 )
+from kdcode.evaluation.infill import run_infill
 from kdcode.evaluation.metrics import line_metrics
 from kdcode.evaluation.perplexity import perplexity
 from kdcode.evaluation.token_level import token_accuracy
+from kdcode.inference.decode import DecodeOptions, VocabIndex, beam_search, greedy, n_positions
+from kdcode.inference.loader import load_for_inference
+from kdcode.models.artifacts import check_output
+from kdcode.models.load import input_path
 from kdcode.progress import make_progress
 from kdcode.spec import EvalSpec
 
@@ -38,13 +43,7 @@ def run_eval(
     threads and backend it ran with under ``runtime``). ``loaded``: a model already in memory (what
     :func:`kdcode.inference.loader.load_for_inference` returns, or an object with its ``model``, ``tokenizer``,
     ``runtime`` and ``verified``), evaluated as it is instead of loading ``name``."""
-    from kdcode.inference.decode import DecodeOptions, VocabIndex, beam_search, greedy, n_positions
-    from kdcode.inference.loader import load_for_inference
-
     if predictions is not None:
-        from kdcode.artifacts import check_output
-        from kdcode.models import input_path
-
         check_output(predictions, inputs={"MODEL": input_path(name), "--lines": spec.lines}, folder=False,
                      flag="--predictions")
     if spec.task == "infill" and (spec.lines or spec.data.format == "py150"):
@@ -53,8 +52,6 @@ def run_eval(
     lm = loaded or load_for_inference(name, spec.device, spec.dtype, spec.threads, verify=verify,
                                       allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, runtime=runtime)
     if spec.task == "infill":
-        from kdcode.evaluation.infill import run_infill
-
         return run_infill(name, lm, spec, *eval_docs(spec), predictions=predictions)
     fmt = spec.data.format
     docs: list[Document] = []

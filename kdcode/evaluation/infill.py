@@ -22,9 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdcode.data import Document
+from kdcode.data.corpus import Document
 from kdcode.evaluation.completion_sets import _LINE_BREAKS, draw_raw_lines
 from kdcode.evaluation.metrics import line_metrics, mean
+from kdcode.inference.decode import DecodeOptions, VocabIndex, beam_search, encode_prompt, greedy, n_positions
+from kdcode.inference.infill import encode_infill
+from kdcode.models import fim_tokens
 from kdcode.progress import make_progress
 from kdcode.spec import EvalSpec
 
@@ -53,8 +56,6 @@ def build_infill_samples(docs: list[Document], n: int, seed: int) -> list[Infill
 
 
 def _decode(lm: Any, index: Any, prompts: list[Any], opts: Any, spec: EvalSpec, progress: Any, label: str) -> Any:
-    from kdcode.inference.decode import beam_search, greedy
-
     task = progress.add_task(label, total=len(prompts), info="")
     advance = lambda k: progress.update(task, advance=k)  # noqa: E731
     if spec.beams > 1:
@@ -65,17 +66,13 @@ def _decode(lm: Any, index: Any, prompts: list[Any], opts: Any, spec: EvalSpec, 
 def run_infill(name: str, lm: Any, spec: EvalSpec, docs: list[Document], data_summary: dict[str, Any],
                predictions: Path | None = None) -> dict[str, Any]:
     """Infill ES/EM of a loaded model on holes of ``docs``, prefix-only ES/EM of the same holes beside them."""
-    from kdcode import fim
-    from kdcode.inference.decode import DecodeOptions, VocabIndex, encode_prompt, n_positions
-    from kdcode.inference.infill import encode_infill
-
-    tokens = fim.require(lm.tokenizer, spec.fim_format, name)
+    tokens = fim_tokens.require(lm.tokenizer, spec.fim_format, name)
     samples = build_infill_samples(docs, spec.samples, spec.seed)
     opts = DecodeOptions(max_new_tokens=spec.max_new_tokens, context_tokens=spec.context_tokens, heal=False)
     context = opts.context_for(n_positions(lm.model))
     index = VocabIndex.for_model(lm.model, lm.tokenizer)
     heal = spec.heal if spec.heal is not None else True
-    order = fim.infill_order(spec.fim_order, lm.manifest)
+    order = fim_tokens.infill_order(spec.fim_order, lm.manifest)
     encoded = [encode_infill(index, tokens, s.prefix, s.suffix, context, heal, order) for s in samples]
     start = time.perf_counter()
     with make_progress() as progress:

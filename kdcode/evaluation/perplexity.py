@@ -7,6 +7,9 @@ from typing import Any
 
 import torch
 
+from kdcode.data.corpus import encode_documents
+from kdcode.device import model_device
+
 
 @torch.no_grad()
 def held_out_loss(
@@ -37,15 +40,11 @@ def held_out_loss(
 
 def perplexity(model: Any, tokenizer: Any, docs: list[Any], max_blocks: int, block_size: int) -> dict[str, Any]:
     """exp(mean next-token CE) over the first ``max_blocks`` blocks of the documents' token stream."""
-    from kdcode.data import encode_documents
-
     stream = encode_documents(docs, tokenizer)
     n = min(max_blocks, len(stream) // block_size)
     if n == 0:
         return {"perplexity": None, "ppl_tokens": 0, "ppl_block_size": block_size}
     blocks = torch.tensor(stream[: n * block_size]).view(n, block_size)
-    from kdcode.device import model_device
-
     device = model_device(model)
     loss = held_out_loss(model, blocks, 8, None, device)
     return {"perplexity": round(math.exp(loss), 3), "ppl_tokens": n * (block_size - 1), "ppl_block_size": block_size}

@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from kdcode.data import Document
+from kdcode.data.corpus import Document
+from kdcode.device import model_device
 
 # Code tokens CodeXGLUE's eval_acc leaves out of token-level accuracy.
 NOT_COUNTED = frozenset({"<s>", "</s>", "<EOL>", "<pad>"})
@@ -95,8 +96,6 @@ def token_accuracy(model: Any, tokenizer: Any, docs: list[Document], max_blocks:
         for ids in tokenizer(texts[i : i + 256], add_special_tokens=False)["input_ids"]:
             stream.extend(ids)
     blocks = _eval_blocks(stream, block_size, starts, boundary, bos)[:max_blocks]
-    from kdcode.device import model_device
-
     device = model_device(model)
     vocab = int(getattr(model.config, "vocab_size", len(tokenizer)) or len(tokenizer))
     batch = max(1, min(8, 2**25 // max(1, block_size * vocab)))

@@ -17,7 +17,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+import psutil
+
 from kdcode.errors import KdcodeError
+from kdcode.models.artifacts import clean_stale_temp_files, current_umask, write_error
 
 
 def _backup(out: Path) -> Path:
@@ -27,8 +30,6 @@ def _backup(out: Path) -> Path:
 def recover_stale_backups(out: Path) -> list[Path]:
     """The set-aside files ``.{out.name}.old-{pid}`` of killed runs (owner gone): put back where ``out`` is missing,
     deleted where a new ``out`` took its place. Returns the files handled."""
-    import psutil
-
     handled = []
     for path in out.parent.glob(f".{glob.escape(out.name)}.old-*"):
         head = path.name[len(f".{out.name}.old-") :]
@@ -47,8 +48,6 @@ def atomic_files(outs: Sequence[Path], mode: int = 0o644) -> Iterator[list[Path]
     """Yield one temp path beside each of ``outs`` (in order); when the block returns, move them all into place
     (readable as ``mode`` less the umask, as any file the user writes), or none of them. A failure names the file
     at fault (a KdcodeError); temp files never outlive the call."""
-    from kdcode.artifacts import clean_stale_temp_files, current_umask
-
     temps: list[Path] = []
     try:
         for out in outs:
@@ -70,8 +69,6 @@ def atomic_files(outs: Sequence[Path], mode: int = 0o644) -> Iterator[list[Path]
 def commit(pairs: Sequence[tuple[Path, Path]]) -> None:
     """Rename each ``(temp, out)`` pair into place, all or none (the old files set aside, then put back on a
     failure); a failure is a KdcodeError naming the ``out`` that failed."""
-    from kdcode.artifacts import write_error
-
     for _, out in pairs:  # a folder would be set aside whole and never deleted: refuse it before anything moves
         if out.is_dir() and not out.is_symlink():
             raise KdcodeError(f"{out} is a folder, where the export writes a file: move it away or choose another "

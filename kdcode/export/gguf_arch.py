@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from kdcode.errors import KdcodeError
 
@@ -139,8 +140,6 @@ def gguf_tensors(model: Any, arch: GgufArch) -> Iterator[tuple[str, np.ndarray]]
     """Every tensor of ``model`` as (GGUF name, float32 array in GGUF layout); a tied LM head is left out.
     A tensor the map does not know is an error, not a silent drop."""
     import gguf
-    import torch
-
     config = model.config
     arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch.name)
     names = gguf.get_tensor_name_map(arch_id, int(config.num_hidden_layers))

@@ -14,7 +14,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from kdcode.errors import KdcodeError
+from kdcode.export.gguf_arch import arch_of, gguf_tensors
+from kdcode.export.gguf_vocab import add_tokenizer
 
 MANIFEST_KEY = "kdcode.manifest"
 _KEEP_F32 = ("position_embd.weight",)
@@ -42,8 +46,6 @@ def tensor_type(name: str, shape: tuple[int, ...], quant: str) -> Any:
 
 def _encode(data: Any, qtype: Any) -> Any:
     import gguf
-    import numpy as np
-
     if qtype == gguf.GGMLQuantizationType.F32:
         return data.astype(np.float32)
     if qtype == gguf.GGMLQuantizationType.F16:
@@ -55,9 +57,6 @@ def write_gguf(path: Path, model: Any, tokenizer: Any, quant: str, manifest: dic
     """Write ``model`` + ``tokenizer`` to ``path`` (a fresh file; the caller makes it atomic) with ``manifest``
     under ``kdcode.manifest``. Returns a summary: architecture, tensor types, tokenizer."""
     import gguf
-
-    from kdcode.export.gguf_arch import arch_of, gguf_tensors
-    from kdcode.export.gguf_vocab import add_tokenizer
 
     qtypes, ftypes = _types()
     if quant not in qtypes:

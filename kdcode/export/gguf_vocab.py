@@ -13,7 +13,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from tokenizers import Tokenizer
+from transformers import PreTrainedTokenizerFast
+
 from kdcode.errors import KdcodeError
+from kdcode.models.fim_tokens import detect
 
 # Split regexes of the pre-tokenizers llama.cpp names (its llama-vocab.cpp), as tokenizer.json spells them.
 _LLAMA3_SPLIT = (
@@ -96,8 +100,6 @@ def _fim_ids(writer: Any, tokenizer: Any) -> dict[str, Any] | None:
     """llama.cpp's FIM token keys (its /infill builds the prompt from them), when the tokenizer has FIM tokens."""
     import gguf
 
-    from kdcode.fim import detect
-
     tokens = detect(tokenizer)
     if tokens is None:
         return None
@@ -120,9 +122,6 @@ def _pre_tokenizer(pre: str) -> dict[str, Any]:
 
 def tokenizer_from_gguf(reader: Any) -> Any:
     """The Hugging Face tokenizer of a GGUF (a ``gguf.GGUFReader``) with a byte-level BPE vocabulary."""
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
     def value(key: str, default: Any = None) -> Any:
         field = reader.fields.get(key)
         return default if field is None else field.contents()

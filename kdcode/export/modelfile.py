@@ -32,8 +32,9 @@ def stop_strings(tokenizer: Any) -> list[str]:
 
 
 def template(fim: Any = None, order: str = "psm") -> str:
-    """Raw completion (``{{ .Prompt }}``); for a model with FIM tokens (a :class:`kdcode.fim.FimTokens`), the
-    infilling prompt kdcode builds in ``order`` when a request has a ``suffix`` (Ollama's ``.Suffix``)."""
+    """Raw completion (``{{ .Prompt }}``); for a model with FIM tokens (a
+    :class:`kdcode.models.fim_tokens.FimTokens`), the infilling prompt kdcode builds in ``order`` when a request has a
+    ``suffix`` (Ollama's ``.Suffix``)."""
     if fim is None:
         return "{{ .Prompt }}"
     f = fim.format

@@ -19,6 +19,10 @@ import inspect
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from transformers import DynamicCache
+
 from kdcode.errors import KdcodeError
 
 BASE_INPUTS = ("input_ids", "attention_mask", "position_ids", "logits_index")
@@ -40,9 +44,6 @@ def _step_module(model: Any, head_as_matmul: bool) -> Any:
     """The model behind the flat signature of the module doc, as an ``nn.Module`` for the exporter.
     ``head_as_matmul``: the LM head as a plain (hidden, vocab) weight of its own, which the int8 quantizer can
     take (a head tied to the embedding reaches the graph through a Transpose it leaves float)."""
-    import torch
-    from transformers import DynamicCache
-
     base, head = model.base_model, model.get_output_embeddings()
     cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
     layers = int(model.config.num_hidden_layers)
@@ -78,8 +79,6 @@ def _step_module(model: Any, head_as_matmul: bool) -> Any:
 def export_onnx(model: Any, path: Path, opset: int, head_as_matmul: bool = False) -> dict[str, Any]:
     """Write ``model`` (float32, eval) as ``path``; returns the graph's input and output names, and the name of
     the input embedding's initializer when the LM head is tied to it."""
-    import torch
-
     layers, kv, head_dim = cache_shape(model.config)
     batch, seq, past = 2, 3, 4  # example sizes (not 0 or 1, which the exporter would take for constants)
     ids = torch.zeros((batch, seq), dtype=torch.long)
@@ -144,7 +143,6 @@ def _embedding_from_head(model: Any, embedding: str, head: str) -> bool:
     """Rewrite the lookup ``Gather(embedding, ids)`` as ``(Gather(head_q, ids, axis=1) * head_scale[ids])``
     (the head's int8 columns are the embedding's rows) and drop the float table. False when the head is not
     stored as symmetric int8 columns or the lookup is not there (the graph is left as it was)."""
-    import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
     g = model.graph

@@ -20,25 +20,45 @@ replace the old ones together or not at all (:mod:`kdcode.export.fileset`).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from kdcode import __version__
+from kdcode.compression.quality import check_spec, compare, in_memory, measure, skipped
 from kdcode.errors import KdcodeError
-from kdcode.export.fileset import modelfile_path, sidecar_path  # noqa: F401 - importers take them from here too
+from kdcode.export.fileset import atomic_files, modelfile_path, sidecar_path  # noqa: F401 - paths re-exported
+from kdcode.export.gguf_file import MANIFEST_KEY, write_gguf
+from kdcode.export.modelfile import modelfile
+from kdcode.export.onnx_graph import export_onnx, quantize_int8
+from kdcode.models.artifacts import (
+    MANIFEST,
+    atomic_dir,
+    check_output,
+    kdcode_layout,
+    library_versions,
+    read_manifest,
+    sha256_file,
+    utc_now,
+    weights_sha256,
+    write_error,
+    write_json,
+)
+from kdcode.models.fim_tokens import detect, infill_order
+from kdcode.models.load import context_length, load_model, resolve_path, weights_bytes
+from kdcode.quiet import quiet_hf, quiet_loggers
 from kdcode.spec_compress import ExportCheckSpec, ExportSpec
 
 BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
 
 def _libraries(*names: str) -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    from kdcode.artifacts import library_versions
-
     out = library_versions()
     for name in names:
         try:
@@ -49,8 +69,6 @@ def _libraries(*names: str) -> dict[str, str]:
 
 
 def _source(lm: Any) -> dict[str, Any]:
-    from kdcode.artifacts import weights_sha256
-
     return {"name": lm.name, "path": str(lm.folder.resolve()) if lm.folder else None,
             "weights_sha256": weights_sha256(lm.folder) if lm.folder else {"hub": lm.fingerprint},
             "hub": lm.hub and {k: lm.hub[k] for k in ("id", "revision")}, "verified": lm.verified,
@@ -58,11 +76,6 @@ def _source(lm: Any) -> dict[str, Any]:
 
 
 def _load(name: str, verify: bool) -> Any:
-    import torch
-
-    from kdcode.artifacts import kdcode_layout
-    from kdcode.models import load_model
-
     lm = load_model(name, check=verify, dtype=torch.float32)
     layout = kdcode_layout(lm.manifest)
     if layout.get("int8") or layout.get("heads_per_layer"):
@@ -78,9 +91,6 @@ def run_export(name: str, spec: ExportSpec, out: Path, overwrite: bool = False,
     """Export ``name`` as ``spec`` says to ``out`` (a .gguf file, or a folder for ONNX); a quantized export is
     measured against its source as ``check`` says (None: not measured; the CLI always passes one). Returns (out,
     manifest)."""
-    from kdcode.artifacts import check_output
-    from kdcode.models import resolve_path, weights_bytes
-
     source = resolve_path(name)
     size = weights_bytes(name)
     _check_extra(spec.format)
@@ -107,10 +117,6 @@ def run_export(name: str, spec: ExportSpec, out: Path, overwrite: bool = False,
 
 def _before(lm: Any, spec: ExportSpec, check: ExportCheckSpec | None) -> dict[str, Any] | None:
     """The float source measured, when the export quantizes; or why its export cannot be measured here."""
-    import importlib.util
-
-    from kdcode.compression.quality import check_spec, in_memory, measure, skipped
-
     if check is None:
         return None
     quant = (spec.quant or "f32") if spec.format == "gguf" else ("int8" if spec.int8 else "f32")
@@ -126,9 +132,6 @@ def _before(lm: Any, spec: ExportSpec, check: ExportCheckSpec | None) -> dict[st
 
 def _with_quality(manifest: dict[str, Any], out: Path, record: Path, before: dict[str, Any] | None) -> dict[str, Any]:
     """The written export measured in its runtime against ``before``; the manifest file gains ``quality``."""
-    from kdcode.artifacts import write_json
-    from kdcode.compression.quality import compare, measure
-
     if before is None:
         return manifest
     quality = before.get("quality")
@@ -142,8 +145,6 @@ def _with_quality(manifest: dict[str, Any], out: Path, record: Path, before: dic
 
 def _check_extra(fmt: str) -> None:
     """The packages an export needs, named before any work."""
-    import importlib.util
-
     need = {"gguf": (["gguf"], "gguf"), "onnx": (["onnx", "onnxscript", "onnxruntime"], "onnx")}[fmt]
     missing = [m for m in need[0] if importlib.util.find_spec(m) is None]
     if missing:
@@ -151,22 +152,13 @@ def _check_extra(fmt: str) -> None:
 
 
 def _provenance(lm: Any, spec: ExportSpec) -> dict[str, Any]:
-    from kdcode import __version__
-
     return {"kind": "export", "kdcode_version": __version__,
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created_at": utc_now(),
             "export": spec.model_dump(mode="json"), "source": _source(lm),
             **({"fim": lm.manifest["fim"]} if isinstance((lm.manifest or {}).get("fim"), dict) else {})}
 
 
 def _export_gguf(lm: Any, spec: ExportSpec, out: Path) -> dict[str, Any]:
-    from kdcode.artifacts import sha256_file
-    from kdcode.export.fileset import atomic_files
-    from kdcode.export.gguf_file import MANIFEST_KEY, write_gguf
-    from kdcode.export.modelfile import modelfile
-    from kdcode.fim import detect, infill_order
-    from kdcode.models import context_length
-
     quant = spec.quant or "f32"
     inside = _provenance(lm, spec)
     n_ctx = context_length(lm.model.config, 1024)
@@ -191,8 +183,6 @@ def _export_gguf(lm: Any, spec: ExportSpec, out: Path) -> dict[str, Any]:
 @contextmanager
 def _naming(target: Path) -> Iterator[None]:
     """A failure to write ``target`` (disk full, read-only, a library's wrapper of them) as one line naming it."""
-    from kdcode.artifacts import write_error
-
     try:
         yield
     except KdcodeError:
@@ -202,10 +192,6 @@ def _naming(target: Path) -> Iterator[None]:
 
 
 def _export_onnx(lm: Any, spec: ExportSpec, out: Path, overwrite: bool) -> dict[str, Any]:
-    from kdcode.artifacts import MANIFEST, atomic_dir, read_manifest, sha256_file, write_json
-    from kdcode.export.onnx_graph import export_onnx, quantize_int8
-    from kdcode.quiet import quiet_hf, quiet_loggers
-
     manifest = _provenance(lm, spec)
     with atomic_dir(out, overwrite) as tmp, quiet_loggers("torch.onnx", "torch.export", "onnxscript", ""):
         graph = export_onnx(lm.model, tmp / ("float.onnx" if spec.int8 else "model.onnx"), spec.opset,

@@ -45,7 +45,7 @@ from kdcode.inference.forward import (  # noqa: F401 - _forward_kwargs, _out_cac
     _select_rows,
 )
 from kdcode.inference.vocab import VocabIndex
-from kdcode.models import context_length
+from kdcode.models.load import context_length
 
 OnToken = Callable[[int, int], None]  # (prompt index, generated token id), for every generated token
 OnBatch = Callable[[int], None]  # (prompts finished), after every batch

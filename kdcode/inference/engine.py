@@ -26,7 +26,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kdcode.device import model_device
 from kdcode.errors import KdcodeError
+from kdcode.inference.decode import DecodeOptions, VocabIndex, beam_alternatives, encode_prompt, greedy, n_positions
+from kdcode.inference.forward import PromptCache
+from kdcode.inference.infill import encode_infill
+from kdcode.inference.loader import dtype_name, load_for_inference
+from kdcode.inference.lookup import as_lookup
+from kdcode.inference.speculative import auto_k, check_pair, speculative
+from kdcode.models import fim_tokens
+from kdcode.models.fim_tokens import require
+from kdcode.models.load import context_length
 
 DEFAULT_STOP: tuple[str, ...] = ("\n",)
 OnText = Callable[[int, str], None]  # (choice index, text delta)
@@ -118,12 +128,6 @@ class Engine:
         self, loaded: Any, fim_format: str | None = None, draft: Any = None, draft_tokens: int = 4,
         fim_order: str = "auto",
     ) -> None:
-        from kdcode import fim
-        from kdcode.device import model_device
-        from kdcode.inference.decode import VocabIndex
-        from kdcode.inference.loader import dtype_name
-        from kdcode.models import context_length
-
         self.loaded = loaded
         self.name = loaded.name
         self.model = loaded.model.eval()
@@ -132,9 +136,6 @@ class Engine:
         self.device = str(model_device(self.model))
         self.runtime = loaded.runtime or {"device": self.device, "dtype": self.dtype, "threads": None}
         self.index = VocabIndex.for_model(self.model, loaded.tokenizer)
-        from kdcode.inference.forward import PromptCache
-        from kdcode.inference.lookup import as_lookup
-
         # a student drafting for it, or prompt lookup (PromptLookup, "lookup"): speculative decoding
         self.draft, self.draft_tokens = as_lookup(draft) or draft, draft_tokens
         self.prompt_cache, self.draft_cache = PromptCache(), PromptCache()  # each model's, from its last call
@@ -142,14 +143,13 @@ class Engine:
         if lookup is not None:
             self.runtime = {**self.runtime, "draft": lookup.name, "lookup_max_n": lookup.max_n}
         elif self.draft is not None:
-            from kdcode.inference.speculative import check_pair
-
             check_pair(loaded.tokenizer, self.draft.tokenizer, loaded.name, self.draft.name)
             self.runtime = {**self.runtime, "draft": self.draft.name}
         _ = self.index.token_texts  # built once here (healing needs it): every call shares it
         # how it infills: the FIM tokens of its tokenizer (the named family's when given), None when it does not
-        self.fim = fim.require(self.tokenizer, fim_format, self.name) if fim_format else fim.detect(self.tokenizer)
-        self.fim_order = fim.infill_order(fim_order, loaded.manifest)  # psm | spm
+        self.fim = (fim_tokens.require(self.tokenizer, fim_format, self.name) if fim_format
+                    else fim_tokens.detect(self.tokenizer))
+        self.fim_order = fim_tokens.infill_order(fim_order, loaded.manifest)  # psm | spm
 
     @property
     def tokenizer(self) -> Any:
@@ -158,8 +158,6 @@ class Engine:
     @property
     def draft_model(self) -> Any:
         """What speculative decoding drafts with: the draft's model, the :class:`PromptLookup`, or None."""
-        from kdcode.inference.lookup import as_lookup
-
         if self.draft is None or as_lookup(self.draft) is not None:
             return self.draft
         return self.draft.model
@@ -174,9 +172,6 @@ class Engine:
 
     def calibrate_draft(self) -> int:
         """``--draft-tokens auto``: the k with the most tokens per second on a few short completions."""
-        from kdcode.evaluation.acceptance import auto_k
-        from kdcode.inference.decode import DecodeOptions
-
         opts = DecodeOptions(max_new_tokens=16, heal_space=True)
         texts = ["import os\n\n\ndef main():\n    ", "class Config:\n    def __init__(self, path):\n        "]
         self.draft_tokens = auto_k(self.model, self.draft_model, self.index, texts, opts)
@@ -208,9 +203,6 @@ class Engine:
         ``suffix`` (even an empty one: the end of the file) the model fills in the middle between ``prompt``
         and it; ``prompt_tokens`` is then the window's length. Once ``cancel`` (a ``threading.Event``) is set, no
         model pass starts: the completion ends where it is, marked ``cancelled``."""
-        from kdcode.inference.decode import DecodeOptions, beam_alternatives, encode_prompt, greedy, n_positions
-        from kdcode.inference.infill import encode_infill
-
         if not 1 <= max_tokens < self.n_positions:
             raise KdcodeError(
                 f"max_tokens must be 1 to {self.n_positions - 1} (the model has {self.n_positions} positions)"
@@ -226,8 +218,6 @@ class Engine:
         if seed is not None and not -(2**63) <= seed < 2**64:
             raise KdcodeError(f"seed {seed} does not fit in 64 bits")
         if suffix is not None and self.fim is None:
-            from kdcode.fim import require
-
             require(self.tokenizer, None, self.name)  # raises: one line saying it does not infill
         t0 = time.perf_counter()
         if prompt_tokens is None and suffix is None:
@@ -259,8 +249,6 @@ class Engine:
         if temperature == 0 and (beams > 1 or n > 1):  # beams reorder the cache: cold, the kept one left as it is
             gen = beam_alternatives(self.model, self.index, encoded, opts, beams, n, cancel=cancel)
         elif self.draft is not None and n == 1:  # the model's own output, drafted by the student or by lookup
-            from kdcode.inference.speculative import speculative
-
             gen, _ = speculative(self.model, self.draft_model, self.index, [encoded], opts, self.draft_tokens,
                                  on_token=stream.on_token, cancel=cancel, reuse=(self.prompt_cache, self.draft_cache))
         else:
@@ -298,9 +286,6 @@ def load_engine(
     when detection would pick another. ``draft``: a student of this model drafting for it (a folder, hub id), or
     prompt lookup: the word ``"lookup"`` or a :class:`kdcode.inference.lookup.PromptLookup` (``max_n``); a folder
     named lookup is ``"./lookup"`` or ``Path("lookup")``. ``draft_tokens``: k, or ``"auto"`` (calibrated)."""
-    from kdcode.inference.loader import load_for_inference
-    from kdcode.inference.lookup import as_lookup
-
     lm = load_for_inference(name, device, dtype, threads, verify=verify, allow_pickle=allow_pickle,
                             trust_remote_code=trust_remote_code, runtime=runtime)
     helper = as_lookup(draft)  # prompt lookup: no model to load

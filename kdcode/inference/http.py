@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kdcode.errors import KdcodeError
 from kdcode.inference.engine import DEFAULT_STOP, Choice, Completion, Engine
+from kdcode.inference.infill import split_prompt
 from kdcode.inference.requests import Job, Limits, RequestError, check_infill, error_body
 from kdcode.inference.worker import DROPPED, Ticket, Worker
 
@@ -149,8 +150,6 @@ class ServerState:
         """The job's prompts as the model will get them (worker thread), or a 400. A suffix needs a model that
         infills; a prompt holding the model's own FIM template (Continue and Tabby build one) is read back as
         prefix and suffix; a plain prompt over ``prompt_limit`` tokens is refused."""
-        from kdcode.fim import split_prompt
-
         fim = self.engine.fim
         if job.suffix is not None and fim is None:
             raise RequestError(

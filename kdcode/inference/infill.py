@@ -1,5 +1,6 @@
 """Infilling prompts: the code before and after a hole as the model's FIM prompt (PSM or SPM order: see
-:func:`kdcode.fim.infill_order`), cut to its window.
+:func:`kdcode.models.fim_tokens.infill_order`), cut to its window; and a client's own FIM prompt read back as the
+prefix and suffix it holds (:func:`split_prompt`).
 
 The window is the prompt's share of the model's positions (``context``: its positions minus the new tokens).
 The three FIM tokens take 3 of them; of the rest, the suffix gets at most a quarter (more when the prefix
@@ -15,9 +16,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from kdcode.fim import FimTokens
 from kdcode.inference.decode import _SLACK_TOKENS, Prompt, _tail_ids
 from kdcode.inference.vocab import VocabIndex
+from kdcode.models.fim_tokens import FimTokens
 
 SUFFIX_SHARE = 4  # the suffix gets at least 1/4 of the window when it is that long (llama.cpp's /infill split)
 _LAST_WHITESPACE = re.compile(r"\s(?=\S*\Z)")
@@ -88,3 +89,27 @@ def encode_infill(
         ids = (tokens.prefix_id, *kept, tokens.suffix_id, *suf[:suffix_take], tokens.middle_id)
     cut_prefix = cut_prefix or prefix_take < len(pre)
     return Prompt(ids, healed), Window(prefix_take, suffix_take, cut_prefix, cut_suffix or suffix_take < len(suf))
+
+
+def split_prompt(text: str, tokens: FimTokens) -> tuple[str, str] | None:
+    """(prefix, suffix) of a prompt a client built with the model's own FIM template (Continue, Tabby), or None
+    when it holds no such template. Text after the middle token (the start of the middle) joins the prefix;
+    text before the prefix token (repository context some clients add) is left out."""
+    start = text.find(tokens.prefix)
+    if start < 0:
+        return None
+    rest = text[start + len(tokens.prefix):]
+    spm = rest.startswith(tokens.suffix)
+    if spm:
+        suffix, found, prefix = rest[len(tokens.suffix):].partition(tokens.middle)
+    else:
+        prefix, found, rest = rest.partition(tokens.suffix)
+        suffix, found2, middle = rest.partition(tokens.middle)
+        found = found and found2
+        prefix += middle
+    if not found:
+        return None
+    if tokens.format.spaced:  # "<PRE> {prefix} <SUF>{suffix} <MID>"
+        prefix = prefix.removeprefix(" ").removesuffix(" ") if not spm else prefix
+        suffix = suffix.removesuffix(" ")
+    return prefix, suffix

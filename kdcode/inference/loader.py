@@ -5,27 +5,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from kdcode.compression.int8 import Int8Linear
+from kdcode.device import describe_device, resolve_device, set_threads, torch_dtype
 from kdcode.errors import KdcodeError
+from kdcode.inference.backends import detect_backend, load_backend
+from kdcode.inference.backends.static import StaticTorch
+from kdcode.models.artifacts import kdcode_layout, read_manifest, weight_files
+from kdcode.models.load import count_params, load_model, resolve_path
 from kdcode.spec import RuntimeSpec
-
-DTYPES = ("auto", "fp32", "fp16", "bf16")
-DTYPE_HELP = "auto (the dtype the model's config names), fp32, fp16 or bf16."
-
-
-def torch_dtype(name: str) -> Any:
-    """``"auto"`` or the torch dtype of ``fp32`` / ``fp16`` / ``bf16``."""
-    import torch
-
-    table = {"auto": "auto", "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if name not in table:
-        raise KdcodeError(f"--dtype {name!r}: use {DTYPE_HELP}")
-    return table[name]
 
 
 def dtype_name(model: Any) -> str:
     """The dtype a model runs in, as kdcode reports it (int8 folders and other backends' models say so)."""
-    from kdcode.compression.int8 import Int8Linear
-
     if isinstance(getattr(model, "dtype_name", None), str):  # kdcode.inference.backends.base.StepModel
         return model.dtype_name
 
@@ -52,12 +43,7 @@ def load_for_inference(
     """Load ``name`` (a folder, ``bundled`` or a hub id; a GGUF file or an ONNX export for those backends) for
     inference: on ``device`` (``auto``: CUDA when present), in ``dtype``, with ``threads`` CPU threads, in the
     backend and decode path ``runtime`` asks for (:class:`kdcode.spec.RuntimeSpec`). Returns
-    :class:`kdcode.models.Loaded` whose ``runtime`` says the device, dtype, threads and backend used."""
-    from kdcode.artifacts import kdcode_layout
-    from kdcode.device import describe_device, resolve_device, set_threads
-    from kdcode.inference.backends import detect_backend, load_backend
-    from kdcode.models import load_model, resolve_path
-
+    :class:`kdcode.models.load.Loaded` whose ``runtime`` says the device, dtype, threads and backend used."""
     rt = runtime if isinstance(runtime, RuntimeSpec) else RuntimeSpec.model_validate(runtime or {})
     backend = detect_backend(name) if rt.backend == "auto" else rt.backend
     if backend != "torch":
@@ -74,8 +60,6 @@ def load_for_inference(
     n_threads = set_threads(threads)
     path = resolve_path(name)
     if path is not None:
-        from kdcode.artifacts import read_manifest
-
         if kdcode_layout(read_manifest(path)).get("int8"):
             if dev.type != "cpu":
                 raise KdcodeError(f"{name} is int8, which runs on the CPU only (torch's dynamic int8 kernels); "
@@ -88,10 +72,6 @@ def load_for_inference(
     lm.runtime = {"device": describe_device(dev), "dtype": dtype_name(lm.model), "threads": n_threads,
                   "backend": "torch", "kv_cache": "static" if rt.compile else rt.kv_cache, "compile": rt.compile}
     if rt.compile or rt.kv_cache == "static":
-        from kdcode.artifacts import weight_files
-        from kdcode.inference.backends.static import StaticTorch
-        from kdcode.models import count_params
-
         files = weight_files(lm.folder) if lm.folder else []
         lm.model = StaticTorch(lm.model, rt.compile, count_params(lm.model), files, lm.runtime["dtype"])
     return lm

@@ -40,7 +40,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,7 @@ from kdcode.inference.requests import (
     parse_llama_request,
     parse_ollama_request,
 )
+from kdcode.models.artifacts import utc_now
 
 SSE = {"media_type": "text/event-stream", "headers": {"Cache-Control": "no-cache"}}
 
@@ -200,10 +201,7 @@ async def _llama_stream(state: ServerState, job: Job, call: Call, fields: list[s
 
 
 # ------------------------------------------------------------------------------------------- Ollama
-def _now(timestamp: float | None = None) -> str:
-    """A time as Ollama writes one (UTC, milliseconds): ``timestamp`` (seconds since the epoch), or now."""
-    when = datetime.now(timezone.utc) if timestamp is None else datetime.fromtimestamp(timestamp, timezone.utc)
-    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+_now = partial(utc_now, timespec="milliseconds", zulu=True)  # a time as Ollama writes one (UTC, milliseconds, Z)
 
 
 def _ollama_done(result: Completion) -> dict[str, Any]:

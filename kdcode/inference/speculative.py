@@ -31,6 +31,7 @@ from kdcode.inference.decode import Cancel, DecodeOptions, Generation, Prompt, c
 from kdcode.inference.forward import Forward, PromptCache
 from kdcode.inference.lookup import NgramIndex, PromptLookup, as_lookup
 from kdcode.inference.vocab import VocabIndex
+from kdcode.models.load import check_same_vocab
 
 
 @dataclass
@@ -264,11 +265,8 @@ def _decode_passes(
 
 def check_pair(target_tok: Any, draft_tok: Any, target: str, draft: str) -> None:
     """A draft must share the target's tokenizer: one clear line when it does not."""
-    if target_tok.get_vocab() != draft_tok.get_vocab():
-        raise KdcodeError(
-            f"the draft {draft} and the target {target} use different tokenizers (vocab {len(draft_tok)} vs "
-            f"{len(target_tok)}); speculative decoding needs one vocabulary: draft with a student of this teacher"
-        )
+    check_same_vocab(target_tok, draft_tok, f"the draft {draft}", f"the target {target}",
+                     "speculative decoding needs one vocabulary: draft with a student of this teacher")
 
 
 def speculative(
@@ -308,3 +306,15 @@ def speculative(
         prefill_s.extend(times[:1])
         step_s.extend(times[1:])
     return Generation(texts, token_ids, stopped, prefill_s, step_s), total
+
+
+def auto_k(target: Any, draft: Any, index: Any, prompts: list[str], opts: Any, choices=(1, 2, 3, 4, 6, 8)) -> int:
+    """``--draft-tokens auto``: the k with the most target tokens per second on a few calibration prompts."""
+    best, best_rate = choices[0], 0.0
+    for k in choices:
+        t0 = time.perf_counter()
+        gen, _ = speculative(target, draft, index, prompts, opts, k=k)
+        rate = sum(gen.token_counts) / (time.perf_counter() - t0)
+        if rate > best_rate:
+            best, best_rate = k, rate
+    return best

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from kdcode.models.fim_tokens import stop_ids as fim_stops
+
 
 class VocabIndex:
     """A tokenizer's tables for decoding, built once and shared by every call: special, stop and pad ids,
@@ -17,8 +19,6 @@ class VocabIndex:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size if vocab_size is not None else len(tokenizer)
         self.special_ids = frozenset(tokenizer.all_special_ids)
-        from kdcode.fim import stop_ids as fim_stops
-
         eol = tokenizer.convert_tokens_to_ids("<EOL>")
         # the end of a line (py150), of the text, and of a middle: a FIM sentinel or end-of-middle token
         self.stop_ids = frozenset(

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
+from transformers import AutoModelForCausalLM
 
 from kdcode.errors import KdcodeError
 
@@ -139,8 +140,6 @@ def calibration_sample(blocks: Any, seed: int, n: int = 256) -> Any:
 def new_model(config: Any) -> torch.nn.Module:
     """A model of ``config`` with float32 weights, whatever dtype the teacher is stored in: the optimiser's
     updates need them (bf16/fp16 compute is autocast's job)."""
-    from transformers import AutoModelForCausalLM
-
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 

@@ -13,6 +13,8 @@ from pydantic import Field
 
 from kdcode.errors import KdcodeError
 from kdcode.inits.base import Init, InitParams
+from kdcode.models.artifacts import check_trainable
+from kdcode.models.load import check_same_vocab, load_model
 
 
 class PretrainedParams(InitParams):
@@ -35,9 +37,6 @@ class Pretrained(Init):
         heads: int | None = None,
         tokenizer: Any = None,
     ) -> tuple[torch.nn.Module, list[int | None]]:
-        from kdcode.artifacts import check_trainable
-        from kdcode.models import check_same_vocab, load_model
-
         start = load_model(self.params.path, allow_pickle=self.params.allow_pickle)
         check_trainable(start.manifest, f"init 'pretrained' checkpoint {self.params.path}")
         cfg = start.model.config

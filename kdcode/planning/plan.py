@@ -4,19 +4,29 @@ records (`kdcode plan`, `kdcode distil --latency-ms`, `kdcode bench` on such a s
 from __future__ import annotations
 
 import gc
+import json
 import math
+import random
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from kdcode.compression.compress import run_compress
+from kdcode.data.corpus import encode_documents, load_corpus
 from kdcode.device import resolve_device, set_threads
 from kdcode.errors import KdcodeError
 from kdcode.inference.decode import n_positions
+from kdcode.inference.loader import load_for_inference
+from kdcode.inits.base import calibration_sample
+from kdcode.models.artifacts import update_metrics, write_json
+from kdcode.models.load import load_model
 from kdcode.planning.search import PROXY, Finalists, Log, Search, _stderr, families, machine
 from kdcode.planning.shapes import Shape
 from kdcode.planning.timing import Task, Timed, make_task, summary, time_interleaved
-from kdcode.spec_latency import LatencySpec
+from kdcode.quiet import quiet_hf
+from kdcode.spec_compress import CompressSpec
+from kdcode.spec_latency import PRECISIONS, LatencySpec
 
 PLAN_FILE_SUFFIX = ".plan.json"  # OUT.plan.json: a distil run's plan, reused by --resume
 CALIBRATION_BLOCKS = 64  # train blocks kdcode plan reads (the init and the pruning score 8 of them)
@@ -112,11 +122,6 @@ def require_student(plan: dict[str, Any]) -> dict[str, Any]:
 
 def run_plan(spec: Any, log: Log = _stderr) -> dict[str, Any]:
     """`kdcode plan`: load the teacher and the data (as distil would), then :func:`plan_shapes`."""
-    import random
-
-    from kdcode.data import encode_documents, load_corpus
-    from kdcode.models import load_model
-
     teacher = load_model(spec.teacher)
     corpus = load_corpus(spec.data)
     block = min(spec.block_size, n_positions(teacher.model))
@@ -143,11 +148,6 @@ def run_plan(spec: Any, log: Log = _stderr) -> dict[str, Any]:
 
 def plan_for_run(spec: Any, teacher: Any, blocks: torch.Tensor, valid: torch.Tensor, out: Path) -> dict[str, Any]:
     """distil --latency-ms: the plan (OUT.plan.json when a run resumes, so the shape does not change), saved."""
-    import json
-
-    from kdcode.artifacts import write_json
-    from kdcode.inits.base import calibration_sample
-
     path = out.with_name(out.name + PLAN_FILE_SUFFIX)
     if path.exists():
         plan = json.loads(path.read_text(encoding="utf-8"))
@@ -186,9 +186,6 @@ def budget_of(manifest: dict[str, Any] | None) -> dict[str, Any] | None:
 def check_budget(name: str, plan: dict[str, Any], rounds: int | None = None) -> dict[str, Any]:
     """Time the plan's task on the model ``name`` as written (loaded as `kdcode serve` loads it), in the plan's
     runtime (device, threads): the measured ms and whether it meets the budget."""
-    from kdcode.inference.loader import load_for_inference
-    from kdcode.quiet import quiet_hf
-
     run = plan["machine"]
     with quiet_hf():
         lm = load_for_inference(name, "cuda" if run["device"].startswith("cuda") else "cpu", "auto", run["threads"])
@@ -212,11 +209,6 @@ def budget_line(check: dict[str, Any]) -> str:
 def write_runtime(out: Path, spec: Any, plan: dict[str, Any] | None, overwrite: bool) -> Path:
     """After distil: the student in its runtime precision (OUT-<precision>, through kdcode compress) and, for a
     student made by a plan, its measured latency as written, recorded in the manifests and printed."""
-    from kdcode.artifacts import update_metrics
-    from kdcode.compression.compress import run_compress
-    from kdcode.spec_compress import CompressSpec
-    from kdcode.spec_latency import PRECISIONS
-
     runtime = spec.student.runtime
     folder = out
     if runtime != "fp32":

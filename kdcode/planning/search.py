@@ -26,9 +26,11 @@ from typing import Any
 import torch
 
 from kdcode.compression.compress import check_prunable, prune_at_init
-from kdcode.device import cpu_features, cpu_has_bf16, cpu_has_int8_dot, describe_device, torch_kernels
+from kdcode.device import cpu_features, cpu_has_bf16, cpu_has_int8_dot, cpu_name, describe_device, torch_kernels
 from kdcode.errors import KdcodeError
 from kdcode.evaluation.perplexity import held_out_loss
+from kdcode.inits.base import copy_weights, new_model, student_config
+from kdcode.inits.measured import Auto
 from kdcode.planning.shapes import Shape, footprint, prune_axes, timing_model, to_precision
 from kdcode.planning.timing import Task, Timed, summary, time_interleaved
 from kdcode.spec_latency import LatencySpec
@@ -128,8 +130,6 @@ class Finalists:
     def layer_map(self, layers: int) -> tuple[list[int], Any]:
         """The measured-importance init's teacher blocks for ``layers`` (distil's default init)."""
         if layers not in self.maps:
-            from kdcode.inits.measured import Auto
-
             init = Auto()
             init.prepare(self.teacher, self.calibration, layers)
             self.maps[layers] = ([int(j) for j in init.select(self.depth, layers)], init.origin)
@@ -140,8 +140,6 @@ class Finalists:
         return int(self.teacher.config.num_hidden_layers)
 
     def build(self, shape: Shape) -> tuple[torch.nn.Module, dict[str, Any]]:
-        from kdcode.inits.base import copy_weights, new_model, student_config
-
         blocks, _ = self.layer_map(shape.layers)
         student = new_model(student_config(self.teacher, blocks))
         copy_weights(student, self.teacher, blocks, True)
@@ -154,7 +152,5 @@ class Finalists:
 
 
 def machine(device: torch.device, threads: int) -> dict[str, Any]:
-    from kdcode.device import cpu_name
-
     return {"device": describe_device(device), "cpu": cpu_name(), "cpu_features": cpu_features(),
             "torch_kernels": torch_kernels(), "threads": threads, "backend": "torch"}

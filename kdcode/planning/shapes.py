@@ -17,6 +17,7 @@ from kdcode.compression.compress import pruner_for
 from kdcode.compression.int8 import memory_bytes, quantize_model
 from kdcode.errors import KdcodeError
 from kdcode.inits.base import evenly_spaced, new_model, student_config
+from kdcode.models.load import count_params
 from kdcode.spec_latency import PRECISIONS
 
 
@@ -99,6 +100,4 @@ def timing_model(teacher: torch.nn.Module, shape: Shape) -> torch.nn.Module:
 
 def footprint(model: torch.nn.Module) -> dict[str, float]:
     """Parameters (millions) and weight bytes in memory (MB) of a model as it runs."""
-    from kdcode.models import count_params
-
     return {"params_m": round(count_params(model) / 1e6, 3), "size_mb": round(memory_bytes(model) / 1e6, 3)}

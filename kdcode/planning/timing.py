@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from kdcode.errors import KdcodeError
 from kdcode.inference.decode import DecodeOptions, greedy
 from kdcode.inference.vocab import VocabIndex
 from kdcode.spec_latency import LatencySpec
@@ -44,8 +45,6 @@ def default_prompt_tokens(n_positions: int, new_tokens: int) -> int:
 def make_task(spec: LatencySpec, tokenizer: Any, held_out: torch.Tensor, n_positions: int) -> Task:
     """The timed prompt: the first ``prompt_tokens`` of the held-out token stream, as text (an infill's prefix,
     suffix and markers are timed as one prompt of that many tokens: the cost is the same)."""
-    from kdcode.errors import KdcodeError
-
     n = spec.prompt_tokens or default_prompt_tokens(n_positions, spec.new_tokens)
     if n + spec.new_tokens > n_positions:
         raise KdcodeError(f"--prompt-tokens {n} plus --new-tokens {spec.new_tokens} exceed the teacher's "

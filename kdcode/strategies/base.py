@@ -22,6 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kdcode.errors import KdcodeDeprecation
+from kdcode.strategies.losses import causal_ce, within
 
 
 class StrategyParams(BaseModel):
@@ -129,8 +130,6 @@ class Strategy:
 
     def logits(self, out: Any) -> torch.Tensor:
         """``out.logits`` without LM-head padding (a view)."""
-        from kdcode.strategies.losses import within
-
         return within(out.logits, self.vocab)
 
     @property
@@ -165,6 +164,4 @@ class Strategy:
 
     def teacher_loss(self, teacher: Any, labels: torch.Tensor) -> torch.Tensor:
         """The teacher's own objective when it trains alongside the student (in-training KD)."""
-        from kdcode.strategies.losses import causal_ce
-
         return causal_ce(self.logits(teacher), labels)

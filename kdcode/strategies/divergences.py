@@ -35,7 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from kdcode.errors import KdcodeError
+from kdcode.strategies.fused import dense_kd_terms, sparse_kd_terms
 from kdcode.strategies.losses import masked_mean, shift
+from kdcode.strategies.sparse import SparseTargets
 
 # ----------------------------------------------------------------------------------- per-position formulas
 
@@ -155,9 +157,6 @@ def kd_terms(
     over the first ``vocab`` tokens, ``chunk`` positions at a time (:mod:`kdcode.strategies.fused`). ``teacher`` is
     the live teacher's output (``.logits``) or a cache's :class:`~kdcode.strategies.sparse.SparseTargets` (then the
     soft term is the divergence over the buckets, and the cache's temperature must be the one asked for)."""
-    from kdcode.strategies.fused import dense_kd_terms, sparse_kd_terms
-    from kdcode.strategies.sparse import SparseTargets
-
     if not isinstance(teacher, SparseTargets):
         return dense_kd_terms(s_logits, teacher.logits, labels, temperature, vocab, chunk, reverse)
     if not math.isclose(temperature, teacher.temperature, rel_tol=1e-6):

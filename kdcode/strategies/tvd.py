@@ -19,6 +19,7 @@ from pydantic import Field
 from kdcode.strategies.base import Strategy, WeightParams, weighted
 from kdcode.strategies.divergences import sparse_tvd, tvd
 from kdcode.strategies.losses import causal_ce
+from kdcode.strategies.sparse import SparseTargets
 
 
 class TVDParams(WeightParams):
@@ -36,8 +37,6 @@ class TVDKD(Strategy):
     supports_cache = True
 
     def loss(self, student: Any, teacher: Any | None, labels: torch.Tensor, progress: float = 0.0):
-        from kdcode.strategies.sparse import SparseTargets
-
         p = self.params
         assert teacher is not None, "tvd needs teacher outputs"
         temperature = p.temperature_at(progress)

@@ -7,12 +7,16 @@ cache) and saves it atomically. Interrupted runs leave ``OUT.ckpt`` for ``--resu
 
 from __future__ import annotations
 
+import math
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
-from kdcode.artifacts import check_output, check_trainable, record_layout
 from kdcode.compression.compress import prune_at_init
-from kdcode.data import (
+from kdcode.compression.prune import heads_per_layer
+from kdcode.data import fim
+from kdcode.data.corpus import (
     Corpus,
     data_section,
     encode_documents,
@@ -22,19 +26,34 @@ from kdcode.data import (
     to_blocks,
     train_blocks,
 )
-from kdcode.device import resolve_device
+from kdcode.data.fim import cache_key as fim_key
+from kdcode.device import resolve_device, torch_dtype
 from kdcode.errors import KdcodeError
+from kdcode.evaluation.perplexity import held_out_loss
 from kdcode.inits.base import calibration_sample
+from kdcode.models.artifacts import check_output, check_trainable, record_layout
+from kdcode.models.load import check_depth, check_vocab, count_params, load_model, resolve_path, weights_bytes
+from kdcode.planning.plan import apply_plan, plan_for_run, write_runtime
+from kdcode.plugins import validate_plugins
 from kdcode.spec import RunSpec
 from kdcode.train.loop import train_loop
 from kdcode.train.resources import check_block_size, check_memory
 from kdcode.train.state import check_round_trip, run_context, save_trained
+from kdcode.train.teacher_cache import (
+    CACHE_MANIFEST,
+    blocks_for_run,
+    build_cache,
+    check_cache,
+    coverage,
+    grow_cache,
+    load_cache,
+    read_manifest,
+    tokenizer_hash,
+)
 
 
 def distil_inputs(spec: RunSpec) -> dict[str, Any]:
     """Every local path a distil run reads, by the flag that names it (an output may be none of them)."""
-    from kdcode.models import resolve_path
-
     teacher = resolve_path(spec.teacher.name) if spec.teacher.name else None
     return {
         "--teacher": teacher,
@@ -52,9 +71,6 @@ def run_distil(spec: RunSpec, overwrite: bool = False, resume: bool = False) -> 
     costs seconds. Interrupted runs (SIGINT/SIGTERM) leave a checkpoint in ``OUT.ckpt``; ``resume=True``
     continues it. If the final save fails, the final weights stay in ``OUT.ckpt`` and the error says so.
     """
-    from kdcode.compression.prune import heads_per_layer
-    from kdcode.models import check_depth, count_params, load_model, weights_bytes
-
     out = Path(spec.out)
     strategy, init = _plugins(spec)
     check_output(out, overwrite, distil_inputs(spec), need_bytes=weights_bytes(spec.teacher.name))
@@ -64,8 +80,6 @@ def run_distil(spec: RunSpec, overwrite: bool = False, resume: bool = False) -> 
     run = run_context(spec, resume, spec.train.tensorboard)
     teacher = load_model(spec.teacher.name, revision=spec.teacher.revision,
                          trust_remote_code=spec.teacher.trust_remote_code, allow_pickle=spec.teacher.allow_pickle)
-    from kdcode import fim
-
     # FIM as the spec says, else as the teacher was trained (a FIM teacher's students keep infilling)
     transform, fim_section = fim.prepare(fim.effective(spec.data.fim, teacher.manifest), teacher.tokenizer,
                                          teacher.model)
@@ -74,8 +88,6 @@ def run_distil(spec: RunSpec, overwrite: bool = False, resume: bool = False) -> 
     cache, blocks, valid_blocks = _training_blocks(spec, strategy, teacher, corpus, transform)
     plan = None
     if spec.latency is not None:  # the shape chosen by measuring candidates on this machine
-        from kdcode.planning.plan import apply_plan, plan_for_run
-
         plan = plan_for_run(spec, teacher, blocks, valid_blocks, out)
         spec = apply_plan(spec, plan)
         strategy, init = _plugins(spec)
@@ -119,8 +131,6 @@ def run_distil(spec: RunSpec, overwrite: bool = False, resume: bool = False) -> 
     record_layout(manifest, heads_per_layer(student), f"init {spec.student.init.name} {init.params.model_dump()}")
     save_trained(out, student, teacher.tokenizer, manifest, overwrite, result, run)
     if plan is not None or spec.student.runtime != "fp32":
-        from kdcode.planning.plan import write_runtime
-
         write_runtime(out, spec, plan, overwrite)
     return out, manifest
 
@@ -129,11 +139,6 @@ def _loss_before_training(spec: RunSpec, init: Any, teacher: Any, student: Any, 
                           valid_blocks: Any) -> dict[str, Any] | None:
     """The held-out loss of the student as initialised and of the teacher (same blocks), printed as distil's first
     line and recorded in the manifest: an init that starts near uniform shows here, before any step is paid."""
-    import math
-    import sys
-
-    from kdcode.evaluation.perplexity import held_out_loss
-
     if len(valid_blocks) == 0:
         return None
     device = next(teacher.parameters()).device
@@ -158,8 +163,6 @@ def _loss_before_training(spec: RunSpec, init: Any, teacher: Any, student: Any, 
 def _check_cache_path(spec: RunSpec, out: Path) -> None:
     """A ``--teacher-cache`` folder that holds no cache yet is where distil builds one: new or empty, and neither
     an input nor the student's folder (checked before loading)."""
-    from kdcode.train.teacher_cache import CACHE_MANIFEST
-
     folder = Path(spec.teacher_cache) if spec.teacher_cache else None
     if folder is None or (folder / CACHE_MANIFEST).exists():
         return
@@ -175,8 +178,6 @@ def _check_cache_path(spec: RunSpec, out: Path) -> None:
 
 
 def _plugins(spec: RunSpec) -> tuple[Any, Any]:
-    from kdcode.plugins import validate_plugins
-
     strategy, init = validate_plugins(spec)
     if spec.teacher_cache and not strategy.supports_cache:
         raise KdcodeError(f"strategy {spec.strategy.name!r} cannot train from a teacher cache; drop teacher_cache")
@@ -188,22 +189,10 @@ def _plugins(spec: RunSpec) -> tuple[Any, Any]:
 
 def _hold_teacher(spec: RunSpec, strategy: Any, model: Any) -> None:
     """The teacher in ``teacher.dtype``; one that trains alongside the student keeps float32 weights."""
-    from kdcode.inference.loader import torch_dtype
-
     if strategy.needs_teacher_grad:
         model.float()
     elif spec.teacher.dtype != "auto":
         model.to(torch_dtype(spec.teacher.dtype))
-
-
-def check_vocab(model: Any, tokenizer: Any, what: str) -> None:
-    """``model`` scores every token of ``tokenizer`` (its LM head may be padded beyond them, never shorter)."""
-    width = int(model.config.vocab_size)
-    if width < len(tokenizer):
-        raise KdcodeError(
-            f"{what} scores {width} tokens but the tokenizer has {len(tokenizer)}: they are not one tokenizer's "
-            "model; KD needs a teacher and student of one tokenizer"
-        )
 
 
 def _check_teacher(spec: RunSpec, strategy: Any, teacher: Any) -> None:
@@ -230,8 +219,6 @@ def _training_blocks(
     spec: RunSpec, strategy: Any, teacher: Any, corpus: Corpus, fim: Any
 ) -> tuple[Any, Any, Any]:
     """(teacher cache or None, training blocks, validation blocks): the cache's blocks when it is used."""
-    from kdcode.train.teacher_cache import load_cache
-
     if not spec.teacher_cache:
         return (None, *split_blocks(corpus, teacher.tokenizer, spec.train.block_size, fim))
     # The cache replaces the teacher's forward passes; the teacher's weights are still read once
@@ -259,18 +246,6 @@ def _ready_cache(
     """Make the cache in ``folder`` cover the blocks this run reads (``max_steps`` x batch; all for an epoch or
     minutes budget): build it when there is none (at the strategy's temperature), grow it when it holds fewer, after
     checking it was made for this run. What it did, and in how long."""
-    import time
-
-    from kdcode.train.teacher_cache import (
-        CACHE_MANIFEST,
-        blocks_for_run,
-        build_cache,
-        check_cache,
-        coverage,
-        grow_cache,
-        read_manifest,
-    )
-
     wanted = blocks_for_run(spec.train)
     t0 = time.perf_counter()
     if not (folder / CACHE_MANIFEST).exists():
@@ -300,9 +275,6 @@ def _ready_cache(
 def cache_key(teacher: Any, corpus: Corpus, fmt: str, block_size: int, fim: Any = None) -> dict[str, Any]:
     """What a teacher cache must match to be reused: teacher, tokenizer, training data, block size, and the FIM
     transform of the blocks (None: none)."""
-    from kdcode.fim import cache_key as fim_key
-    from kdcode.train.teacher_cache import tokenizer_hash
-
     return {
         "teacher_fingerprint": teacher.fingerprint,
         "tokenizer_hash": tokenizer_hash(teacher.tokenizer),
@@ -319,10 +291,6 @@ def run_cache_teacher(
     """One teacher pass over the training blocks of ``data`` (``max_blocks`` of them, a seeded random sample, when
     given), stored as top-k soft targets; FIM-transformed as `distil` would transform them (``data.fim``, else as
     the teacher was trained)."""
-    from kdcode import fim
-    from kdcode.models import load_model, resolve_path
-    from kdcode.train.teacher_cache import build_cache
-
     check_output(out, overwrite, {"--teacher": resolve_path(teacher_name), "--data": data.source})
     teacher = load_model(teacher_name, allow_pickle=allow_pickle)
     check_vocab(teacher.model, teacher.tokenizer, f"teacher {teacher_name}")

@@ -4,7 +4,7 @@ periodic held-out loss, checkpoint, signals), result. Its parts have names: the 
 :class:`~kdcode.train.state.Checkpointer`, the per-step :class:`~kdcode.train.step.Stepper`, the teacher
 source (frozen, cached, or trained alongside: :mod:`kdcode.train.teachers`), the
 :class:`~kdcode.train.runlog.RunLog` and :func:`stop_on_signals`. It writes nothing but checkpoints and logs;
-the recipes save through :mod:`kdcode.artifacts`.
+the recipes save through :mod:`kdcode.models.artifacts`.
 
 Timing: ``wall_time_s`` is the loop (its periodic held-out losses included, as the time budget counts
 them); ``train_time_s`` the steps alone, which ``tokens_per_s`` divides by; ``eval_time_s`` every
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 
 from kdcode.device import describe_device, memory_mb, peak_memory_mb, set_threads
 from kdcode.errors import KdcodeError
@@ -107,8 +108,6 @@ def train_loop(
     Data-parallel under ``accelerate launch`` / ``torchrun`` (each process takes its slice of every global
     batch of ``batch_size`` blocks); single process otherwise.
     """
-    from accelerate import Accelerator
-
     # ---- setup -------------------------------------------------------------------------------------
     run = run or RunContext()
     torch.manual_seed(cfg.seed)

@@ -10,11 +10,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import GPT2Config, GPT2LMHeadModel
 
-from kdcode.artifacts import check_output, check_trainable, record_layout
-from kdcode.data import data_section, load_corpus, split_blocks
+from kdcode.compression.prune import heads_per_layer
+from kdcode.data import fim
+from kdcode.data.bpe import train_bpe
+from kdcode.data.corpus import data_section, load_corpus, split_blocks
 from kdcode.device import resolve_device
 from kdcode.errors import KdcodeError
+from kdcode.models.artifacts import check_output, check_trainable, record_layout
+from kdcode.models.load import count_params, load_model, load_tokenizer, resolve_path
+from kdcode.plugins import make_strategy
 from kdcode.spec import PretrainSpec
 from kdcode.train.loop import train_loop
 from kdcode.train.resources import check_block_size, check_memory
@@ -23,8 +29,6 @@ from kdcode.train.state import run_context, save_trained
 
 def _init_model(spec: PretrainSpec) -> tuple[Any, Any, Any, dict[str, Any]]:
     """The model, tokenizer, shape and lineage of ``spec.init``: a GPT-2 whose training goes on."""
-    from kdcode.models import load_model, load_tokenizer
-
     loaded = load_model(spec.init)
     check_trainable(loaded.manifest, f"--init {spec.init}")
     model, cfg = loaded.model, loaded.model.config
@@ -70,16 +74,7 @@ def run_pretrain(spec: PretrainSpec, overwrite: bool = False, resume: bool = Fal
     manifest records the parent's sha256 and how much training it had already had. Interrupted runs
     (SIGINT/SIGTERM) leave a checkpoint in ``OUT.ckpt`` (with the run's tokenizer); ``resume=True`` continues it.
     """
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from kdcode.bpe import train_bpe
-    from kdcode.compression.prune import heads_per_layer
-    from kdcode.models import count_params, load_tokenizer
-    from kdcode.plugins import make_strategy
-
     out = Path(spec.out)
-    from kdcode.models import resolve_path
-
     m = spec.model
     inputs = {"--init": resolve_path(spec.init) if spec.init else None, "--tokenizer": spec.tokenizer,
               "--data": spec.data.source if spec.data.source != "stdlib" else None}
@@ -104,8 +99,6 @@ def run_pretrain(spec: PretrainSpec, overwrite: bool = False, resume: bool = Fal
         if saved_tokenizer is not None:
             tokenizer.save_pretrained(saved_tokenizer)  # a resumed run must see the same vocabulary
     tok_time = time.perf_counter() - t0
-    from kdcode import fim
-
     # FIM as the spec says, else as the --init model was trained; missing FIM tokens are added (and rows to the
     # --init model's embeddings; a new model is built with the tokenizer's length)
     fim_spec = fim.effective(spec.data.fim, {"fim": (lineage or {}).get("fim")})

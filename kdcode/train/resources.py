@@ -5,7 +5,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import psutil
+import torch
+
+from kdcode.device import cpu_has_bf16
 from kdcode.errors import KdcodeError
+from kdcode.models.load import context_length
 
 # Activation memory of one training step, per token, per unit of width, per layer, in bytes. A GPT-2
 # block keeps about 34 bytes per token per hidden unit for the backward pass in 16-bit training
@@ -19,10 +24,6 @@ LOGIT_COPIES = 3
 
 def pick_precision(requested: str, device: Any) -> str:
     """The autocast precision of a run: ``auto`` is bf16 where the hardware runs it natively, else fp32."""
-    import torch
-
-    from kdcode.device import cpu_has_bf16
-
     if requested == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
@@ -66,11 +67,7 @@ def estimate_step_bytes(batch: int, block: int, hidden: int, layers: int, vocab:
 def available_memory(device: Any) -> int:
     """Free bytes where training runs: free CUDA memory on a GPU, available RAM on the CPU."""
     if device.type == "cuda":
-        import torch
-
         return int(torch.cuda.mem_get_info(device)[0])
-    import psutil
-
     return int(psutil.virtual_memory().available)
 
 
@@ -98,8 +95,6 @@ def check_memory(batch: int, block: int, hidden: int, layers: int, vocab: int, d
 
 def check_block_size(model: Any, block_size: int, what: str) -> None:
     """Refuse training blocks longer than ``model`` has positions for."""
-    from kdcode.models import context_length
-
     n_pos = context_length(model.config)
     if n_pos is not None and block_size > n_pos:
         raise KdcodeError(f"--block-size {block_size} exceeds {what}'s {n_pos} positions; use --block-size {n_pos}")

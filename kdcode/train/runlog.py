@@ -16,7 +16,7 @@ PLAIN_EVERY_S = 30.0  # a log line this often when the progress bar cannot be dr
 
 
 def write_log(log: list[dict[str, Any]]) -> Callable[[Path], None]:
-    """A writer of ``train_log.jsonl`` for :func:`kdcode.artifacts.save_model`'s ``extra``."""
+    """A writer of ``train_log.jsonl`` for :func:`kdcode.models.artifacts.save_model`'s ``extra``."""
 
     def write(folder: Path) -> None:
         with (folder / "train_log.jsonl").open("w", encoding="utf-8") as fh:

@@ -22,9 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from kdcode.compression.prune import heads_per_layer
 from kdcode.errors import KdcodeError
+from kdcode.models.artifacts import save_model
+from kdcode.models.load import count_params
+from kdcode.quiet import quiet_hf
+from kdcode.train.runlog import write_log
 
 STATE_JSON = "state.json"
 STATE_TENSORS = "state.safetensors"
@@ -61,16 +68,14 @@ def unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 def save_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], state: dict[str, Any]) -> None:
     """Write modules (safetensors, shared weights handled) and ``state`` into ``folder`` atomically."""
-    from safetensors.torch import save_file, save_model
-
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
         for name, module in modules.items():
-            save_model(module, str(tmp / f"{name}.safetensors"))
+            safetensors.torch.save_model(module, str(tmp / f"{name}.safetensors"))
         tensors: dict[str, torch.Tensor] = {}
         skeleton = flatten(state, tensors)
-        save_file(tensors, str(tmp / STATE_TENSORS))
+        safetensors.torch.save_file(tensors, str(tmp / STATE_TENSORS))
         (tmp / STATE_JSON).write_text(json.dumps(skeleton), encoding="utf-8")
         if folder.exists():
             for extra in folder.iterdir():  # keep what is not part of a checkpoint (the live log, the tokenizer)
@@ -92,11 +97,9 @@ def save_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], state: di
 
 
 def load_checkpoint(folder: Path, modules: dict[str, torch.nn.Module]) -> dict[str, Any]:
-    from safetensors.torch import load_file, load_model
-
     for name, module in modules.items():
-        load_model(module, str(folder / f"{name}.safetensors"))
-    tensors = load_file(str(folder / STATE_TENSORS))
+        safetensors.torch.load_model(module, str(folder / f"{name}.safetensors"))
+    tensors = safetensors.torch.load_file(str(folder / STATE_TENSORS))
     return unflatten(json.loads((folder / STATE_JSON).read_text(encoding="utf-8")), tensors)
 
 
@@ -230,15 +233,9 @@ def check_round_trip(model: torch.nn.Module, tokenizer: Any) -> None:
     """Save ``model`` and ``tokenizer`` to a scratch folder and load them back with plain transformers, before
     any training: a save-time incompatibility (a config field kdcode did not map, say) then costs seconds, not a
     run. Head-pruned models (kdcode's own loader) are checked by that loader instead."""
-    from kdcode.compression.prune import heads_per_layer
-    from kdcode.models import count_params
-    from kdcode.quiet import quiet_hf
-
     if heads_per_layer(model):
         return
     try:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
         with tempfile.TemporaryDirectory(prefix="kdcode-roundtrip-") as tmp, quiet_hf():
             if count_params(model) <= ROUND_TRIP_MAX_PARAMS:
                 model.save_pretrained(tmp, safe_serialization=True)
@@ -263,9 +260,6 @@ def save_trained(
 ) -> None:
     """Save a trained model; if that fails, keep its final weights (and optimizer state) in ``OUT.ckpt`` so that
     the same command with ``--resume`` writes it without training again, and say so in the one error line."""
-    from kdcode.artifacts import save_model
-    from kdcode.train.runlog import write_log
-
     try:
         save_model(out, model, tokenizer, manifest, overwrite, extra=write_log(result.log))
     except KdcodeError as exc:

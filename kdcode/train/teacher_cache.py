@@ -16,9 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from kdcode.errors import KdcodeError
+from kdcode.models.artifacts import atomic_dir, write_json
+from kdcode.progress import make_progress
+from kdcode.strategies.losses import within
 from kdcode.strategies.sparse import SparseTargets
+from kdcode.train.heap import kept_heap
 
 CACHE_MANIFEST = "cache.json"
 SHARD_BLOCKS = 512
@@ -34,8 +39,6 @@ def teacher_targets(
     teacher: Any, x: torch.Tensor, top_k: int, temperature: float, vocab: int | None = None
 ) -> tuple[torch.Tensor, ...]:
     """Top-k logits, their ids and logsumexp(logits / T) over the first ``vocab`` tokens (LM-head padding left out)."""
-    from kdcode.strategies.losses import within
-
     logits = within(teacher(x).logits, vocab).float()
     top = logits.topk(top_k, dim=-1)
     lse = torch.logsumexp(logits / temperature, dim=-1)
@@ -66,11 +69,6 @@ def _write_shards(
 ) -> list[str]:
     """Teacher targets of ``blocks[index]`` as shards ``first, first + 1, ...`` in ``folder`` (each written to a
     temp file and renamed, so a shard that exists is whole); returns their names."""
-    from safetensors.torch import save_file
-
-    from kdcode.progress import make_progress
-    from kdcode.train.heap import kept_heap
-
     device = next(teacher.parameters()).device
     teacher.eval()
     names = []
@@ -111,8 +109,6 @@ def build_cache(
     """Run the teacher over ``max_blocks`` of ``blocks`` (default: all; the first of :func:`cache_order`) and write
     the cache folder atomically; soft targets over the first ``vocab`` tokens (the tokenizer's; default: the
     teacher's whole LM head)."""
-    from kdcode.artifacts import atomic_dir, write_json
-
     vocab = int(vocab or teacher.config.vocab_size)
     if not 1 <= top_k <= vocab:
         raise KdcodeError(f"--top-k {top_k} must be between 1 and the vocabulary size {vocab}")
@@ -141,8 +137,6 @@ def grow_cache(
     """Extend the cache in ``folder`` (already checked against this run) to ``wanted`` blocks of ``blocks`` (the
     whole training split it was made from), continuing its order. New shards are written first and the manifest
     last (atomically): a run killed while growing leaves the old cache intact."""
-    from kdcode.artifacts import write_json
-
     manifest = read_manifest(folder)
     have, total = coverage(manifest)
     if total != len(blocks):
@@ -182,8 +176,6 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 
 
 def load_cache(folder: Path) -> TeacherCache:
-    from safetensors.torch import load_file
-
     manifest = read_manifest(folder)
     parts: dict[str, list[torch.Tensor]] = {"input_ids": [], "topk_logits": [], "topk_ids": [], "lse": []}
     for shard in manifest["shards"]:

@@ -104,7 +104,7 @@ def completion_sets(out: Path) -> dict[str, Path]:
         docs, _ = eval_docs(spec)
         write_lines_file(sets["stdlib"], build_line_samples(docs, SAMPLES, 0))
     if not sets["thirdparty"].exists():
-        from kdcode.data import Document
+        from kdcode.data.corpus import Document
 
         docs = []
         for name in THIRD_PARTY:

@@ -12,7 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from kdcode.device import describe_device, resolve_device, set_threads
 from kdcode.errors import KdcodeError
+from kdcode.inference.backends.llama import load_gguf
+from kdcode.inference.backends.ort import load_onnx
+from kdcode.models.load import Loaded, load_tokenizer
 
 BACKENDS = ("torch", "onnxruntime", "llama.cpp")
 BACKEND_HELP = ("auto (by what MODEL is: a .gguf file runs in llama.cpp, an ONNX export folder in onnxruntime, "
@@ -31,10 +35,7 @@ def detect_backend(name: str) -> str:
 
 def load_backend(name: str, backend: str, device: str | None, dtype: str, threads: int | None,
                  verify: bool) -> Any:
-    """``name`` loaded for ``backend`` (onnxruntime or llama.cpp) as :class:`kdcode.models.Loaded`."""
-    from kdcode.device import describe_device, resolve_device, set_threads
-    from kdcode.models import Loaded
-
+    """``name`` loaded for ``backend`` (onnxruntime or llama.cpp) as :class:`kdcode.models.load.Loaded`."""
     if resolve_device(device).type != "cpu":
         raise KdcodeError(f"the {backend} backend runs on the CPU here; use --device cpu")
     if dtype not in ("auto", "fp32"):
@@ -42,17 +43,12 @@ def load_backend(name: str, backend: str, device: str | None, dtype: str, thread
     n_threads = set_threads(threads)
     path = Path(name).expanduser()
     if backend == "llama.cpp":
-        from kdcode.inference.backends.llama import load_gguf
-
         if not (path.is_file() and path.suffix == ".gguf"):
             raise KdcodeError(f"--backend llama.cpp runs a GGUF file, and {name} is not one; make one with kdcode "
                               "export MODEL --format gguf --out F.gguf")
         model, tokenizer, manifest, verified = load_gguf(path, n_threads, verify)
         fingerprint = (manifest or {}).get("sha256") or ""
     elif backend == "onnxruntime":
-        from kdcode.inference.backends.ort import load_onnx
-        from kdcode.models import load_tokenizer
-
         if not path.is_dir():
             raise KdcodeError(f"--backend onnxruntime runs an ONNX export folder, and {name} is not one; make one "
                               "with kdcode export MODEL --format onnx --out DIR")

@@ -12,6 +12,7 @@ with (grown for a prompt when needed, up to :data:`MAX_ROWS`).
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,11 @@ import numpy as np
 import torch
 
 from kdcode.errors import KdcodeError
+from kdcode.export.fileset import sidecar_path
+from kdcode.export.gguf_file import gguf_manifest, read_fields
+from kdcode.export.gguf_vocab import tokenizer_from_gguf
 from kdcode.inference.backends.base import StepModel, config_namespace
+from kdcode.models.artifacts import sha256_file
 
 # llama.cpp's log is process-wide (one callback for the whole library): its last lines are kept here, and shown
 # only when a load or a decode fails, instead of its load report on every start.
@@ -86,8 +91,6 @@ class LlamaModel(StepModel):
 
     def __init__(self, path: Path, fields: dict[str, Any], threads: int) -> None:
         import llama_cpp
-
-        from kdcode.export.gguf_file import gguf_manifest
 
         arch = fields["general.architecture"]
         n_ctx = int(fields[f"{arch}.context_length"])
@@ -236,11 +239,6 @@ def load_gguf(path: Path, threads: int, verify: bool) -> tuple[LlamaModel, Any, 
         raise KdcodeError("the llama.cpp backend needs llama-cpp-python and gguf: pip install 'kdcode[llamacpp]', or "
                           "run the GGUF dequantized in torch with --backend torch") from exc
 
-    from kdcode.artifacts import sha256_file
-    from kdcode.export.fileset import sidecar_path
-    from kdcode.export.gguf_file import gguf_manifest, read_fields
-    from kdcode.export.gguf_vocab import tokenizer_from_gguf
-
     fields = read_fields(path)
     sidecar = sidecar_path(path)
     manifest = read_manifest_file(sidecar) if sidecar.is_file() else None
@@ -257,8 +255,6 @@ def load_gguf(path: Path, threads: int, verify: bool) -> tuple[LlamaModel, Any, 
 
 
 def read_manifest_file(path: Path) -> dict[str, Any]:
-    import json
-
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -11,9 +11,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import AutoConfig
 
 from kdcode.errors import KdcodeError
+from kdcode.export.onnx_graph import BASE_INPUTS, cache_shape
 from kdcode.inference.backends.base import StepModel
+from kdcode.models.artifacts import read_manifest
+from kdcode.models.artifacts import verify as verify_folder
+from kdcode.models.load import load_error
+from kdcode.quiet import quiet_hf
 
 
 class ArrayCache:
@@ -43,8 +49,6 @@ class OrtModel(StepModel):
 
     def __init__(self, folder: Path, config: Any, manifest: dict[str, Any], threads: int) -> None:
         import onnxruntime as ort
-
-        from kdcode.export.onnx_graph import BASE_INPUTS, cache_shape
 
         files = [folder / name for name in (manifest.get("onnx") or {}).get("files", ["model.onnx"])]
         super().__init__(config, files, int((manifest.get("model") or {}).get("params", 0)))
@@ -89,13 +93,6 @@ class OrtModel(StepModel):
 
 def load_onnx(folder: Path, threads: int, verify: bool) -> tuple[OrtModel, dict[str, Any], bool | None]:
     """The ONNX export in ``folder``: (model, manifest, verified)."""
-    from transformers import AutoConfig
-
-    from kdcode.artifacts import read_manifest
-    from kdcode.artifacts import verify as verify_folder
-    from kdcode.models import load_error
-    from kdcode.quiet import quiet_hf
-
     manifest = read_manifest(folder)
     if not (folder / "model.onnx").is_file() or not manifest or manifest.get("format") != "onnx":
         raise KdcodeError(f"{folder} is not a kdcode ONNX export (model.onnx + kdcode.json); make one with "

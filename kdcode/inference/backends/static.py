@@ -14,8 +14,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers import StaticCache
 
+from kdcode.compression.int8 import memory_bytes
 from kdcode.inference.backends.base import StepModel
+from kdcode.inference.forward import _forward_kwargs
+from kdcode.models.load import context_length
 
 
 class StaticRows:
@@ -61,8 +65,6 @@ class StaticTorch(StepModel):
     backend = "torch"
 
     def __init__(self, model: Any, compile_step: bool, param_count: int, files: list[Any], dtype: str) -> None:
-        from kdcode.models import context_length
-
         super().__init__(model.config, files, param_count)
         self.model = model.eval()
         self.max_len = int(context_length(model.config, 1024))
@@ -75,15 +77,11 @@ class StaticTorch(StepModel):
 
     @property
     def memory_bytes(self) -> int:
-        from kdcode.compression.int8 import memory_bytes
-
         return memory_bytes(self.model)
 
     def decode_step(
         self, input_ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any, keep: int
     ) -> tuple[torch.Tensor, Any]:
-        from transformers import StaticCache
-
         prompt = cache is None
         if prompt:
             rows = input_ids.size(0)
@@ -102,6 +100,4 @@ class StaticTorch(StepModel):
 
 
 def _cache_kw(model: Any) -> str:
-    from kdcode.inference.forward import _forward_kwargs
-
     return _forward_kwargs(model)[0]

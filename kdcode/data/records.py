@@ -1,6 +1,6 @@
 """Records: JSON-lines / JSON files, and Hugging Face datasets by id (``NAME[:CONFIG]``, pinned by revision).
 
-With :mod:`kdcode.data`, one of the two modules that import ``datasets``.
+With :mod:`kdcode.data.corpus`, one of the two modules that import ``datasets``.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kdcode.errors import KdcodeError
+from kdcode.models import hub
 
 
 def _json_records(path: Path) -> list[dict[str, Any]]:
@@ -50,8 +51,6 @@ def load_dataset(datasets: Any, source: str, revision: str | None = None) -> tup
 
     With the hub off or unreachable, a dataset in the Hugging Face hub cache (``datasets--ORG--NAME/snapshots``)
     is read from its cached snapshot, so its exact commit is known; otherwise ``datasets`` fetches it."""
-    from kdcode import hub
-
     name, _, config = source.partition(":")
     if not config and name.rsplit("/", 1)[-1] in _CODEXGLUE_COMPLETION:
         config = "python"

@@ -11,8 +11,15 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from kdcode.artifacts import PICKLE_WEIGHTS, read_manifest, sha256_file, verify, weight_files
+from huggingface_hub import list_repo_files, snapshot_download
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from kdcode.compression.int8 import int8_param_count
+from kdcode.compression.load import load_compressed
 from kdcode.errors import KdcodeError
+from kdcode.models import hub
+from kdcode.models.artifacts import PICKLE_WEIGHTS, kdcode_layout, read_manifest, sha256_file, verify, weight_files
+from kdcode.models.gguf import gguf_file, import_folder
 from kdcode.quiet import quiet_hf
 from kdcode.spec import BUNDLED
 
@@ -69,8 +76,6 @@ class Loaded:
 
 def count_params(model: Any) -> int:
     """Every weight of ``model``: its parameters, and the int8 weights kdcode keeps as buffers (once each)."""
-    from kdcode.compression.int8 import int8_param_count
-
     return sum(p.numel() for p in model.parameters()) + int8_param_count(model)
 
 
@@ -82,8 +87,6 @@ def context_length(config: Any, default: int | None = None) -> int | None:
 
 def weights_bytes(name: str, revision: str | None = None) -> int | None:
     """Bytes of a model's weight files: a local folder's, or a hub model's in the cache (None when not there)."""
-    from kdcode import hub
-
     try:
         path = resolve_path(name)
         if path is None:
@@ -98,10 +101,6 @@ def weights_bytes(name: str, revision: str | None = None) -> int | None:
 
 def read_config(name: str, revision: str | None = None) -> Any:
     """A model's config without its weights (a local folder, or a hub model in the cache); None if not at hand."""
-    from transformers import AutoConfig
-
-    from kdcode import hub
-
     try:
         path = resolve_path(name) or hub.snapshot(name, revision)
     except KdcodeError:
@@ -128,8 +127,6 @@ def check_depth(name: str, layers: int, revision: str | None = None) -> None:
 def resolve_path(name: str) -> Path | None:
     """The local folder ``name`` refers to, or None when it must be a hub id. A GGUF source (``FILE.gguf``, a folder
     holding one, ``ollama:NAME[:TAG]``, ``smollm2``) is its dequantized folder in kdcode's cache, made once."""
-    from kdcode.gguf_source import gguf_file, import_folder
-
     gguf = gguf_file(name)
     if gguf is not None:
         return import_folder(gguf)
@@ -180,15 +177,11 @@ HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.py", "*.safetenso
 def hub_snapshot(name: str, revision: str | None = None, allow_pickle: bool = False) -> Path:
     """The local snapshot folder of hub model ``name`` at ``revision``: from the cache when the hub is off or does
     not answer (one clear line when it is not there), else downloaded (only what a model folder needs)."""
-    from kdcode import hub
-
     if hub.cache_only():
         folder = hub.snapshot(name, revision)
         if folder is None:
             raise hub.not_cached(name, revision)
         return folder
-    from huggingface_hub import list_repo_files, snapshot_download
-
     try:
         files = list_repo_files(name, revision=revision)
         patterns = list(HUB_PATTERNS)
@@ -208,8 +201,6 @@ def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bo
 
 
 def _tokenizer(path: Path, trust_remote_code: bool) -> Any:
-    from transformers import AutoTokenizer
-
     hint = "its tokenizer (tokenizer.json / vocab files) is missing or damaged"
     if not any((path / f).is_file() for f in TOKENIZER_FILES) and not list(path.glob("*.tiktoken")):
         raise KdcodeError(f"cannot load the model in {path}: it has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
@@ -249,8 +240,6 @@ def load_model(
     Any damage to a folder (a truncated or corrupt weight file, a manifest or config of the wrong shape, missing
     tokenizer files) is one KdcodeError line, never a traceback.
     """
-    from kdcode import hub
-
     local = resolve_path(name)
     path = local if local is not None else hub_snapshot(name, revision, allow_pickle)
     _check_local(path, allow_pickle)
@@ -272,11 +261,6 @@ def load_model(
 
 
 def _model(path: Path, manifest: dict[str, Any] | None, allow_pickle: bool, trust_remote_code: bool, dtype: Any) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    from kdcode.artifacts import kdcode_layout
-    from kdcode.compression.load import load_compressed
-
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if not allow_pickle:
         kwargs["use_safetensors"] = True
@@ -293,9 +277,21 @@ def _model(path: Path, manifest: dict[str, Any] | None, allow_pickle: bool, trus
         raise load_error(path, exc) from exc
 
 
-def check_same_vocab(teacher_tok: Any, student_tok: Any, what: str) -> None:
+def check_vocab(model: Any, tokenizer: Any, what: str) -> None:
+    """``model`` scores every token of ``tokenizer`` (its LM head may be padded beyond them, never shorter)."""
+    width = int(model.config.vocab_size)
+    if width < len(tokenizer):
+        raise KdcodeError(
+            f"{what} scores {width} tokens but the tokenizer has {len(tokenizer)}: they are not one tokenizer's "
+            "model; KD needs a teacher and student of one tokenizer"
+        )
+
+
+def check_same_vocab(teacher_tok: Any, student_tok: Any, what: str, teacher: str = "the teacher",
+                     need: str = "KD needs one vocabulary: use a student made from this teacher") -> None:
+    """``student_tok`` (``what``) has ``teacher_tok``'s vocabulary (``teacher``), else one line saying what ``need``s
+    it (KD by default; speculative decoding names its draft and target)."""
     if teacher_tok.get_vocab() != student_tok.get_vocab():
         raise KdcodeError(
-            f"{what} and the teacher use different tokenizers (vocab {len(student_tok)} vs {len(teacher_tok)}); "
-            "KD needs one vocabulary: use a student made from this teacher"
+            f"{what} and {teacher} use different tokenizers (vocab {len(student_tok)} vs {len(teacher_tok)}); {need}"
         )

@@ -7,6 +7,7 @@ folder beside the target, which is renamed into place only once complete.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -16,11 +17,15 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from kdcode import __version__
 from kdcode.errors import KdcodeError
+from kdcode.quiet import quiet_hf
 
 MANIFEST = "kdcode.json"
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
@@ -53,8 +58,6 @@ def weights_size(folder: Path) -> int:
 
 
 def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {"kdcode": __version__}
     for name in ("torch", "transformers", "tokenizers", "safetensors", "datasets"):
         try:
@@ -92,10 +95,6 @@ def clean_stale_temps(out: Path) -> list[Path]:
     process started whose owner (the pid in the name) is no longer running; a name without a pid must
     also be an hour old. A concurrent writer's temp folder is never touched.
     """
-    import glob
-
-    import psutil
-
     removed = []
     for path in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
         try:
@@ -128,10 +127,6 @@ def clean_stale_temps(out: Path) -> list[Path]:
 def clean_stale_temp_files(out: Path) -> list[Path]:
     """Remove the temp files (``.{out.name}.tmp-{pid}-*``) that killed runs writing the single file ``out`` left;
     the same rules as :func:`clean_stale_temps` (older than this process, owner gone), files only."""
-    import glob
-
-    import psutil
-
     removed = []
     for path in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
         try:
@@ -147,12 +142,17 @@ def clean_stale_temp_files(out: Path) -> list[Path]:
     return removed
 
 
-def _inside(a: Path, b: Path) -> bool:
-    try:
-        a.relative_to(b)
-        return True
-    except ValueError:
-        return False
+def inside(path: Path, root: Path) -> bool:
+    """Whether ``path`` is ``root`` or lies inside it (both resolved)."""
+    return path.resolve().is_relative_to(root.resolve())
+
+
+def utc_now(timestamp: float | None = None, timespec: str = "seconds", zulu: bool = False) -> str:
+    """A UTC time in ISO 8601 (``timestamp``: seconds since the epoch, None: now): ``+00:00`` as manifests and sweep
+    records write it, ``Z`` with ``zulu`` as Ollama's API does."""
+    when = datetime.now(timezone.utc) if timestamp is None else datetime.fromtimestamp(timestamp, timezone.utc)
+    text = when.isoformat(timespec=timespec)
+    return text.replace("+00:00", "Z") if zulu else text
 
 
 def check_output(
@@ -179,8 +179,8 @@ def check_output(
         if not src.exists():
             continue
         src = src.resolve()
-        if target == src or _inside(src, target) or _inside(target, src):
-            how = "is" if target == src else "contains" if _inside(src, target) else "lies inside"
+        if inside(src, target) or inside(target, src):
+            how = "is" if target == src else "contains" if inside(src, target) else "lies inside"
             raise KdcodeError(
                 f"{flag} {out} {how} the input {name} {value}; writing there would destroy it: choose another {flag}"
             )
@@ -273,7 +273,7 @@ def model_card(manifest: dict[str, Any]) -> str:
             f"Load it with kdcode ({compression.get('loading')}):",
             "",
             "```python",
-            "from kdcode.models import load_model",
+            "from kdcode.models.load import load_model",
             'lm = load_model("PATH")  # lm.model, lm.tokenizer',
             "```",
         ]
@@ -313,8 +313,6 @@ def save_model(
     extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write model + tokenizer + manifest + card to ``out`` atomically. Returns ``out``."""
-    from kdcode.quiet import quiet_hf
-
     try:
         _save(out, model, tokenizer, manifest, overwrite, extra, quiet_hf)
     except KdcodeError:
@@ -333,7 +331,7 @@ def _save(out: Path, model: Any, tokenizer: Any, manifest: dict[str, Any], overw
             extra(tmp)
         full = {
             "kdcode_version": __version__,
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created_at": utc_now(),
             **manifest,
             "weights_sha256": weights_sha256(tmp),
             "libraries": library_versions(),

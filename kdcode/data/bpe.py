@@ -5,14 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
 BOS, EOS, PAD, UNK, EOL = "<s>", "</s>", "<pad>", "<|UNKNOWN|>", "<EOL>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, UNK, EOL]
 
 
 def wrap(tokenizer_object: Any) -> Any:
     """A transformers fast tokenizer around a ``tokenizers.Tokenizer``, special tokens named as CodeGPT's."""
-    from transformers import PreTrainedTokenizerFast
-
     tok = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer_object, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK
     )
@@ -23,8 +24,6 @@ def wrap(tokenizer_object: Any) -> Any:
 
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Any:
     """Train a GPT-2-style byte-level BPE (no prefix space, so code round-trips exactly)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -18,16 +18,18 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from kdcode import __version__
 from kdcode.errors import KdcodeError
+from kdcode.evaluation.acceptance import run_acceptance
 from kdcode.evaluation.bench import run_bench
 from kdcode.evaluation.evaluate import run_eval
-from kdcode.report import append_record, read_records
+from kdcode.models.artifacts import inside, read_manifest, utc_now, write_json
+from kdcode.models.load import resolve_path
+from kdcode.plugins import validate_plugins
 from kdcode.spec import (
     BenchSpec,
     EvalSpec,
@@ -40,9 +42,11 @@ from kdcode.spec import (
     read_spec_file,
     resolve_run_spec,
 )
+from kdcode.study.report import append_record, read_records
 from kdcode.train.distil import run_cache_teacher, run_distil
 from kdcode.train.loop import Interrupted
-from kdcode.train.teacher_cache import blocks_for_run
+from kdcode.train.state import has_checkpoint
+from kdcode.train.teacher_cache import CACHE_MANIFEST, blocks_for_run
 
 RESULTS = "results.jsonl"
 CACHE_DIR = "teacher_cache"
@@ -161,8 +165,6 @@ def _section(sweep_section: dict[str, Any], run: RunSpec) -> dict[str, Any]:
 
 def plan_sweep(spec: SweepSpec, where: str = "sweep spec") -> Plan:
     """Expand every point and validate its run spec and plugins; loads no model."""
-    from kdcode.plugins import validate_plugins
-
     out = spec.out
     base = expand_placeholders(spec.base, out)
     sections = {"eval": expand_placeholders(spec.eval, out), "bench": expand_placeholders(spec.bench, out)}
@@ -281,8 +283,6 @@ def _record_identity(record: dict[str, Any]) -> str:
 
 def _acceptance(model: str, spec: EvalSpec, teacher: str, k: int, **_load: Any) -> dict[str, Any]:
     """The student as its teacher's speculative draft on the eval's held-out lines (greedy, k draft tokens)."""
-    from kdcode.evaluation.acceptance import run_acceptance
-
     result = run_acceptance(model, teacher, spec.model_copy(update={"lines": None}), k)
     return {key: v for key, v in result.items() if key != "runtime"}
 
@@ -307,22 +307,8 @@ def _error(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, KdcodeError) else f"{type(exc).__name__}: {exc}"
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _inside(path: Path, root: Path) -> bool:
-    try:
-        path.resolve().relative_to(root.resolve())
-        return True
-    except ValueError:
-        return False
-
-
 def _reusable_student(folder: Path, run: RunSpec) -> bool:
     """A complete student of exactly this run spec (an interrupted point whose distil had finished)."""
-    from kdcode.artifacts import read_manifest
-
     try:
         manifest = read_manifest(folder) if folder.is_dir() else None
     except KdcodeError:
@@ -339,14 +325,12 @@ def _new_record(m: Point | Baseline, kind: str, baseline: str, spec: Any, folder
         "folder": folder, "eval_spec": m.eval.model_dump(mode="json"), "bench_spec": m.bench.model_dump(mode="json"),
         "infill_spec": m.infill.model_dump(mode="json") if m.infill else None,
         "draft_tokens": getattr(m, "draft_tokens", None),
-        "eval": None, "infill": None, "bench": None, "acceptance": None, "wall_s": {}, "started_at": _now(),
+        "eval": None, "infill": None, "bench": None, "acceptance": None, "wall_s": {}, "started_at": utc_now(),
         "kdcode": __version__,
     }
 
 
 def _measure_teacher(b: Baseline) -> dict[str, Any]:
-    from kdcode.models import resolve_path
-
     t = b.run.teacher
     load = {"allow_pickle": t.allow_pickle, "trust_remote_code": t.trust_remote_code}
     record = _new_record(b, "teacher", b.name, None, None)
@@ -359,7 +343,7 @@ def _measure_teacher(b: Baseline) -> dict[str, Any]:
     except Exception as exc:  # recorded; the students still run
         record.update(status="failed", error=_error(exc), traceback=traceback.format_exc(limit=-8))
     record["wall_s"]["total"] = round(time.perf_counter() - start, 2)
-    record["finished_at"] = _now()
+    record["finished_at"] = utc_now()
     return record
 
 
@@ -378,12 +362,10 @@ def _run_point(point: Point, baseline: str, root: Path, resume: bool, cache_note
         if resume and _reusable_student(folder, point.run):
             record["reused_student"] = True
         else:
-            from kdcode.train.state import has_checkpoint
-
             # A folder inside the sweep folder is this sweep's own (a leftover of an interrupted point);
             # a checkpoint left by an interrupted distil is continued on --resume.
             go_on = resume and has_checkpoint(folder.with_name(folder.name + ".ckpt"))
-            _, manifest = run_distil(point.run, overwrite=_inside(folder, root), resume=go_on)
+            _, manifest = run_distil(point.run, overwrite=inside(folder, root), resume=go_on)
             record["training"] = manifest.get("training")
             record["resumed_checkpoint"] = go_on
         record["wall_s"]["distil"] = round(time.perf_counter() - t0, 2)
@@ -393,14 +375,12 @@ def _run_point(point: Point, baseline: str, root: Path, resume: bool, cache_note
     except Exception as exc:  # a failed point is recorded with its error; the sweep goes on
         record.update(status="failed", error=_error(exc), traceback=traceback.format_exc(limit=-8))
     record["wall_s"]["total"] = round(time.perf_counter() - start, 2)
-    record["finished_at"] = _now()
+    record["finished_at"] = utc_now()
     return record
 
 
 def _ensure_cache(group: CacheGroup, top_k: int, batch_size: int, log: Log) -> dict[str, Any]:
     """Build the group's cache unless a complete one is there; returns what the point records note."""
-    from kdcode.train.teacher_cache import CACHE_MANIFEST
-
     note: dict[str, Any] = {"path": str(group.folder), "build_s": None}
     if (group.folder / CACHE_MANIFEST).is_file():
         return note
@@ -443,8 +423,6 @@ def run_sweep(spec: SweepSpec, resume: bool = False, where: str = "sweep spec", 
             )
         previous = {r["name"]: r for r in read_records(results) if "name" in r}
     out.mkdir(parents=True, exist_ok=True)
-    from kdcode.artifacts import write_json
-
     write_json(out / "sweep.json", spec.model_dump(mode="json"))
 
     def done(name: str, identity: str) -> bool:

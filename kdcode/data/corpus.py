@@ -2,7 +2,7 @@
 
 A corpus is a list of documents (one per source file or record), each with a stable key (its path
 relative to the corpus root, or its record id). The split of a document is a function of a hash of
-its key alone, so test files never enter training whatever else changes. With :mod:`kdcode.records`, one of
+its key alone, so test files never enter training whatever else changes. With :mod:`kdcode.data.records`, one of
 the two modules that import ``datasets``.
 """
 
@@ -16,7 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from kdcode.data.py150 import SKIP_REASON, Py150Error, is_normalised, normalise
+from kdcode.data.records import load_dataset
 from kdcode.errors import KdcodeError
+from kdcode.quiet import quiet_hf
 from kdcode.spec import DataSpec
 
 SPLITS = ("train", "valid", "test")
@@ -176,8 +181,6 @@ def _hf_docs(name: str, spec: DataSpec, skipped: Counter, origin: dict[str, Any]
     except ImportError as exc:  # pragma: no cover - datasets is a dependency
         raise KdcodeError("the 'datasets' package is needed for Hugging Face datasets: pip install datasets") from exc
     try:
-        from kdcode.records import load_dataset
-
         ds, resolved = load_dataset(datasets, name, spec.revision)
     except KdcodeError:
         raise
@@ -247,8 +250,6 @@ def _py150_dir_docs(root: Path, spec: DataSpec, skipped: Counter) -> dict[str, l
 
 def to_py150(docs: list[Document], skipped: Counter) -> list[Document]:
     """Normalise source files; documents that already are py150 lines (CodeXGLUE data) pass unchanged."""
-    from kdcode.py150 import is_normalised
-
     out: list[Document] = []
     for doc in docs:
         out.extend([doc] if is_normalised(doc.text) else normalise_documents([doc], skipped))
@@ -305,8 +306,6 @@ def fingerprint(docs: list[Document]) -> str:
 
 def encode_documents(docs: list[Document], tokenizer: Any) -> list[int]:
     """One token stream: each document's tokens followed by the end-of-sequence token."""
-    from kdcode.quiet import quiet_hf
-
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     batch = 256
@@ -323,8 +322,6 @@ def encode_documents(docs: list[Document], tokenizer: Any) -> list[int]:
 
 def to_blocks(stream: list[int], block_size: int) -> Any:
     """Non-overlapping blocks of ``block_size`` tokens (the ragged tail is dropped)."""
-    import torch
-
     n = len(stream) // block_size
     if n == 0:
         raise KdcodeError(
@@ -347,7 +344,7 @@ def data_section(corpus: Corpus, train_blocks: Any, valid_blocks: Any, spec_form
 
 
 def train_blocks(corpus: Corpus, tokenizer: Any, block_size: int, fim: Any = None) -> Any:
-    """Training blocks of the train split; ``fim`` (a :class:`kdcode.fim.Transform`) rearranges them."""
+    """Training blocks of the train split; ``fim`` (a :class:`kdcode.data.fim.Transform`) rearranges them."""
     stream = encode_documents(corpus.splits["train"], tokenizer)
     return to_blocks(fim.stream(stream, block_size) if fim is not None else stream, block_size)
 
@@ -366,8 +363,6 @@ def normalise_documents(
     docs: list[Document], skipped: Counter, literals: Any = None
 ) -> list[Document]:
     """Normalise each document, keeping its key; untokenizable ones are dropped and counted in ``skipped``."""
-    from kdcode.py150 import SKIP_REASON, Py150Error, normalise
-
     out = []
     for doc in docs:
         try:
@@ -385,8 +380,6 @@ def write_splits(splits: dict[str, list[Document]], out: Path) -> dict[str, int]
     Each file is written to a temporary name and renamed, so a split file is never half written. Returns the
     number of files per split file name.
     """
-    from kdcode.py150 import Py150Error, is_normalised
-
     out.mkdir(parents=True, exist_ok=True)
     counts: dict[str, int] = {}
     for split, name in PY150_SPLIT_FILES.items():

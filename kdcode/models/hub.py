@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import os
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import constants, snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError
+
 from kdcode.errors import KdcodeError
+from kdcode.models.artifacts import sha256_file
 
 HUB_URL = "https://huggingface.co"
 HUB_TIMEOUT_S = 3.0
@@ -27,9 +33,6 @@ def hub_status(timeout: float = HUB_TIMEOUT_S) -> dict[str, Any]:
     """{"reachable": True/False/None, "detail": ...}; None when HF_HUB_OFFLINE turns the hub off."""
     if offline():
         return {"reachable": None, "detail": f"offline (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE')})"}
-    import urllib.error
-    import urllib.request
-
     start = time.perf_counter()
     try:
         with urllib.request.urlopen(urllib.request.Request(HUB_URL, method="HEAD"), timeout=timeout) as resp:
@@ -48,16 +51,11 @@ def cache_only() -> bool:
 
 
 def cache_dir() -> Path:
-    from huggingface_hub import constants
-
     return Path(constants.HF_HUB_CACHE)
 
 
 def snapshot(repo_id: str, revision: str | None = None, repo_type: str = "model") -> Path | None:
     """The cached snapshot folder of ``repo_id`` at ``revision`` (a commit, branch or tag; default main), or None."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
     try:
         path = snapshot_download(repo_id, revision=revision, repo_type=repo_type, local_files_only=True)
     except (LocalEntryNotFoundError, FileNotFoundError, ValueError, OSError):
@@ -82,8 +80,6 @@ def not_cached(repo_id: str, revision: str | None, repo_type: str = "model") -> 
 def file_sha256(path: Path) -> tuple[str, bool | None]:
     """(sha256 of a cached file, verified): a Git LFS blob is stored under its sha256, so a cached weight file
     can be checked against its own name (True); None when its blob is not named by a sha256."""
-    from kdcode.artifacts import sha256_file
-
     digest = sha256_file(path)
     blob = Path(os.path.realpath(path)).name
     if len(blob) == 64 and all(c in "0123456789abcdef" for c in blob):

@@ -18,11 +18,18 @@ import io
 import json
 import os
 import sys
+import tempfile
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
 from kdcode.errors import KdcodeError
+from kdcode.models.artifacts import read_manifest, save_model, sha256_file, write_json
+from kdcode.quiet import quiet_hf
 
 GGUF_MAGIC = b"GGUF"
 OLLAMA_PREFIX = "ollama:"
@@ -152,8 +159,6 @@ def ollama_blob(ref: str) -> Path:
 # ---- hashing, once per file version ----------------------------------------------------------------------------
 def file_sha256(path: Path) -> str:
     """sha256 of ``path``, remembered in the cache by (path, size, mtime) so a large file is hashed once."""
-    from kdcode.artifacts import sha256_file, write_json
-
     st = path.stat()
     index_path = cache_root() / "sha256.json"
     key = str(path.resolve())
@@ -205,8 +210,6 @@ def gguf_info(path: Path) -> dict[str, Any]:
 
 
 def check_architecture(path: Path, arch: str | None) -> None:
-    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
-
     supported = [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
     if arch not in supported:
         raise KdcodeError(f"{path} holds a {arch!r} model, which transformers cannot load from GGUF (it loads "
@@ -217,8 +220,6 @@ def import_folder(path: Path) -> Path:
     """The plain safetensors folder made from GGUF file ``path`` (made now if not in the cache). A folder already
     there is taken when its manifest names weight files that exist: a command resolves a name several times, and
     the weights' sha256 is checked once, when the model is loaded (a damaged folder is one line there)."""
-    from kdcode.artifacts import read_manifest
-
     digest = file_sha256(path)
     folder = cache_root() / "gguf" / f"{path.stem[:60]}-{digest[:16]}"
     try:
@@ -232,8 +233,6 @@ def import_folder(path: Path) -> Path:
     print(f"dequantizing {path.name} ({info['architecture']}, {info['quantization']}) to float32 into "
           f"{folder} (once per file)", file=sys.stderr, flush=True)
     model, tokenizer = _dequantize(path)
-    from kdcode.artifacts import save_model
-
     manifest = {"kind": "gguf-import", "source": {
         "gguf": str(path), "sha256": digest, "bytes": path.stat().st_size, **info, "dequantized": True,
         "dequantized_to": "float32", "loader": "transformers (from_pretrained gguf_file)",
@@ -244,11 +243,6 @@ def import_folder(path: Path) -> Path:
 def _dequantize(path: Path) -> tuple[Any, Any]:
     """transformers' GGUF loader, then the same weights in a plain model of the same class (a model that still
     carries its gguf quantization config refuses ``save_pretrained``)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from kdcode.quiet import quiet_hf
-
     try:
         with quiet_hf(), contextlib.redirect_stderr(io.StringIO()):  # transformers' own tqdm bar per tensor
             loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
@@ -273,10 +267,6 @@ def _dequantize(path: Path) -> tuple[Any, Any]:
 def _fit_tokenizer(tokenizer: Any, vocab_size: int) -> Any:
     """The tokenizer without tokens the model cannot score: transformers' GGUF converter adds ``<|endoftext|>`` to a
     GPT-2-style vocabulary that lacks it (kdcode's own exports), one id past the model's embedding."""
-    import tempfile
-
-    from transformers import AutoTokenizer
-
     if len(tokenizer) <= vocab_size:
         return tokenizer
     with tempfile.TemporaryDirectory() as tmp:
