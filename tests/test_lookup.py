@@ -15,7 +15,7 @@ from conftest import make_gpt2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kdcode.data import load_corpus
+from kdcode.data.corpus import load_corpus
 from kdcode.errors import KdcodeError
 from kdcode.evaluation.completion_sets import build_line_samples
 from kdcode.inference.decode import DecodeOptions, Prompt, VocabIndex, greedy

@@ -13,7 +13,7 @@ from conftest import make_gpt2, run
 
 from kdcode.compression.int8 import Int8Linear
 from kdcode.errors import KdcodeError
-from kdcode.models import count_params
+from kdcode.models.load import count_params
 from kdcode.planning import timing
 from kdcode.planning.plan import PLAN_FILE_SUFFIX, plan_for_run, plan_shapes
 from kdcode.planning.search import families
@@ -37,7 +37,7 @@ def fake_clock(monkeypatch):
 
 @pytest.fixture()
 def blocks(tokenizer, corpus_dir):
-    from kdcode.data import load_corpus, split_blocks
+    from kdcode.data.corpus import load_corpus, split_blocks
     from kdcode.inits.base import calibration_sample
     from kdcode.spec import DataSpec
 
