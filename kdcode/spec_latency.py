@@ -43,9 +43,15 @@ class LatencySpec(_Spec):
         "importance)")
     head_prune: list[float] = Field(
         [0.0, 0.5], min_length=1, description="fractions of each block's attention heads removed (by importance)")
+    margin: float = Field(0.05, ge=0, lt=0.5, description="fraction of the budget kept in hand: a shape must fit "
+                          "within budget x (1 - margin), since one model's median moves by a few percent between runs")
     rounds: int = Field(5, ge=1, description="interleaved timing rounds of the finalists")
     search_rounds: int = Field(2, ge=1, description="timing rounds of each shape while searching depths")
     proxy_blocks: int = Field(16, ge=1, description="held-out blocks the quality proxy (loss at init) is measured on")
+
+    def target_ms(self) -> float:
+        """What a shape must fit within: the budget less its margin."""
+        return self.latency_ms * (1.0 - self.margin)
 
     @model_validator(mode="after")
     def _fractions(self) -> LatencySpec:

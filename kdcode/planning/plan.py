@@ -42,8 +42,9 @@ def _outcome_none(plan: dict[str, Any], task: Task) -> str:
     fastest = min(plan["candidates"], key=lambda r: r["ms"])
     label = Shape(**{k: fastest[k] for k in ("layers", "ffn_keep", "head_prune", "precision")}).label()
     return (f"no candidate meets {plan['budget_ms']:g} ms for {task.describe()}: the fastest, {label}, takes "
-            f"{fastest['ms']} ms; raise --latency-ms to at least {math.ceil(fastest['ms'])} or shorten the task "
-            "(--prompt-tokens, --new-tokens)")
+            f"{fastest['ms']} ms; raise --latency-ms to at least "
+            f"{math.ceil(fastest['ms'] / (1 - plan['spec']['margin']))} (with the margin kept in hand) or shorten the "
+            "task (--prompt-tokens, --new-tokens)")
 
 
 def _final_round(search: Search, fin: Finalists, shapes: list[Shape], log: Log) -> dict[Shape, Any]:
@@ -57,7 +58,7 @@ def _final_round(search: Search, fin: Finalists, shapes: list[Shape], log: Log) 
     ms = time_interleaved({s: Timed(m, search.tokenizer) for s, m in built.items()}, search.task, search.spec.rounds)
     for s in shapes:
         search.rows[s].update({**summary(ms[s]), "phase": "final"})
-        search.rows[s]["meets"] = search.rows[s]["ms"] <= search.spec.latency_ms
+        search.rows[s]["meets"] = search.rows[s]["ms"] <= search.spec.target_ms()
     del built
     gc.collect()
     return {s: search.rows[s] for s in shapes}
@@ -72,7 +73,8 @@ def plan_shapes(teacher: torch.nn.Module, tokenizer: Any, calibration: torch.Ten
     was_training = teacher.training
     teacher.to(device).eval()
     task = make_task(spec, tokenizer, held_out, n_positions(teacher))
-    log(f"plan: budget {spec.latency_ms:g} ms for {task.describe()}, {threads} threads, {device.type}")
+    log(f"plan: budget {spec.latency_ms:g} ms (shapes must fit {spec.target_ms():.1f} ms: margin {spec.margin:g}) for "
+        f"{task.describe()}, {threads} threads, {device.type}")
     search = Search(teacher, tokenizer, task, spec, device, log)
     depth = search.depth
     top = Shape(depth)
@@ -83,7 +85,7 @@ def plan_shapes(teacher: torch.nn.Module, tokenizer: Any, calibration: torch.Ten
     note = lambda line: (plan["notes"].append(line), log(line))  # noqa: E731
     try:
         fams = families(teacher, spec, device, note)
-        deepest = {f: search.deepest(f) for f in fams} if search.rows[top]["ms"] > spec.latency_ms else {}
+        deepest = {f: search.deepest(f) for f in fams} if search.rows[top]["ms"] > spec.target_ms() else {}
         finalists = list(dict.fromkeys(s for s in deepest.values() if s is not None))
         chosen = None
         if finalists:
@@ -101,10 +103,10 @@ def plan_shapes(teacher: torch.nn.Module, tokenizer: Any, calibration: torch.Ten
         teacher.train(was_training)
     for s, row in search.rows.items():
         row["chosen"] = s == chosen if chosen else False
-        row.setdefault("meets", row["ms"] <= spec.latency_ms)
+        row.setdefault("meets", row["ms"] <= spec.target_ms())
     plan["candidates"] = [search.rows[s] for s in sorted(search.rows)]
     plan["chosen"] = search.rows[chosen] if chosen else None
-    if search.rows[top]["ms"] <= spec.latency_ms:
+    if search.rows[top]["ms"] <= spec.target_ms():
         plan["outcome"], plan["line"] = "teacher", _outcome_teacher(plan, task)
     elif chosen is None:
         plan["outcome"], plan["line"] = "none", _outcome_none(plan, task)

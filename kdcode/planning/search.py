@@ -96,7 +96,7 @@ class Search:
 
     def deepest(self, family: tuple) -> Shape | None:
         """The deepest shape of ``family`` within the budget, measured at the boundary; None when depth 1 is over."""
-        budget, top = self.spec.latency_ms, self.depth
+        budget, top = self.spec.target_ms(), self.depth
         at = lambda d: Shape(d, *family)  # noqa: E731
         t1 = self.measure(at(1))
         if t1 > budget:
