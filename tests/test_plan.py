@@ -111,7 +111,9 @@ def test_plan_cli_prints_the_table_and_json_and_one_line_when_nothing_fits(teach
     assert r.exit_code == 0, r.output
     plan = json.loads(out.read_text())
     assert "chosen:" in r.output and "quality proxy: held-out loss at init" in r.output
-    assert plan["chosen"]["layers"] >= 1 and plan["budget_ms"] == 50
+    assert plan["chosen"]["layers"] >= 1 and plan["budget_ms"] == 50 and plan["spec"]["margin"] == 0.05
+    assert run(*args, "--latency-ms", 50, "--margin", 0.2, "--json", out).exit_code == 0
+    assert json.loads(out.read_text())["chosen"]["ms"] <= 40  # 50 ms less 20% kept in hand
     r = run(*args, "--latency-ms", 5)
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert r.output.strip().splitlines()[-1].startswith("error: no candidate meets 5 ms")

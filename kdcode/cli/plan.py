@@ -89,6 +89,7 @@ def plan(
     ffn_keep: Annotated[str | None, typer.Option("--ffn-keep", help=_help("ffn_keep"))] = None,
     head_prune: Annotated[str | None, typer.Option("--head-prune", help=_help("head_prune"))] = None,
     rounds: Annotated[int | None, typer.Option("--rounds", help=_help("rounds"))] = None,
+    margin: Annotated[float | None, typer.Option("--margin", help=_help("margin"))] = None,
     data: DataOpt = None,
     glob: GlobOpt = None,
     json_out: JsonFileOpt = None,
@@ -103,7 +104,8 @@ def plan(
         fail("--latency-ms is required: the milliseconds a completion may take on this machine")
     latency = overrides({**latency_overrides(latency_ms, task, prompt_tokens, new_tokens, precisions, threads, ""),
                          "device": device, "ffn_keep": _floats(ffn_keep, "--ffn-keep"),
-                         "head_prune": _floats(head_prune, "--head-prune"), "rounds": rounds})
+                         "head_prune": _floats(head_prune, "--head-prune"), "rounds": rounds,
+                         "margin": margin})
     spec = build_spec(PlanSpec, overrides({"teacher": teacher, "data.source": data, "data.glob": glob})
                       | {"latency": latency}, "flags")
     result = run_plan(spec)
