@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from kdcode import __version__
 from kdcode.cli import app
 
-COMMANDS = ["distil", "pretrain", "cache-teacher", "eval", "bench", "sweep", "report", "complete", "serve", "list",
+COMMANDS = ["distil", "pretrain", "plan", "cache-teacher", "eval", "bench", "sweep", "report", "complete", "serve", "list",
             "doctor", "compress", "export", "data"]
 
 
