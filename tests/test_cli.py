@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 from kdcode import __version__
 from kdcode.cli import app
 
-COMMANDS = ["distil", "pretrain", "plan", "cache-teacher", "eval", "bench", "sweep", "report", "complete", "serve", "list",
-            "doctor", "compress", "export", "data"]
+COMMANDS = ["distil", "pretrain", "plan", "cache-teacher", "eval", "bench", "sweep", "report", "complete", "serve",
+            "list", "doctor", "compress", "export", "data"]
 
 
 def test_version_and_help():

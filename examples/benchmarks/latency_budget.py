@@ -119,7 +119,7 @@ def grid(args: argparse.Namespace) -> None:
     sets = real_teacher.completion_sets(args.out, args.samples)
     done = {(r["budget_ms"], tuple(r["shape"].values())) for r in _rows(args.out) if r.get("kind") == "grid"}
     for i, s in enumerate(shapes):
-        shape = Shape(**{k: s[k] for k in ("layers", "ffn_keep", "head_prune", "precision")})
+        shape = Shape.of(s)
         if (args.budget, tuple(shape.as_dict().values())) in done:
             continue
         _, info = fin.build(shape)

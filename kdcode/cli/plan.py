@@ -46,23 +46,16 @@ COLUMNS = [("precision", "precision"), ("ms", "ms / completion"), ("params_m", "
            ("proxy_loss", "proxy loss"), ("meets", "meets"), ("chosen", "chosen")]
 
 
-def _label(row: dict[str, Any]) -> str:
-    parts = [f"{row['layers']} layer" + ("s" if row['layers'] != 1 else "")]
-    if row["ffn_keep"] < 1:
-        parts.append(f"MLP {row['ffn_keep']:.0%}")
-    if row["head_prune"]:
-        parts.append(f"heads -{row['head_prune']:.0%}")
-    return ", ".join(parts)
-
-
 def print_plan(plan: dict[str, Any]) -> None:
+    from kdcode.planning.shapes import Shape
+
     m, t = plan["machine"], plan["task"]
     rows = []
     for r in plan["candidates"]:
         timed = f"{r['ms']} [{r['ms_range'][0]}-{r['ms_range'][1]}]" + ("" if r["phase"] == "final" else " s")
         cell = {**r, "ms": timed,
                 "meets": "yes" if r["meets"] else "no", "chosen": "<-" if r.get("chosen") else ""}
-        rows.append((_label(r), cell))
+        rows.append((Shape.of(r).label(precision=False), cell))
     where = m["cpu"] if m["device"].startswith("cpu") else m["device"]
     title = (f"plan: {plan['budget_ms']:g} ms for {t['prompt_tokens']} prompt + {t['new_tokens']} new tokens "
              f"({t['task']}), {where} [{' '.join(m['cpu_features'])}], {m['threads']} threads, torch "
@@ -72,7 +65,7 @@ def print_plan(plan: dict[str, Any]) -> None:
     console.print(f"quality proxy: {plan['proxy']}", markup=False)
     if plan["chosen"]:
         c = plan["chosen"]
-        console.print(f"chosen: {_label(c)}, {c['precision']}: {c['ms']} ms, proxy loss {c['proxy_loss']}, teacher "
+        console.print(f"chosen: {Shape.of(c).label()}: {c['ms']} ms, proxy loss {c['proxy_loss']}, teacher "
                       f"blocks {c['teacher_blocks']}", markup=False)
 
 

@@ -40,7 +40,7 @@ def _outcome_teacher(plan: dict[str, Any], task: Task) -> str:
 
 def _outcome_none(plan: dict[str, Any], task: Task) -> str:
     fastest = min(plan["candidates"], key=lambda r: r["ms"])
-    label = Shape(**{k: fastest[k] for k in ("layers", "ffn_keep", "head_prune", "precision")}).label()
+    label = Shape.of(fastest).label()
     return (f"no candidate meets {plan['budget_ms']:g} ms for {task.describe()}: the fastest, {label}, takes "
             f"{fastest['ms']} ms; raise --latency-ms to at least "
             f"{math.ceil(fastest['ms'] / (1 - plan['spec']['margin']))} (with the margin kept in hand) or shorten the "
@@ -154,7 +154,7 @@ def plan_for_run(spec: Any, teacher: Any, blocks: torch.Tensor, valid: torch.Ten
     if path.exists():
         plan = json.loads(path.read_text(encoding="utf-8"))
         if plan.get("spec") == spec.latency.model_dump(mode="json") and plan.get("teacher_name") == spec.teacher.name:
-            _stderr(f"plan: reusing {path} (chosen {plan['chosen'] and Shape(**_shape(plan['chosen'])).label()})")
+            _stderr(f"plan: reusing {path} (chosen {plan['chosen'] and Shape.of(plan['chosen']).label()})")
             return plan
     plan = plan_shapes(teacher.model, teacher.tokenizer, calibration_sample(blocks, spec.train.seed), valid,
                        spec.latency)
@@ -162,10 +162,6 @@ def plan_for_run(spec: Any, teacher: Any, blocks: torch.Tensor, valid: torch.Ten
     if plan["outcome"] == "chosen":
         write_json(path, plan)
     return plan
-
-
-def _shape(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: row[k] for k in ("layers", "ffn_keep", "head_prune", "precision")}
 
 
 def apply_plan(spec: Any, plan: dict[str, Any]) -> Any:

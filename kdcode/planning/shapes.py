@@ -35,17 +35,22 @@ class Shape:
         """What stays fixed while the depth is searched."""
         return (self.ffn_keep, self.head_prune, self.precision)
 
-    def label(self) -> str:
+    def label(self, precision: bool = True) -> str:
         parts = [f"{self.layers} layer" + ("s" if self.layers != 1 else "")]
         if self.ffn_keep < 1:
             parts.append(f"MLP {self.ffn_keep:.0%}")
         if self.head_prune:
             parts.append(f"heads -{self.head_prune:.0%}")
-        return ", ".join(parts) + f", {self.precision}"
+        return ", ".join(parts + [self.precision] * precision)
 
     def as_dict(self) -> dict[str, Any]:
         return {"layers": self.layers, "ffn_keep": self.ffn_keep, "head_prune": self.head_prune,
                 "precision": self.precision}
+
+    @classmethod
+    def of(cls, row: dict[str, Any]) -> Shape:
+        """The shape a plan's row (or any mapping with the four fields) describes."""
+        return cls(row["layers"], row["ffn_keep"], row["head_prune"], row["precision"])
 
 
 def prune_axes(teacher: torch.nn.Module) -> tuple[bool, bool, str | None]:
