@@ -119,6 +119,8 @@ def test_plan_cli_prints_the_table_and_json_and_one_line_when_nothing_fits(teach
     assert r.output.strip().splitlines()[-1].startswith("error: no candidate meets 5 ms")
     r = run(*args[:3])
     assert r.exit_code == 2 and "--latency-ms is required" in r.output
+    r = run(*args, "--latency-ms", 50, "--json", teacher_dir / "plan.json")  # inside the teacher: refused at once
+    assert r.exit_code != 0 and "--json" in r.output and not (teacher_dir / "plan.json").exists()
 
 
 def test_distil_by_budget_writes_the_chosen_student_its_int8_runtime_and_their_latency(teacher_dir, corpus_dir,

@@ -8,7 +8,17 @@ from typing import Annotated, Any
 
 import typer
 
-from kdcode.cli._common import DataOpt, GlobOpt, JsonFileOpt, TeacherOpt, fail, handle_errors, overrides, write_json
+from kdcode.cli._common import (
+    DataOpt,
+    GlobOpt,
+    JsonFileOpt,
+    TeacherOpt,
+    check_json_path,
+    fail,
+    handle_errors,
+    overrides,
+    write_json,
+)
 from kdcode.cli._console import metrics_table, out_console
 from kdcode.spec_latency import LatencySpec
 
@@ -95,6 +105,7 @@ def plan(
 
     if latency_ms is None:
         fail("--latency-ms is required: the milliseconds a completion may take on this machine")
+    check_json_path(json_out, teacher or "bundled")  # before minutes of timing, not after
     latency = overrides({**latency_overrides(latency_ms, task, prompt_tokens, new_tokens, precisions, threads, ""),
                          "device": device, "ffn_keep": _floats(ffn_keep, "--ffn-keep"),
                          "head_prune": _floats(head_prune, "--head-prune"), "rounds": rounds,
