@@ -23,19 +23,25 @@ from kdcode.spec_base import DeviceName, _Spec
 from kdcode.spec_latency import LatencySpec, Precision
 
 BUNDLED = "bundled"
+TEACHER_HELP = "teacher: 'bundled', a HF id, a local folder, FILE.gguf, ollama:NAME[:TAG] or smollm2"
 CONTEXT_HELP = "prompt tokens kept (default: min(the model's positions, 1024) minus the new tokens)"
 
 
-class TeacherSpec(_Spec):
+class LoadSpec(_Spec):
+    """What loading a model may do beyond reading safetensors (off unless asked)."""
+
+    trust_remote_code: bool = Field(False, description="run the model repo's own Python code (only if you trust it)")
+    allow_pickle: bool = Field(False, description="load pickle weights (pytorch_model.bin), which can run code")
+
+
+class TeacherSpec(LoadSpec):
     """Which model teaches: ``bundled``, a Hugging Face id, or a local folder."""
 
-    name: str = BUNDLED
-    revision: str | None = None
+    name: str = Field(BUNDLED, description=TEACHER_HELP)
+    revision: str | None = Field(None, description="hub revision (commit, branch, tag)")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="hold the frozen teacher in this dtype (auto: as its weights are stored)"
     )
-    trust_remote_code: bool = False
-    allow_pickle: bool = Field(False, description="load pickle weights (pytorch_model.bin); they can run code")
 
 
 class PluginSpec(_Spec):
@@ -53,13 +59,13 @@ class PluginSpec(_Spec):
 class StrategySpec(PluginSpec):
     """KD strategy (see `kdcode list`)."""
 
-    name: str = "reverse-kl"
+    name: str = Field("reverse-kl", description="KD strategy (see `kdcode list`)")
 
 
 class InitSpec(PluginSpec):
     """Student-init scheme (see `kdcode list`)."""
 
-    name: str = "auto"
+    name: str = Field("auto", description="student init scheme (see `kdcode list`)")
 
 
 class StudentSpec(_Spec):
@@ -124,13 +130,13 @@ class DataSpec(_Spec):
 
     source: str = Field("stdlib", description="'stdlib', a folder, a .jsonl file, or a HF dataset id")
     revision: str | None = Field(None, description="hub dataset revision (commit, branch or tag); default main")
-    glob: str = "**/*.py"
-    format: Literal["raw", "py150"] = "raw"
+    glob: str = Field("**/*.py", description="file pattern inside a data folder")
+    format: Literal["raw", "py150"] = Field("raw", description="raw or py150")
     field: str = Field("code", description="text field of .jsonl / HF dataset records")
-    valid_fraction: float = Field(0.02, ge=0.0, lt=0.5)
-    test_fraction: float = Field(0.05, ge=0.0, lt=0.5)
+    valid_fraction: float = Field(0.02, ge=0.0, lt=0.5, description="share of files in the valid split (hash split)")
+    test_fraction: float = Field(0.05, ge=0.0, lt=0.5, description="share of files in the test split (hash split)")
     max_files: int | None = Field(None, ge=1)
-    exclude_tests: bool = Field(True, description="skip test/ and tests/ folders of the stdlib corpus")
+    exclude_tests: bool = Field(True, description="skip the test/ and tests/ folders of the stdlib corpus")
     max_file_bytes: int = Field(
         8 * 2**20, ge=1, description="skip (and count) files and records larger than this; memory stays bounded"
     )
@@ -145,22 +151,22 @@ class DataSpec(_Spec):
 class TrainSpec(_Spec):
     """Optimisation budget and settings for the training loop."""
 
-    max_steps: int | None = Field(None, ge=1)
-    epochs: float | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps")
+    epochs: float | None = Field(None, gt=0, description="stop after this many passes over the train split")
     max_minutes: float | None = Field(None, gt=0, description="wall-clock budget; the LR schedule follows it")
     lr: float = Field(1e-3, gt=0, description="peak learning rate (1e-3: the gap ablation, docs/ablation.md)")
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    warmup_steps: int = Field(50, ge=0)
+    warmup_steps: int = Field(50, ge=0, description="linear warmup steps")
     weight_decay: float = Field(0.01, ge=0)
     grad_clip: float = Field(1.0, ge=0)
-    batch_size: int = Field(16, ge=1)
-    block_size: int = Field(256, ge=8)
-    seed: int = 0
+    batch_size: int = Field(16, ge=1, description="blocks per step")
+    block_size: int = Field(256, ge=8, description="tokens per block")
+    seed: int = Field(0, description="random seed")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="autocast dtype (fp16: CUDA)")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step (batch_size is the global batch)")
     schedule: Literal["cosine", "linear"] = Field("cosine", description="LR decay after warmup")
-    threads: int | None = Field(None, ge=1)
-    eval_every: int = Field(200, ge=1)
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch")
+    eval_every: int = Field(200, ge=1, description="held-out loss every N steps")
     eval_batches: int = Field(20, ge=1)
     checkpoint_every: int | None = Field(None, ge=1, description="checkpoint into OUT.ckpt every N steps")
     tensorboard: bool = Field(False, description="also log to OUT.tensorboard (needs the tensorboard package)")
@@ -192,7 +198,7 @@ class RunSpec(_Spec):
     teacher_cache: str | None = Field(None, description="train from this teacher-logit cache (kdcode cache-teacher)")
     latency: LatencySpec | None = Field(None, description="choose the student's shape by this latency budget, "
                                         "measured on this machine (kdcode plan); replaces student.layers")
-    out: str = "student"
+    out: str = Field("student", description="student folder to write")
 
 
 # The default distillation finishes in at most 15 minutes on a 2-core laptop-class CPU: issue 20's ablation showed
@@ -201,52 +207,28 @@ DEFAULT_DISTIL_BUDGET: dict[str, Any] = {"max_steps": 800, "max_minutes": 15.0}
 BUDGET_KEYS = ("max_steps", "epochs", "max_minutes")
 
 
+def _with_budget(data: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``data`` whose train section has ``defaults`` under it, less their budget keys when a budget is given: a
+    default budget applies only when no budget key was given."""
+    train = dict(data.get("train") or {})
+    given = any(train.get(k) is not None for k in BUDGET_KEYS)
+    base = {k: v for k, v in defaults.items() if not (given and k in BUDGET_KEYS)}
+    return {**data, "train": {**base, **train}}
+
+
 def resolve_run_spec(file_data: dict[str, Any], overrides: dict[str, Any], where: str) -> RunSpec:
     """File, then CLI flags on top; the default budget applies only when no budget key was given."""
-    data = apply_overrides(file_data, overrides)
-    train = dict(data.get("train") or {})
-    if not any(train.get(k) is not None for k in BUDGET_KEYS):
-        train = {**DEFAULT_DISTIL_BUDGET, **train}
-    data["train"] = train
-    return build_spec(RunSpec, data, where)
+    return build_spec(RunSpec, _with_budget(apply_overrides(file_data, overrides), DEFAULT_DISTIL_BUDGET), where)
 
 
 class PlanSpec(_Spec):
     """`kdcode plan`: the candidate table for a teacher and a latency budget, without training."""
 
-    teacher: str = BUNDLED
+    teacher: str = Field(BUNDLED, description=TEACHER_HELP)
     latency: LatencySpec
     data: DataSpec = Field(default_factory=DataSpec)
     block_size: int = Field(256, ge=8, description="token block of the calibration and held-out blocks")
     seed: int = 0
-
-
-class ModelShape(_Spec):
-    """A GPT-2 built from scratch by `kdcode pretrain`."""
-
-    layers: int = Field(12, ge=1)
-    hidden: int = Field(128, ge=8)
-    heads: int = Field(4, ge=1)
-    vocab_size: int = Field(8192, ge=300)
-
-    @model_validator(mode="after")
-    def _heads_divide(self) -> ModelShape:
-        if self.hidden % self.heads:
-            raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
-        return self
-
-
-class PretrainSpec(_Spec):
-    """`kdcode pretrain`: a BPE tokenizer and a GPT-2 trained from scratch (the hard-only loop)."""
-
-    model: ModelShape = Field(default_factory=ModelShape)
-    tokenizer: str | None = Field(None, description="reuse this tokenizer folder instead of training one")
-    init: str | None = Field(
-        None, description="continue training this GPT-2 (folder or 'bundled'): its weights, shape and tokenizer"
-    )
-    data: DataSpec = Field(default_factory=DataSpec)
-    train: TrainSpec = Field(default_factory=lambda: TrainSpec(max_steps=1000, lr=1e-3, warmup_steps=100))
-    out: str = "pretrained"
 
 
 def _known_keys(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> list[str]:
@@ -260,11 +242,24 @@ def _known_keys(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> list[str
     return list(cls.model_fields) if isinstance(cls, type) and issubclass(cls, BaseModel) else []
 
 
-def format_validation_error(exc: ValidationError, where: str, model: type[BaseModel] | None = None) -> str:
-    """One line per problem: the dotted field, what is wrong (with a did-you-mean for unknown keys)."""
+def _renamed(loc: str, names: dict[str, str]) -> str:
+    """``loc`` with its longest prefix that ``names`` knows replaced (``latency.ffn_keep.1`` -> ``--ffn-keep.1``)."""
+    parts = loc.split(".")
+    for i in range(len(parts), 0, -1):
+        head = ".".join(parts[:i])
+        if head in names:
+            return ".".join([names[head], *parts[i:]])
+    return loc
+
+
+def format_validation_error(exc: ValidationError, where: str, model: type[BaseModel] | None = None,
+                            names: dict[str, str] | None = None) -> str:
+    """One line per problem: the dotted field (or its name in ``names``: a flag), what is wrong (with a
+    did-you-mean for unknown keys)."""
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = _renamed(loc, names or {})
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key (not a field of this section)"
@@ -342,11 +337,13 @@ def apply_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str
     return merged
 
 
-def build_spec(model: type[_Spec], data: dict[str, Any], where: str) -> Any:
+def build_spec(model: type[_Spec], data: dict[str, Any], where: str, names: dict[str, str] | None = None) -> Any:
+    """``data`` validated as ``model``, or one KdcodeError line naming each field at fault (by ``names``, where a
+    field has another name there: its flag)."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise KdcodeError(format_validation_error(exc, where, model)) from exc
+        raise KdcodeError(format_validation_error(exc, where, model, names)) from exc
 
 
 def dump_yaml(spec: BaseModel) -> str:
@@ -363,9 +360,11 @@ KvCacheName = Literal["dynamic", "static"]
 class RuntimeSpec(_Spec):
     """How a model runs for eval / bench / complete / serve: the backend, and torch's decode path."""
 
-    backend: BackendName = "auto"
-    kv_cache: KvCacheName = Field("dynamic", description="torch: a cache that grows, or one allocated once (static)")
-    compile: bool = Field(False, description="torch: torch.compile the decode step (implies kv_cache static)")
+    backend: BackendName = Field("auto", description="auto (a .gguf file: llama.cpp, an ONNX export folder: "
+                                 "onnxruntime, else torch), torch, onnxruntime or llama.cpp")
+    kv_cache: KvCacheName = Field("dynamic", description="torch: dynamic (grows each step) or static (allocated once "
+                                  "at the model's context)")
+    compile: bool = Field(False, description="torch: torch.compile the decode step (static KV cache)")
 
     @model_validator(mode="after")
     def _torch_only(self) -> RuntimeSpec:
@@ -374,7 +373,26 @@ class RuntimeSpec(_Spec):
         return self
 
 
-class EvalSpec(_Spec):
+class _RunsOn(_Spec):
+    """Where and how a measured or served model runs (the fields eval, bench, complete and serve share)."""
+
+    device: DeviceName = "auto"
+    dtype: DtypeName = Field("auto", description="auto (as the model's config says), fp32, fp16 or bf16")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch")
+
+
+class _FimPrompt(_Spec):
+    """How an infilling prompt is written for the model (eval --task infill, complete, serve)."""
+
+    fim_format: FimFormatName | None = Field(
+        None, description="the model's FIM token names: starcoder, qwen, codellama or deepseek (default: detected "
+        "from its tokenizer)"
+    )
+    fim_order: FimOrderName = Field("auto", description="infilling prompt order: psm, spm, or auto (as the model "
+                                    "was trained)")
+
+
+class EvalSpec(_RunsOn, _FimPrompt):
     """`kdcode eval`: line-level completion (or single-line infilling) on held-out files, and perplexity on
     held-out blocks."""
 
@@ -383,47 +401,55 @@ class EvalSpec(_Spec):
         "line", description="line: complete a line from the code before it; infill: fill a removed line from the "
         "code before and after it (prefix-only completion of the same holes reported beside it)"
     )
-    fim_format: FimFormatName | None = Field(
-        None, description="infill: the model's FIM token names (default: detected from its tokenizer)"
-    )
-    fim_order: FimOrderName = Field("auto", description="infill: prompt order (auto: as the model was trained)")
-    split: Literal["test", "valid", "train", "all"] = "test"
+    split: Literal["test", "valid", "train", "all"] = Field(
+        "test", description="test, valid, train, or all (every file of the data)")
     lines: str | None = Field(
         None,
         description="a completion set: a {id,input,gt} or {code} .jsonl/.json file, or a CodeXGLUE "
         "code-completion dataset id (NAME[:CONFIG])",
     )
-    samples: int = Field(500, ge=1)
-    seed: int = 0
-    beams: int = Field(1, ge=1)
-    max_new_tokens: int = Field(48, ge=1, le=1000)
+    samples: int = Field(500, ge=1, description="completions to score")
+    seed: int = Field(0, description="seed of the sample draw")
+    beams: int = Field(1, ge=1, description="1 = greedy; >1 = beam search")
+    max_new_tokens: int = Field(48, ge=1, le=1000, description="longest completion in tokens")
     context_tokens: int | None = Field(None, ge=1, description=CONTEXT_HELP)
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="prompts decoded together (greedy)")
     heal: bool | None = Field(None, description="token healing (default: on for raw code, off for py150)")
     ppl_blocks: int = Field(64, ge=0, description="held-out blocks for perplexity (0 skips it)")
     token_level: bool | None = Field(
         None, description="token-level accuracy (CodeXGLUE CodeCompletion-token; default: on for py150 data)"
     )
     token_blocks: int = Field(64, ge=1, description="held-out blocks scored for token-level accuracy")
-    threads: int | None = Field(None, ge=1)
-    device: DeviceName = "auto"
-    dtype: DtypeName = "auto"
 
 
-class BenchSpec(_Spec):
+class BenchSpec(_RunsOn):
     """`kdcode bench`: size, memory and speed of a model on a fixed completion set."""
 
     data: DataSpec = Field(default_factory=DataSpec)
     prompts: int = Field(16, ge=1, description="timed completions per round")
-    rounds: int = Field(5, ge=1, description="interleaved rounds; figures are medians with their range")
-    warmup: int = Field(2, ge=0)
-    new_tokens: int = Field(16, ge=1, description="tokens generated per prompt (no early stop)")
+    rounds: int = Field(5, ge=1, description="interleaved rounds (A B, B A, ...): medians with their range")
+    warmup: int = Field(2, ge=0, description="untimed completions first")
+    new_tokens: int = Field(16, ge=1, description="tokens generated per completion (no early stop)")
     context_tokens: int | None = Field(None, ge=1, description=CONTEXT_HELP)
-    batch_size: int = Field(1, ge=1)
-    seed: int = 0
-    threads: int | None = Field(None, ge=1)
-    device: DeviceName = "auto"
-    dtype: DtypeName = "auto"
+    batch_size: int = Field(1, ge=1, description="prompts decoded together")
+    seed: int = Field(0, description="seed of the prompt draw")
+
+
+class CacheSpec(_Spec):
+    """`kdcode cache-teacher`: a frozen teacher's top-k soft targets over the training blocks, stored for reuse."""
+
+    teacher: str = Field(BUNDLED, description=TEACHER_HELP)
+    data: DataSpec = Field(default_factory=DataSpec, description="corpus whose train split is cached")
+    block_size: int = Field(256, ge=8, description="tokens per block (must match the distil runs)")
+    top_k: int = Field(64, ge=1, description="teacher logits kept per position")
+    temperature: float | None = Field(None, gt=0, description="temperature of the stored soft targets (default: "
+                                      "what the default strategy asks for)")
+    batch_size: int = Field(8, ge=1, description="blocks per teacher forward pass")
+    max_blocks: int | None = Field(None, ge=1, description="cache only this many training blocks (a seeded random "
+                                   "sample; distil grows it when a run needs more)")
+    max_steps: int | None = Field(None, ge=1, description="size the cache to a run of this many steps (x "
+                                  "--train-batch-size blocks)")
+    train_batch_size: int = Field(16, ge=1, description="the distil run's batch size (with --max-steps)")
 
 
 class SweepSpec(_Spec):
@@ -449,7 +475,7 @@ class SweepSpec(_Spec):
         None, ge=1, le=16, description="also measure each student as its teacher's speculative draft with this k "
         "(kdcode eval --draft-for): acceptance columns"
     )
-    out: str = "sweep"
+    out: str = Field("sweep", description="sweep folder")
 
     @model_validator(mode="after")
     def _something_to_sweep(self) -> SweepSpec:

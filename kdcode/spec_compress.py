@@ -16,8 +16,10 @@ class QualityCheckSpec(_Spec):
     """What `kdcode compress` and `kdcode export` measure before they report success: the model before and after
     on the held-out split of ``data`` (line completion ES and perplexity), and when to warn."""
 
-    check_samples: int = Field(32, ge=0, description="held-out line completions scored before and after (0 skips)")
-    check_blocks: int = Field(16, ge=0, description="held-out blocks for perplexity before and after (0 skips)")
+    check_samples: int = Field(32, ge=0, description="held-out line completions scored before and after, for ES (0 "
+                               "skips)")
+    check_blocks: int = Field(16, ge=0, description="held-out blocks scored before and after, for perplexity (0 "
+                              "skips)")
     max_es_drop: float = Field(1.0, ge=0.0, description="warn when ES drops by more than this many points")
     max_ppl_rise: float = Field(3.0, ge=0.0, description="warn when perplexity rises by more than this many percent")
 
@@ -26,18 +28,20 @@ class CompressSpec(QualityCheckSpec):
     """`kdcode compress`: prune (heads, MLP neurons), then store as fp16/bf16 or int8."""
 
     dtype: Literal["fp32", "fp16", "bf16"] | None = Field(None, description="store float weights in this dtype")
-    int8: bool = Field(False, description="int8 weights of Linear/Conv1D (CPU inference)")
+    int8: bool = Field(False, description="int8 weights of every Linear/Conv1D, for CPU inference")
     int8_scheme: Literal["weight-only", "per-token", "smoothquant", "per-tensor"] = Field(
         "weight-only", description="int8 activations: weight-only (kept float32; the default, see "
         "docs/compression.md), per-token (int8 per token), smoothquant (outliers moved into the weights, then per "
         "tensor), per-tensor (one scale per input: the old scheme, which Llama-style outliers defeat)"
     )
     smooth_alpha: float = Field(0.5, gt=0.0, lt=1.0, description="smoothquant: migration strength alpha")
-    prune_heads: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of attention heads removed per layer")
-    prune_ffn: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of MLP neurons removed per layer")
+    prune_heads: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of attention heads removed per layer "
+                               "(GPT-2, Llama-style; GQA: per group)")
+    prune_ffn: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of MLP neurons / gated channels removed per "
+                             "layer")
     data: DataSpec = Field(default_factory=DataSpec, description="calibration corpus (its train split)")
-    calib_batches: int = Field(8, ge=1)
-    calib_batch_size: int = Field(8, ge=1)
+    calib_batches: int = Field(8, ge=1, description="calibration batches that score heads/neurons")
+    calib_batch_size: int = Field(8, ge=1, description="blocks per calibration batch")
     calib_block_size: int | None = Field(None, ge=8, description="tokens per calibration block (default 256)")
 
 
@@ -53,7 +57,7 @@ class ExportCheckSpec(QualityCheckSpec):
 class ExportSpec(_Spec):
     """`kdcode export`: a model folder as one GGUF file (llama.cpp, ollama) or an ONNX folder (ONNX Runtime)."""
 
-    format: Literal["gguf", "onnx"]
+    format: Literal["gguf", "onnx"] = Field(description="gguf (llama.cpp, ollama) or onnx (ONNX Runtime)")
     quant: Literal["f32", "f16", "q8_0", "q4_0"] | None = Field(
         None, description="GGUF weight type of the 2-D matrices (default f32); norms and biases stay f32"
     )

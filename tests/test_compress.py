@@ -235,7 +235,7 @@ def test_cli_compress_and_its_errors(tmp_path, teacher_dir, corpus_dir):
     for args, needle in [
         ([], "nothing to do"),
         (["--int8", "--dtype", "fp16"], "drop --dtype fp16"),
-        (["--prune-heads", "1.5"], "prune_heads"),
+        (["--prune-heads", "1.5"], "--prune-heads: Input should be less than 1"),
         (["--prune-heads", "0.25"], "removes none"),  # 2 heads per layer
         (["--dtype", "fp8"], "dtype"),
     ]:

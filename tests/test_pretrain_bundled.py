@@ -103,7 +103,7 @@ def test_bundled_teacher_quality_is_recorded(bundled):
 
 
 def _pretrain_spec(corpus_dir, out):
-    from kdcode.spec import PretrainSpec
+    from kdcode.spec_pretrain import PretrainSpec
 
     return PretrainSpec.model_validate({
         "model": {"layers": 2, "hidden": 32, "heads": 2, "vocab_size": 400},

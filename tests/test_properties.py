@@ -24,13 +24,13 @@ from kdcode.evaluation.metrics import line_metrics, sample_scores
 from kdcode.spec import (
     BenchSpec,
     EvalSpec,
-    PretrainSpec,
     RunSpec,
     build_spec,
     dump_yaml,
     read_spec_file,
     resolve_run_spec,
 )
+from kdcode.spec_pretrain import PretrainSpec
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

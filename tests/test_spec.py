@@ -18,8 +18,6 @@ from kdcode.spec import (
     DEFAULT_DISTIL_BUDGET,
     DataSpec,
     EvalSpec,
-    ModelShape,
-    PretrainSpec,
     RunSpec,
     TrainSpec,
     build_spec,
@@ -28,6 +26,7 @@ from kdcode.spec import (
     read_spec_file,
     resolve_run_spec,
 )
+from kdcode.spec_pretrain import ModelShape, PretrainSpec
 
 # --- defaults -------------------------------------------------------------------------------------------
 

@@ -154,68 +154,14 @@ def record_metrics(model: str, name: str, metrics: dict[str, Any]) -> None:
     update_metrics(path, name, metrics)
 
 
-# ---- option declarations shared by several commands (None = keep the spec's value) -----------------------
-TEACHER_HELP = "Teacher: 'bundled', a HF id, a local folder, FILE.gguf, ollama:NAME[:TAG] or smollm2."
+# ---- options several commands share that are no spec's field (the rest: kdcode.cli._options) -------------
 MODEL_HELP = "Model folder, 'bundled', a HF id, FILE.gguf, ollama:NAME[:TAG] or smollm2."
-TeacherOpt = Annotated[str | None, typer.Option("--teacher", help=TEACHER_HELP)]
-DataOpt = Annotated[
-    str | None, typer.Option("--data", help="Folder of source files, .jsonl, HF dataset id, or 'stdlib'.")
-]
-GlobOpt = Annotated[str | None, typer.Option("--glob", help="File pattern inside a data folder.")]
-StrategyOpt = Annotated[str | None, typer.Option("--strategy", help="KD strategy (see `kdcode list`).")]
-InitOpt = Annotated[str | None, typer.Option("--init", help="Student init scheme (see `kdcode list`).")]
-TemperatureOpt = Annotated[float | None, typer.Option("--temperature", help="Softmax temperature of the soft loss.")]
-PrecisionOpt = Annotated[str | None, typer.Option("--precision", help="auto, fp32, bf16 or fp16 (CUDA).")]
+TemperatureOpt = Annotated[float | None, typer.Option("--temperature", help="Softmax temperature of the soft loss "
+                                                      "(a param of the strategy: kdcode list NAME).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out folder.")]
-TrustRemoteCodeOpt = Annotated[
-    bool, typer.Option("--trust-remote-code", help="Run the model repo's own Python code (only if you trust it).")
-]
-AllowPickleOpt = Annotated[
-    bool, typer.Option("--allow-pickle", help="Load pickle weights (pytorch_model.bin), which can run code.")
-]
 NoVerifyOpt = Annotated[bool, typer.Option("--no-verify", help="Skip the weights' sha256 check.")]
-ContextOpt = Annotated[int | None, typer.Option("--context", help="Prompt tokens kept (default: min(the model's "
-                                               "positions, 1024) minus the new tokens).")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (as the model's config says), fp32, fp16 or bf16.")]
-ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads for torch.")]
 JsonFileOpt = Annotated[Path | None, typer.Option("--json", help="Also write the figures as JSON ('-': stdout only).")]
 RecordOpt = Annotated[bool, typer.Option("--record", help="Store the figures in the model's manifest.")]
-FimRateOpt = Annotated[
-    float | None,
-    typer.Option("--fim-rate", help="Fill-in-the-middle training: fraction of training pieces rearranged (0: off)."),
-]
-FimSpmRateOpt = Annotated[float | None, typer.Option("--fim-spm-rate", help="FIM: fraction in SPM order (else PSM).")]
-FimModeOpt = Annotated[
-    str | None, typer.Option("--fim-mode", help="FIM split: document (two random points) or line (one whole line).")
-]
-FimOrderOpt = Annotated[
-    str, typer.Option("--fim-order", help="Infilling prompt order: psm, spm, or auto (as the model was trained).")
-]
-FimFormatOpt = Annotated[
-    str | None,
-    typer.Option("--fim-format", help="FIM token names: starcoder, qwen, codellama or deepseek (default: detected)."),
-]
-
-
-def fim_overrides(rate: float | None, spm_rate: float | None, mode: str | None, fmt: str | None) -> dict[str, Any]:
-    """The ``data.fim`` section the --fim-* flags give ({} when none is given)."""
-    return overrides({"rate": rate, "spm_rate": spm_rate, "mode": mode, "format": fmt})
-
-
-BackendOpt = Annotated[str, typer.Option("--backend", help="auto (a .gguf file: llama.cpp, an ONNX export folder: "
-                                         "onnxruntime, else torch), torch, onnxruntime or llama.cpp.")]
-KvCacheOpt = Annotated[str, typer.Option("--kv-cache", help="torch: dynamic (grows each step) or static (allocated "
-                                         "once at the model's context).")]
-CompileOpt = Annotated[bool, typer.Option("--compile", help="torch: torch.compile the decode step (static KV cache).")]
-
-
-def runtime_flags(backend: str, kv_cache: str, compile_step: bool) -> dict[str, Any]:
-    """--backend / --kv-cache / --compile, validated (kdcode.spec.RuntimeSpec), as the dict loaders take."""
-    from kdcode.spec import RuntimeSpec, build_spec
-
-    spec = build_spec(RuntimeSpec, {"backend": backend, "kv_cache": kv_cache, "compile": compile_step}, "flags")
-    return spec.model_dump()
 
 
 DraftOpt = Annotated[

@@ -1,25 +1,12 @@
-"""The before/after quality check's flags and lines, shared by `kdcode compress` and `kdcode export`."""
+"""The before/after quality check's lines, shared by `kdcode compress` and `kdcode export` (their flags are the
+check spec's fields, :class:`kdcode.spec_compress.QualityCheckSpec`)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
-
-import typer
+from typing import Any
 
 from kdcode.cli._common import warn
 from kdcode.cli._console import out_console
-
-CheckSamplesOpt = Annotated[
-    int, typer.Option(help="Held-out line completions scored before and after, for ES (0 skips).")
-]
-CheckBlocksOpt = Annotated[int, typer.Option(help="Held-out blocks scored before and after, for perplexity (0 skips).")]
-MaxEsDropOpt = Annotated[float, typer.Option(help="Warn when ES drops by more than this many points.")]
-MaxPplRiseOpt = Annotated[float, typer.Option(help="Warn when perplexity rises by more than this many percent.")]
-
-
-def check_flags(check_samples: int, check_blocks: int, max_es_drop: float, max_ppl_rise: float) -> dict[str, Any]:
-    return {"check_samples": check_samples, "check_blocks": check_blocks, "max_es_drop": max_es_drop,
-            "max_ppl_rise": max_ppl_rise}
 
 
 def print_quality(quality: dict[str, Any] | None) -> None:

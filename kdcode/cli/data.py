@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from kdcode.cli._common import fail, handle_errors
 from kdcode.cli._console import out_console, styled
+from kdcode.cli._options import spec_flags, spec_option
+from kdcode.spec import DataSpec, EvalSpec, build_spec
+
+D = functools.partial(spec_option, DataSpec)  # the options of `data prepare` and `data lines`: fields of their specs
+E = functools.partial(spec_option, EvalSpec)
 
 data_app = typer.Typer(
     name="data",
@@ -22,25 +28,15 @@ data_app = typer.Typer(
 SOURCE_HELP = "A folder of source files, 'stdlib', a .jsonl file, a HF dataset id, or a prepared py150 folder."
 
 
-def _data_spec(src: str, glob: str, fmt: str, valid_fraction: float | None, test_fraction: float | None) -> Any:
-    from kdcode.spec import DataSpec, build_spec
-
-    data: dict[str, Any] = {"source": src, "glob": glob, "format": fmt}
-    for key, value in (("valid_fraction", valid_fraction), ("test_fraction", test_fraction)):
-        if value is not None:
-            data[key] = value
-    return build_spec(DataSpec, data, "flags")
-
-
 @data_app.command("prepare")
 @handle_errors
 def prepare_cmd(
     src: Annotated[str, typer.Argument(help=SOURCE_HELP)],
     out: Annotated[Path, typer.Option(help="Folder to write train.txt, dev.txt and test.txt to.")],
     data_format: Annotated[str, typer.Option("--format", help="Output format: py150 (the only one).")] = "py150",
-    glob: Annotated[str, typer.Option(help="File pattern inside a source folder.")] = "**/*.py",
-    valid_fraction: Annotated[float | None, typer.Option(help="Share of files in dev.txt (hash split).")] = None,
-    test_fraction: Annotated[float | None, typer.Option(help="Share of files in test.txt (hash split).")] = None,
+    glob: D("glob") = None,
+    valid_fraction: D("valid_fraction") = None,
+    test_fraction: D("test_fraction") = None,
     overwrite: Annotated[bool, typer.Option(help="Replace existing split files in --out.")] = False,
 ) -> None:
     """Normalise source files as CodeXGLUE's py150 and write them one per line, split by the usual hash split."""
@@ -48,7 +44,9 @@ def prepare_cmd(
 
     if data_format != "py150":
         fail(f"--format {data_format!r}: only py150 can be written one file per line; pass --format py150")
-    result = prepare(_data_spec(src, glob, "py150", valid_fraction, test_fraction), out, overwrite=overwrite)
+    data = build_spec(DataSpec, {**spec_flags(prepare_cmd, locals(), DataSpec), "source": src, "format": "py150"},
+                      "flags")
+    result = prepare(data, out, overwrite=overwrite)
     written = ", ".join(f"{name} {n}" for name, n in result["written"].items())
     skipped = ", ".join(f"{reason} {n}" for reason, n in sorted(result["skipped"].items())) or "none"
     out_console().print(styled("wrote", "green", f"{out}: {written} files; skipped: {skipped}"))
@@ -59,24 +57,19 @@ def prepare_cmd(
 def lines_cmd(
     src: Annotated[str, typer.Argument(help=SOURCE_HELP)],
     out: Annotated[Path, typer.Option(help="The {id, input, gt} .jsonl file to write.")],
-    samples: Annotated[int, typer.Option(help="Completions to draw.")] = 500,
-    seed: Annotated[int, typer.Option(help="Seed of the draw (and of py150's cut points).")] = 0,
-    data_format: Annotated[
-        str, typer.Option("--format", help="raw (cut at line starts) or py150 (normalised, random cut in a line).")
-    ] = "raw",
-    split: Annotated[str, typer.Option(help="test, valid, train, or all.")] = "test",
-    glob: Annotated[str, typer.Option(help="File pattern inside a source folder.")] = "**/*.py",
-    valid_fraction: Annotated[float | None, typer.Option(help="Share of files in the valid split.")] = None,
-    test_fraction: Annotated[float | None, typer.Option(help="Share of files in the test split.")] = None,
+    samples: E("samples") = None,
+    seed: E("seed") = None,
+    data_format: E("data.format", "--format") = None,
+    split: E("split") = None,
+    glob: E("data.glob") = None,
+    valid_fraction: E("data.valid_fraction") = None,
+    test_fraction: E("data.test_fraction") = None,
 ) -> None:
     """Write a line-completion set in CodeXGLUE's line-level layout, for `kdcode eval --lines`."""
     from kdcode.evaluation.completion_sets import write_completion_set
-    from kdcode.spec import EvalSpec, build_spec
 
-    data = _data_spec(src, glob, data_format, valid_fraction, test_fraction)
-    spec = build_spec(
-        EvalSpec, {"data": data.model_dump(), "split": split, "samples": samples, "seed": seed}, "flags"
-    )
+    flags = spec_flags(lines_cmd, locals(), EvalSpec)
+    spec = build_spec(EvalSpec, {**flags, "data": {**flags.get("data", {}), "source": src}}, "flags")
     result = write_completion_set(spec, out)
     out_console().print(styled(
         "wrote", "green", f"{out}: {result['samples']} samples from {result['files']} files "

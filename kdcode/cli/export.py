@@ -2,41 +2,36 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from kdcode.cli._common import (
-    DataOpt,
-    GlobOpt,
-    NoVerifyOpt,
-    OverwriteOpt,
-    handle_errors,
-    overrides,
-)
+from kdcode.cli._common import NoVerifyOpt, OverwriteOpt, handle_errors
 from kdcode.cli._console import out_console, styled
-from kdcode.cli._quality import CheckBlocksOpt, CheckSamplesOpt, MaxEsDropOpt, MaxPplRiseOpt, check_flags, print_quality
+from kdcode.cli._options import from_flags, spec_option
+from kdcode.cli._quality import print_quality
+from kdcode.spec_compress import ExportCheckSpec, ExportSpec
+
+X = functools.partial(spec_option, ExportSpec)  # export's options: fields of its spec and of its quality check
+XC = functools.partial(spec_option, ExportCheckSpec)
 
 
 @handle_errors
 def export(
     model: Annotated[str, typer.Argument(help="Model folder (or 'bundled') to export.")],
     out: Annotated[Path, typer.Option(help="GGUF: the file F.gguf to write; ONNX: the folder to write.")],
-    fmt: Annotated[str, typer.Option("--format", help="gguf (llama.cpp, ollama) or onnx (ONNX Runtime).")],
-    quant: Annotated[
-        str | None, typer.Option(help="GGUF weight type: f32 (default), f16, q8_0 or q4_0.")
-    ] = None,
-    int8: Annotated[
-        bool, typer.Option("--int8", help="ONNX: int8 weights (ONNX Runtime's dynamic quantizer).")
-    ] = False,
-    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 18,
-    data: DataOpt = None,
-    glob: GlobOpt = None,
-    check_samples: CheckSamplesOpt = 32,
-    check_blocks: CheckBlocksOpt = 16,
-    max_es_drop: MaxEsDropOpt = 1.0,
-    max_ppl_rise: MaxPplRiseOpt = 3.0,
+    fmt: X("format") = None,
+    quant: X("quant") = None,
+    int8: X("int8") = None,
+    opset: X("opset") = None,
+    data: XC("data.source", "--data") = None,
+    glob: XC("data.glob") = None,
+    check_samples: XC("check_samples") = None,
+    check_blocks: XC("check_blocks") = None,
+    max_es_drop: XC("max_es_drop") = None,
+    max_ppl_rise: XC("max_ppl_rise") = None,
     overwrite: OverwriteOpt = False,
     no_verify: NoVerifyOpt = False,
 ) -> None:
@@ -44,13 +39,9 @@ def export(
     export (--quant other than f32, --int8) is measured against its source on held-out code (--data's test
     split) where its runtime is installed."""
     from kdcode.export.run import modelfile_path, run_export, sidecar_path
-    from kdcode.spec import build_spec
-    from kdcode.spec_compress import ExportCheckSpec, ExportSpec
 
-    spec = build_spec(ExportSpec, {"format": fmt, "quant": quant, "int8": int8, "opset": opset}, "flags")
-    check = build_spec(ExportCheckSpec, {"data": overrides({"source": data, "glob": glob}),
-                                         **check_flags(check_samples, check_blocks, max_es_drop, max_ppl_rise)},
-                       "flags")
+    spec = from_flags(ExportSpec, export, locals())
+    check = from_flags(ExportCheckSpec, export, locals())
     path, manifest = run_export(model, spec, out, overwrite=overwrite, verify=not no_verify, check=check)
     console = out_console()
     size = f"{manifest['bytes'] / 1e6:.2f} MB"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Annotated
 
@@ -9,37 +10,28 @@ import typer
 
 from kdcode.cli._common import (
     MODEL_HELP,
-    AllowPickleOpt,
-    BackendOpt,
-    CompileOpt,
-    ContextOpt,
-    DataOpt,
-    DeviceOpt,
     DraftOpt,
     DraftTokensOpt,
-    DtypeOpt,
-    FimFormatOpt,
-    FimOrderOpt,
-    GlobOpt,
     JsonFileOpt,
-    KvCacheOpt,
     NoVerifyOpt,
     RecordOpt,
-    ThreadsOpt,
-    TrustRemoteCodeOpt,
     check_json_path,
     draft_arg,
     handle_errors,
-    overrides,
     record_metrics,
     refuse_with,
-    runtime_flags,
     write_json,
 )
 from kdcode.cli._console import metrics_table, out_console, styled
+from kdcode.cli._options import from_flags, runtime_given, runtime_of, spec_option
 from kdcode.cli.plan import latency_budget
 from kdcode.cli.speculate import bench_draft, eval_acceptance
+from kdcode.spec import BenchSpec, EvalSpec, LoadSpec, RuntimeSpec
 
+E = functools.partial(spec_option, EvalSpec)  # eval's options: fields of its spec
+B = functools.partial(spec_option, BenchSpec)
+RT = functools.partial(spec_option, RuntimeSpec)
+LD = functools.partial(spec_option, LoadSpec)
 EVAL_COLUMNS = [("es", "ES"), ("em", "EM %"), ("token_accuracy", "token acc %"), ("perplexity", "perplexity"),
                 ("samples", "samples")]
 BENCH_COLUMNS = [
@@ -61,35 +53,27 @@ RECORDED_INFILL = ("es", "em", "samples", "prefix_only", "prefix_only_same_windo
 @handle_errors
 def eval_cmd(
     model: Annotated[str, typer.Argument(help=MODEL_HELP)],
-    data: DataOpt = None,
-    glob: GlobOpt = None,
-    data_format: Annotated[str | None, typer.Option("--format", help="raw or py150.")] = None,
-    task: Annotated[
-        str, typer.Option(help="line (complete a line from the code before it) or infill (fill a removed line from "
-                          "the code before and after it; prefix-only completion of the same holes beside it).")
-    ] = "line",
-    fim_format: FimFormatOpt = None,
-    fim_order: FimOrderOpt = "auto",
-    split: Annotated[str, typer.Option(help="test, valid, train, or all (every file of --data).")] = "test",
-    lines: Annotated[
-        Path | None,
-        typer.Option(
-            help="A completion set: {id,input,gt} or {code} .jsonl/.json, or a CodeXGLUE completion dataset id."
-        ),
-    ] = None,
-    samples: Annotated[int, typer.Option(help="Completions to score.")] = 500,
-    seed: Annotated[int, typer.Option(help="Seed of the sample draw.")] = 0,
-    beams: Annotated[int, typer.Option(help="1 = greedy; >1 = beam search.")] = 1,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest completion in tokens.")] = 48,
-    context: ContextOpt = None,
-    batch_size: Annotated[int, typer.Option(help="Prompts decoded together (greedy).")] = 8,
-    ppl_blocks: Annotated[int, typer.Option(help="Held-out blocks for perplexity (0 skips it).")] = 64,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    threads: ThreadsOpt = None,
-    backend: BackendOpt = "auto",
-    kv_cache: KvCacheOpt = "dynamic",
-    compile_step: CompileOpt = False,
+    data: E("data.source", "--data") = None,
+    glob: E("data.glob") = None,
+    data_format: E("data.format") = None,
+    task: E("task") = None,
+    fim_format: E("fim_format") = None,
+    fim_order: E("fim_order") = None,
+    split: E("split") = None,
+    lines: E("lines") = None,
+    samples: E("samples") = None,
+    seed: E("seed") = None,
+    beams: E("beams") = None,
+    max_new_tokens: E("max_new_tokens") = None,
+    context: E("context_tokens", "--context") = None,
+    batch_size: E("batch_size") = None,
+    ppl_blocks: E("ppl_blocks") = None,
+    device: E("device") = None,
+    dtype: E("dtype") = None,
+    threads: E("threads") = None,
+    backend: RT("backend") = None,
+    kv_cache: RT("kv_cache") = None,
+    compile_step: RT("compile") = None,
     predictions: Annotated[
         Path | None, typer.Option(help="Write predictions, one per line (CodeXGLUE format).")
     ] = None,
@@ -99,39 +83,27 @@ def eval_cmd(
     json_out: JsonFileOpt = None,
     record: RecordOpt = False,
     no_verify: NoVerifyOpt = False,
-    trust_remote_code: TrustRemoteCodeOpt = False,
-    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: LD("trust_remote_code") = None,
+    allow_pickle: LD("allow_pickle") = None,
 ) -> None:
     """Line-level code completion (ES, EM as CodeXGLUE defines them) and perplexity on held-out code; with
     --task infill, single-line infilling of the same lines."""
     from kdcode.evaluation.evaluate import run_eval
-    from kdcode.spec import EvalSpec, build_spec
 
-    spec = build_spec(
-        EvalSpec,
-        {
-            "data": overrides({"source": data, "glob": glob, "format": data_format}),
-            "split": split, "lines": str(lines) if lines else None, "samples": samples, "seed": seed,
-            "task": task, "fim_format": fim_format, "fim_order": fim_order,
-            "beams": beams, "max_new_tokens": max_new_tokens, "context_tokens": context, "batch_size": batch_size,
-            "ppl_blocks": ppl_blocks,
-            "threads": threads, "device": device, "dtype": dtype,
-        },
-        "flags",
-    )
-    runtime = runtime_flags(backend, kv_cache, compile_step)
+    spec = from_flags(EvalSpec, eval_cmd, locals())
+    runtime = runtime_of(eval_cmd, locals())
+    load = from_flags(LoadSpec, eval_cmd, locals())
     check_json_path(json_out, model)
     if draft_for:
         refuse_with(f"--draft-for {draft_for}", {
             "--task infill": spec.task == "infill", "--predictions": bool(predictions),
-            f"--backend {backend}": backend != "auto", "--kv-cache static": kv_cache == "static",
-            "--compile": compile_step,
+            **runtime_given(runtime),
         }, "it measures acceptance on greedy line completion, each model on its own backend; drop them, or run "
             "eval without --draft-for")
 
         return eval_acceptance(model, draft_for, spec, draft_tokens, not no_verify, json_out, record)
-    result = run_eval(model, spec, verify=not no_verify, predictions=predictions, allow_pickle=allow_pickle,
-                      trust_remote_code=trust_remote_code, runtime=runtime)
+    result = run_eval(model, spec, verify=not no_verify, predictions=predictions, allow_pickle=load.allow_pickle,
+                      trust_remote_code=load.trust_remote_code, runtime=runtime)
     rows = [(model, result)]
     for key in ("prefix_only", "prefix_only_same_window", "baseline"):
         if result.get(key):
@@ -139,7 +111,7 @@ def eval_cmd(
     if str(json_out) != "-":
         rt = result["runtime"]
         what = "single-line infilling" if spec.task == "infill" else "line completion"
-        title = (f"{what}, {spec.split} split, seed {seed} ({rt['device']}, {rt['dtype']}, "
+        title = (f"{what}, {spec.split} split, seed {spec.seed} ({rt['device']}, {rt['dtype']}, "
                  f"{rt['threads']} threads, {rt.get('backend', 'torch')})")
         console = out_console()
         console.print(metrics_table(title, rows, EVAL_COLUMNS))
@@ -155,53 +127,44 @@ def eval_cmd(
 def bench(
     model: Annotated[str, typer.Argument(help=MODEL_HELP)],
     compare: Annotated[str | None, typer.Option(help="Measure this model too (e.g. the teacher) and compare.")] = None,
-    data: Annotated[str | None, typer.Option(help="Corpus for the prompts (default: the stdlib test split).")] = None,
-    prompts: Annotated[int, typer.Option(help="Timed completions per round.")] = 16,
-    rounds: Annotated[int, typer.Option(help="Interleaved rounds (A B, B A, ...): medians with their range.")] = 5,
-    new_tokens: Annotated[int, typer.Option(help="Tokens generated per completion (no early stop).")] = 16,
-    context: ContextOpt = None,
-    batch_size: Annotated[int, typer.Option(help="Prompts decoded together.")] = 1,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    threads: ThreadsOpt = None,
-    backend: BackendOpt = "auto",
-    kv_cache: KvCacheOpt = "dynamic",
-    compile_step: CompileOpt = False,
-    seed: Annotated[int, typer.Option(help="Seed of the prompt draw.")] = 0,
+    data: B("data.source", "--data") = None,
+    prompts: B("prompts") = None,
+    rounds: B("rounds") = None,
+    new_tokens: B("new_tokens") = None,
+    context: B("context_tokens", "--context") = None,
+    batch_size: B("batch_size") = None,
+    device: B("device") = None,
+    dtype: B("dtype") = None,
+    threads: B("threads") = None,
+    backend: RT("backend") = None,
+    kv_cache: RT("kv_cache") = None,
+    compile_step: RT("compile") = None,
+    seed: B("seed") = None,
     draft: DraftOpt = None,
     draft_tokens: DraftTokensOpt = "4",
     json_out: JsonFileOpt = None,
     record: RecordOpt = False,
     no_verify: NoVerifyOpt = False,
-    trust_remote_code: TrustRemoteCodeOpt = False,
-    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: LD("trust_remote_code") = None,
+    allow_pickle: LD("allow_pickle") = None,
 ) -> None:
     """Params, size on disk, peak memory, throughput and latency, side by side with --compare."""
     from kdcode.evaluation.bench import run_bench
-    from kdcode.spec import BenchSpec, build_spec
 
-    spec = build_spec(
-        BenchSpec,
-        {
-            "data": overrides({"source": data}), "prompts": prompts, "rounds": rounds, "new_tokens": new_tokens,
-            "context_tokens": context,
-            "batch_size": batch_size, "threads": threads, "device": device, "dtype": dtype, "seed": seed,
-        },
-        "flags",
-    )
-    runtime = runtime_flags(backend, kv_cache, compile_step)
+    spec = from_flags(BenchSpec, bench, locals())
+    runtime = runtime_of(bench, locals())
+    load = from_flags(LoadSpec, bench, locals())
     check_json_path(json_out, model, compare)
     if draft_arg(draft):
         refuse_with(f"--draft {draft}", {
-            "--compare": bool(compare), f"--backend {backend}": backend != "auto",
-            "--kv-cache static": kv_cache == "static", "--compile": compile_step,
+            "--compare": bool(compare), **runtime_given(runtime),
         }, "it times MODEL alone and with its draft, each on its own backend; run bench MODEL --compare M (or "
             "with the runtime flags) separately")
 
         return bench_draft(model, spec, draft, draft_tokens, not no_verify, json_out, record, BENCH_COLUMNS,
                            with_ranges)
-    result = run_bench(model, spec, compare=compare, verify=not no_verify, allow_pickle=allow_pickle,
-                       trust_remote_code=trust_remote_code, runtime=runtime)
+    result = run_bench(model, spec, compare=compare, verify=not no_verify, allow_pickle=load.allow_pickle,
+                       trust_remote_code=load.trust_remote_code, runtime=runtime)
     rows = [(model, with_ranges(result))] + ([(compare, with_ranges(result["compare"]))] if compare else [])
     # models on different backends or dtypes (a GGUF against its torch folder): each row says its own
     mixed = bool(compare) and any(result[k] != result["compare"][k] for k in ("backend", "dtype"))

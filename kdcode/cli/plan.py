@@ -1,55 +1,20 @@
 """`kdcode plan`: the student shapes a latency budget allows on this machine, measured, without training; and the
-budget flags `kdcode distil --latency-ms` shares with it (help text from the spec's fields, written once there)."""
+budget line `kdcode bench` prints for a student made by `kdcode distil --latency-ms`."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import typer
 
-from kdcode.cli._common import (
-    DataOpt,
-    GlobOpt,
-    JsonFileOpt,
-    TeacherOpt,
-    check_json_path,
-    fail,
-    handle_errors,
-    overrides,
-    write_json,
-)
+from kdcode.cli._common import JsonFileOpt, check_json_path, fail, handle_errors, write_json
 from kdcode.cli._console import metrics_table, out_console
-from kdcode.spec_latency import LatencySpec
+from kdcode.cli._options import from_flags, spec_option
+from kdcode.spec import PlanSpec
 
-
-def _help(field: str) -> str:
-    return str(LatencySpec.model_fields[field].description)
-
-
-LatencyMsOpt = Annotated[float | None, typer.Option("--latency-ms", help=_help("latency_ms"))]
-TaskOpt = Annotated[str | None, typer.Option("--task", help=_help("task"))]
-PromptTokensOpt = Annotated[int | None, typer.Option("--prompt-tokens", help=_help("prompt_tokens"))]
-NewTokensOpt = Annotated[int | None, typer.Option("--new-tokens", help=_help("new_tokens"))]
-PrecisionsOpt = Annotated[str | None, typer.Option("--precisions", help=_help("precisions") + "; comma-separated")]
-RunThreadsOpt = Annotated[int | None, typer.Option("--run-threads", help=_help("threads"))]
-
-
-def _floats(value: str | None, flag: str) -> list[float] | None:
-    if value is None:
-        return None
-    try:
-        return [float(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        fail(f"{flag} {value!r}: give comma-separated fractions, e.g. 1,0.75,0.5")
-
-
-def latency_overrides(latency_ms: float | None, task: str | None, prompt_tokens: int | None, new_tokens: int | None,
-                      precisions: str | None, threads: int | None, prefix: str = "latency.") -> dict[str, Any]:
-    """The budget flags as dotted spec keys (shared by plan and distil)."""
-    return {f"{prefix}latency_ms": latency_ms, f"{prefix}task": task, f"{prefix}prompt_tokens": prompt_tokens,
-            f"{prefix}new_tokens": new_tokens, f"{prefix}threads": threads,
-            f"{prefix}precisions": [p.strip() for p in precisions.split(",")] if precisions else None}
+L = functools.partial(spec_option, PlanSpec)  # plan's options: fields of its spec
 
 
 COLUMNS = [("precision", "precision"), ("ms", "ms / completion"), ("params_m", "params (M)"), ("size_mb", "MB"),
@@ -81,37 +46,31 @@ def print_plan(plan: dict[str, Any]) -> None:
 
 @handle_errors
 def plan(
-    teacher: TeacherOpt = None,
-    latency_ms: LatencyMsOpt = None,
-    task: TaskOpt = None,
-    prompt_tokens: PromptTokensOpt = None,
-    new_tokens: NewTokensOpt = None,
-    precisions: PrecisionsOpt = None,
-    threads: Annotated[int | None, typer.Option("--threads", help=_help("threads"))] = None,
-    device: Annotated[str | None, typer.Option("--device", help="cpu, or cuda / cuda:N")] = None,
-    ffn_keep: Annotated[str | None, typer.Option("--ffn-keep", help=_help("ffn_keep"))] = None,
-    head_prune: Annotated[str | None, typer.Option("--head-prune", help=_help("head_prune"))] = None,
-    rounds: Annotated[int | None, typer.Option("--rounds", help=_help("rounds"))] = None,
-    margin: Annotated[float | None, typer.Option("--margin", help=_help("margin"))] = None,
-    data: DataOpt = None,
-    glob: GlobOpt = None,
+    teacher: L("teacher") = None,
+    latency_ms: L("latency.latency_ms") = None,
+    task: L("latency.task") = None,
+    prompt_tokens: L("latency.prompt_tokens") = None,
+    new_tokens: L("latency.new_tokens") = None,
+    precisions: L("latency.precisions") = None,
+    threads: L("latency.threads") = None,
+    device: L("latency.device") = None,
+    ffn_keep: L("latency.ffn_keep") = None,
+    head_prune: L("latency.head_prune") = None,
+    rounds: L("latency.rounds") = None,
+    margin: L("latency.margin") = None,
+    data: L("data.source", "--data") = None,
+    glob: L("data.glob") = None,
     json_out: JsonFileOpt = None,
 ) -> None:
     """The student shapes a latency budget allows on this machine: measured candidates, a quality proxy, the choice.
 
     Nothing is trained; `kdcode distil --latency-ms N` runs the same plan and distils the chosen shape."""
     from kdcode.planning.plan import run_plan
-    from kdcode.spec import PlanSpec, build_spec
 
     if latency_ms is None:
         fail("--latency-ms is required: the milliseconds a completion may take on this machine")
     check_json_path(json_out, teacher or "bundled")  # before minutes of timing, not after
-    latency = overrides({**latency_overrides(latency_ms, task, prompt_tokens, new_tokens, precisions, threads, ""),
-                         "device": device, "ffn_keep": _floats(ffn_keep, "--ffn-keep"),
-                         "head_prune": _floats(head_prune, "--head-prune"), "rounds": rounds,
-                         "margin": margin})
-    spec = build_spec(PlanSpec, overrides({"teacher": teacher, "data.source": data, "data.glob": glob})
-                      | {"latency": latency}, "flags")
+    spec = from_flags(PlanSpec, plan, locals())
     result = run_plan(spec)
     if str(json_out) != "-":
         print_plan(result)

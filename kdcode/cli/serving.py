@@ -2,63 +2,63 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from kdcode.cli._common import (
     MODEL_HELP,
-    BackendOpt,
-    CompileOpt,
-    DeviceOpt,
     DraftOpt,
     DraftTokensOpt,
-    DtypeOpt,
-    FimFormatOpt,
-    FimOrderOpt,
-    KvCacheOpt,
     NoVerifyOpt,
-    ThreadsOpt,
     draft_arg,
     fail,
     handle_errors,
     parse_draft_tokens,
-    runtime_flags,
     warn,
 )
 from kdcode.cli._console import err_console
+from kdcode.cli._options import from_flags, runtime_of, spec_option
+from kdcode.spec import RuntimeSpec
+from kdcode.spec_serve import CompleteSpec, EngineSpec, ServeSpec
+
+C = functools.partial(spec_option, CompleteSpec)  # complete's options: fields of its spec
+S = functools.partial(spec_option, ServeSpec)
+RT = functools.partial(spec_option, RuntimeSpec)
+
+
+def engine_args(spec: EngineSpec) -> dict[str, Any]:
+    """What :func:`kdcode.inference.engine.load_engine` takes from a complete / serve spec."""
+    return {k: getattr(spec, k) for k in EngineSpec.model_fields}
 
 
 @handle_errors
 def complete(
     model: Annotated[str, typer.Argument(help=MODEL_HELP)],
     file: Annotated[Path | None, typer.Option("--file", help="Source file (default: the text on stdin).")] = None,
-    line: Annotated[
-        int | None, typer.Option(help="Cursor line, 1-based (default: the end of the text: it is all prefix).")
-    ] = None,
-    col: Annotated[
-        int | None, typer.Option(help="Cursor column, 1-based characters (default: after the line's indentation).")
-    ] = None,
-    beams: Annotated[int, typer.Option(help="1 = greedy; >1 = beam search.")] = 1,
-    n: Annotated[int, typer.Option("--n", help="Alternatives: the n best distinct beams (fewer if beams agree).")] = 1,
-    max_tokens: Annotated[int, typer.Option(help="Longest completion in tokens.")] = 48,
-    temperature: Annotated[float, typer.Option(help="0 = greedy / beams; >0 samples.")] = 0.0,
-    seed: Annotated[int | None, typer.Option(help="Seed of the sampling.")] = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    threads: ThreadsOpt = None,
+    line: C("line") = None,
+    col: C("column", "--col") = None,
+    beams: C("beams") = None,
+    n: C("n") = None,
+    max_tokens: C("max_tokens") = None,
+    temperature: C("temperature") = None,
+    seed: C("seed") = None,
+    device: C("device") = None,
+    dtype: C("dtype") = None,
+    threads: C("threads") = None,
     no_suffix: Annotated[
         bool, typer.Option("--no-suffix", help="Complete from the text before the cursor alone, even if the model "
                            "infills.")
     ] = False,
-    fim_format: FimFormatOpt = None,
-    fim_order: FimOrderOpt = "auto",
-    backend: BackendOpt = "auto",
-    kv_cache: KvCacheOpt = "dynamic",
-    compile_step: CompileOpt = False,
+    fim_format: C("fim_format") = None,
+    fim_order: C("fim_order") = None,
+    backend: RT("backend") = None,
+    kv_cache: RT("kv_cache") = None,
+    compile_step: RT("compile") = None,
     draft: DraftOpt = None,
     draft_tokens: DraftTokensOpt = "4",
     json_out: Annotated[
@@ -71,19 +71,21 @@ def complete(
     When the model infills (it has FIM tokens), the text after the cursor in --file is its suffix."""
     from kdcode.inference.engine import load_engine, prefix_at, suffix_at
 
+    spec = from_flags(CompleteSpec, complete, locals())
+    runtime = runtime_of(complete, locals())
     if file is not None:
         text = file.read_text(encoding="utf-8")
     elif sys.stdin is None or sys.stdin.isatty():
         fail("give --file FILE, or pipe the text before the cursor on stdin")
     else:
         text = sys.stdin.read()
+    line, col = spec.line, spec.column
     prefix = prefix_at(text, line, col) if line is not None else text
-    runtime = runtime_flags(backend, kv_cache, compile_step)
-    engine = load_engine(model, device=device, dtype=dtype, threads=threads, verify=not no_verify, warm_up=False,
-                         fim_format=fim_format, fim_order=fim_order, runtime=runtime, draft=draft_arg(draft),
-                         draft_tokens=parse_draft_tokens(draft_tokens))
+    engine = load_engine(model, **engine_args(spec), verify=not no_verify, warm_up=False, runtime=runtime,
+                         draft=draft_arg(draft), draft_tokens=parse_draft_tokens(draft_tokens))
     suffix = suffix_at(text, line, col) if line is not None and engine.fim is not None and not no_suffix else None
-    result = engine.complete(prefix, max_tokens, n=n, beams=beams, temperature=temperature, seed=seed, suffix=suffix)
+    result = engine.complete(prefix, spec.max_tokens, n=spec.n, beams=spec.beams, temperature=spec.temperature,
+                             seed=spec.seed, suffix=suffix)
     if json_out:
         typer.echo(
             json.dumps(
@@ -108,31 +110,21 @@ def complete(
 @handle_errors
 def serve(
     model: Annotated[str, typer.Argument(help=MODEL_HELP)],
-    host: Annotated[str, typer.Option(help="Address to listen on (loopback: only this machine).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    max_prompt_tokens: Annotated[
-        int | None, typer.Option(help="Longest prompt accepted, in tokens (default: the model's context).")
-    ] = None,
-    max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 128,
-    body_timeout: Annotated[
-        float, typer.Option(help="Seconds a client has to send a request's body (then 408 and the connection closed).")
-    ] = 10.0,
-    max_context_chars: Annotated[
-        int, typer.Option(help="Longest prefix and suffix (each, in characters) an infill request may send; the "
-                          "model sees a window of them around the cursor.")
-    ] = 65_536,
-    max_queue: Annotated[
-        int, typer.Option(help="Requests that may wait for the model behind the one it is working on; one more is "
-                          "answered 503 with Retry-After.")
-    ] = 16,
-    fim_format: FimFormatOpt = None,
-    fim_order: FimOrderOpt = "auto",
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    threads: ThreadsOpt = None,
-    backend: BackendOpt = "auto",
-    kv_cache: KvCacheOpt = "dynamic",
-    compile_step: CompileOpt = False,
+    host: S("host") = None,
+    port: S("port") = None,
+    max_prompt_tokens: S("max_prompt_tokens") = None,
+    max_tokens_limit: S("max_tokens_limit") = None,
+    body_timeout: S("body_timeout") = None,
+    max_context_chars: S("max_context_chars") = None,
+    max_queue: S("max_queue") = None,
+    fim_format: S("fim_format") = None,
+    fim_order: S("fim_order") = None,
+    device: S("device") = None,
+    dtype: S("dtype") = None,
+    threads: S("threads") = None,
+    backend: RT("backend") = None,
+    kv_cache: RT("kv_cache") = None,
+    compile_step: RT("compile") = None,
     draft: DraftOpt = None,
     draft_tokens: DraftTokensOpt = "4",
     no_verify: NoVerifyOpt = False,
@@ -147,15 +139,11 @@ def serve(
     from kdcode.inference.engine import load_engine
     from kdcode.inference.server import create_app
 
-    if not body_timeout > 0:
-        fail(f"--body-timeout must be more than 0 seconds, not {body_timeout}")
-    engine = load_engine(model, device=device, dtype=dtype, threads=threads, verify=not no_verify,
-                         fim_format=fim_format, fim_order=fim_order,
-                         runtime=runtime_flags(backend, kv_cache, compile_step), draft=draft_arg(draft),
-                         draft_tokens=parse_draft_tokens(draft_tokens))
-    app_ = create_app(model, engine=engine, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
-                      body_timeout_s=body_timeout, max_context_chars=max_context_chars, max_queue=max_queue,
-                      fim_format=fim_format)
+    spec = from_flags(ServeSpec, serve, locals())
+    engine = load_engine(model, **engine_args(spec), verify=not no_verify, runtime=runtime_of(serve, locals()),
+                         draft=draft_arg(draft), draft_tokens=parse_draft_tokens(draft_tokens))
+    app_ = create_app(model, engine=engine, serve=spec)
+    host, port = spec.host, spec.port
     if host not in ("127.0.0.1", "localhost", "::1"):
         warn(f"listening on {host}: anyone who can reach it can use the model (no auth)")
     rt = app_.state.engine.runtime

@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from kdcode.cli._common import (
-    ContextOpt,
-    DataOpt,
-    InitOpt,
-    PrecisionOpt,
-    StrategyOpt,
-    TeacherOpt,
-    TemperatureOpt,
-    ThreadsOpt,
-    fail,
-    handle_errors,
-    overrides,
-)
+from kdcode.cli._common import TemperatureOpt, fail, handle_errors, overrides
 from kdcode.cli._console import out_console, styled
+from kdcode.cli._options import spec_flags, spec_option
+from kdcode.spec import BenchSpec, EvalSpec, RunSpec, SweepSpec, read_spec_file
+
+# sweep's quick form: fields of the run spec (each point's base), of eval's and bench's specs, and of the sweep's
+R, E, B, W = (functools.partial(spec_option, model) for model in (RunSpec, EvalSpec, BenchSpec, SweepSpec))
 
 
 def _print_report(written: dict[str, Any], records: list[dict[str, Any]]) -> None:
@@ -58,52 +52,44 @@ def sweep(
     spec: Annotated[
         Path | None, typer.Argument(help="Sweep spec (YAML/JSON). Without it: sweep --layers, all else fixed.")
     ] = None,
-    teacher: TeacherOpt = None,
-    data: DataOpt = None,
+    teacher: R("teacher.name", "--teacher") = None,
+    data: R("data.source", "--data") = None,
     layers: Annotated[str | None, typer.Option(help="Student depths to sweep, e.g. 4,6,8.")] = None,
-    strategy: StrategyOpt = None,
-    init: InitOpt = None,
-    max_steps: Annotated[int | None, typer.Option(help="Steps per point.")] = None,
-    max_minutes: Annotated[float | None, typer.Option(help="Wall-clock budget per point.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Blocks per step.")] = None,
-    block_size: Annotated[int | None, typer.Option(help="Tokens per block.")] = None,
+    strategy: R("strategy.name", "--strategy") = None,
+    init: R("student.init.name", "--init") = None,
+    max_steps: R("train.max_steps") = None,
+    max_minutes: R("train.max_minutes") = None,
+    batch_size: R("train.batch_size") = None,
+    block_size: R("train.block_size") = None,
     temperature: TemperatureOpt = None,
-    precision: PrecisionOpt = None,
-    samples: Annotated[int | None, typer.Option(help="Line completions scored per model (eval).")] = None,
-    task: Annotated[
-        str, typer.Option(help="line, or infill: also single-line infilling of the same lines (an Infill ES column).")
-    ] = "line",
-    draft_tokens: Annotated[int | None, typer.Option(
-        help="Also measure each student as the teacher's speculative draft with k draft tokens (acceptance).")] = None,
-    prompts: Annotated[int | None, typer.Option(help="Timed completions per model (bench).")] = None,
-    new_tokens: Annotated[int | None, typer.Option(help="Longest eval completion and bench tokens per prompt.")] = None,
-    context: ContextOpt = None,
-    threads: ThreadsOpt = None,
-    out: Annotated[str | None, typer.Option(help="Sweep folder (default: the spec's out, or 'sweep').")] = None,
+    precision: R("train.precision") = None,
+    samples: E("samples") = None,
+    task: E("task") = None,
+    draft_tokens: W("draft_tokens") = None,
+    prompts: B("prompts") = None,
+    new_tokens: B("new_tokens", also="also eval's longest completion") = None,
+    context: E("context_tokens", "--context", also="in eval and bench") = None,
+    threads: R("train.threads", also="in training, eval and bench") = None,
+    out: W("out") = None,
     resume: Annotated[bool, typer.Option("--resume", help="Skip the points done in OUT/results.jsonl.")] = False,
     validate: Annotated[
         bool, typer.Option("--validate", help="Expand and check every point (plugin params too), load nothing.")
     ] = False,
 ) -> None:
     """Distil, evaluate and benchmark every point of a sweep (teacher first); results.jsonl, results.md, pareto.png."""
-    from kdcode.spec import read_spec_file
     from kdcode.study.report import read_records
     from kdcode.study.sweep import build_sweep, plan_sweep, run_sweep
     from kdcode.train.loop import Interrupted
 
     if spec is None and layers is None:
         fail("pass a sweep spec file, or --layers (e.g. 4,6,8) for the quick form")
-    base = overrides({
-        "teacher.name": teacher, "data.source": data, "strategy.name": strategy,
-        "strategy.params.temperature": temperature, "student.init.name": init, "train.max_steps": max_steps,
-        "train.max_minutes": max_minutes, "train.batch_size": batch_size, "train.block_size": block_size,
-        "train.precision": precision, "train.threads": threads,
-    })
+    base = spec_flags(sweep, locals(), RunSpec) | overrides({"strategy.params.temperature": temperature})
+    # --new-tokens, --context and --threads set the same figure in eval and bench
     ev = overrides({"samples": samples, "max_new_tokens": new_tokens, "context_tokens": context, "threads": threads})
     bn = overrides({"prompts": prompts, "new_tokens": new_tokens, "context_tokens": context, "threads": threads})
     where = str(spec) if spec else "flags"
     sweep_spec = build_sweep(read_spec_file(spec) if spec else {}, base, _depths(layers), ev, bn, out, where)
-    if task not in ("line", "infill"):
+    if task not in (None, "line", "infill"):
         fail(f"--task {task!r}: use line or infill")
     if task == "infill":
         sweep_spec.infill = True

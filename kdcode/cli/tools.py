@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Annotated
@@ -9,18 +10,13 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from kdcode.cli._common import (
-    DataOpt,
-    GlobOpt,
-    NoVerifyOpt,
-    OverwriteOpt,
-    fail,
-    handle_errors,
-    overrides,
-    write_json,
-)
+from kdcode.cli._common import NoVerifyOpt, OverwriteOpt, fail, handle_errors, write_json
 from kdcode.cli._console import out_console, styled
-from kdcode.cli._quality import CheckBlocksOpt, CheckSamplesOpt, MaxEsDropOpt, MaxPplRiseOpt, check_flags, print_quality
+from kdcode.cli._options import from_flags, spec_option
+from kdcode.cli._quality import print_quality
+from kdcode.spec_compress import CompressSpec
+
+K = functools.partial(spec_option, CompressSpec)  # compress's options: fields of its spec
 
 
 @handle_errors
@@ -75,29 +71,21 @@ def doctor(
 def compress(
     model: Annotated[str, typer.Argument(help="Model folder (or 'bundled') to compress.")],
     out: Annotated[Path, typer.Option(help="Folder to write.")],
-    dtype: Annotated[str | None, typer.Option(help="Store the weights as fp16, bf16 (or fp32).")] = None,
-    int8: Annotated[
-        bool, typer.Option("--int8", help="int8 weights of every Linear/Conv1D, for CPU inference.")
-    ] = False,
-    int8_scheme: Annotated[
-        str, typer.Option(help="int8 activations: weight-only (float32, the default), per-token (int8 per token), "
-                          "smoothquant (outliers moved into the weights, then per tensor) or per-tensor (the old "
-                          "scheme; loses much on Llama-style models). See docs/compression.md.")
-    ] = "weight-only",
-    smooth_alpha: Annotated[float, typer.Option(help="smoothquant: migration strength alpha.")] = 0.5,
-    prune_heads: Annotated[
-        float, typer.Option(help="Fraction of attention heads removed per layer (GPT-2, Llama-style; GQA: per group).")
-    ] = 0.0,
-    prune_ffn: Annotated[float, typer.Option(help="Fraction of MLP neurons / gated channels removed per layer.")] = 0.0,
-    data: DataOpt = None,
-    glob: GlobOpt = None,
-    calib_batches: Annotated[int, typer.Option(help="Calibration batches that score heads/neurons.")] = 8,
-    calib_batch_size: Annotated[int, typer.Option(help="Blocks per calibration batch.")] = 8,
-    calib_block_size: Annotated[int | None, typer.Option(help="Tokens per calibration block (default 256).")] = None,
-    check_samples: CheckSamplesOpt = 32,
-    check_blocks: CheckBlocksOpt = 16,
-    max_es_drop: MaxEsDropOpt = 1.0,
-    max_ppl_rise: MaxPplRiseOpt = 3.0,
+    dtype: K("dtype") = None,
+    int8: K("int8") = None,
+    int8_scheme: K("int8_scheme") = None,
+    smooth_alpha: K("smooth_alpha") = None,
+    prune_heads: K("prune_heads") = None,
+    prune_ffn: K("prune_ffn") = None,
+    data: K("data.source", "--data") = None,
+    glob: K("data.glob") = None,
+    calib_batches: K("calib_batches") = None,
+    calib_batch_size: K("calib_batch_size") = None,
+    calib_block_size: K("calib_block_size") = None,
+    check_samples: K("check_samples") = None,
+    check_blocks: K("check_blocks") = None,
+    max_es_drop: K("max_es_drop") = None,
+    max_ppl_rise: K("max_ppl_rise") = None,
     overwrite: OverwriteOpt = False,
     no_verify: NoVerifyOpt = False,
 ) -> None:
@@ -105,20 +93,8 @@ def compress(
     held-out code and warns beyond the thresholds; the manifest keeps the parent chain and the quality."""
     from kdcode.compression.compress import run_compress
     from kdcode.models.artifacts import weights_size
-    from kdcode.spec import build_spec
-    from kdcode.spec_compress import CompressSpec
 
-    spec = build_spec(
-        CompressSpec,
-        {
-            "dtype": dtype, "int8": int8, "int8_scheme": int8_scheme, "smooth_alpha": smooth_alpha,
-            "prune_heads": prune_heads, "prune_ffn": prune_ffn,
-            **check_flags(check_samples, check_blocks, max_es_drop, max_ppl_rise),
-            "data": overrides({"source": data, "glob": glob}), "calib_batches": calib_batches,
-            "calib_batch_size": calib_batch_size, "calib_block_size": calib_block_size,
-        },
-        "flags",
-    )
+    spec = from_flags(CompressSpec, compress, locals())
     folder, manifest = run_compress(model, spec, out, overwrite=overwrite, verify=not no_verify)
     comp, m = manifest["compression"], manifest["model"]
     out_console().print(styled(

@@ -2,41 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from kdcode.cli._common import (
-    AllowPickleOpt,
-    DataOpt,
-    FimFormatOpt,
-    FimModeOpt,
-    FimRateOpt,
-    FimSpmRateOpt,
-    GlobOpt,
-    InitOpt,
-    OverwriteOpt,
-    PrecisionOpt,
-    StrategyOpt,
-    TeacherOpt,
-    TemperatureOpt,
-    TrustRemoteCodeOpt,
-    fail,
-    fim_overrides,
-    handle_errors,
-    overrides,
-)
+from kdcode.cli._common import OverwriteOpt, TemperatureOpt, fail, handle_errors, overrides
 from kdcode.cli._console import out_console, styled
-from kdcode.cli.plan import (
-    LatencyMsOpt,
-    NewTokensOpt,
-    PrecisionsOpt,
-    PromptTokensOpt,
-    RunThreadsOpt,
-    latency_overrides,
-)
+from kdcode.cli._options import spec_flags, spec_option
+from kdcode.spec import RunSpec, dump_yaml, read_spec_file, resolve_run_spec
+from kdcode.spec_pretrain import PretrainSpec, resolve_pretrain_spec
 
 MaxStepsOpt = Annotated[int | None, typer.Option(help="Stop after this many optimiser steps.")]
 EpochsOpt = Annotated[float | None, typer.Option(help="Stop after this many passes over the train split.")]
@@ -47,72 +24,60 @@ TensorboardOpt = Annotated[bool, typer.Option("--tensorboard", help="Also log to
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in OUT.ckpt.")]
 
 
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in OUT.ckpt.")]
+R = functools.partial(spec_option, RunSpec)  # `kdcode distil`'s options: fields of its run spec
+P = functools.partial(spec_option, PretrainSpec)
+
+
 @handle_errors
 def distil(
     spec: Annotated[Path | None, typer.Option("--spec", help="Run spec (YAML/JSON); flags override it.")] = None,
-    teacher: TeacherOpt = None,
-    teacher_revision: Annotated[str | None, typer.Option(help="Hub revision (commit, branch, tag).")] = None,
-    teacher_dtype: Annotated[str | None, typer.Option(help="Teacher held in fp32, bf16 or fp16.")] = None,
-    layers: Annotated[int | None, typer.Option(help="Student depth (transformer blocks).")] = None,
-    strategy: StrategyOpt = None,
-    init: InitOpt = None,
-    data: DataOpt = None,
-    glob: GlobOpt = None,
-    max_steps: MaxStepsOpt = None,
-    epochs: EpochsOpt = None,
-    max_minutes: MaxMinutesOpt = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Blocks per step.")] = None,
-    block_size: Annotated[int | None, typer.Option(help="Tokens per block.")] = None,
+    teacher: R("teacher.name", "--teacher") = None,
+    teacher_revision: R("teacher.revision", "--teacher-revision") = None,
+    teacher_dtype: R("teacher.dtype", "--teacher-dtype") = None,
+    layers: R("student.layers") = None,
+    strategy: R("strategy.name", "--strategy") = None,
+    init: R("student.init.name", "--init") = None,
+    data: R("data.source", "--data") = None,
+    glob: R("data.glob") = None,
+    max_steps: R("train.max_steps") = None,
+    epochs: R("train.epochs") = None,
+    max_minutes: R("train.max_minutes") = None,
+    lr: R("train.lr") = None,
+    batch_size: R("train.batch_size") = None,
+    block_size: R("train.block_size") = None,
     temperature: TemperatureOpt = None,
-    hidden_size: Annotated[int | None, typer.Option(help="Narrower student width (random/pretrained init).")] = None,
-    heads: Annotated[int | None, typer.Option(help="Attention heads of a narrower student.")] = None,
-    teacher_cache: Annotated[str | None, typer.Option(help="Train from a teacher-logit cache (cache-teacher).")] = None,
-    latency_ms: LatencyMsOpt = None,
-    prompt_tokens: PromptTokensOpt = None,
-    new_tokens: NewTokensOpt = None,
-    precisions: PrecisionsOpt = None,
-    run_threads: RunThreadsOpt = None,
-    fim_rate: FimRateOpt = None,
-    fim_spm_rate: FimSpmRateOpt = None,
-    fim_mode: FimModeOpt = None,
-    fim_format: FimFormatOpt = None,
-    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimiser step.")] = None,
-    loss_chunk: Annotated[int | None, typer.Option(help="Positions per KD-loss chunk (0: one pass).")] = None,
-    activation_checkpointing: Annotated[bool, typer.Option(
-        "--activation-checkpointing", help="Recompute the student's activations in the backward (less memory).")
-    ] = False,
-    checkpoint_every: CheckpointEveryOpt = None,
-    tensorboard: TensorboardOpt = False,
+    hidden_size: R("student.hidden_size") = None,
+    heads: R("student.heads") = None,
+    teacher_cache: R("teacher_cache") = None,
+    latency_ms: R("latency.latency_ms") = None,
+    prompt_tokens: R("latency.prompt_tokens") = None,
+    new_tokens: R("latency.new_tokens") = None,
+    precisions: R("latency.precisions") = None,
+    run_threads: R("latency.threads", "--run-threads") = None,
+    fim_rate: R("data.fim.rate", "--fim-rate") = None,
+    fim_spm_rate: R("data.fim.spm_rate", "--fim-spm-rate") = None,
+    fim_mode: R("data.fim.mode", "--fim-mode") = None,
+    fim_format: R("data.fim.format", "--fim-format") = None,
+    grad_accum: R("train.grad_accum") = None,
+    loss_chunk: R("train.loss_chunk") = None,
+    activation_checkpointing: R("train.activation_checkpointing") = None,
+    checkpoint_every: R("train.checkpoint_every") = None,
+    tensorboard: R("train.tensorboard") = None,
     resume: ResumeOpt = False,
-    precision: PrecisionOpt = None,
-    seed: SeedOpt = None,
-    out: Annotated[str | None, typer.Option(help="Student folder to write.")] = None,
+    precision: R("train.precision") = None,
+    seed: R("train.seed") = None,
+    out: R("out") = None,
     overwrite: OverwriteOpt = False,
-    trust_remote_code: TrustRemoteCodeOpt = False,
-    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: R("teacher.trust_remote_code") = None,
+    allow_pickle: R("teacher.allow_pickle") = None,
     print_spec: Annotated[bool, typer.Option("--print-spec", help="Print the resolved spec as YAML and exit.")] = False,
     validate: Annotated[bool, typer.Option("--validate", help="Check the spec and plugins only.")] = False,
 ) -> None:
     """Distil a teacher into a smaller student (default: the bundled teacher into 6 layers on the stdlib).
 
     Without --fim-* flags (data.fim) the student is trained with fill-in-the-middle as its teacher was, if it was."""
-    from kdcode.spec import dump_yaml, read_spec_file, resolve_run_spec
-
-    flags = overrides({
-        "teacher.name": teacher, "teacher.revision": teacher_revision, "teacher.dtype": teacher_dtype,
-        "teacher.trust_remote_code": trust_remote_code or None, "teacher.allow_pickle": allow_pickle or None,
-        "student.layers": layers, "student.init.name": init, "student.hidden_size": hidden_size,
-        "student.heads": heads, "strategy.name": strategy, "strategy.params.temperature": temperature,
-        "teacher_cache": teacher_cache, "data.source": data, "data.glob": glob,
-        "train.max_steps": max_steps, "train.epochs": epochs, "train.max_minutes": max_minutes, "train.lr": lr,
-        "train.batch_size": batch_size, "train.block_size": block_size, "train.grad_accum": grad_accum,
-        "train.loss_chunk": loss_chunk, "train.activation_checkpointing": activation_checkpointing or None,
-        "train.checkpoint_every": checkpoint_every, "train.tensorboard": tensorboard or None,
-        "train.precision": precision, "train.seed": seed, "out": out,
-        "data.fim": fim_overrides(fim_rate, fim_spm_rate, fim_mode, fim_format) or None,
-        **latency_overrides(latency_ms, None, prompt_tokens, new_tokens, precisions, run_threads),
-    })
+    flags = spec_flags(distil, locals()) | overrides({"strategy.params.temperature": temperature})
     if latency_ms is not None and (layers is not None or init is not None):
         fail("--latency-ms chooses the student's depth and blocks by measurement; drop "
              + ("--layers" if layers is not None else "--init"))
@@ -149,65 +114,42 @@ def distil(
 
 @handle_errors
 def pretrain(
-    data: Annotated[str, typer.Option(help="Folder of source files, .jsonl, HF dataset id, or 'stdlib'.")] = "stdlib",
-    glob: Annotated[str, typer.Option(help="File pattern inside a data folder.")] = "**/*.py",
-    include_tests: Annotated[bool, typer.Option(help="Keep the stdlib's test/ folders in the corpus.")] = False,
-    layers: Annotated[int | None, typer.Option(help="Transformer blocks.  [default: 12]", show_default=False)] = None,
-    hidden: Annotated[int | None, typer.Option(help="Model width.  [default: 128]", show_default=False)] = None,
-    heads: Annotated[int | None, typer.Option(help="Attention heads.  [default: 4]", show_default=False)] = None,
-    vocab_size: Annotated[
-        int | None, typer.Option(help="BPE vocabulary size.  [default: 8192]", show_default=False)
-    ] = None,
-    block_size: Annotated[int, typer.Option(help="Tokens per block (= the model's positions).")] = 256,
-    tokenizer: Annotated[str | None, typer.Option(help="Reuse this tokenizer folder instead of training one.")] = None,
-    init: Annotated[
-        str | None,
-        typer.Option(help="Continue training this GPT-2 (folder or 'bundled'); its shape and tokenizer are kept."),
-    ] = None,
-    max_steps: MaxStepsOpt = None,
-    epochs: EpochsOpt = None,
-    max_minutes: MaxMinutesOpt = None,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
-    warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps.")] = 100,
-    batch_size: Annotated[int, typer.Option(help="Blocks per step.")] = 16,
-    eval_every: Annotated[int, typer.Option(help="Held-out loss every N steps.")] = 200,
-    fim_rate: FimRateOpt = None,
-    fim_spm_rate: FimSpmRateOpt = None,
-    fim_mode: FimModeOpt = None,
-    fim_format: FimFormatOpt = None,
-    checkpoint_every: CheckpointEveryOpt = None,
-    tensorboard: TensorboardOpt = False,
+    data: P("data.source", "--data") = None,
+    glob: P("data.glob") = None,
+    exclude_tests: P("data.exclude_tests", "--exclude-tests/--include-tests") = None,
+    layers: P("model.layers") = None,
+    hidden: P("model.hidden") = None,
+    heads: P("model.heads") = None,
+    vocab_size: P("model.vocab_size") = None,
+    block_size: P("train.block_size") = None,
+    tokenizer: P("tokenizer") = None,
+    init: P("init") = None,
+    max_steps: P("train.max_steps") = None,
+    epochs: P("train.epochs") = None,
+    max_minutes: P("train.max_minutes") = None,
+    lr: P("train.lr") = None,
+    warmup_steps: P("train.warmup_steps") = None,
+    batch_size: P("train.batch_size") = None,
+    eval_every: P("train.eval_every") = None,
+    fim_rate: P("data.fim.rate", "--fim-rate") = None,
+    fim_spm_rate: P("data.fim.spm_rate", "--fim-spm-rate") = None,
+    fim_mode: P("data.fim.mode", "--fim-mode") = None,
+    fim_format: P("data.fim.format", "--fim-format") = None,
+    checkpoint_every: P("train.checkpoint_every") = None,
+    tensorboard: P("train.tensorboard") = None,
     resume: ResumeOpt = False,
-    precision: Annotated[str, typer.Option(help="auto, fp32 or bf16.")] = "auto",
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    out: Annotated[str, typer.Option(help="Model folder to write.")] = "pretrained",
+    precision: P("train.precision") = None,
+    seed: P("train.seed") = None,
+    out: P("out") = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Train a byte-level BPE tokenizer and a GPT-2 from scratch on code (how the bundled teacher was made).
 
     --fim-rate trains fill-in-the-middle (FIM tokens are added to a tokenizer without them); with --init and no
     --fim-* flags, FIM goes on as the --init model was trained."""
-    from kdcode.spec import PretrainSpec, build_spec
     from kdcode.train.pretrain import run_pretrain
 
-    budget = overrides({"max_steps": max_steps, "epochs": epochs, "max_minutes": max_minutes}) or {"max_steps": 1000}
-    spec = build_spec(
-        PretrainSpec,
-        {
-            "model": overrides({"layers": layers, "hidden": hidden, "heads": heads, "vocab_size": vocab_size}),
-            "tokenizer": tokenizer,
-            "init": init,
-            "data": {"source": data, "glob": glob, "exclude_tests": not include_tests,
-                     **overrides({"fim": fim_overrides(fim_rate, fim_spm_rate, fim_mode, fim_format) or None})},
-            "train": {
-                "lr": lr, "warmup_steps": warmup_steps, "batch_size": batch_size, "block_size": block_size,
-                "eval_every": eval_every, "precision": precision, "seed": seed, "tensorboard": tensorboard,
-                **budget, **overrides({"checkpoint_every": checkpoint_every}),
-            },
-            "out": out,
-        },
-        "flags",
-    )
+    spec = resolve_pretrain_spec(spec_flags(pretrain, locals()), "flags")
     folder, manifest = run_pretrain(spec, overwrite=overwrite, resume=resume)
     tr = manifest["training"]
     out_console().print(styled(

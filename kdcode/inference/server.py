@@ -47,7 +47,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kdcode.errors import KdcodeError
@@ -72,6 +71,8 @@ from kdcode.inference.requests import (
     parse_ollama_request,
 )
 from kdcode.models.artifacts import utc_now
+from kdcode.spec import build_spec
+from kdcode.spec_serve import ServeSpec
 
 SSE = {"media_type": "text/event-stream", "headers": {"Cache-Control": "no-cache"}}
 
@@ -297,20 +298,12 @@ def create_app(
     *,
     engine: Engine | None = None,
     model_name: str | None = None,
-    max_prompt_tokens: int | None = None,
-    max_tokens_limit: int = 128,
-    max_body_bytes: int = 2**20,
-    body_timeout_s: float = 10.0,
-    max_context_chars: int = 65_536,
-    max_queue: int = 16,
-    fim_format: str | None = None,
-    fim_order: str = "auto",
-    threads: int | None = None,
-    device: str = "auto",
-    dtype: str = "auto",
+    serve: ServeSpec | None = None,
     verify: bool = True,
+    **settings: Any,
 ) -> FastAPI:
-    """A FastAPI app serving ``model_dir`` (a folder, ``bundled`` or a hub id; or an already loaded ``engine``).
+    """A FastAPI app serving ``model_dir`` (a folder, ``bundled`` or a hub id; or an already loaded ``engine``),
+    with the settings of ``serve`` (:class:`kdcode.spec.ServeSpec`, or its fields as keywords).
 
     ``max_prompt_tokens`` (default: the model's context) refuses longer plain prompts with a 400; a prompt
     within it but longer than the context left after ``max_tokens`` is cut to its last tokens, as in ``kdcode
@@ -319,21 +312,17 @@ def create_app(
     At most ``max_queue`` requests wait for the model behind the one it is working on; one more is answered 503
     with ``Retry-After``.
     """
-    engine = engine or load_engine(model_dir, device=device, dtype=dtype, threads=threads, verify=verify,
-                                   fim_format=fim_format, fim_order=fim_order)
+    spec = serve or build_spec(ServeSpec, settings, "server settings")
+    engine = engine or load_engine(model_dir, device=spec.device, dtype=spec.dtype, threads=spec.threads,
+                                   verify=verify, fim_format=spec.fim_format, fim_order=spec.fim_order)
     name = model_name or (Path(model_dir).name if model_dir != "bundled" and Path(model_dir).exists() else model_dir)
-    prompt_limit = max_prompt_tokens or engine.n_positions
-    tokens_limit = min(max_tokens_limit, engine.n_positions - 1)
-    if prompt_limit < 1 or tokens_limit < 1:
-        raise KdcodeError("--max-prompt-tokens and --max-tokens-limit must be at least 1")
-    if max_queue < 0:
-        raise KdcodeError(f"--max-queue must be at least 0, not {max_queue}")
-    try:
-        limits = Limits(max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s, max_tokens=tokens_limit,
-                        max_context_chars=max_context_chars)
-    except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        raise KdcodeError(f"server limit {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    prompt_limit = spec.max_prompt_tokens or engine.n_positions
+    tokens_limit = min(spec.max_tokens_limit, engine.n_positions - 1)
+    if tokens_limit < 1:
+        raise KdcodeError("--max-tokens-limit must be at least 1 and below the model's context")
+    limits = Limits(max_body_bytes=spec.max_body_bytes, body_timeout_s=spec.body_timeout, max_tokens=tokens_limit,
+                    max_context_chars=spec.max_context_chars)
+    max_queue = spec.max_queue
     state = ServerState(engine, name, limits, prompt_limit, max_queue)
 
     @asynccontextmanager

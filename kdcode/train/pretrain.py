@@ -21,7 +21,7 @@ from kdcode.errors import KdcodeError
 from kdcode.models.artifacts import check_output, check_trainable, record_layout
 from kdcode.models.load import count_params, load_model, load_tokenizer, resolve_path
 from kdcode.plugins import make_strategy
-from kdcode.spec import PretrainSpec
+from kdcode.spec_pretrain import PretrainSpec
 from kdcode.train.loop import train_loop
 from kdcode.train.resources import check_block_size, check_memory
 from kdcode.train.state import run_context, save_trained
