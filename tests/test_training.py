@@ -261,3 +261,25 @@ def test_two_process_data_parallel_matches_one_process(tmp_path, teacher_dir, co
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
     m = json.loads((tmp_path / "two" / "kdcode.json").read_text())["training"]
     assert m["world_size"] == 2 and m["launcher"] == "torchrun" and m["global_batch"] == 4
+
+
+def test_a_field_added_at_its_default_keeps_a_checkpoint_resumable() -> None:
+    """--resume after an upgrade that adds a spec field: the fingerprint leaves default-valued fields out, and a
+    checkpoint named the older way (every field) is still taken for the same spec."""
+    from pydantic import Field
+
+    from kdcode.spec import RunSpec, StudentSpec, resolve_run_spec
+    from kdcode.train.state import run_context, spec_fingerprint
+
+    class LaterStudent(StudentSpec):
+        added_later: float = Field(0.0, description="a field a later version adds")
+
+    class LaterRun(RunSpec):
+        student: LaterStudent = Field(default_factory=LaterStudent)
+
+    flags = {"student": {"layers": 4}, "train": {"max_steps": 7}}
+    now, later = resolve_run_spec({}, flags, "flags"), LaterRun.model_validate(flags | {"train": {"max_steps": 7}})
+    assert spec_fingerprint(now) == spec_fingerprint(later)
+    assert spec_fingerprint(now) != spec_fingerprint(resolve_run_spec({}, {**flags, "train": {"max_steps": 8}}, "f"))
+    context = run_context(now, resume=True)
+    assert spec_fingerprint(now, exclude_defaults=False) in context.accepted

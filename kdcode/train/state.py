@@ -114,12 +114,15 @@ class RunContext:
     checkpoint_dir: Path | None = None
     resume: bool = False
     fingerprint: str = ""  # hash of the run spec; a checkpoint of another spec is refused
+    accepted: tuple[str, ...] = ()  # other names of the same spec (the older fingerprint of every field)
     tensorboard_dir: Path | None = None
 
 
-def spec_fingerprint(spec: Any) -> str:
-    """Identity of a run for --resume: the resolved spec without its output folder."""
-    data = spec.model_dump(mode="json")
+def spec_fingerprint(spec: Any, exclude_defaults: bool = True) -> str:
+    """Identity of a run for --resume: the resolved spec without its output folder, and without the fields left at
+    their defaults, so that a field a later kdcode adds (at a default that changes nothing) keeps a checkpoint
+    resumable. ``exclude_defaults=False``: every field, as older checkpoints were named."""
+    data = spec.model_dump(mode="json", exclude_defaults=exclude_defaults)
     data.pop("out", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
@@ -133,7 +136,8 @@ def run_context(spec: Any, resume: bool, tensorboard: bool = False) -> RunContex
             f"{ckpt} holds a checkpoint of an interrupted run; add --resume to continue it, or delete that folder"
         )
     tb = out.with_name(out.name + ".tensorboard") if tensorboard else None
-    return RunContext(checkpoint_dir=ckpt, resume=resume, fingerprint=spec_fingerprint(spec), tensorboard_dir=tb)
+    return RunContext(checkpoint_dir=ckpt, resume=resume, fingerprint=spec_fingerprint(spec),
+                      accepted=(spec_fingerprint(spec, exclude_defaults=False),), tensorboard_dir=tb)
 
 
 @dataclass
@@ -202,7 +206,7 @@ class Checkpointer:
         if folder is None or not has_checkpoint(folder):
             raise KdcodeError(f"--resume: no checkpoint in {folder}; start the run without --resume")
         saved = load_checkpoint(folder, self.modules)
-        if saved["fingerprint"] != self.run.fingerprint:
+        if saved["fingerprint"] not in (self.run.fingerprint, *self.run.accepted):
             raise KdcodeError(
                 f"--resume: {folder} belongs to a run with another spec; use the same flags or another --out"
             )
