@@ -137,7 +137,9 @@ def test_int8_student_completes_through_load_model(tmp_path, teacher_dir, corpus
     assert json.loads(r.stdout)["completions"][0]["finish_reason"] in ("stop", "length")
 
 
-def test_help():
-    for cmd in ("complete", "serve"):
+def test_help_lists_the_options_with_the_specs_defaults():
+    for cmd, flag, default in (("complete", "--max-tokens", "(48)"), ("serve", "--max-tokens-limit", "(128)")):
         r = run(cmd, "-h")
-        assert r.exit_code == 0 and "Usage" in r.output, r.output
+        assert r.exit_code == 0, r.output
+        line = next(x for x in r.output.splitlines() if flag + " " in x)
+        assert f"[default: {default}]" in line and "--fim-order" in r.output, line
