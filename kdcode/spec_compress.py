@@ -9,7 +9,15 @@ from pydantic import Field, model_validator
 
 from kdcode.spec import DataSpec, _Spec
 
-INT8_SCHEMES = ("weight-only", "per-token", "smoothquant", "per-tensor")
+Int8SchemeName = Literal["weight-only", "per-token", "smooth-per-token", "smoothquant", "per-tensor"]
+#: each int8 scheme: whether SmoothQuant's outlier migration runs first, and how the activations are quantized
+INT8_SCHEMES: dict[str, tuple[bool, str]] = {
+    "weight-only": (False, "weight-only"),
+    "per-token": (False, "per-token"),
+    "smooth-per-token": (True, "per-token"),
+    "smoothquant": (True, "per-tensor"),
+    "per-tensor": (False, "per-tensor"),
+}
 
 
 class QualityCheckSpec(_Spec):
@@ -29,12 +37,14 @@ class CompressSpec(QualityCheckSpec):
 
     dtype: Literal["fp32", "fp16", "bf16"] | None = Field(None, description="store float weights in this dtype")
     int8: bool = Field(False, description="int8 weights of every Linear/Conv1D, for CPU inference")
-    int8_scheme: Literal["weight-only", "per-token", "smoothquant", "per-tensor"] = Field(
+    int8_scheme: Int8SchemeName = Field(
         "weight-only", description="int8 activations: weight-only (kept float32; the default, see "
-        "docs/compression.md), per-token (int8 per token), smoothquant (outliers moved into the weights, then per "
-        "tensor), per-tensor (one scale per input: the old scheme, which Llama-style outliers defeat)"
+        "docs/compression.md), per-token (int8 per token), smooth-per-token (outliers moved into the weights, then "
+        "per token), smoothquant (outliers moved, then per tensor), per-tensor (one scale per input: the old scheme, "
+        "which Llama-style outliers defeat)"
     )
-    smooth_alpha: float = Field(0.5, gt=0.0, lt=1.0, description="smoothquant: migration strength alpha")
+    smooth_alpha: float = Field(0.5, gt=0.0, lt=1.0, description="smooth-per-token, smoothquant: migration strength "
+                                "alpha")
     prune_heads: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of attention heads removed per layer "
                                "(GPT-2, Llama-style; GQA: per group)")
     prune_ffn: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of MLP neurons / gated channels removed per "

@@ -30,7 +30,7 @@ from kdcode.device import torch_dtype
 from kdcode.errors import KdcodeError
 from kdcode.models.artifacts import check_output, kdcode_layout, read_manifest, save_model, weights_sha256
 from kdcode.models.load import context_length, count_params, load_model, resolve_path, weights_bytes
-from kdcode.spec_compress import CompressSpec
+from kdcode.spec_compress import INT8_SCHEMES, CompressSpec
 
 
 def calibration_blocks(spec: CompressSpec, tokenizer: Any, n_positions: int) -> torch.Tensor:
@@ -159,9 +159,10 @@ def run_compress(
     int8_layout = None
     if spec.int8:
         model.float()
-        if spec.int8_scheme == "smoothquant":
+        smooth, activations = INT8_SCHEMES[spec.int8_scheme]
+        if smooth:
             steps.append(_smooth(model, spec, lm.tokenizer))
-        int8_layout = quantize_model(model, "per-tensor" if spec.int8_scheme == "smoothquant" else spec.int8_scheme)
+        int8_layout = quantize_model(model, activations)
         steps.append({"step": "int8", "int8_scheme": spec.int8_scheme, "scheme": int8_layout["scheme"],
                       "modules": len(int8_layout["modules"]), "tied": int8_layout["tied"]})
     elif spec.dtype:
