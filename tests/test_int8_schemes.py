@@ -1,5 +1,5 @@
-"""int8 schemes (per-tensor, per-token, weight-only, smoothquant, smooth-per-token): round trips, what each does to outliers, old
-folders, and the quality check `kdcode compress` / `kdcode export` run before they report success."""
+"""int8 schemes (per-tensor, per-token, weight-only, smoothquant, smooth-per-token): round trips, what each does to
+outliers, old folders, and the quality check `kdcode compress` / `kdcode export` run before they report success."""
 
 from __future__ import annotations
 
@@ -238,7 +238,7 @@ def test_smoothquant_refuses_an_architecture_it_cannot_fold(tmp_path, corpus_dir
 
     model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
                                              num_attention_heads=2, intermediate_size=64))
-    with pytest.raises(KdcodeError, match="smoothquant supports GPT-2 and Llama-style blocks"):
+    with pytest.raises(KdcodeError, match="smoothquant and smooth-per-token support GPT-2 and Llama-style blocks"):
         smooth_model(model, ids(64), 2, 0.5)
 
 

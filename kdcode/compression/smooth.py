@@ -24,6 +24,7 @@ from transformers.pytorch_utils import Conv1D
 from kdcode.errors import KdcodeError
 from kdcode.inits.base import block_path
 
+_WHO = "--int8-scheme smoothquant and smooth-per-token"  # the schemes that run the migration
 Group = tuple[nn.Module, str, list[nn.Module]]  # producer, how it is scaled ("norm" or "rows"), readers
 
 
@@ -50,14 +51,13 @@ def smoothing_groups(model: nn.Module) -> list[Group]:
         if not all(norms) or attn is None or mlp is None or not all(
             isinstance(getattr(part, n, None), nn.Linear) for part, ns in zip((attn, mlp), names) for n in ns
         ) or "gemma" in type(norms[0]).__name__.lower():  # Gemma's norms scale by (1 + weight)
-            raise KdcodeError(f"--int8-scheme smoothquant supports GPT-2 and Llama-style blocks (input_layernorm, "
-                              f"self_attn.q/k/v_proj, post_attention_layernorm, mlp.gate/up/down_proj); this {kind} "
-                              "model is not; use --int8-scheme per-token or weight-only")
+            raise KdcodeError(f"{_WHO} support GPT-2 and Llama-style blocks (input_layernorm, self_attn.q/k/v_proj, "
+                              f"post_attention_layernorm, mlp.gate/up/down_proj); this {kind} model is not; use "
+                              "--int8-scheme per-token or weight-only")
         groups += [(norms[0], "norm", [attn.q_proj, attn.k_proj, attn.v_proj]),
                    (norms[1], "norm", [mlp.gate_proj, mlp.up_proj]), (mlp.up_proj, "rows", [mlp.down_proj])]
     if not groups:
-        raise KdcodeError(f"--int8-scheme smoothquant supports GPT-2 and Llama-style blocks; this {kind} model has "
-                          "none")
+        raise KdcodeError(f"{_WHO} support GPT-2 and Llama-style blocks; this {kind} model has none")
     return groups
 
 
