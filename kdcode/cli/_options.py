@@ -10,6 +10,7 @@ tests/test_cli_options.py walks every command's options against its spec.
 
 from __future__ import annotations
 
+import functools
 import types
 import typing
 from dataclasses import dataclass
@@ -109,8 +110,9 @@ def spec_option(model: type[BaseModel], key: str, flag: str | None = None, *, al
     return Annotated[kind | None, option, SpecKey(model, key, name.split("/")[0])]  # type: ignore[valid-type]
 
 
+@functools.cache
 def option_keys(command: Any) -> dict[str, SpecKey]:
-    """Parameter name -> SpecKey for each spec-derived option of ``command`` (its annotations, evaluated)."""
+    """Parameter name -> SpecKey for each spec-derived option of ``command`` (its annotations, evaluated once)."""
     hints = typing.get_type_hints(getattr(command, "__wrapped__", command), include_extras=True)
     keys = {}
     for name, hint in hints.items():

@@ -322,8 +322,7 @@ def create_app(
         raise KdcodeError("--max-tokens-limit must be at least 1 and below the model's context")
     limits = Limits(max_body_bytes=spec.max_body_bytes, body_timeout_s=spec.body_timeout, max_tokens=tokens_limit,
                     max_context_chars=spec.max_context_chars)
-    max_queue = spec.max_queue
-    state = ServerState(engine, name, limits, prompt_limit, max_queue)
+    state = ServerState(engine, name, limits, prompt_limit, spec.max_queue)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
