@@ -45,18 +45,22 @@ def llama_dir(tmp_path_factory, tokenizer) -> Path:
 @pytest.mark.parametrize("activations", int8_kernels.ACTIVATIONS)
 @pytest.mark.parametrize("rows", [1, 5, 40])  # decoding, a short batch, a prompt (weight-only dequantizes)
 def test_every_kernel_computes_the_dequantized_product(activations, rows):
-    lin = torch.nn.Linear(48, 40)
+    with torch.random.fork_rng():  # the same weights whatever ran before (the tolerance is 2x the worst of 200 seeds)
+        torch.manual_seed(rows)
+        lin = torch.nn.Linear(48, 40)
     q8 = Int8Linear.from_float(lin, activations)
     q, scale, bias = q8.unpacked()
     x = torch.randn(2, rows, 48, generator=torch.Generator().manual_seed(rows))
     ref = x @ dequantize_int8(q, scale).T + bias
     err = (q8(x) - ref).abs().max()
-    tol = {"weight-only": 1e-4, "per-token": 0.01, "per-tensor": 0.02}[activations]
+    tol = {"weight-only": 1e-4, "per-token": 0.025, "per-tensor": 0.05}[activations]
     assert err < tol * ref.abs().max()
 
 
 def test_per_token_keeps_the_other_tokens_when_one_token_is_an_outlier():
-    lin = torch.nn.Linear(64, 32)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(64, 32)
     x = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
     x[3] *= 1000.0  # one token with massive activations (a Llama's first token does this)
     errors = {}
@@ -117,24 +121,50 @@ def test_smoothquant_keeps_the_float_model_and_tames_an_outlier_channel(llama_di
     assert _logit_error(smoothed, "per-token", x) < _logit_error(model, "per-token", x)
 
 
+def test_an_untied_head_gets_its_own_activations_and_the_layout_rebuilds_it():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kdcode.compression.int8 import apply_int8_layout
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).eval()
+    layout = quantize_model(model, "per-token", "weight-only")
+    assert layout["tied"] is None and "lm_head" in layout["modules"]
+    kinds = {n: m.activations for n, m in model.named_modules() if isinstance(m, Int8Linear)}
+    assert kinds.pop("lm_head") == "weight-only" and set(kinds.values()) == {"per-token"}
+    assert "the LM head" in layout["scheme"]
+    skeleton = LlamaForCausalLM(config).eval()
+    apply_int8_layout(skeleton, layout)
+    skeleton.load_state_dict(model.state_dict())
+    x = ids(64)
+    with torch.no_grad():
+        assert torch.equal(skeleton(x).logits, model(x).logits)
+
+
 # ------------------------------------------------------------------------------------------- folders
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_every_scheme_round_trips_to_the_logits_it_had_in_memory(tmp_path, llama_dir, corpus_dir, scheme):
     s = spec(corpus_dir, int8=True, int8_scheme=scheme)
     out, m = run_compress(str(llama_dir), s, tmp_path / scheme)
     layout = m["compression"]["layout"]["int8"]
-    smooth, activations = INT8_SCHEMES[scheme]
+    smooth, activations, head = INT8_SCHEMES[scheme]
     assert activations == {"smoothquant": "per-tensor", "smooth-per-token": "per-token"}.get(scheme, scheme)
-    assert layout["activations"] == activations and layout["tied"] is not None
+    assert head == ("weight-only" if scheme == "smooth-per-token" else activations)
+    assert layout["activations"] == activations and layout["head_activations"] == head
+    assert layout["tied"] is not None
     assert [st["step"] for st in m["compression"]["steps"]] == ["smooth"] * smooth + ["int8"]
     lm = load_model(str(llama_dir))
     in_memory = lm.model.float()
     if smooth:
         _smooth(in_memory, s, lm.tokenizer)
-    quantize_model(in_memory, activations)
+    quantize_model(in_memory, activations, head)
     back = load_model(str(out))
     assert back.verified is True
     assert {m.activations for m in back.model.modules() if isinstance(m, Int8Linear)} == {activations}
+    assert back.model.get_output_embeddings().activations == head
     x = ids(lm.model.config.vocab_size)
     with torch.no_grad():
         assert torch.equal(back.model(x).logits, in_memory(x).logits)
@@ -147,13 +177,14 @@ def test_old_per_tensor_folders_still_load(tmp_path, teacher_dir, corpus_dir):
     comp = manifest["compression"]  # as kdcode wrote it before schemes and quality existed
     for key in ("int8_scheme", "smooth_alpha", "check_samples", "check_blocks", "max_es_drop", "max_ppl_rise"):
         del comp["spec"][key]
-    del comp["layout"]["int8"]["activations"]
+    del comp["layout"]["int8"]["activations"], comp["layout"]["int8"]["head_activations"]
     comp["layout"]["int8"]["scheme"] = comp["steps"][0]["scheme"] = INT8_SCHEME
     del comp["steps"][0]["int8_scheme"]
     path.write_text(json.dumps(manifest))
     old = load_model(str(out))
     assert old.verified is True
     assert {m.activations for m in old.model.modules() if isinstance(m, Int8Linear)} == {"per-tensor"}
+    assert old.model.get_output_embeddings().activations == "per-tensor"
     ref = load_model(str(teacher_dir)).model
     quantize_model(ref, "per-tensor")
     x = ids(ref.config.vocab_size)

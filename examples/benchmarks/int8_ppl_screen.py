@@ -1,8 +1,9 @@
 """A cheap first screen of the int8 schemes: held-out perplexity of each, in memory, on the same blocks.
 
 Loads MODEL once, builds the first N blocks (1,024 tokens, or 256 for a model with fewer positions) of the stdlib
-test split, and for every variant (fp32, bf16, an int8 scheme, or ``smooth:ALPHA[:ACTIVATIONS]``: SmoothQuant's
-migration calibrated on `kdcode compress`'s default calibration blocks, then int8 with those activations) prints
+test split, and for every variant (fp32, bf16, an int8 scheme, or ``smooth:ALPHA[:ACTIVATIONS[:HEAD]]``: SmoothQuant's
+migration calibrated on `kdcode compress`'s default calibration blocks, then int8 with those activations, the LM
+head's HEAD) prints
 the mean next-token loss and perplexity. ES needs generation: use int8_quality.py on what passes here.
 
     python examples/benchmarks/int8_ppl_screen.py smollm2 16 fp32,per-tensor,per-token,weight-only,smooth:0.5
@@ -25,7 +26,7 @@ from kdcode.evaluation.completion_sets import eval_docs
 from kdcode.evaluation.perplexity import held_out_loss
 from kdcode.models.load import load_model
 from kdcode.spec import EvalSpec
-from kdcode.spec_compress import CompressSpec
+from kdcode.spec_compress import INT8_SCHEMES, CompressSpec
 
 
 def main() -> None:
@@ -47,9 +48,11 @@ def main() -> None:
             _, alpha, *act = variant.split(":")
             calib = calibration_blocks(CompressSpec(int8=True), lm.tokenizer, 1024)
             print(smooth_model(model, calib, 8, float(alpha)), flush=True)
-            quantize_model(model, act[0] if act else "per-tensor")
+            quantize_model(model, act[0] if act else "per-tensor", act[1] if len(act) > 1 else None)
+        elif variant in INT8_SCHEMES and not INT8_SCHEMES[variant][0]:
+            quantize_model(model, *INT8_SCHEMES[variant][1:])
         elif variant != "fp32":
-            quantize_model(model, variant)
+            sys.exit(f"unknown variant {variant}: fp32, bf16, an int8 scheme without migration, or smooth:ALPHA...")
         loss = held_out_loss(model, blocks, 4, None, torch.device("cpu"))
         print(f"{variant}: loss {loss:.4f} ppl {math.exp(loss):.3f} ({time.time() - start:.0f}s)", flush=True)
 

@@ -159,10 +159,10 @@ def run_compress(
     int8_layout = None
     if spec.int8:
         model.float()
-        smooth, activations = INT8_SCHEMES[spec.int8_scheme]
+        smooth, activations, head = INT8_SCHEMES[spec.int8_scheme]
         if smooth:
             steps.append(_smooth(model, spec, lm.tokenizer))
-        int8_layout = quantize_model(model, activations)
+        int8_layout = quantize_model(model, activations, head)
         steps.append({"step": "int8", "int8_scheme": spec.int8_scheme, "scheme": int8_layout["scheme"],
                       "modules": len(int8_layout["modules"]), "tied": int8_layout["tied"]})
     elif spec.dtype:

@@ -4,8 +4,8 @@ Every ``nn.Linear`` and GPT-2 ``Conv1D`` weight is stored as int8 with one float
 (symmetric: ``scale = max|w| / 127``, ``q = round(w / scale)``), so ``|w - q * scale| <= scale / 2``;
 the activations are treated as the scheme says (:mod:`kdcode.compression.int8_kernels`): quantized per tensor
 (``per-tensor``, torch's fbgemm/x86 ``linear_dynamic``: the scheme of folders written before schemes existed),
-per token (``per-token``), or kept float32 (``weight-only``). A LM head tied to the input embedding is quantized
-once: the embedding reads the same int8 rows and dequantizes them. Biases, layer norms and position embeddings stay
+per token (``per-token``), or kept float32 (``weight-only``); the LM head may be treated apart (``head``). A LM
+head tied to the input embedding is quantized once: the embedding reads the same int8 rows and dequantizes them. Biases, layer norms and position embeddings stay
 float32. An int8 folder holds ``model_int8.safetensors`` with ``<module>.weight_int8`` /
 ``<module>.weight_scale`` keys. This module knows nothing of folders or manifests.
 """
@@ -188,45 +188,59 @@ def tied_names(model: nn.Module) -> tuple[str, str] | None:
     return names[id(inp)], names[id(out)]
 
 
-def quantize_model(model: nn.Module, activations: str = "per-tensor") -> dict[str, Any]:
-    """Replace every Linear / Conv1D by :class:`Int8Linear` (in place); returns the int8 layout."""
+def head_name(model: nn.Module) -> str | None:
+    """The module name of the LM head (the output embeddings), None when the model has none."""
+    out = model.get_output_embeddings()
+    return next((n for n, m in model.named_modules(remove_duplicate=False) if m is out), None) if out else None
+
+
+def quantize_model(model: nn.Module, activations: str = "per-tensor", head: str | None = None) -> dict[str, Any]:
+    """Replace every Linear / Conv1D by :class:`Int8Linear` (in place); the LM head's activations are ``head``
+    (default: ``activations``). Returns the int8 layout."""
     _check_activations(activations)
+    head = _check_activations(head or activations)
     tied = tied_names(model)
     if tied and getattr(model.get_submodule(tied[1]), "bias", None) is not None:
         raise KdcodeError("a tied LM head with a bias is not supported by --int8")
+    out_name = head_name(model)
     targets = [n for n, m in model.named_modules() if _is_linear(m) and (not tied or n != tied[1])]
     for name in targets:
-        model.set_submodule(name, Int8Linear.from_float(model.get_submodule(name), activations))
+        model.set_submodule(name, Int8Linear.from_float(model.get_submodule(name),
+                                                        head if name == out_name else activations))
     if tied:
         emb = Int8Embedding.from_float(model.get_submodule(tied[0]))
         model.set_submodule(tied[0], emb)
-        model.set_submodule(tied[1], Int8TiedHead(emb, activations))
+        model.set_submodule(tied[1], Int8TiedHead(emb, head))
     return {
-        "scheme": scheme_text(activations),
+        "scheme": scheme_text(activations) + ("" if head == activations else f"; the LM head: {ACTIVATION_TEXT[head]}"),
         "activations": activations,
+        "head_activations": head,
         "file": INT8_FILE,
         "modules": targets,
         "tied": {"embedding": tied[0], "head": tied[1]} if tied else None,
-        "reduce_range": reduce_range() if activations == "per-tensor" else None,
+        "reduce_range": reduce_range() if "per-tensor" in (activations, head) else None,
     }
 
 
 def apply_int8_layout(model: nn.Module, layout: dict[str, Any]) -> None:
     """Put empty int8 modules where ``layout`` says (shapes from the float skeleton); load fills them. A layout
-    without ``activations`` (written before schemes existed) is per-tensor."""
+    without ``activations`` (written before schemes existed) is per-tensor; one without ``head_activations``
+    (written before the head had its own) treats the head as every other module."""
     activations = layout.get("activations") or "per-tensor"
-
+    head = layout.get("head_activations") or activations
+    out_name = head_name(model)
     for name in layout["modules"]:
         m = model.get_submodule(name)
         if not _is_linear(m):
             raise KdcodeError(f"int8 layout names {name}, which is not a Linear/Conv1D in this architecture")
         in_f, out_f = (m.weight.shape[0], m.weight.shape[1]) if isinstance(m, Conv1D) else m.weight.shape[::-1]
-        model.set_submodule(name, Int8Linear(int(in_f), int(out_f), m.bias is not None, activations))
+        model.set_submodule(name, Int8Linear(int(in_f), int(out_f), m.bias is not None,
+                                             head if name == out_name else activations))
     tied = layout.get("tied")
     if tied:
         emb = Int8Embedding(*model.get_submodule(tied["embedding"]).weight.shape)
         model.set_submodule(tied["embedding"], emb)
-        model.set_submodule(tied["head"], Int8TiedHead(emb, activations))
+        model.set_submodule(tied["head"], Int8TiedHead(emb, head))
 
 
 def memory_bytes(model: nn.Module) -> int:
