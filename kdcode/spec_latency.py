@@ -47,7 +47,11 @@ class LatencySpec(_Spec):
                           "within budget x (1 - margin), since one model's median moves by a few percent between runs")
     rounds: int = Field(5, ge=1, description="interleaved timing rounds of the finalists")
     search_rounds: int = Field(2, ge=1, description="timing rounds of each shape while searching depths")
-    proxy_blocks: int = Field(16, ge=1, description="held-out blocks the quality proxy (loss at init) is measured on")
+    proxy_blocks: int = Field(16, ge=1, description="held-out blocks the quality proxy is measured on")
+    proxy_steps: int = Field(
+        30, ge=0, description="KD steps each finalist takes before its held-out loss is measured (0: the loss at "
+        "init; docs/latency.md says how each ranked distilled students)")
+    proxy_batch_size: int = Field(8, ge=1, description="calibration blocks per proxy KD step")
 
     def target_ms(self) -> float:
         """What a shape must fit within: the budget less its margin."""

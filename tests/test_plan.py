@@ -16,7 +16,7 @@ from kdcode.errors import KdcodeError
 from kdcode.models.load import count_params
 from kdcode.planning import timing
 from kdcode.planning.plan import PLAN_FILE_SUFFIX, plan_for_run, plan_shapes
-from kdcode.planning.search import families
+from kdcode.planning.search import Finalists, families, short_kd
 from kdcode.planning.shapes import Shape
 from kdcode.spec_latency import LatencySpec
 
@@ -47,7 +47,7 @@ def blocks(tokenizer, corpus_dir):
 
 def spec(budget: float, **kw) -> LatencySpec:
     return LatencySpec(latency_ms=budget, prompt_tokens=48, new_tokens=4, rounds=2, search_rounds=1, proxy_blocks=4,
-                       **{"precisions": ["fp32", "int8"], "ffn_keep": [1.0, 0.5], "head_prune": [0.0], **kw})
+                       **{"proxy_steps": 0, "precisions": ["fp32", "int8"], "ffn_keep": [1.0, 0.5], "head_prune": [0.0], **kw})
 
 
 def test_each_family_keeps_its_deepest_shape_within_the_budget_and_the_best_proxy_wins(tokenizer, blocks):
@@ -73,6 +73,21 @@ def test_each_family_keeps_its_deepest_shape_within_the_budget_and_the_best_prox
     assert plan["task"]["prompt_tokens"] == 48 and plan["task"]["new_tokens"] == 4 and plan["task"]["prompt"]
     assert plan["machine"]["threads"] >= 1 and "cpu_features" in plan["machine"]
     json.dumps(plan)  # the table is JSON too
+
+
+def test_the_proxy_s_short_kd_is_seeded_and_lowers_the_held_out_loss(tokenizer, blocks):
+    from kdcode.evaluation.perplexity import held_out_loss
+
+    teacher = make_gpt2(tokenizer)
+    calib, valid = blocks
+    at_init = Finalists(teacher, calib, valid, spec(50), torch.device("cpu"), len(tokenizer))
+    trained = Finalists(teacher, calib, valid, spec(50, proxy_steps=12), torch.device("cpu"), len(tokenizer))
+    shape = Shape(2, 1.0, 0.0, "fp32")
+    (m0, info0), (m1, info1) = at_init.build(shape), trained.build(shape)
+    assert info1["proxy_steps"] == 12 and info1["proxy_loss"] < info0["proxy_loss"] - 0.05
+    assert info1["proxy_loss"] == round(held_out_loss(m1, valid[:4], 4, None, torch.device("cpu")), 4)
+    short_kd(m0, teacher, calib, 12, 8, len(tokenizer))  # the same steps on the same draws: the same weights
+    assert all(torch.equal(a, b) for a, b in zip(m0.state_dict().values(), m1.state_dict().values()))
 
 
 def test_a_budget_nothing_meets_names_the_fastest(tokenizer, blocks):
@@ -107,10 +122,11 @@ def test_plan_cli_prints_the_table_and_json_and_one_line_when_nothing_fits(teach
     out = tmp_path / "plan.json"
     args = ["plan", "--teacher", teacher_dir, "--data", corpus_dir, "--prompt-tokens", 48, "--new-tokens", 4,
             "--precisions", "fp32", "--ffn-keep", "1,0.5", "--head-prune", "0", "--rounds", 1]
-    r = run(*args, "--latency-ms", 50, "--json", out)
+    r = run(*args, "--latency-ms", 50, "--proxy-steps", 3, "--json", out)
     assert r.exit_code == 0, r.output
     plan = json.loads(out.read_text())
-    assert "chosen:" in r.output and "quality proxy: held-out loss at init" in r.output
+    assert "chosen:" in r.output and "quality proxy: held-out loss after 3 KD steps (reverse-kl" in r.output
+    assert plan["chosen"]["proxy_steps"] == 3 and plan["spec"]["proxy_steps"] == 3
     assert plan["chosen"]["layers"] >= 1 and plan["budget_ms"] == 50 and plan["spec"]["margin"] == 0.05
     assert run(*args, "--latency-ms", 50, "--margin", 0.2, "--json", out).exit_code == 0
     assert json.loads(out.read_text())["chosen"]["ms"] <= 40  # 50 ms less 20% kept in hand
@@ -127,7 +143,7 @@ def test_distil_by_budget_writes_the_chosen_student_its_int8_runtime_and_their_l
                                                                                      tmp_path):
     out = tmp_path / "s"
     r = run("distil", "--teacher", teacher_dir, "--data", corpus_dir, "--latency-ms", 45, "--prompt-tokens", 48,
-            "--new-tokens", 4, "--precisions", "int8", "--max-steps", 2, "--batch-size", 2, "--block-size", 64,
+            "--new-tokens", 4, "--precisions", "int8", "--proxy-steps", 2, "--max-steps", 2, "--batch-size", 2, "--block-size", 64,
             "--out", out)
     assert r.exit_code == 0, r.output
     manifest = json.loads((out / "kdcode.json").read_text())

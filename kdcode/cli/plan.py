@@ -58,6 +58,7 @@ def plan(
     head_prune: L("latency.head_prune") = None,
     rounds: L("latency.rounds") = None,
     margin: L("latency.margin") = None,
+    proxy_steps: L("latency.proxy_steps") = None,
     data: L("data.source", "--data") = None,
     glob: L("data.glob") = None,
     json_out: JsonFileOpt = None,

@@ -21,7 +21,7 @@ from kdcode.inference.loader import load_for_inference
 from kdcode.inits.base import calibration_sample
 from kdcode.models.artifacts import update_metrics, write_json
 from kdcode.models.load import load_model
-from kdcode.planning.search import PROXY, Finalists, Log, Search, _stderr, families, machine
+from kdcode.planning.search import Finalists, Log, Search, _stderr, families, machine, proxy_text
 from kdcode.planning.shapes import Shape
 from kdcode.planning.timing import Task, Timed, make_task, summary, time_interleaved
 from kdcode.quiet import quiet_hf
@@ -80,7 +80,7 @@ def plan_shapes(teacher: torch.nn.Module, tokenizer: Any, calibration: torch.Ten
     top = Shape(depth)
     search.measure(top)
     plan: dict[str, Any] = {"budget_ms": spec.latency_ms, "task": {**task.as_dict(), "prompt": task.prompt},
-                            "machine": machine(device, threads), "proxy": PROXY, "spec": spec.model_dump(mode="json"),
+                            "machine": machine(device, threads), "proxy": proxy_text(spec.proxy_steps), "spec": spec.model_dump(mode="json"),
                             "teacher": {**search.rows[top]}, "notes": []}
     note = lambda line: (plan["notes"].append(line), log(line))  # noqa: E731
     try:
@@ -89,7 +89,7 @@ def plan_shapes(teacher: torch.nn.Module, tokenizer: Any, calibration: torch.Ten
         finalists = list(dict.fromkeys(s for s in deepest.values() if s is not None))
         chosen = None
         if finalists:
-            fin = Finalists(teacher, calibration, held_out, spec, device)
+            fin = Finalists(teacher, calibration, held_out, spec, device, len(tokenizer))
             rows = _final_round(search, fin, finalists, log)
             for _ in range(2):  # a finalist over the budget in the final rounds: one block less, timed again
                 missed = [s for s, r in rows.items() if not r["meets"] and s.layers > 1]

@@ -10,8 +10,10 @@ machine and keeps the most of the teacher.
    teacher itself (fp32) is timed first: when it fits, no student is needed.
 3. **Quality, proxied.** Each family's deepest fitting shape is a finalist, built as distil builds it (the
    measured-importance init's blocks for that depth, heads / MLP channels pruned by importance on calibration
-   blocks, converted to its precision); its proxy is its held-out loss at init (before any KD step). The
-   benchmark in examples/benchmarks reports how well this proxy ranks shapes by their ES after distillation.
+   blocks), then given ``proxy_steps`` KD steps (distil's default strategy and learning rate, on the calibration
+   blocks) and converted to its precision; its proxy is its held-out loss then. The loss at init alone
+   (``proxy_steps`` 0) favours shallow, wide shapes that a few steps of KD overtake; the benchmark in
+   examples/benchmarks reports how well each proxy ranks shapes by their ES after distillation.
 4. **Choice.** The finalists, with their real weights, are timed again in interleaved rounds; of those whose median
    is within the budget, the lowest proxy loss wins (ties: the faster).
 """
@@ -33,9 +35,49 @@ from kdcode.inits.base import copy_weights, new_model, student_config
 from kdcode.inits.measured import Auto
 from kdcode.planning.shapes import Shape, footprint, prune_axes, timing_model, to_precision
 from kdcode.planning.timing import Task, Timed, summary, time_interleaved
+from kdcode.plugins import make_strategy
+from kdcode.spec import StrategySpec, TrainSpec
 from kdcode.spec_latency import LatencySpec
 
-PROXY = "held-out loss at init (the measured-importance init's blocks, pruned by importance, in its precision)"
+
+
+def _default(field: str) -> Any:
+    """distil's default for a training setting (TrainSpec's field default)."""
+    return TrainSpec.model_fields[field].default
+
+
+def proxy_text(steps: int) -> str:
+    """What the proxy of a plan with ``steps`` KD steps per finalist is, in words."""
+    when = f"after {steps} KD steps ({StrategySpec().name}, lr {_default('lr'):g}, on calibration blocks)" if steps \
+        else "at init"
+    return (f"held-out loss {when} (the measured-importance init's blocks, pruned by importance, in its "
+            "precision)")
+
+
+def short_kd(student: torch.nn.Module, teacher: torch.nn.Module, blocks: torch.Tensor, steps: int,
+             batch_size: int, vocab: int | None = None, seed: int = 0) -> None:
+    """``steps`` of KD on ``blocks`` (drawn in a seeded order), in place: distil's default strategy at its
+    defaults, AdamW at distil's default learning rate (constant: too few steps for a schedule), clipped as distil
+    clips; ``vocab``: the tokenizer's length (logits past it are LM-head padding)."""
+    strategy = make_strategy(StrategySpec().name, {})
+    strategy.use_logits(vocab)
+    device = next(student.parameters()).device
+    optimizer = torch.optim.AdamW(student.parameters(), lr=_default("lr"),
+                                  weight_decay=_default("weight_decay"))
+    draw = torch.Generator().manual_seed(seed)
+    was_training = student.training
+    student.train()
+    teacher.eval()
+    for _ in range(steps):
+        x = blocks[torch.randint(0, len(blocks), (batch_size,), generator=draw)].to(device)
+        with torch.no_grad():
+            target = teacher(x)
+        loss = strategy.loss(student(x), target, x)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), _default("grad_clip"))
+        optimizer.step()
+    student.train(was_training)
 Log = Callable[[str], None]
 
 
@@ -122,9 +164,9 @@ class Finalists:
     """Finalists built as distil would build them, scored by the proxy (layer maps measured once per depth)."""
 
     def __init__(self, teacher: torch.nn.Module, calibration: torch.Tensor, held_out: torch.Tensor,
-                 spec: LatencySpec, device: torch.device) -> None:
-        self.teacher, self.calibration, self.held_out, self.spec, self.device = (
-            teacher, calibration, held_out, spec, device)
+                 spec: LatencySpec, device: torch.device, vocab: int | None = None) -> None:
+        self.teacher, self.calibration, self.held_out, self.spec, self.device, self.vocab = (
+            teacher, calibration, held_out, spec, device, vocab)
         self.maps: dict[int, tuple[list[int], Any]] = {}
 
     def layer_map(self, layers: int) -> tuple[list[int], Any]:
@@ -144,11 +186,14 @@ class Finalists:
         student = new_model(student_config(self.teacher, blocks))
         copy_weights(student, self.teacher, blocks, True)
         student, _ = prune_at_init(student.to(self.device), shape.head_prune, 1.0 - shape.ffn_keep, self.calibration)
-        student = to_precision(student, shape.precision)
+        if self.spec.proxy_steps:
+            short_kd(student.float(), self.teacher, self.calibration, self.spec.proxy_steps,
+                     self.spec.proxy_batch_size, self.vocab)
+        student = to_precision(student.eval(), shape.precision)
         blocks_n = min(len(self.held_out), self.spec.proxy_blocks)
         loss = held_out_loss(student, self.held_out[:blocks_n], 4, None, self.device)
         return student, {"teacher_blocks": blocks, "proxy_loss": round(loss, 4),
-                         "proxy_tokens": int(self.held_out[:blocks_n].numel())}
+                         "proxy_tokens": int(self.held_out[:blocks_n].numel()), "proxy_steps": self.spec.proxy_steps}
 
 
 def machine(device: torch.device, threads: int) -> dict[str, Any]:
