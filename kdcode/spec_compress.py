@@ -10,15 +10,16 @@ from pydantic import Field, model_validator
 from kdcode.spec import DataSpec, _Spec
 
 Int8SchemeName = Literal["weight-only", "per-token", "smooth-per-token", "smoothquant", "per-tensor"]
-#: each int8 scheme: whether SmoothQuant's outlier migration runs first, how the activations are quantized, and
-#: how the LM head's are (smooth-per-token keeps the head's float: the migration cannot reach the input of a head
-#: tied to the embedding, and on a real model that head's per-token rounding was over half of what the scheme lost)
-INT8_SCHEMES: dict[str, tuple[bool, str, str]] = {
-    "weight-only": (False, "weight-only", "weight-only"),
-    "per-token": (False, "per-token", "per-token"),
-    "smooth-per-token": (True, "per-token", "weight-only"),
-    "smoothquant": (True, "per-tensor", "per-tensor"),
-    "per-tensor": (False, "per-tensor", "per-tensor"),
+#: each int8 scheme: whether SmoothQuant's outlier migration runs first, how the activations are quantized, and how
+#: many input channels of the LM head stay float32 (smooth-per-token: the migration cannot reach the input of a
+#: head tied to the embedding, and on a real model that head's per-token rounding was over half of what the scheme
+#: lost; its channels of largest calibration values are kept float, LLM.int8()'s decomposition)
+INT8_SCHEMES: dict[str, tuple[bool, str, int]] = {
+    "weight-only": (False, "weight-only", 0),
+    "per-token": (False, "per-token", 0),
+    "smooth-per-token": (True, "per-token", 16),
+    "smoothquant": (True, "per-tensor", 0),
+    "per-tensor": (False, "per-tensor", 0),
 }
 
 
@@ -42,7 +43,7 @@ class CompressSpec(QualityCheckSpec):
     int8_scheme: Int8SchemeName = Field(
         "weight-only", description="int8 activations: weight-only (kept float32; the default, see "
         "docs/compression.md), per-token (int8 per token), smooth-per-token (outliers moved into the weights, then "
-        "per token; the LM head weight-only), smoothquant (outliers moved, then per tensor), per-tensor (one scale per input: the old scheme, "
+        "per token; the LM head's 16 largest input channels float32), smoothquant (outliers moved, then per tensor), per-tensor (one scale per input: the old scheme, "
         "which Llama-style outliers defeat)"
     )
     smooth_alpha: float = Field(0.5, gt=0.0, lt=1.0, description="smooth-per-token, smoothquant: migration strength "

@@ -14,10 +14,11 @@ from typer.testing import CliRunner
 
 from kdcode.cli import app
 from kdcode.compression import int8_kernels
-from kdcode.compression.compress import _smooth, run_compress
+from kdcode.compression.compress import _smooth, calibration_blocks, run_compress
 from kdcode.compression.int8 import INT8_SCHEME, Int8Linear, dequantize_int8, quantize_model
 from kdcode.compression.quality import compare, quality_lines
-from kdcode.compression.smooth import smooth_model
+from kdcode.compression.smooth import largest_channels, smooth_model
+from kdcode.errors import KdcodeError
 from kdcode.models.load import load_model
 from kdcode.spec import DataSpec
 from kdcode.spec_compress import INT8_SCHEMES, CompressSpec, QualityCheckSpec
@@ -121,7 +122,27 @@ def test_smoothquant_keeps_the_float_model_and_tames_an_outlier_channel(llama_di
     assert _logit_error(smoothed, "per-token", x) < _logit_error(model, "per-token", x)
 
 
-def test_an_untied_head_gets_its_own_activations_and_the_layout_rebuilds_it():
+def test_float_channels_take_an_outlier_channel_out_of_every_token_s_scale():
+    lin = torch.nn.Linear(64, 32)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(32, 64, generator=torch.Generator().manual_seed(0)) * 0.1)
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+    x[:, 5] *= 200.0  # one channel of every token carries values hundreds of times the rest
+    errors = {}
+    for channels in (None, [5]):
+        q8 = Int8Linear.from_float(lin, "per-token", channels)
+        q, scale, bias = q8.unpacked()
+        assert torch.equal(q, Int8Linear.from_float(lin, "per-token").unpacked()[0])  # the same stored weights
+        ref = x @ dequantize_int8(q, scale).T + bias
+        errors[str(channels)] = float((q8(x) - ref).abs().max() / ref.abs().max())
+    assert errors["[5]"] < errors["None"] / 20
+    with pytest.raises(KdcodeError, match="per-token"):
+        Int8Linear.from_float(lin, "weight-only", [5])
+    with pytest.raises(KdcodeError, match="within 0-63"):
+        Int8Linear.from_float(lin, "per-token", [64])
+
+
+def test_an_untied_head_keeps_its_float_channels_and_the_layout_rebuilds_it():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from kdcode.compression.int8 import apply_int8_layout
@@ -131,11 +152,11 @@ def test_an_untied_head_gets_its_own_activations_and_the_layout_rebuilds_it():
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = LlamaForCausalLM(config).eval()
-    layout = quantize_model(model, "per-token", "weight-only")
-    assert layout["tied"] is None and "lm_head" in layout["modules"]
-    kinds = {n: m.activations for n, m in model.named_modules() if isinstance(m, Int8Linear)}
-    assert kinds.pop("lm_head") == "weight-only" and set(kinds.values()) == {"per-token"}
-    assert "the LM head" in layout["scheme"]
+    layout = quantize_model(model, "per-token", [3, 1, 7])
+    assert layout["tied"] is None and "lm_head" in layout["modules"] and layout["head_float_channels"] == [1, 3, 7]
+    channels = {n: m.float_channels for n, m in model.named_modules() if isinstance(m, Int8Linear)}
+    assert channels.pop("lm_head") == [1, 3, 7] and set(channels.values()) == {None}
+    assert "3 input channels" in layout["scheme"]
     skeleton = LlamaForCausalLM(config).eval()
     apply_int8_layout(skeleton, layout)
     skeleton.load_state_dict(model.state_dict())
@@ -150,21 +171,25 @@ def test_every_scheme_round_trips_to_the_logits_it_had_in_memory(tmp_path, llama
     s = spec(corpus_dir, int8=True, int8_scheme=scheme)
     out, m = run_compress(str(llama_dir), s, tmp_path / scheme)
     layout = m["compression"]["layout"]["int8"]
-    smooth, activations, head = INT8_SCHEMES[scheme]
+    smooth, activations, head_float = INT8_SCHEMES[scheme]
     assert activations == {"smoothquant": "per-tensor", "smooth-per-token": "per-token"}.get(scheme, scheme)
-    assert head == ("weight-only" if scheme == "smooth-per-token" else activations)
-    assert layout["activations"] == activations and layout["head_activations"] == head
+    assert head_float == (16 if scheme == "smooth-per-token" else 0)
+    channels = layout["head_float_channels"]
+    assert layout["activations"] == activations and len(channels or []) == head_float
     assert layout["tied"] is not None
     assert [st["step"] for st in m["compression"]["steps"]] == ["smooth"] * smooth + ["int8"]
     lm = load_model(str(llama_dir))
     in_memory = lm.model.float()
+    calib = calibration_blocks(s, lm.tokenizer, 128)
     if smooth:
-        _smooth(in_memory, s, lm.tokenizer)
-    quantize_model(in_memory, activations, head)
+        _smooth(in_memory, s, calib)
+    if head_float:  # the head's channels of largest calibration inputs, after the migration
+        assert channels == largest_channels(in_memory, in_memory.get_output_embeddings(), calib, 2, head_float)
+    quantize_model(in_memory, activations, channels)
     back = load_model(str(out))
     assert back.verified is True
     assert {m.activations for m in back.model.modules() if isinstance(m, Int8Linear)} == {activations}
-    assert back.model.get_output_embeddings().activations == head
+    assert back.model.get_output_embeddings().float_channels == channels
     x = ids(lm.model.config.vocab_size)
     with torch.no_grad():
         assert torch.equal(back.model(x).logits, in_memory(x).logits)
@@ -177,7 +202,7 @@ def test_old_per_tensor_folders_still_load(tmp_path, teacher_dir, corpus_dir):
     comp = manifest["compression"]  # as kdcode wrote it before schemes and quality existed
     for key in ("int8_scheme", "smooth_alpha", "check_samples", "check_blocks", "max_es_drop", "max_ppl_rise"):
         del comp["spec"][key]
-    del comp["layout"]["int8"]["activations"], comp["layout"]["int8"]["head_activations"]
+    del comp["layout"]["int8"]["activations"], comp["layout"]["int8"]["head_float_channels"]
     comp["layout"]["int8"]["scheme"] = comp["steps"][0]["scheme"] = INT8_SCHEME
     del comp["steps"][0]["int8_scheme"]
     path.write_text(json.dumps(manifest))
@@ -185,6 +210,7 @@ def test_old_per_tensor_folders_still_load(tmp_path, teacher_dir, corpus_dir):
     assert old.verified is True
     assert {m.activations for m in old.model.modules() if isinstance(m, Int8Linear)} == {"per-tensor"}
     assert old.model.get_output_embeddings().activations == "per-tensor"
+    assert old.model.get_output_embeddings().float_channels is None
     ref = load_model(str(teacher_dir)).model
     quantize_model(ref, "per-tensor")
     x = ids(ref.config.vocab_size)

@@ -24,7 +24,7 @@ from kdcode.compression.int8 import INT8_FILE, quantize_model
 from kdcode.compression.prune import GPT2Pruner, heads_per_layer
 from kdcode.compression.prune_llama import LlamaPruner
 from kdcode.compression.quality import check_spec, compare, in_memory, measure
-from kdcode.compression.smooth import smooth_model
+from kdcode.compression.smooth import largest_channels, smooth_model
 from kdcode.data.corpus import encode_documents, load_corpus, to_blocks
 from kdcode.device import torch_dtype
 from kdcode.errors import KdcodeError
@@ -118,9 +118,8 @@ class _Int8Folder:
         save_file(tensors, str(Path(path) / INT8_FILE), metadata={"format": "pt", "kdcode": "int8"})
 
 
-def _smooth(model: nn.Module, spec: CompressSpec, tokenizer: Any) -> dict[str, Any]:
+def _smooth(model: nn.Module, spec: CompressSpec, blocks: torch.Tensor) -> dict[str, Any]:
     """SmoothQuant's migration on calibration blocks of the train split; the manifest step."""
-    blocks = calibration_blocks(spec, tokenizer, context_length(model.config, 1024))
     done = smooth_model(model, blocks, spec.calib_batch_size, spec.smooth_alpha)
     calib = {"data": spec.data.source, "split": "train", "blocks": len(blocks), "block_size": blocks.size(1)}
     return {"step": "smooth", **done, "calibration": calib}
@@ -159,10 +158,13 @@ def run_compress(
     int8_layout = None
     if spec.int8:
         model.float()
-        smooth, activations, head = INT8_SCHEMES[spec.int8_scheme]
+        smooth, activations, head_float = INT8_SCHEMES[spec.int8_scheme]
+        head = model.get_output_embeddings() if head_float else None
+        calib = calibration_blocks(spec, lm.tokenizer, context_length(model.config, 1024)) if smooth or head else None
         if smooth:
-            steps.append(_smooth(model, spec, lm.tokenizer))
-        int8_layout = quantize_model(model, activations, head)
+            steps.append(_smooth(model, spec, calib))
+        channels = largest_channels(model, head, calib, spec.calib_batch_size, head_float) if head else None
+        int8_layout = quantize_model(model, activations, channels)
         steps.append({"step": "int8", "int8_scheme": spec.int8_scheme, "scheme": int8_layout["scheme"],
                       "modules": len(int8_layout["modules"]), "tied": int8_layout["tied"]})
     elif spec.dtype:

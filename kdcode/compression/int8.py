@@ -4,8 +4,9 @@ Every ``nn.Linear`` and GPT-2 ``Conv1D`` weight is stored as int8 with one float
 (symmetric: ``scale = max|w| / 127``, ``q = round(w / scale)``), so ``|w - q * scale| <= scale / 2``;
 the activations are treated as the scheme says (:mod:`kdcode.compression.int8_kernels`): quantized per tensor
 (``per-tensor``, torch's fbgemm/x86 ``linear_dynamic``: the scheme of folders written before schemes existed),
-per token (``per-token``), or kept float32 (``weight-only``); the LM head may be treated apart (``head``). A LM
-head tied to the input embedding is quantized once: the embedding reads the same int8 rows and dequantizes them. Biases, layer norms and position embeddings stay
+per token (``per-token``), or kept float32 (``weight-only``); per token, some input channels of the LM head may
+stay float32 (``head_channels``, LLM.int8()'s decomposition). A LM head tied to the input embedding is quantized
+once: the embedding reads the same int8 rows and dequantizes them. Biases, layer norms and position embeddings stay
 float32. An int8 folder holds ``model_int8.safetensors`` with ``<module>.weight_int8`` /
 ``<module>.weight_scale`` keys. This module knows nothing of folders or manifests.
 """
@@ -60,17 +61,34 @@ def _check_activations(activations: str) -> str:
     return activations
 
 
+def _check_channels(channels: list[int] | None, activations: str, in_features: int) -> list[int] | None:
+    if not channels:
+        return None
+    if activations != "per-token":
+        raise KdcodeError(f"float32 input channels are for per-token activations, not {activations}")
+    if len(set(channels)) != len(channels) or not all(0 <= c < in_features for c in channels):
+        raise KdcodeError(f"float32 input channels must be distinct and within 0-{in_features - 1}")
+    return sorted(int(c) for c in channels)
+
+
+def _channels(channels: list[int] | None) -> torch.Tensor | None:
+    return None if channels is None else torch.tensor(channels, dtype=torch.long)
+
+
 class Int8Linear(nn.Module):
     """``y = x @ (q * scale).T + bias`` on the int8 kernel of ``activations``; holds only what the kernel needs.
 
     Its state dict is ``weight_int8`` (out, in) int8, ``weight_scale`` (out,) float32 and ``bias``, whatever the
-    kernel.
+    kernel. ``float_channels`` (per-token only): input channels kept float32 (:class:`~kdcode.compression.
+    int8_kernels.PerToken`); the layout records them.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, activations: str = "per-tensor") -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, activations: str = "per-tensor",
+                 float_channels: list[int] | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features, self.has_bias = in_features, out_features, bias
         self.activations = _check_activations(activations)
+        self.float_channels = _check_channels(float_channels, activations, in_features)
         self.set_weight(
             torch.zeros(out_features, in_features, dtype=torch.int8),
             torch.ones(out_features),
@@ -78,13 +96,14 @@ class Int8Linear(nn.Module):
         )
 
     def set_weight(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
-        self._kernel = make_kernel(self.activations, q, scale, bias)
+        self._kernel = make_kernel(self.activations, q, scale, bias, _channels(self.float_channels))
 
     @classmethod
-    def from_float(cls, module: nn.Module, activations: str = "per-tensor") -> Int8Linear:
+    def from_float(cls, module: nn.Module, activations: str = "per-tensor",
+                   float_channels: list[int] | None = None) -> Int8Linear:
         w = module.weight.detach()
         w = w.t() if isinstance(module, Conv1D) else w  # Conv1D stores (in, out)
-        new = cls(w.size(1), w.size(0), module.bias is not None, activations)
+        new = cls(w.size(1), w.size(0), module.bias is not None, activations, float_channels)
         new.set_weight(*quantize_int8(w), module.bias)
         return new
 
@@ -158,10 +177,12 @@ class Int8Embedding(nn.Module):
 class Int8TiedHead(nn.Module):
     """The LM head tied to an :class:`Int8Embedding`: packs its int8 rows once; stores nothing of its own."""
 
-    def __init__(self, embedding: Int8Embedding, activations: str = "per-tensor") -> None:
+    def __init__(self, embedding: Int8Embedding, activations: str = "per-tensor",
+                 float_channels: list[int] | None = None) -> None:
         super().__init__()
         object.__setattr__(self, "embedding", embedding)  # not a submodule: its tensors are saved once
         self.activations = _check_activations(activations)
+        self.float_channels = _check_channels(float_channels, activations, embedding.weight_int8.size(1))
         self._kernel: Any = None
         self._version = -1
 
@@ -170,7 +191,8 @@ class Int8TiedHead(nn.Module):
             raise KdcodeError("int8 models run on CPU only (torch's dynamic int8 kernels); use --device cpu")
         emb = self.embedding
         if self._kernel is None or self._version != emb.version:
-            self._kernel = make_kernel(self.activations, emb.weight_int8, emb.weight_scale, None)
+            self._kernel = make_kernel(self.activations, emb.weight_int8, emb.weight_scale, None,
+                                       _channels(self.float_channels))
             self._version = emb.version
         return self._kernel(x)
 
@@ -194,53 +216,54 @@ def head_name(model: nn.Module) -> str | None:
     return next((n for n, m in model.named_modules(remove_duplicate=False) if m is out), None) if out else None
 
 
-def quantize_model(model: nn.Module, activations: str = "per-tensor", head: str | None = None) -> dict[str, Any]:
-    """Replace every Linear / Conv1D by :class:`Int8Linear` (in place); the LM head's activations are ``head``
-    (default: ``activations``). Returns the int8 layout."""
+def quantize_model(model: nn.Module, activations: str = "per-tensor",
+                   head_channels: list[int] | None = None) -> dict[str, Any]:
+    """Replace every Linear / Conv1D by :class:`Int8Linear` (in place); ``head_channels``: input channels of the LM
+    head kept float32 (per-token only). Returns the int8 layout."""
     _check_activations(activations)
-    head = _check_activations(head or activations)
     tied = tied_names(model)
     if tied and getattr(model.get_submodule(tied[1]), "bias", None) is not None:
         raise KdcodeError("a tied LM head with a bias is not supported by --int8")
     out_name = head_name(model)
     targets = [n for n, m in model.named_modules() if _is_linear(m) and (not tied or n != tied[1])]
     for name in targets:
-        model.set_submodule(name, Int8Linear.from_float(model.get_submodule(name),
-                                                        head if name == out_name else activations))
+        model.set_submodule(name, Int8Linear.from_float(model.get_submodule(name), activations,
+                                                        head_channels if name == out_name else None))
     if tied:
         emb = Int8Embedding.from_float(model.get_submodule(tied[0]))
         model.set_submodule(tied[0], emb)
-        model.set_submodule(tied[1], Int8TiedHead(emb, head))
+        model.set_submodule(tied[1], Int8TiedHead(emb, activations, head_channels))
+    head_float = sorted(int(c) for c in head_channels) if head_channels else None
     return {
-        "scheme": scheme_text(activations) + ("" if head == activations else f"; the LM head: {ACTIVATION_TEXT[head]}"),
+        "scheme": scheme_text(activations) + (f"; the LM head's {len(head_float)} input channels of largest "
+                                              "calibration values kept float32" if head_float else ""),
         "activations": activations,
-        "head_activations": head,
+        "head_float_channels": head_float,
         "file": INT8_FILE,
         "modules": targets,
         "tied": {"embedding": tied[0], "head": tied[1]} if tied else None,
-        "reduce_range": reduce_range() if "per-tensor" in (activations, head) else None,
+        "reduce_range": reduce_range() if activations == "per-tensor" else None,
     }
 
 
 def apply_int8_layout(model: nn.Module, layout: dict[str, Any]) -> None:
     """Put empty int8 modules where ``layout`` says (shapes from the float skeleton); load fills them. A layout
-    without ``activations`` (written before schemes existed) is per-tensor; one without ``head_activations``
-    (written before the head had its own) treats the head as every other module."""
+    without ``activations`` (written before schemes existed) is per-tensor."""
     activations = layout.get("activations") or "per-tensor"
-    head = layout.get("head_activations") or activations
+    head_channels = layout.get("head_float_channels")
     out_name = head_name(model)
     for name in layout["modules"]:
         m = model.get_submodule(name)
         if not _is_linear(m):
             raise KdcodeError(f"int8 layout names {name}, which is not a Linear/Conv1D in this architecture")
         in_f, out_f = (m.weight.shape[0], m.weight.shape[1]) if isinstance(m, Conv1D) else m.weight.shape[::-1]
-        model.set_submodule(name, Int8Linear(int(in_f), int(out_f), m.bias is not None,
-                                             head if name == out_name else activations))
+        model.set_submodule(name, Int8Linear(int(in_f), int(out_f), m.bias is not None, activations,
+                                             head_channels if name == out_name else None))
     tied = layout.get("tied")
     if tied:
         emb = Int8Embedding(*model.get_submodule(tied["embedding"]).weight.shape)
         model.set_submodule(tied["embedding"], emb)
-        model.set_submodule(tied["head"], Int8TiedHead(emb, head))
+        model.set_submodule(tied["head"], Int8TiedHead(emb, activations, head_channels))
 
 
 def memory_bytes(model: nn.Module) -> int:

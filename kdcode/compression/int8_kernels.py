@@ -59,21 +59,44 @@ class PerTensor:
 
 
 class PerToken:
-    """The weight kept transposed (in, out) for ``torch._int_mm``; each input row quantized with its own scale."""
+    """The weight kept transposed (in, out) for ``torch._int_mm``; each input row quantized with its own scale.
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
-        self.wt, self.scale, self.bias = q.t().contiguous(), scale.float(), bias
+    ``channels`` (input channels, LLM.int8()'s mixed decomposition, Dettmers et al. 2022): those columns of the
+    input stay float32 and meet their (dequantized) weight columns in a float32 matmul; the rest of the row is
+    quantized without them, so its largest values no longer set every other value's step."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 channels: torch.Tensor | None = None) -> None:
+        self.scale, self.bias, self.channels = scale.float(), bias, channels
+        if channels is None:
+            self.wt = q.t().contiguous()
+            return
+        self.rest = torch.ones(q.size(1), dtype=torch.bool)
+        self.rest[channels] = False
+        self.wt = q[:, self.rest].t().contiguous()
+        self.w_float = (q[:, channels].float() * self.scale[:, None]).t().contiguous()  # (channels, out)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        qx, sx = quantize_rows(x.reshape(-1, shape[-1]).float())
+        x2 = x.reshape(-1, shape[-1]).float()
+        if self.channels is None:
+            qx, sx = quantize_rows(x2)
+        else:
+            qx, sx = quantize_rows(x2[:, self.rest].contiguous())
         y = torch._int_mm(qx, self.wt).mul(sx[:, None]).mul_(self.scale)
+        if self.channels is not None:
+            y.add_(x2[:, self.channels] @ self.w_float)
         if self.bias is not None:
             y.add_(self.bias)
         return y.view(*shape[:-1], y.size(-1))
 
     def unpacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        return self.wt.t().contiguous(), self.scale, self.bias
+        if self.channels is None:
+            return self.wt.t().contiguous(), self.scale, self.bias
+        q = torch.empty(self.wt.size(1), self.rest.numel(), dtype=torch.int8)
+        q[:, self.rest] = self.wt.t()
+        q[:, self.channels] = torch.round(self.w_float.t() / self.scale[:, None]).to(torch.int8)
+        return q, self.scale, self.bias
 
 
 class WeightOnly:
@@ -100,5 +123,10 @@ class WeightOnly:
 KERNELS: dict[str, Any] = {"per-tensor": PerTensor, "per-token": PerToken, "weight-only": WeightOnly}
 
 
-def make_kernel(activations: str, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> Any:
-    return KERNELS[activations](q, scale.float(), None if bias is None else bias.detach().float())
+def make_kernel(activations: str, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                channels: torch.Tensor | None = None) -> Any:
+    """The kernel of ``activations``; ``channels`` (input channels kept float32) only for per-token."""
+    bias = None if bias is None else bias.detach().float()
+    if channels is not None:
+        return PerToken(q, scale.float(), bias, channels)
+    return KERNELS[activations](q, scale.float(), bias)

@@ -108,3 +108,11 @@ def smooth_model(model: nn.Module, blocks: torch.Tensor, batch_size: int, alpha:
         if getattr(producer, "bias", None) is not None:
             producer.bias.data.div_(s.to(producer.bias.dtype))
     return {"alpha": alpha, "groups": len(groups), "max_abs_input": round(max(largest), 3)}
+
+
+def largest_channels(model: nn.Module, module: nn.Module, blocks: torch.Tensor, batch_size: int, k: int) -> list[int]:
+    """The ``k`` input channels of ``module`` with the largest ``|x_j|`` on the calibration blocks (ascending); all
+    of them when it has no more than ``k``. For LLM.int8()-style float channels: what one token's scale must cover."""
+    maxima = input_maxima(model, [module], blocks, batch_size)[0]
+    k = min(k, maxima.numel())
+    return sorted(int(j) for j in maxima.topk(k).indices)
