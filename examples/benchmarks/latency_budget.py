@@ -11,11 +11,15 @@
   must meet the budget in the plan's own measurements, or be shallower than a shape of its family that did), each
   built as the plan builds its finalists (the measured-importance init's blocks, pruned by importance), its quality
   proxy recorded, distilled with the same ``--steps`` and written in its runtime precision; then line-completion ES
-  (CodeXGLUE's, greedy) with its standard error on ``--samples`` held-out stdlib lines.
+  (CodeXGLUE's, greedy) with its standard error on ``--samples`` held-out stdlib lines. A shape already distilled
+  for the budget is not distilled again (a later plan that chooses it is recorded against its row).
   Appends rows to DIR/results.jsonl.
+- ``proxy``: every grid shape scored again by the plan's proxy with ``--proxy-steps`` KD steps (0: the loss at init),
+  as `kdcode plan --proxy-steps` scores its finalists; appends ``proxy`` rows.
 - ``check``: `kdcode bench` on each chosen student as written: its budget's task timed independently of the plan.
 - ``table``: per budget, the chosen shape, its measured ms, ES +- SE, the best grid ES +- SE, whether the chosen is
-  within one SE of the best, and the proxy's Spearman rank correlation with ES (per budget and pooled).
+  within one SE of the best, and the Spearman rank correlation of each proxy (the one the grid recorded, and every
+  ``proxy`` rescoring) with ES, per budget and pooled.
 
 Every row names the CPU's instruction sets and threads. Distillation and ES runs are not timed; ``plan`` and
 ``check`` are, and belong on a quiet machine.
@@ -117,10 +121,14 @@ def grid(args: argparse.Namespace) -> None:
     fin = Finalists(teacher.model, calibration, valid, spec, torch.device("cpu"))
     real_teacher = _load("real_teacher", HERE / "real_teacher.py")
     sets = real_teacher.completion_sets(args.out, args.samples)
-    done = {(r["budget_ms"], tuple(r["shape"].values())) for r in _rows(args.out) if r.get("kind") == "grid"}
+    done = {(r["budget_ms"], tuple(r["shape"].values())): r for r in _rows(args.out) if r.get("kind") == "grid"}
     for i, s in enumerate(shapes):
         shape = Shape.of(s)
-        if (args.budget, tuple(shape.as_dict().values())) in done:
+        earlier = done.get((args.budget, tuple(shape.as_dict().values())))
+        if earlier is not None:  # distilled already (a grid shape a new plan chose: recorded again as the choice)
+            if i == 0 and not earlier["chosen"]:
+                _append(args.out, {**earlier, "chosen": True, "plan_ms": result["chosen"]["ms"],
+                                   "proxy_loss": result["chosen"]["proxy_loss"]})
             continue
         _, info = fin.build(shape)
         name = f"b{args.budget:g}-{shape.layers}l-f{shape.ffn_keep:g}-h{shape.head_prune:g}-{shape.precision}"
@@ -141,6 +149,37 @@ def grid(args: argparse.Namespace) -> None:
                "proxy_loss": info["proxy_loss"],
                "steps": args.steps, "folder": str(folder), "es": es["es"], "es_se": es["es_se"],
                "samples": es["samples"], "machine": machine_line()}
+        _append(args.out, row)
+        print(json.dumps(row), flush=True)
+
+
+def proxy(args: argparse.Namespace) -> None:
+    import torch
+
+    from kdcode.data.corpus import load_corpus, split_blocks
+    from kdcode.inits.base import calibration_sample
+    from kdcode.models.load import load_model
+    from kdcode.planning.search import Finalists
+    from kdcode.planning.shapes import Shape
+    from kdcode.spec import DataSpec
+    from kdcode.spec_latency import LatencySpec
+
+    grids = [r for r in _rows(args.out) if r.get("kind") == "grid" and r["teacher"] == args.teacher]
+    done = {(r["budget_ms"], tuple(r["shape"].values())) for r in _rows(args.out)
+            if r.get("kind") == "proxy" and r["proxy_steps"] == args.proxy_steps and r["teacher"] == args.teacher}
+    teacher = load_model(args.teacher)
+    train, valid = split_blocks(load_corpus(DataSpec()), teacher.tokenizer, args.block_size)
+    calibration = calibration_sample(train, 0)
+    for r in grids:
+        if (r["budget_ms"], tuple(r["shape"].values())) in done:
+            continue
+        spec = LatencySpec(**{**json.loads(plan_path(args.out, args.teacher, r["budget_ms"]).read_text())["spec"],
+                              "proxy_steps": args.proxy_steps})
+        fin = Finalists(teacher.model, calibration, valid, spec, torch.device("cpu"), len(teacher.tokenizer))
+        _, info = fin.build(Shape.of(r["shape"]))
+        row = {"kind": "proxy", "teacher": args.teacher, "budget_ms": r["budget_ms"], "shape": r["shape"],
+               "proxy_steps": args.proxy_steps, "proxy_loss": info["proxy_loss"], "es": r["es"],
+               "machine": machine_line()}
         _append(args.out, row)
         print(json.dumps(row), flush=True)
 
@@ -192,22 +231,38 @@ def spearman(x: list[float], y: list[float]) -> float | None:
     return round(cov / var, 3) if var else None
 
 
+def _proxies(rows: list[dict[str, Any]], grids: list[dict[str, Any]]) -> dict[str, dict[tuple, float]]:
+    """Each proxy's loss by (teacher, budget, shape): the grid's own (``plan``) and every ``proxy`` rescoring."""
+    key = lambda r: (r["teacher"], r["budget_ms"], tuple(r["shape"].values()))  # noqa: E731
+    out: dict[str, dict[tuple, float]] = {"plan": {key(r): r["proxy_loss"] for r in grids}}
+    for r in rows:
+        if r.get("kind") == "proxy":
+            out.setdefault(f"{r['proxy_steps']} KD steps", {})[key(r)] = r["proxy_loss"]
+    return out
+
+
 def table(args: argparse.Namespace) -> None:
     rows = _rows(args.out)
-    grids = [r for r in rows if r.get("kind") == "grid"]
+    latest = {(r["teacher"], r["budget_ms"], tuple(r["shape"].values())): r for r in rows if r.get("kind") == "grid"}
+    grids = list(latest.values())  # a shape recorded again (chosen by a later plan): its last row
     checks = {(r["teacher"], r["budget_ms"]): r for r in rows if r.get("kind") == "check"}
+    proxies = _proxies(rows, grids)
     print("| teacher | budget ms | chosen shape | plan ms | bench ms [range] | ES +- SE | best grid ES +- SE (shape) "
-          "| within 1 SE | proxy rank corr. |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    pooled: tuple[list[float], list[float]] = ([], [])
+          "| within 1 SE | " + " | ".join(f"rank corr. ({p})" for p in proxies) + " |")
+    print("|---|---|---|---|---|---|---|---|" + "---|" * len(proxies))
+    pooled: dict[str, tuple[list[float], list[float]]] = {p: ([], []) for p in proxies}
     for key in sorted({(r["teacher"], r["budget_ms"]) for r in grids}):
         group = [r for r in grids if (r["teacher"], r["budget_ms"]) == key]
         chosen = next((r for r in group if r["chosen"]), None)
         others = [r for r in group if not r["chosen"]]
         best = max(others, key=lambda r: r["es"]) if others else None
-        rho = spearman([-r["proxy_loss"] for r in group], [r["es"] for r in group])
-        pooled[0].extend(-r["proxy_loss"] for r in group)
-        pooled[1].extend(r["es"] for r in group)
+        rhos = []
+        for name, losses in proxies.items():
+            scored = [(losses[(*key, tuple(r["shape"].values()))], r["es"]) for r in group
+                      if (*key, tuple(r["shape"].values())) in losses]
+            pooled[name][0].extend(-x for x, _ in scored)
+            pooled[name][1].extend(y for _, y in scored)
+            rhos.append(f"{spearman([-x for x, _ in scored], [y for _, y in scored])} (n={len(scored)})")
         c = checks.get(key)
         bench = f"{c['ms']} [{c['ms_range'][0]}-{c['ms_range'][1]}] {'meets' if c['meets'] else 'MISSES'}" if c else "-"
         s = chosen["shape"] if chosen else {}
@@ -216,8 +271,9 @@ def table(args: argparse.Namespace) -> None:
         print(f"| {Path(key[0]).name} | {key[1]:g} | {label(s) if s else '-'} | {chosen and chosen['plan_ms']} | "
               f"{bench} | {chosen and chosen['es']} +- {chosen and chosen['es_se']} | "
               f"{best and best['es']} +- {best and best['es_se']} ({best and label(best['shape'])}) | "
-              f"{'yes' if within else 'no'} | {rho} (n={len(group)}) |")
-    print(f"pooled proxy rank correlation: {spearman(*pooled)} over {len(pooled[0])} students")
+              f"{'yes' if within else 'no'} | " + " | ".join(rhos) + " |")
+    for name, (x, y) in pooled.items():
+        print(f"pooled rank correlation ({name}): {spearman(x, y)} over {len(x)} students")
     if grids:
         print(f"machine: {grids[0]['machine']}")
 
@@ -246,11 +302,15 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--samples", type=int, default=100)
     g.add_argument("--threads", type=int, default=None)
+    q = sub.add_parser("proxy")
+    q.add_argument("--teacher", default="bundled")
+    q.add_argument("--proxy-steps", type=int, default=30)
+    q.add_argument("--block-size", type=int, default=256)
     sub.add_parser("check")
     sub.add_parser("table")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    {"plan": plan, "grid": grid, "check": check, "table": table}[args.cmd](args)
+    {"plan": plan, "grid": grid, "proxy": proxy, "check": check, "table": table}[args.cmd](args)
     return 0
 
 
