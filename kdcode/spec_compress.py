@@ -43,8 +43,8 @@ class CompressSpec(QualityCheckSpec):
     int8_scheme: Int8SchemeName = Field(
         "weight-only", description="int8 activations: weight-only (kept float32; the default, see "
         "docs/compression.md), per-token (int8 per token), smooth-per-token (outliers moved into the weights, then "
-        "per token; the LM head's 16 largest input channels float32), smoothquant (outliers moved, then per tensor), per-tensor (one scale per input: the old scheme, "
-        "which Llama-style outliers defeat)"
+        "per token; the LM head's 16 largest input channels float32), smoothquant (outliers moved, then per "
+        "tensor), per-tensor (one scale per input: the old scheme, which Llama-style outliers defeat)"
     )
     smooth_alpha: float = Field(0.5, gt=0.0, lt=1.0, description="smooth-per-token, smoothquant: migration strength "
                                 "alpha")

@@ -47,7 +47,8 @@ def blocks(tokenizer, corpus_dir):
 
 def spec(budget: float, **kw) -> LatencySpec:
     return LatencySpec(latency_ms=budget, prompt_tokens=48, new_tokens=4, rounds=2, search_rounds=1, proxy_blocks=4,
-                       **{"proxy_steps": 0, "precisions": ["fp32", "int8"], "ffn_keep": [1.0, 0.5], "head_prune": [0.0], **kw})
+                       **{"proxy_steps": 0, "precisions": ["fp32", "int8"], "ffn_keep": [1.0, 0.5],
+                          "head_prune": [0.0], **kw})
 
 
 def test_each_family_keeps_its_deepest_shape_within_the_budget_and_the_best_proxy_wins(tokenizer, blocks):
@@ -143,8 +144,8 @@ def test_distil_by_budget_writes_the_chosen_student_its_int8_runtime_and_their_l
                                                                                      tmp_path):
     out = tmp_path / "s"
     r = run("distil", "--teacher", teacher_dir, "--data", corpus_dir, "--latency-ms", 45, "--prompt-tokens", 48,
-            "--new-tokens", 4, "--precisions", "int8", "--proxy-steps", 2, "--max-steps", 2, "--batch-size", 2, "--block-size", 64,
-            "--out", out)
+            "--new-tokens", 4, "--precisions", "int8", "--proxy-steps", 2, "--max-steps", 2, "--batch-size", 2,
+            "--block-size", 64, "--out", out)
     assert r.exit_code == 0, r.output
     manifest = json.loads((out / "kdcode.json").read_text())
     plan = manifest["latency_plan"]

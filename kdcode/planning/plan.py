@@ -80,7 +80,8 @@ def plan_shapes(teacher: torch.nn.Module, tokenizer: Any, calibration: torch.Ten
     top = Shape(depth)
     search.measure(top)
     plan: dict[str, Any] = {"budget_ms": spec.latency_ms, "task": {**task.as_dict(), "prompt": task.prompt},
-                            "machine": machine(device, threads), "proxy": proxy_text(spec.proxy_steps), "spec": spec.model_dump(mode="json"),
+                            "machine": machine(device, threads), "proxy": proxy_text(spec.proxy_steps),
+                            "spec": spec.model_dump(mode="json"),
                             "teacher": {**search.rows[top]}, "notes": []}
     note = lambda line: (plan["notes"].append(line), log(line))  # noqa: E731
     try:

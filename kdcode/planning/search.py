@@ -40,7 +40,6 @@ from kdcode.spec import StrategySpec, TrainSpec
 from kdcode.spec_latency import LatencySpec
 
 
-
 def _default(field: str) -> Any:
     """distil's default for a training setting (TrainSpec's field default)."""
     return TrainSpec.model_fields[field].default
