@@ -233,7 +233,7 @@ def quantize_model(model: nn.Module, activations: str = "per-tensor",
         emb = Int8Embedding.from_float(model.get_submodule(tied[0]))
         model.set_submodule(tied[0], emb)
         model.set_submodule(tied[1], Int8TiedHead(emb, activations, head_channels))
-    head_float = sorted(int(c) for c in head_channels) if head_channels else None
+    head_float = model.get_output_embeddings().float_channels if head_channels else None  # checked and sorted
     return {
         "scheme": scheme_text(activations) + (f"; the LM head's {len(head_float)} input channels of largest "
                                               "calibration values kept float32" if head_float else ""),

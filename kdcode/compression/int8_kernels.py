@@ -79,10 +79,7 @@ class PerToken:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
-        if self.channels is None:
-            qx, sx = quantize_rows(x2)
-        else:
-            qx, sx = quantize_rows(x2[:, self.rest].contiguous())
+        qx, sx = quantize_rows(x2 if self.channels is None else x2[:, self.rest].contiguous())
         y = torch._int_mm(qx, self.wt).mul(sx[:, None]).mul_(self.scale)
         if self.channels is not None:
             y.add_(x2[:, self.channels] @ self.w_float)

@@ -188,7 +188,7 @@ class Finalists:
         if self.spec.proxy_steps:
             short_kd(student.float(), self.teacher, self.calibration, self.spec.proxy_steps,
                      self.spec.proxy_batch_size, self.vocab)
-        student = to_precision(student.eval(), shape.precision)
+        student = to_precision(student, shape.precision)
         blocks_n = min(len(self.held_out), self.spec.proxy_blocks)
         loss = held_out_loss(student, self.held_out[:blocks_n], 4, None, self.device)
         return student, {"teacher_blocks": blocks, "proxy_loss": round(loss, 4),
