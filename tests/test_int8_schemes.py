@@ -140,6 +140,8 @@ def test_float_channels_take_an_outlier_channel_out_of_every_token_s_scale():
         Int8Linear.from_float(lin, "weight-only", [5])
     with pytest.raises(KdcodeError, match="within 0-63"):
         Int8Linear.from_float(lin, "per-token", [64])
+    with pytest.raises(KdcodeError, match="within 0-63"):  # a manifest edited by hand: still one line
+        Int8Linear.from_float(lin, "per-token", ["5"])
 
 
 def test_an_untied_head_keeps_its_float_channels_and_the_layout_rebuilds_it():
