@@ -18,7 +18,7 @@ L = functools.partial(spec_option, PlanSpec)  # plan's options: fields of its sp
 
 
 COLUMNS = [("precision", "precision"), ("ms", "ms / completion"), ("params_m", "params (M)"), ("size_mb", "MB"),
-           ("proxy_loss", "proxy loss"), ("meets", "meets"), ("chosen", "chosen")]
+           ("proxy_loss", "proxy loss"), ("tie_loss", "near-tie proxy"), ("meets", "meets"), ("chosen", "chosen")]
 
 
 def print_plan(plan: dict[str, Any]) -> None:
@@ -38,9 +38,14 @@ def print_plan(plan: dict[str, Any]) -> None:
     console = out_console()
     console.print(metrics_table(title, rows, COLUMNS))
     console.print(f"quality proxy: {plan['proxy']}", markup=False)
+    spec = plan["spec"]
+    if any(r.get("tie_loss") is not None for r in plan["candidates"]):
+        console.print(f"near-tie proxy: the same after {spec['tie_steps']} KD steps, for the finalists within "
+                      f"{spec['proxy_tie']:g} of the best proxy loss; it decides among them", markup=False)
     if plan["chosen"]:
         c = plan["chosen"]
-        console.print(f"chosen: {Shape.of(c).label()}: {c['ms']} ms, proxy loss {c['proxy_loss']}, teacher "
+        tie = "" if c.get("tie_loss") is None else f" ({c['tie_loss']} after {spec['tie_steps']} steps)"
+        console.print(f"chosen: {Shape.of(c).label()}: {c['ms']} ms, proxy loss {c['proxy_loss']}{tie}, teacher "
                       f"blocks {c['teacher_blocks']}", markup=False)
 
 
@@ -59,6 +64,7 @@ def plan(
     rounds: L("latency.rounds") = None,
     margin: L("latency.margin") = None,
     proxy_steps: L("latency.proxy_steps") = None,
+    tie_steps: L("latency.tie_steps") = None,
     data: L("data.source", "--data") = None,
     glob: L("data.glob") = None,
     json_out: JsonFileOpt = None,

@@ -56,6 +56,7 @@ def distil(
     precisions: R("latency.precisions") = None,
     run_threads: R("latency.threads", "--run-threads") = None,
     proxy_steps: R("latency.proxy_steps") = None,
+    tie_steps: R("latency.tie_steps") = None,
     fim_rate: R("data.fim.rate", "--fim-rate") = None,
     fim_spm_rate: R("data.fim.spm_rate", "--fim-spm-rate") = None,
     fim_mode: R("data.fim.mode", "--fim-mode") = None,

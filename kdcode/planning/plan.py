@@ -50,7 +50,7 @@ def _outcome_none(plan: dict[str, Any], task: Task) -> str:
 def _final_round(search: Search, fin: Finalists, shapes: list[Shape], log: Log) -> dict[Shape, Any]:
     """Build ``shapes`` with the teacher's measured blocks, score the proxy, time them in interleaved rounds."""
     built = {}
-    for s in shapes:
+    for s in sorted(shapes):  # one shape's precisions in a row: they share its proxy training
         model, info = fin.build(s)
         built[s] = model
         search.rows.setdefault(s, {**s.as_dict()}).update(info)
@@ -62,6 +62,25 @@ def _final_round(search: Search, fin: Finalists, shapes: list[Shape], log: Log) 
     del built
     gc.collect()
     return {s: search.rows[s] for s in shapes}
+
+
+def _choose(search: Search, fin: Finalists, ok: list[Shape], log: Log) -> Shape:
+    """The lowest proxy loss of the finalists within the budget (ties: the faster). Near-ties (within ``proxy_tie``
+    of the best) are scored again after ``tie_steps`` KD steps, which decide among them: a few steps of KD leave
+    shapes of one budget within the proxy's noise of each other, more steps separate them."""
+    spec, rows = search.spec, search.rows
+    by_proxy = lambda s: (rows[s]["proxy_loss"], rows[s]["ms"])  # noqa: E731
+    best = min(rows[s]["proxy_loss"] for s in ok)
+    close = [s for s in ok if rows[s]["proxy_loss"] <= best + abs(best) * spec.proxy_tie]
+    if len(close) < 2 or spec.tie_steps <= spec.proxy_steps:
+        return min(ok, key=by_proxy)
+    log(f"plan: {len(close)} finalists within {spec.proxy_tie:g} of the best proxy loss: each scored again after "
+        f"{spec.tie_steps} KD steps")
+    for s in sorted(close):  # one shape's precisions in a row: they share its training
+        _, info = fin.build(s, spec.tie_steps)
+        rows[s]["tie_loss"] = info["proxy_loss"]
+        log(f"plan: {s.label()}: proxy loss after {spec.tie_steps} steps {info['proxy_loss']}")
+    return min(close, key=lambda s: (rows[s]["tie_loss"], rows[s]["ms"]))
 
 
 def plan_shapes(teacher: torch.nn.Module, tokenizer: Any, calibration: torch.Tensor, held_out: torch.Tensor,
@@ -99,7 +118,7 @@ def plan_shapes(teacher: torch.nn.Module, tokenizer: Any, calibration: torch.Ten
                 rows = _final_round(search, fin, [Shape(s.layers - 1, *s.family) for s in missed], log)
             ok = [s for s, r in search.rows.items() if r.get("phase") == "final" and r["meets"]]
             if ok:
-                chosen = min(ok, key=lambda s: (search.rows[s]["proxy_loss"], search.rows[s]["ms"]))
+                chosen = _choose(search, fin, ok, log)
     finally:
         teacher.train(was_training)
     for s, row in search.rows.items():

@@ -15,11 +15,13 @@ machine and keeps the most of the teacher.
    (``proxy_steps`` 0) favours shallow, wide shapes that a few steps of KD overtake; the benchmark in
    examples/benchmarks reports how well each proxy ranks shapes by their ES after distillation.
 4. **Choice.** The finalists, with their real weights, are timed again in interleaved rounds; of those whose median
-   is within the budget, the lowest proxy loss wins (ties: the faster).
+   is within the budget, the lowest proxy loss wins (ties: the faster). Near-ties (within ``proxy_tie`` of the best)
+   are scored again after ``tie_steps`` KD steps, which decide among them.
 """
 
 from __future__ import annotations
 
+import copy
 import gc
 import sys
 from collections.abc import Callable
@@ -167,6 +169,9 @@ class Finalists:
         self.teacher, self.calibration, self.held_out, self.spec, self.device, self.vocab = (
             teacher, calibration, held_out, spec, device, vocab)
         self.maps: dict[int, tuple[list[int], Any]] = {}
+        # the last trained float student, by (layers, MLP kept, heads removed, steps): the precisions of one shape
+        # share it (training runs in float32; each precision converts a copy)
+        self._trained: tuple[tuple, torch.nn.Module] | None = None
 
     def layer_map(self, layers: int) -> tuple[list[int], Any]:
         """The measured-importance init's teacher blocks for ``layers`` (distil's default init)."""
@@ -180,19 +185,31 @@ class Finalists:
     def depth(self) -> int:
         return int(self.teacher.config.num_hidden_layers)
 
-    def build(self, shape: Shape) -> tuple[torch.nn.Module, dict[str, Any]]:
-        blocks, _ = self.layer_map(shape.layers)
-        student = new_model(student_config(self.teacher, blocks))
-        copy_weights(student, self.teacher, blocks, True)
-        student, _ = prune_at_init(student.to(self.device), shape.head_prune, 1.0 - shape.ffn_keep, self.calibration)
-        if self.spec.proxy_steps:
-            short_kd(student.float(), self.teacher, self.calibration, self.spec.proxy_steps,
-                     self.spec.proxy_batch_size, self.vocab)
-        student = to_precision(student, shape.precision)
+    def trained(self, shape: Shape, steps: int) -> torch.nn.Module:
+        """``shape`` with the teacher's measured blocks, pruned, after ``steps`` proxy KD steps, in float32 (a copy:
+        the same shape in another precision reuses the training)."""
+        key = (shape.layers, shape.ffn_keep, shape.head_prune, steps)
+        if self._trained is None or self._trained[0] != key:
+            self._trained = None
+            blocks, _ = self.layer_map(shape.layers)
+            student = new_model(student_config(self.teacher, blocks))
+            copy_weights(student, self.teacher, blocks, True)
+            student, _ = prune_at_init(student.to(self.device), shape.head_prune, 1.0 - shape.ffn_keep,
+                                       self.calibration)
+            student = student.float()
+            if steps:
+                short_kd(student, self.teacher, self.calibration, steps, self.spec.proxy_batch_size, self.vocab)
+            self._trained = (key, student)
+        return copy.deepcopy(self._trained[1])
+
+    def build(self, shape: Shape, steps: int | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+        """The finalist in its precision and its proxy: held-out loss after ``steps`` (default ``proxy_steps``)."""
+        steps = self.spec.proxy_steps if steps is None else steps
+        student = to_precision(self.trained(shape, steps), shape.precision)
         blocks_n = min(len(self.held_out), self.spec.proxy_blocks)
         loss = held_out_loss(student, self.held_out[:blocks_n], 4, None, self.device)
-        return student, {"teacher_blocks": blocks, "proxy_loss": round(loss, 4),
-                         "proxy_tokens": int(self.held_out[:blocks_n].numel()), "proxy_steps": self.spec.proxy_steps}
+        return student, {"teacher_blocks": self.layer_map(shape.layers)[0], "proxy_loss": round(loss, 4),
+                         "proxy_tokens": int(self.held_out[:blocks_n].numel()), "proxy_steps": steps}
 
 
 def machine(device: torch.device, threads: int) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 Speed does not depend on the weights, so a shape is timed on a model of random weights built from the teacher's
 config (depth cut, MLP channels and heads removed as the pruners remove them, converted to the runtime precision).
 Quality does: a finalist is built as distil would build it (the measured-importance init's blocks, pruned by
-importance on calibration blocks, converted) and scored by its held-out loss at init.
+importance on calibration blocks, a few KD steps, converted) and scored by its held-out loss
+(:mod:`kdcode.planning.search`).
 """
 
 from __future__ import annotations
