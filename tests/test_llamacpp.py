@@ -117,6 +117,28 @@ def test_one_live_cache_per_model_and_rows_grow_for_a_prompt(tiny_gguf):
     assert torch.allclose(logits[0], logits[19])
 
 
+def test_the_context_holds_what_is_decoded_not_the_model_s_whole_context(tiny_gguf, monkeypatch):
+    """A model's context length (8k for SmolLM2, 128k for many) times the rows would be gigabytes of float32 KV
+    cache: a context starts with ROW_POSITIONS cells per row and grows for a prompt that needs more."""
+    import torch
+
+    from kdcode.inference.backends import llama
+
+    monkeypatch.setattr(llama, "ROW_POSITIONS", 32)  # (llama.cpp pads a context to a multiple of 256 cells)
+    monkeypatch.setattr(llama, "HEADROOM", 24)
+    model = load_for_inference(str(tiny_gguf), "cpu").model
+    assert model.n_positions > 64 and model.row_positions == 32
+    assert llama_cpp.llama_n_ctx(model.ctx) == 32 * llama.START_ROWS
+    ids = torch.arange(5, 45)[None]  # 40 prompt tokens + 24 headroom: 64 cells per row
+    logits, cache = model.decode_step(ids, torch.ones_like(ids), torch.arange(40)[None], None, 1)
+    assert model.row_positions == 64 and llama_cpp.llama_n_ctx(model.ctx) == 64 * llama.START_ROWS
+    small = load_for_inference(str(tiny_gguf), "cpu").model  # the same logits as a context made large at once
+    small.row_positions = model.n_positions
+    small._context(llama.START_ROWS)
+    ref, _ = small.decode_step(ids, torch.ones_like(ids), torch.arange(40)[None], None, 1)
+    assert torch.allclose(logits, ref)
+
+
 def test_a_changed_gguf_is_refused_unless_no_verify(tiny_gguf, tmp_path):
     copy = tmp_path / "c.gguf"
     data = bytearray(tiny_gguf.read_bytes())

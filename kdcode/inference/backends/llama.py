@@ -7,7 +7,9 @@ the kept positions come back, and beam search's row reordering is ``llama_memory
 ids. The context holds one live cache at a time: a prompt (``cache`` None) starts over, and a cache from before
 is refused. The KV cache is float32 and flash attention off, so that an f32 GGUF computes what torch does up to
 llama.cpp's own kernels (its GELU reads an fp16 table). Rows are limited to the capacity the context was made
-with (grown for a prompt when needed, up to :data:`MAX_ROWS`).
+with (grown for a prompt when needed, up to :data:`MAX_ROWS`). So are the KV cells per row: not the model's whole
+context (8k for SmolLM2, 128k for many models: gigabytes of float32 cache for every row) but :data:`ROW_POSITIONS`
+at first, grown for a prompt that needs more, with :data:`HEADROOM` cells past the prompt for what is decoded.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ def _last_log() -> str:
 
 MAX_ROWS = 64  # sequences a context may hold (llama.cpp allows 256 ids; beam reordering needs twice the rows)
 START_ROWS = 8
+ROW_POSITIONS = 2048  # KV cells per row a context starts with (up to the model's context length)
+HEADROOM = 512  # KV cells per row kept past a prompt, for the tokens decoded after it
 
 
 class SeqCache:
@@ -104,6 +108,7 @@ class LlamaModel(StepModel):
             "/".join(sorted({kind.lower() for kind, shape in tensors.values() if len(shape) > 1}))
         self.dtype_name = f"{quant} (GGUF)"
         self.path, self.threads, self.n_positions = path, threads, n_ctx
+        self.row_positions = min(n_ctx, ROW_POSITIONS)
         _quiet_llama_log()
         llama_cpp.llama_backend_init()
         params_ = llama_cpp.llama_model_default_params()
@@ -124,7 +129,7 @@ class LlamaModel(StepModel):
 
         self._free_context()
         p = llama_cpp.llama_context_default_params()
-        p.n_ctx = self.n_positions * rows
+        p.n_ctx = self.row_positions * rows
         p.n_batch = p.n_ctx
         p.n_ubatch = min(p.n_ctx, 512)
         p.n_seq_max = 2 * rows
@@ -165,10 +170,13 @@ class LlamaModel(StepModel):
 
         rows, seq = input_ids.shape
         if cache is None:
-            if rows > self.rows:
+            need = min(self.n_positions, seq + HEADROOM)
+            if rows > self.rows or need > self.row_positions:
                 if rows > MAX_ROWS:
                     raise KdcodeError(f"the llama.cpp backend decodes at most {MAX_ROWS} rows at once, not {rows}")
-                self._context(max(rows, 2 * self.rows))
+                if need > self.row_positions:
+                    self.row_positions = min(self.n_positions, max(need, 2 * self.row_positions))
+                self._context(max(rows, 2 * self.rows) if rows > self.rows else self.rows)
             llama_cpp.llama_memory_clear(self.memory, True)
             self.epoch += 1
             self.free = list(range(2 * self.rows))
@@ -178,8 +186,10 @@ class LlamaModel(StepModel):
         wanted = self._fill(input_ids.tolist(), mask[:, -seq:].tolist(), pos.tolist(), cache.seqs, keep)
         rc = llama_cpp.llama_decode(self.ctx, self.batch)
         if rc != 0:
-            raise KdcodeError(f"llama.cpp could not decode this batch (llama_decode returned {rc}: "
-                              f"{'no room left in its KV cache' if rc == 1 else 'an internal error'}){_last_log()}")
+            room = (f"no room left in its KV cache of {self.row_positions * self.rows} cells; ask for fewer new "
+                    "tokens") if rc == 1 else "an internal error"
+            raise KdcodeError(f"llama.cpp could not decode this batch (llama_decode returned {rc}: {room})"
+                              f"{_last_log()}")
         logits = np.zeros((rows, keep, self.n_vocab), dtype=np.float32)
         for i, (row, k) in wanted:
             ptr = llama_cpp.llama_get_logits_ith(self.ctx, i)
