@@ -41,7 +41,7 @@ def print_plan(plan: dict[str, Any]) -> None:
     spec = plan["spec"]
     if any(r.get("tie_loss") is not None for r in plan["candidates"]):
         console.print(f"near-tie proxy: the same after {spec['tie_steps']} KD steps, for the finalists within "
-                      f"{spec['proxy_tie']:g} of the best proxy loss; it decides among them", markup=False)
+                      f"{spec['proxy_tie']:.0%} of the best proxy loss; it decides among them", markup=False)
     if plan["chosen"]:
         c = plan["chosen"]
         tie = "" if c.get("tie_loss") is None else f" ({c['tie_loss']} after {spec['tie_steps']} steps)"

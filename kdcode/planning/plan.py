@@ -74,7 +74,7 @@ def _choose(search: Search, fin: Finalists, ok: list[Shape], log: Log) -> Shape:
     close = [s for s in ok if rows[s]["proxy_loss"] <= best + abs(best) * spec.proxy_tie]
     if len(close) < 2 or spec.tie_steps <= spec.proxy_steps:
         return min(ok, key=by_proxy)
-    log(f"plan: {len(close)} finalists within {spec.proxy_tie:g} of the best proxy loss: each scored again after "
+    log(f"plan: {len(close)} finalists within {spec.proxy_tie:.0%} of the best proxy loss: each scored again after "
         f"{spec.tie_steps} KD steps")
     for s in sorted(close):  # one shape's precisions in a row: they share its training
         _, info = fin.build(s, spec.tie_steps)
