@@ -93,15 +93,24 @@ def _key(row: dict[str, Any]) -> tuple:
     return (row["layers"], row["ffn_keep"], row["head_prune"], row["precision"])
 
 
-def grid(args: argparse.Namespace) -> None:
-    import torch
-
+def _teacher_data(name: str, block_size: int) -> tuple[Any, Any, Any]:
+    """The teacher, its calibration blocks (as a plan draws them, seed 0) and the held-out blocks of the stdlib."""
     from kdcode.data.corpus import load_corpus, split_blocks
     from kdcode.inits.base import calibration_sample
     from kdcode.models.load import load_model
+    from kdcode.spec import DataSpec
+
+    teacher = load_model(name)
+    train, valid = split_blocks(load_corpus(DataSpec()), teacher.tokenizer, block_size)
+    return teacher, calibration_sample(train, 0), valid
+
+
+def grid(args: argparse.Namespace) -> None:
+    import torch
+
     from kdcode.planning.search import Finalists
     from kdcode.planning.shapes import Shape
-    from kdcode.spec import DataSpec, RunSpec, TrainSpec
+    from kdcode.spec import RunSpec, TrainSpec
     from kdcode.spec_latency import LatencySpec
     from kdcode.train.distil import run_distil
 
@@ -114,9 +123,7 @@ def grid(args: argparse.Namespace) -> None:
         if not fits:
             sys.exit(f"grid shape {s} was not measured within {args.budget:g} ms by the plan; pick from its table")
         s["plan_ms"] = measured[_key(s)]["ms"] if _key(s) in measured else f"<= {min(r['ms'] for r in fits)}"
-    teacher = load_model(args.teacher)
-    train, valid = split_blocks(load_corpus(DataSpec()), teacher.tokenizer, args.block_size)
-    calibration = calibration_sample(train, 0)
+    teacher, calibration, valid = _teacher_data(args.teacher, args.block_size)
     spec = LatencySpec(**result["spec"])
     fin = Finalists(teacher.model, calibration, valid, spec, torch.device("cpu"))
     real_teacher = _load("real_teacher", HERE / "real_teacher.py")
@@ -156,20 +163,14 @@ def grid(args: argparse.Namespace) -> None:
 def proxy(args: argparse.Namespace) -> None:
     import torch
 
-    from kdcode.data.corpus import load_corpus, split_blocks
-    from kdcode.inits.base import calibration_sample
-    from kdcode.models.load import load_model
     from kdcode.planning.search import Finalists
     from kdcode.planning.shapes import Shape
-    from kdcode.spec import DataSpec
     from kdcode.spec_latency import LatencySpec
 
     grids = [r for r in _rows(args.out) if r.get("kind") == "grid" and r["teacher"] == args.teacher]
     done = {(r["budget_ms"], tuple(r["shape"].values())) for r in _rows(args.out)
             if r.get("kind") == "proxy" and r["proxy_steps"] == args.proxy_steps and r["teacher"] == args.teacher}
-    teacher = load_model(args.teacher)
-    train, valid = split_blocks(load_corpus(DataSpec()), teacher.tokenizer, args.block_size)
-    calibration = calibration_sample(train, 0)
+    teacher, calibration, valid = _teacher_data(args.teacher, args.block_size)
     for r in grids:
         if (r["budget_ms"], tuple(r["shape"].values())) in done:
             continue

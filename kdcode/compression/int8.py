@@ -66,10 +66,10 @@ def _check_channels(channels: list[int] | None, activations: str, in_features: i
         return None
     if activations != "per-token":
         raise KdcodeError(f"float32 input channels are for per-token activations, not {activations}")
-    if not all(isinstance(c, int) and not isinstance(c, bool) for c in channels) or len(set(channels)) != len(
-            channels) or not all(0 <= c < in_features for c in channels):
+    integers = all(isinstance(c, int) and not isinstance(c, bool) for c in channels)
+    if not integers or len(set(channels)) != len(channels) or not all(0 <= c < in_features for c in channels):
         raise KdcodeError(f"float32 input channels must be distinct and within 0-{in_features - 1}")
-    return sorted(int(c) for c in channels)
+    return sorted(channels)
 
 
 def _channels(channels: list[int] | None) -> torch.Tensor | None:
