@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 
 from kdcode.spec import DataSpec, _Spec
 
-Int8SchemeName = Literal["weight-only", "per-token", "smooth-per-token", "smoothquant", "per-tensor"]
+Int8SchemeName = Literal["auto", "weight-only", "per-token", "smooth-per-token", "smoothquant", "per-tensor"]
 #: each int8 scheme: whether SmoothQuant's outlier migration runs first, how the activations are quantized, and how
 #: many input channels of the LM head stay float32 (smooth-per-token: the migration cannot reach the input of a
 #: head tied to the embedding, and on a real model that head's per-token rounding was over half of what the scheme
@@ -41,9 +41,10 @@ class CompressSpec(QualityCheckSpec):
     dtype: Literal["fp32", "fp16", "bf16"] | None = Field(None, description="store float weights in this dtype")
     int8: bool = Field(False, description="int8 weights of every Linear/Conv1D, for CPU inference")
     int8_scheme: Int8SchemeName = Field(
-        "weight-only", description="int8 activations: weight-only (kept float32; the default, see "
-        "docs/compression.md), per-token (int8 per token), smooth-per-token (outliers moved into the weights, then "
-        "per token; the LM head's 16 largest input channels float32), smoothquant (outliers moved, then per "
+        "auto", description="int8 activations: auto (the default: smooth-per-token where the CPU has int8 dot "
+        "products and the blocks are GPT-2 or Llama-style, else weight-only; see docs/compression.md), weight-only "
+        "(activations kept float), per-token (int8 per token), smooth-per-token (outliers moved into the weights, "
+        "then per token; the LM head's 16 largest input channels float32), smoothquant (outliers moved, then per "
         "tensor), per-tensor (one scale per input: the old scheme, which Llama-style outliers defeat)"
     )
     smooth_alpha: float = Field(0.5, gt=0.0, lt=1.0, description="smooth-per-token, smoothquant: migration strength "

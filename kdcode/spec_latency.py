@@ -18,7 +18,7 @@ Precision = Literal["fp32", "bf16", "int8", "int8-per-token"]
 PRECISIONS: dict[str, dict[str, object]] = {
     "fp32": {},
     "bf16": {"dtype": "bf16"},
-    "int8": {"int8": True, "int8_scheme": "weight-only"},
+    "int8": {"int8": True, "int8_scheme": "auto"},
     "int8-per-token": {"int8": True, "int8_scheme": "per-token"},
 }
 

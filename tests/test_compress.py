@@ -230,7 +230,7 @@ def test_cli_compress_and_its_errors(tmp_path, teacher_dir, corpus_dir):
             "--calib-batches", 1, "--calib-batch-size", 2, "--calib-block-size", 32, "--check-samples", 2,
             "--check-blocks", 1)
     assert r.exit_code == 0, r.output
-    assert "prune-heads, int8" in r.output and (out / INT8_FILE).is_file()
+    assert "(prune-heads, " in r.output and "int8 scheme: " in r.output and (out / INT8_FILE).is_file()
     assert "quality: ES " in r.output and " -> " in r.output  # before -> after, measured before success
     for args, needle in [
         ([], "nothing to do"),

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from kdcode.cli import app
 from kdcode.compression import int8_kernels
-from kdcode.compression.compress import _smooth, calibration_blocks, run_compress
+from kdcode.compression.compress import calibration_blocks, run_compress
 from kdcode.compression.int8 import INT8_SCHEME, Int8Linear, dequantize_int8, quantize_model
 from kdcode.compression.quality import compare, quality_lines
 from kdcode.compression.smooth import largest_channels, smooth_model
@@ -184,7 +184,7 @@ def test_every_scheme_round_trips_to_the_logits_it_had_in_memory(tmp_path, llama
     in_memory = lm.model.float()
     calib = calibration_blocks(s, lm.tokenizer, 128)
     if smooth:
-        _smooth(in_memory, s, calib)
+        smooth_model(in_memory, calib, s.calib_batch_size, s.smooth_alpha)
     if head_float:  # the head's channels of largest calibration inputs, after the migration
         assert channels == largest_channels(in_memory, in_memory.get_output_embeddings(), calib, 2, head_float)
     quantize_model(in_memory, activations, channels)
@@ -299,6 +299,46 @@ def test_smoothquant_refuses_an_architecture_it_cannot_fold(tmp_path, corpus_dir
                                              num_attention_heads=2, intermediate_size=64))
     with pytest.raises(KdcodeError, match="smoothquant and smooth-per-token support GPT-2 and Llama-style blocks"):
         smooth_model(model, ids(64), 2, 0.5)
+
+
+@pytest.mark.parametrize("int8_dot", [True, False])
+def test_auto_is_smooth_per_token_only_where_it_pays_and_applies(tmp_path, llama_dir, corpus_dir, monkeypatch,
+                                                                 int8_dot):
+    monkeypatch.setattr("kdcode.compression.smooth.cpu_has_int8_dot", lambda: int8_dot)
+    assert CompressSpec().int8_scheme == "auto"
+    out, m = run_compress(str(llama_dir), spec(corpus_dir, int8=True), tmp_path / "auto")
+    step = m["compression"]["steps"][-1]
+    want = "smooth-per-token" if int8_dot else "weight-only"
+    assert step["int8_scheme"] == want and step["chosen_by"].startswith("auto: ")
+    assert ("no int8 dot products" in step["chosen_by"]) is not int8_dot
+    assert [st["step"] for st in m["compression"]["steps"]] == ["smooth"] * int8_dot + ["int8"]
+    layout = m["compression"]["layout"]["int8"]
+    assert layout["activations"] == ("per-token" if int8_dot else "weight-only")
+    assert len(layout["head_float_channels"] or []) == (16 if int8_dot else 0)
+    # a scheme named on the command line is taken as it is, on any CPU
+    _, named = run_compress(str(llama_dir), spec(corpus_dir, int8=True, int8_scheme="per-token"), tmp_path / "n")
+    assert named["compression"]["steps"][-1]["int8_scheme"] == "per-token"
+    assert named["compression"]["steps"][-1]["chosen_by"] is None
+
+
+def test_auto_falls_back_to_weight_only_for_blocks_it_cannot_smooth(monkeypatch):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from kdcode.compression.smooth import int8_scheme_for
+
+    monkeypatch.setattr("kdcode.compression.smooth.cpu_has_int8_dot", lambda: True)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=64))
+    scheme, why = int8_scheme_for(model, "auto")
+    assert scheme == "weight-only" and "gpt_neox blocks are not GPT-2 or Llama-style" in why
+
+
+def test_the_cli_names_the_scheme_auto_chose(tmp_path, teacher_dir, corpus_dir, monkeypatch):
+    monkeypatch.setattr("kdcode.compression.smooth.cpu_has_int8_dot", lambda: False)
+    r = runner.invoke(app, ["compress", str(teacher_dir), "--out", str(tmp_path / "q"), "--int8", "--data",
+                            str(corpus_dir), "--check-samples", "0", "--check-blocks", "0"])
+    assert r.exit_code == 0, r.output
+    assert "int8 scheme: weight-only (auto: this CPU has no int8 dot products" in r.output
 
 
 # ------------------------------------------------------------------------------------------- export

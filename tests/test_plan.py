@@ -17,7 +17,7 @@ from kdcode.models.load import count_params
 from kdcode.planning import timing
 from kdcode.planning.plan import PLAN_FILE_SUFFIX, plan_for_run, plan_shapes
 from kdcode.planning.search import Finalists, families, short_kd
-from kdcode.planning.shapes import Shape
+from kdcode.planning.shapes import Shape, timing_model
 from kdcode.spec_latency import LatencySpec
 
 FACTOR = {"fp32": 1.0, "bf16": 0.8, "int8": 0.6}
@@ -113,6 +113,24 @@ def test_near_ties_are_decided_by_a_longer_proxy_and_one_shape_s_precisions_shar
         plan = plan_shapes(teacher, tokenizer, calib, valid, spec(50, **{"proxy_steps": 2, "tie_steps": 6,
                                                                           "proxy_tie": 1.0, **kw}), log=lambda _: None)
         assert all(r.get("tie_loss") is None for r in plan["candidates"])
+
+
+@pytest.mark.parametrize("int8_dot", [True, False])
+def test_an_int8_finalist_is_the_int8_compress_writes_on_this_cpu(tokenizer, blocks, monkeypatch, int8_dot):
+    monkeypatch.setattr("kdcode.compression.smooth.cpu_has_int8_dot", lambda: int8_dot)
+    teacher, (calib, valid) = make_gpt2(tokenizer), blocks
+    lines: list[str] = []
+    plan_shapes(teacher, tokenizer, calib, valid, spec(50), log=lines.append)
+    scheme = "smooth-per-token" if int8_dot else "weight-only"
+    assert any(line.startswith(f"int8 is {scheme}, as kdcode compress --int8 writes it here (auto: ")
+               for line in lines)
+    fin = Finalists(teacher, calib, valid, spec(50), torch.device("cpu"), len(tokenizer))
+    student, _ = fin.build(Shape(2, 1.0, 0.0, "int8"))
+    kinds = {m.activations for m in student.modules() if isinstance(m, Int8Linear)}
+    assert kinds == {"per-token" if int8_dot else "weight-only"}
+    assert len(student.get_output_embeddings().float_channels or []) == (16 if int8_dot else 0)
+    timed = timing_model(teacher, Shape(2, 1.0, 0.0, "int8"))  # the model timed: the same kernels
+    assert {m.activations for m in timed.modules() if isinstance(m, Int8Linear)} == kinds
 
 
 def test_a_budget_nothing_meets_names_the_fastest(tokenizer, blocks):

@@ -102,6 +102,10 @@ def compress(
         f"{m['params_m_before']}M -> {m['params_m']}M params, {weights_size(folder) / 1e6:.2f} MB on disk; "
         f"loads with {comp['loading']})"
     ))
+    for step in comp["steps"]:
+        if step["step"] == "int8":
+            out_console().print(f"int8 scheme: {step['int8_scheme']}"
+                                + (f" ({step['chosen_by']})" if step.get("chosen_by") else ""))
     print_quality(comp.get("quality"))
     out_console().print(f"next:\n  kdcode eval {folder}\n  kdcode bench {folder} --compare {model} --device cpu")
 

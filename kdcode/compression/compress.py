@@ -13,6 +13,7 @@ folders load through :func:`kdcode.models.load_model`, which rebuilds them from 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from kdcode.compression.int8 import INT8_FILE, quantize_model
 from kdcode.compression.prune import GPT2Pruner, heads_per_layer
 from kdcode.compression.prune_llama import LlamaPruner
 from kdcode.compression.quality import check_spec, compare, in_memory, measure
-from kdcode.compression.smooth import largest_channels, smooth_model
+from kdcode.compression.smooth import int8_scheme_for, largest_channels, smooth_model
 from kdcode.data.corpus import encode_documents, load_corpus, to_blocks
 from kdcode.device import torch_dtype
 from kdcode.errors import KdcodeError
@@ -118,11 +119,25 @@ class _Int8Folder:
         save_file(tensors, str(Path(path) / INT8_FILE), metadata={"format": "pt", "kdcode": "int8"})
 
 
-def _smooth(model: nn.Module, spec: CompressSpec, blocks: torch.Tensor) -> dict[str, Any]:
-    """SmoothQuant's migration on calibration blocks of the train split; the manifest step."""
-    done = smooth_model(model, blocks, spec.calib_batch_size, spec.smooth_alpha)
-    calib = {"data": spec.data.source, "split": "train", "blocks": len(blocks), "block_size": blocks.size(1)}
-    return {"step": "smooth", **done, "calibration": calib}
+def int8_in_place(model: nn.Module, requested: str, calibration: Callable[[], torch.Tensor], batch_size: int,
+                  alpha: float, source: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Quantize ``model`` (float32, in place) with the int8 scheme ``requested`` (``auto`` chosen here for this CPU
+    and family): the manifest's steps and the int8 layout. ``calibration`` gives the blocks the migration and the
+    LM head's float channels are measured on (asked for only when the scheme needs them); ``source`` names them."""
+    scheme, why = int8_scheme_for(model, requested)
+    smooth, activations, head_float = INT8_SCHEMES[scheme]
+    head = model.get_output_embeddings() if head_float else None
+    blocks = calibration() if smooth or head else None
+    steps: list[dict[str, Any]] = []
+    if smooth:
+        done = smooth_model(model, blocks, batch_size, alpha)
+        where = {**source, "blocks": len(blocks), "block_size": blocks.size(1)}
+        steps.append({"step": "smooth", **done, "calibration": where})
+    channels = largest_channels(model, head, blocks, batch_size, head_float) if head else None
+    layout = quantize_model(model, activations, channels)
+    steps.append({"step": "int8", "int8_scheme": scheme, "chosen_by": why, "scheme": layout["scheme"],
+                  "modules": len(layout["modules"]), "tied": layout["tied"]})
+    return steps, layout
 
 
 def _step_name(step: dict[str, Any]) -> str:
@@ -158,15 +173,10 @@ def run_compress(
     int8_layout = None
     if spec.int8:
         model.float()
-        smooth, activations, head_float = INT8_SCHEMES[spec.int8_scheme]
-        head = model.get_output_embeddings() if head_float else None
-        calib = calibration_blocks(spec, lm.tokenizer, context_length(model.config, 1024)) if smooth or head else None
-        if smooth:
-            steps.append(_smooth(model, spec, calib))
-        channels = largest_channels(model, head, calib, spec.calib_batch_size, head_float) if head else None
-        int8_layout = quantize_model(model, activations, channels)
-        steps.append({"step": "int8", "int8_scheme": spec.int8_scheme, "scheme": int8_layout["scheme"],
-                      "modules": len(int8_layout["modules"]), "tied": int8_layout["tied"]})
+        int8_steps, int8_layout = int8_in_place(
+            model, spec.int8_scheme, lambda: calibration_blocks(spec, lm.tokenizer, context_length(model.config, 1024)),
+            spec.calib_batch_size, spec.smooth_alpha, {"data": spec.data.source, "split": "train"})
+        steps += int8_steps
     elif spec.dtype:
         model.to(torch_dtype(spec.dtype))
         steps.append({"step": "dtype", "dtype": spec.dtype})

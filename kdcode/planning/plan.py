@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from kdcode.compression.compress import run_compress
+from kdcode.compression.smooth import int8_scheme_for
 from kdcode.data.corpus import encode_documents, load_corpus
 from kdcode.device import resolve_device, set_threads
 from kdcode.errors import KdcodeError
@@ -105,6 +106,9 @@ def plan_shapes(teacher: torch.nn.Module, tokenizer: Any, calibration: torch.Ten
     note = lambda line: (plan["notes"].append(line), log(line))  # noqa: E731
     try:
         fams = families(teacher, spec, device, note)
+        if any(f[-1] == "int8" for f in fams):
+            scheme, why = int8_scheme_for(teacher, str(PRECISIONS["int8"]["int8_scheme"]))
+            note(f"int8 is {scheme}, as kdcode compress --int8 writes it here ({why})")
         deepest = {f: search.deepest(f) for f in fams} if search.rows[top]["ms"] > spec.target_ms() else {}
         finalists = list(dict.fromkeys(s for s in deepest.values() if s is not None))
         chosen = None

@@ -2,8 +2,9 @@
 machine and keeps the most of the teacher.
 
 1. **Families.** Every (MLP channels kept, heads removed, precision) of the spec; depth only for a family kdcode
-   cannot prune. Precisions by default: fp32, bf16 where the device runs it natively, int8 (weight-only) where the
-   CPU has int8 dot products.
+   cannot prune. Precisions by default: fp32, bf16 where the device runs it natively, int8 where the CPU has int8
+   dot products (as `kdcode compress --int8` writes it: smooth-per-token for GPT-2 and Llama-style blocks, else
+   weight-only).
 2. **Speed, measured.** Within a family the time of a completion grows with depth, so the deepest shape within
    the budget is found by timing random-weight models: depth 1 (the family fits at all?), the teacher's depth, the
    depth the straight line between them predicts, then one block at a time until the boundary is measured. The
@@ -205,7 +206,7 @@ class Finalists:
     def build(self, shape: Shape, steps: int | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
         """The finalist in its precision and its proxy: held-out loss after ``steps`` (default ``proxy_steps``)."""
         steps = self.spec.proxy_steps if steps is None else steps
-        student = to_precision(self.trained(shape, steps), shape.precision)
+        student = to_precision(self.trained(shape, steps), shape.precision, self.calibration)
         blocks_n = min(len(self.held_out), self.spec.proxy_blocks)
         loss = held_out_loss(student, self.held_out[:blocks_n], 4, None, self.device)
         return student, {"teacher_blocks": self.layer_map(shape.layers)[0], "proxy_loss": round(loss, 4),

@@ -14,12 +14,15 @@ from typing import Any
 
 import torch
 
-from kdcode.compression.compress import pruner_for
-from kdcode.compression.int8 import memory_bytes, quantize_model
+from kdcode.compression.compress import int8_in_place, pruner_for
+from kdcode.compression.int8 import memory_bytes
 from kdcode.errors import KdcodeError
 from kdcode.inits.base import evenly_spaced, new_model, student_config
 from kdcode.models.load import count_params
 from kdcode.spec_latency import PRECISIONS
+
+#: calibration blocks an int8 finalist's migration and float channels are measured on (compress's default 8 x 8)
+INT8_CALIBRATION_BLOCKS = 64
 
 
 @dataclass(frozen=True, order=True)
@@ -72,11 +75,12 @@ def prune_axes(teacher: torch.nn.Module) -> tuple[bool, bool, str | None]:
                           f"Llama-style blocks): {what} are searched")
 
 
-def to_precision(model: torch.nn.Module, precision: str) -> torch.nn.Module:
-    """``model`` (float32) converted in place to a runtime precision as `kdcode compress` writes it."""
+def to_precision(model: torch.nn.Module, precision: str, calibration: torch.Tensor) -> torch.nn.Module:
+    """``model`` (float32) converted in place to a runtime precision as `kdcode compress` writes it (int8: the
+    scheme compress's ``auto`` takes on this CPU, its migration and float channels measured on ``calibration``)."""
     how = PRECISIONS[precision]
     if how.get("int8"):
-        quantize_model(model, str(how["int8_scheme"]))
+        int8_in_place(model, str(how["int8_scheme"]), lambda: calibration[:INT8_CALIBRATION_BLOCKS], 8, 0.5, {})
     elif how.get("dtype") == "bf16":
         model.to(torch.bfloat16)
     return model.eval()
@@ -101,7 +105,9 @@ def timing_model(teacher: torch.nn.Module, shape: Shape) -> torch.nn.Module:
     n_teacher = int(teacher.config.num_hidden_layers)
     torch.manual_seed(0)
     model = new_model(student_config(teacher, evenly_spaced(n_teacher, shape.layers)))
-    return to_precision(fixed_prune(model, shape), shape.precision)
+    # speed does not depend on the weights: the int8 schemes' calibration runs on random tokens
+    tokens = torch.randint(0, int(model.config.vocab_size), (2, 32), generator=torch.Generator().manual_seed(0))
+    return to_precision(fixed_prune(model, shape), shape.precision, tokens)
 
 
 def footprint(model: torch.nn.Module) -> dict[str, float]:
