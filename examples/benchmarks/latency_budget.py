@@ -116,8 +116,9 @@ def grid(args: argparse.Namespace) -> None:
 
     result = json.loads(plan_path(args.out, args.teacher, args.budget).read_text())
     measured = {_key(r): r for r in result["candidates"]}
-    shapes = [result["chosen"]] + [_shape(s) for s in args.shapes.split(",") if s]
-    for s in shapes[1:]:  # within the budget as the plan measured it (or a deeper shape of its family was)
+    shapes = [result["chosen"]] * (not args.without_chosen) + [_shape(s) for s in args.shapes.split(",") if s]
+    # each within the budget as the plan measured it (or a deeper shape of its family was)
+    for s in shapes[0 if args.without_chosen else 1:]:
         fits = [r for r in result["candidates"] if r["meets"] and _key(r)[1:] == _key(s)[1:]
                 and r["layers"] >= s["layers"]]
         if not fits:
@@ -129,7 +130,7 @@ def grid(args: argparse.Namespace) -> None:
     real_teacher = _load("real_teacher", HERE / "real_teacher.py")
     sets = real_teacher.completion_sets(args.out, args.samples)
     done = {(r["budget_ms"], tuple(r["shape"].values())): r for r in _rows(args.out) if r.get("kind") == "grid"}
-    for i, s in enumerate(shapes):
+    for i, s in enumerate(shapes, start=int(args.without_chosen)):
         shape = Shape.of(s)
         earlier = done.get((args.budget, tuple(shape.as_dict().values())))
         if earlier is not None:  # distilled already (a grid shape a new plan chose: recorded again as the choice)
@@ -303,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--samples", type=int, default=100)
     g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--without-chosen", action="store_true",
+                   help="only the --shapes (the chosen one distilled by another grid run, e.g. on another core)")
     q = sub.add_parser("proxy")
     q.add_argument("--teacher", default="bundled")
     q.add_argument("--proxy-steps", type=int, default=30)
