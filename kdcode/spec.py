@@ -79,8 +79,8 @@ class StudentSpec(_Spec):
                                "init, by importance on calibration blocks (as kdcode compress prunes)")
     prune_ffn: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of each block's MLP channels removed at init")
     runtime: Precision = Field("fp32", description="also write the trained student in this runtime precision, to "
-                               "OUT-<precision> (kdcode compress): bf16, int8 (compress's auto scheme) or "
-                               "int8-per-token")
+                               "OUT-<precision> (kdcode compress): bf16, int8 (compress's auto scheme), "
+                               "int8-weight-only or int8-per-token")
 
     @model_validator(mode="before")
     @classmethod

@@ -13,12 +13,13 @@ from pydantic import Field, model_validator
 
 from kdcode.spec_base import DeviceName, _Spec
 
-Precision = Literal["fp32", "bf16", "int8", "int8-per-token"]
+Precision = Literal["fp32", "bf16", "int8", "int8-weight-only", "int8-per-token"]
 #: what each runtime precision is, as `kdcode compress` writes it
 PRECISIONS: dict[str, dict[str, object]] = {
     "fp32": {},
     "bf16": {"dtype": "bf16"},
-    "int8": {"int8": True, "int8_scheme": "auto"},
+    "int8": {"int8": True, "int8_scheme": "auto"},  # what kdcode compress --int8 writes on this CPU
+    "int8-weight-only": {"int8": True, "int8_scheme": "weight-only"},
     "int8-per-token": {"int8": True, "int8_scheme": "per-token"},
 }
 

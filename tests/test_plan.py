@@ -131,6 +131,8 @@ def test_an_int8_finalist_is_the_int8_compress_writes_on_this_cpu(tokenizer, blo
     assert len(student.get_output_embeddings().float_channels or []) == (16 if int8_dot else 0)
     timed = timing_model(teacher, Shape(2, 1.0, 0.0, "int8"))  # the model timed: the same kernels
     assert {m.activations for m in timed.modules() if isinstance(m, Int8Linear)} == kinds
+    named, _ = fin.build(Shape(2, 1.0, 0.0, "int8-weight-only"))  # a scheme named is taken on any CPU
+    assert {m.activations for m in named.modules() if isinstance(m, Int8Linear)} == {"weight-only"}
 
 
 def test_a_budget_nothing_meets_names_the_fastest(tokenizer, blocks):
