@@ -72,7 +72,7 @@ def speed(folders: dict[str, str], spec: BenchSpec) -> dict[str, dict[str, Any]]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["bundled"], help="folders, 'bundled', 'smollm2', ...")
-    ap.add_argument("--schemes", nargs="+", default=list(INT8_SCHEMES), choices=INT8_SCHEMES)
+    ap.add_argument("--schemes", nargs="*", default=list(INT8_SCHEMES), choices=INT8_SCHEMES)
     ap.add_argument("--dtypes", nargs="*", default=["fp16", "bf16"], choices=["fp16", "bf16"])
     ap.add_argument("--data", default="stdlib", help="held-out split for eval, train split for calibration")
     ap.add_argument("--samples", type=int, default=100, help="held-out line completions per variant")
