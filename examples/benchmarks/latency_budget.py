@@ -2,7 +2,7 @@
 
     python examples/benchmarks/latency_budget.py --out DIR plan --teacher bundled --budgets 40,60,90  # quiet machine
     python examples/benchmarks/latency_budget.py --out DIR grid --teacher bundled --budget 60 \\
-        --shapes 6:1:0:fp32,8:0.5:0:fp32,... --steps 300                     # distil + ES of the chosen and the grid
+        --shapes 6:1:0:fp32,8:0.5:0:fp32,... --steps 300 [--teacher-cache C]  # distil + ES of the chosen and the grid
     python examples/benchmarks/latency_budget.py --out DIR check                 # quiet: `kdcode bench` of the chosen
     python examples/benchmarks/latency_budget.py --out DIR table
 
@@ -148,7 +148,7 @@ def grid(args: argparse.Namespace) -> None:
                      "runtime": shape.precision},
             train=TrainSpec(max_steps=args.steps, batch_size=args.batch_size, block_size=args.block_size,
                             lr=args.lr, eval_every=max(args.steps, 1), threads=args.threads),
-            out=str(out))
+            teacher_cache=args.teacher_cache, out=str(out))
         run_distil(run_spec, overwrite=True)
         folder = out if shape.precision == "fp32" else out.with_name(f"{out.name}-{shape.precision}")
         es = real_teacher.score(str(folder), sets["stdlib"], None)
@@ -304,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--samples", type=int, default=100)
     g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--teacher-cache", default=None,
+                   help="train every student from this teacher-logit cache (built by the first run that needs it)")
     g.add_argument("--without-chosen", action="store_true",
                    help="only the --shapes (the chosen one distilled by another grid run, e.g. on another core)")
     q = sub.add_parser("proxy")
