@@ -19,10 +19,8 @@ from kdcode.compression.int8 import memory_bytes
 from kdcode.errors import KdcodeError
 from kdcode.inits.base import evenly_spaced, new_model, student_config
 from kdcode.models.load import count_params
+from kdcode.spec_compress import CompressSpec
 from kdcode.spec_latency import PRECISIONS
-
-#: calibration blocks an int8 finalist's migration and float channels are measured on (compress's default 8 x 8)
-INT8_CALIBRATION_BLOCKS = 64
 
 
 @dataclass(frozen=True, order=True)
@@ -80,7 +78,9 @@ def to_precision(model: torch.nn.Module, precision: str, calibration: torch.Tens
     scheme compress's ``auto`` takes on this CPU, its migration and float channels measured on ``calibration``)."""
     how = PRECISIONS[precision]
     if how.get("int8"):
-        int8_in_place(model, str(how["int8_scheme"]), lambda: calibration[:INT8_CALIBRATION_BLOCKS], 8, 0.5, {})
+        c = CompressSpec()  # compress's own calibration defaults: its batches x batch size, its alpha
+        int8_in_place(model, str(how["int8_scheme"]), lambda: calibration[: c.calib_batches * c.calib_batch_size],
+                      c.calib_batch_size, c.smooth_alpha, {})
     elif how.get("dtype") == "bf16":
         model.to(torch.bfloat16)
     return model.eval()
