@@ -10,7 +10,8 @@
 - ``grid``: the plan's chosen shape and every ``--shapes`` entry (``layers:ffn_keep:head_prune:precision``; each
   must meet the budget in the plan's own measurements, or be shallower than a shape of its family that did), each
   built as the plan builds its finalists (the measured-importance init's blocks, pruned by importance), its quality
-  proxy recorded, distilled with the same ``--steps`` and written in its runtime precision; then line-completion ES
+  proxy recorded (the plan's own score where the plan trained it as a finalist, else scored here), distilled with
+  the same ``--steps`` and written in its runtime precision; then line-completion ES
   (CodeXGLUE's, greedy) with its standard error on ``--samples`` held-out stdlib lines. A shape already distilled
   for the budget is not distilled again (a later plan that chooses it is recorded against its row).
   Appends rows to DIR/results.jsonl.
@@ -138,7 +139,7 @@ def grid(args: argparse.Namespace) -> None:
                 _append(args.out, {**earlier, "chosen": True, "plan_ms": result["chosen"]["ms"],
                                    "proxy_loss": result["chosen"]["proxy_loss"]})
             continue
-        _, info = fin.build(shape)
+        info = _scored(measured.get(_key(s)), result["chosen"] if i == 0 else None) or fin.build(shape)[1]
         name = f"b{args.budget:g}-{shape.layers}l-f{shape.ffn_keep:g}-h{shape.head_prune:g}-{shape.precision}"
         out = args.out / Path(args.teacher).name / name
         run_spec = RunSpec(
@@ -159,6 +160,15 @@ def grid(args: argparse.Namespace) -> None:
                "samples": es["samples"], "machine": machine_line()}
         _append(args.out, row)
         print(json.dumps(row), flush=True)
+
+
+def _scored(*rows: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The plan's own proxy score of a shape it trained as a finalist (blocks, loss): the score the choice was made
+    on, so the grid does not train the proxy again (at another thread count it would differ in the last digits)."""
+    for row in rows:
+        if row and row.get("proxy_loss") is not None and row.get("teacher_blocks"):
+            return {"teacher_blocks": row["teacher_blocks"], "proxy_loss": row["proxy_loss"]}
+    return None
 
 
 def proxy(args: argparse.Namespace) -> None:
