@@ -14,7 +14,9 @@
   the same ``--steps`` and written in its runtime precision; then line-completion ES
   (CodeXGLUE's, greedy) with its standard error on ``--samples`` held-out stdlib lines. A shape already distilled
   for the budget is not distilled again (a later plan that chooses it is recorded against its row).
-  Appends rows to DIR/results.jsonl.
+  Appends rows to DIR/results.jsonl. Where the plan file is gone, ``--spec-json`` restates the plan's latency spec
+  (with ``--without-chosen``): every shape is then scored here, and its fit within the budget rests on the plan's
+  recorded table.
 - ``proxy``: every grid shape scored again by the plan's proxy with ``--proxy-steps`` KD steps (0: the loss at init),
   as `kdcode plan --proxy-steps` scores its finalists; appends ``proxy`` rows.
 - ``check``: `kdcode bench` on each chosen student as written: its budget's task timed independently of the plan.
@@ -115,11 +117,11 @@ def grid(args: argparse.Namespace) -> None:
     from kdcode.spec_latency import LatencySpec
     from kdcode.train.distil import run_distil
 
-    result = json.loads(plan_path(args.out, args.teacher, args.budget).read_text())
+    result = _plan_or_spec(args)
     measured = {_key(r): r for r in result["candidates"]}
     shapes = [result["chosen"]] * (not args.without_chosen) + [_shape(s) for s in args.shapes.split(",") if s]
     # each within the budget as the plan measured it (or a deeper shape of its family was)
-    for s in shapes[0 if args.without_chosen else 1:]:
+    for s in shapes[0 if args.without_chosen else 1:] if result["candidates"] else []:
         fits = [r for r in result["candidates"] if r["meets"] and _key(r)[1:] == _key(s)[1:]
                 and r["layers"] >= s["layers"]]
         if not fits:
@@ -127,7 +129,7 @@ def grid(args: argparse.Namespace) -> None:
         s["plan_ms"] = measured[_key(s)]["ms"] if _key(s) in measured else f"<= {min(r['ms'] for r in fits)}"
     teacher, calibration, valid = _teacher_data(args.teacher, args.block_size)
     spec = LatencySpec(**result["spec"])
-    fin = Finalists(teacher.model, calibration, valid, spec, torch.device("cpu"))
+    fin = Finalists(teacher.model, calibration, valid, spec, torch.device("cpu"), len(teacher.tokenizer))
     real_teacher = _load("real_teacher", HERE / "real_teacher.py")
     sets = real_teacher.completion_sets(args.out, args.samples)
     done = {(r["budget_ms"], tuple(r["shape"].values())): r for r in _rows(args.out) if r.get("kind") == "grid"}
@@ -139,7 +141,9 @@ def grid(args: argparse.Namespace) -> None:
                 _append(args.out, {**earlier, "chosen": True, "plan_ms": result["chosen"]["ms"],
                                    "proxy_loss": result["chosen"]["proxy_loss"]})
             continue
-        info = _scored(measured.get(_key(s)), result["chosen"] if i == 0 else None) or fin.build(shape)[1]
+        info = _scored(measured.get(_key(s)), result["chosen"] if i == 0 else None)
+        proxy_from = "plan" if info else "grid"
+        info = info or fin.build(shape)[1]
         name = f"b{args.budget:g}-{shape.layers}l-f{shape.ffn_keep:g}-h{shape.head_prune:g}-{shape.precision}"
         out = args.out / Path(args.teacher).name / name
         run_spec = RunSpec(
@@ -155,11 +159,29 @@ def grid(args: argparse.Namespace) -> None:
         es = real_teacher.score(str(folder), sets["stdlib"], None)
         row = {"kind": "grid", "teacher": args.teacher, "budget_ms": args.budget, "chosen": i == 0,
                "shape": shape.as_dict(), "plan_ms": s.get("plan_ms", measured.get(_key(s), {}).get("ms")),
-               "proxy_loss": info["proxy_loss"],
+               "proxy_loss": info["proxy_loss"], "proxy_from": proxy_from, "teacher_blocks": info["teacher_blocks"],
                "steps": args.steps, "folder": str(folder), "es": es["es"], "es_se": es["es_se"],
                "samples": es["samples"], "machine": machine_line()}
         _append(args.out, row)
         print(json.dumps(row), flush=True)
+
+
+def _plan_or_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """The budget's plan file; or, where it is gone and ``--spec-json`` restates the plan's latency spec, a plan with
+    no candidates and no choice: every shape is then scored here, and its fit within the budget is the caller's word
+    (the plan's recorded table)."""
+    from kdcode.spec_latency import LatencySpec
+
+    path = plan_path(args.out, args.teacher, args.budget)
+    if path.exists():
+        return json.loads(path.read_text())
+    if not args.spec_json:
+        sys.exit(f"no plan at {path}: run `plan` for {args.budget:g} ms first, or restate its spec with --spec-json")
+    spec = LatencySpec(**json.loads(args.spec_json))
+    if spec.latency_ms != args.budget or not args.without_chosen:
+        sys.exit("--spec-json needs latency_ms equal to --budget, and --without-chosen (no plan, no choice)")
+    print(f"no plan at {path}: shapes taken as fitting {args.budget:g} ms by an earlier plan", file=sys.stderr)
+    return {"candidates": [], "chosen": None, "spec": spec.model_dump(mode="json")}
 
 
 def _scored(*rows: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -316,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--teacher-cache", default=None,
                    help="train every student from this teacher-logit cache (built by the first run that needs it)")
+    g.add_argument("--spec-json", default=None,
+                   help="the plan's latency spec as JSON, where its plan file is gone (with --without-chosen)")
     g.add_argument("--without-chosen", action="store_true",
                    help="only the --shapes (the chosen one distilled by another grid run, e.g. on another core)")
     q = sub.add_parser("proxy")
