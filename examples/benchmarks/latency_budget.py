@@ -14,9 +14,9 @@
   the same ``--steps`` and written in its runtime precision; then line-completion ES
   (CodeXGLUE's, greedy) with its standard error on ``--samples`` held-out stdlib lines. A shape already distilled
   for the budget is not distilled again (a later plan that chooses it is recorded against its row).
-  Appends rows to DIR/results.jsonl. Where the plan file is gone, ``--spec-json`` restates the plan's latency spec
-  (with ``--without-chosen``): every shape is then scored here, and its fit within the budget rests on the plan's
-  recorded table.
+  Appends rows to DIR/results.jsonl (with each line's ES). Where the plan file is gone, ``--spec-json`` restates the
+  plan's latency spec (with ``--without-chosen``, or ``--chosen`` naming its recorded choice): every shape is then
+  scored here, and its fit within the budget rests on the plan's recorded table.
 - ``proxy``: every grid shape scored again by the plan's proxy with ``--proxy-steps`` KD steps (0: the loss at init),
   as `kdcode plan --proxy-steps` scores its finalists; appends ``proxy`` rows.
 - ``check``: `kdcode bench` on each chosen student as written: its budget's task timed independently of the plan.
@@ -138,8 +138,8 @@ def grid(args: argparse.Namespace) -> None:
         earlier = done.get((args.budget, tuple(shape.as_dict().values())))
         if earlier is not None:  # distilled already (a grid shape a new plan chose: recorded again as the choice)
             if i == 0 and not earlier["chosen"]:
-                _append(args.out, {**earlier, "chosen": True, "plan_ms": result["chosen"]["ms"],
-                                   "proxy_loss": result["chosen"]["proxy_loss"]})
+                _append(args.out, {**earlier, "chosen": True, "plan_ms": result["chosen"].get("ms"),
+                                   "proxy_loss": result["chosen"].get("proxy_loss", earlier["proxy_loss"])})
             continue
         info = _scored(measured.get(_key(s)), result["chosen"] if i == 0 else None)
         proxy_from = "plan" if info else "grid"
@@ -161,9 +161,9 @@ def grid(args: argparse.Namespace) -> None:
                "shape": shape.as_dict(), "plan_ms": s.get("plan_ms", measured.get(_key(s), {}).get("ms")),
                "proxy_loss": info["proxy_loss"], "proxy_from": proxy_from, "teacher_blocks": info["teacher_blocks"],
                "steps": args.steps, "folder": str(folder), "es": es["es"], "es_se": es["es_se"],
-               "samples": es["samples"], "machine": machine_line()}
+               "samples": es["samples"], "per_sample_es": es["per_sample_es"], "machine": machine_line()}
         _append(args.out, row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k != "per_sample_es"}), flush=True)
 
 
 def _plan_or_spec(args: argparse.Namespace) -> dict[str, Any]:
@@ -178,10 +178,11 @@ def _plan_or_spec(args: argparse.Namespace) -> dict[str, Any]:
     if not args.spec_json:
         sys.exit(f"no plan at {path}: run `plan` for {args.budget:g} ms first, or restate its spec with --spec-json")
     spec = LatencySpec(**json.loads(args.spec_json))
-    if spec.latency_ms != args.budget or not args.without_chosen:
-        sys.exit("--spec-json needs latency_ms equal to --budget, and --without-chosen (no plan, no choice)")
+    if spec.latency_ms != args.budget or args.without_chosen == bool(args.chosen):
+        sys.exit("--spec-json needs latency_ms equal to --budget, and either --without-chosen or the plan's recorded "
+                 "choice as --chosen L:F:H:P")
     print(f"no plan at {path}: shapes taken as fitting {args.budget:g} ms by an earlier plan", file=sys.stderr)
-    return {"candidates": [], "chosen": None, "spec": spec.model_dump(mode="json")}
+    return {"candidates": [], "chosen": args.chosen and _shape(args.chosen), "spec": spec.model_dump(mode="json")}
 
 
 def _scored(*rows: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -231,7 +232,11 @@ def _record_plan(folder: Path, plan_file: Path) -> None:
 
 def check(args: argparse.Namespace) -> None:
     for row in [r for r in _rows(args.out) if r.get("kind") == "grid" and r["chosen"]]:
-        _record_plan(Path(row["folder"]), plan_path(args.out, row["teacher"], row["budget_ms"]))
+        plan_file = plan_path(args.out, row["teacher"], row["budget_ms"])
+        if not plan_file.exists():  # a grid run from --spec-json: no plan to check the student against
+            print(f"skipped {row['folder']}: no plan at {plan_file}", file=sys.stderr)
+            continue
+        _record_plan(Path(row["folder"]), plan_file)
         proc = subprocess.run(["kdcode", "bench", row["folder"], "--prompts", "4", "--rounds", "3", "--json", "-"],
                               capture_output=True, text=True, check=True)
         budget = json.loads(proc.stdout[proc.stdout.index("{"):])["latency_budget"]
@@ -275,6 +280,16 @@ def _proxies(rows: list[dict[str, Any]], grids: list[dict[str, Any]]) -> dict[st
     return out
 
 
+def _paired(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str:
+    """ES of ``a`` minus ``b`` on the same lines: mean +- SE of the per-line differences, lines better / worse."""
+    x, y = (r and r.get("per_sample_es") for r in (a, b))
+    if not x or not y or len(x) != len(y):
+        return "-"
+    d = [p - q for p, q in zip(x, y)]
+    se = math.sqrt(sum((v - sum(d) / len(d)) ** 2 for v in d) / (len(d) - 1) / len(d))
+    return f"{sum(d) / len(d):+.2f} +- {se:.2f} ({sum(v > 0 for v in d)} better, {sum(v < 0 for v in d)} worse)"
+
+
 def table(args: argparse.Namespace) -> None:
     rows = _rows(args.out)
     latest = {(r["teacher"], r["budget_ms"], tuple(r["shape"].values())): r for r in rows if r.get("kind") == "grid"}
@@ -282,8 +297,8 @@ def table(args: argparse.Namespace) -> None:
     checks = {(r["teacher"], r["budget_ms"]): r for r in rows if r.get("kind") == "check"}
     proxies = _proxies(rows, grids)
     print("| teacher | budget ms | chosen shape | plan ms | bench ms [range] | ES +- SE | best grid ES +- SE (shape) "
-          "| within 1 SE | " + " | ".join(f"rank corr. ({p})" for p in proxies) + " |")
-    print("|---|---|---|---|---|---|---|---|" + "---|" * len(proxies))
+          "| within 1 SE | chosen - best, paired | " + " | ".join(f"rank corr. ({p})" for p in proxies) + " |")
+    print("|---|---|---|---|---|---|---|---|---|" + "---|" * len(proxies))
     pooled: dict[str, tuple[list[float], list[float]]] = {p: ([], []) for p in proxies}
     for key in sorted({(r["teacher"], r["budget_ms"]) for r in grids}):
         group = [r for r in grids if (r["teacher"], r["budget_ms"]) == key]
@@ -305,7 +320,7 @@ def table(args: argparse.Namespace) -> None:
         print(f"| {Path(key[0]).name} | {key[1]:g} | {label(s) if s else '-'} | {chosen and chosen['plan_ms']} | "
               f"{bench} | {chosen and chosen['es']} +- {chosen and chosen['es_se']} | "
               f"{best and best['es']} +- {best and best['es_se']} ({best and label(best['shape'])}) | "
-              f"{'yes' if within else 'no'} | " + " | ".join(rhos) + " |")
+              f"{'yes' if within else 'no'} | {_paired(chosen, best)} | " + " | ".join(rhos) + " |")
     for name, (x, y) in pooled.items():
         print(f"pooled rank correlation ({name}): {spearman(x, y)} over {len(x)} students")
     if grids:
@@ -340,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="train every student from this teacher-logit cache (built by the first run that needs it)")
     g.add_argument("--spec-json", default=None,
                    help="the plan's latency spec as JSON, where its plan file is gone (with --without-chosen)")
+    g.add_argument("--chosen", default=None,
+                   help="with --spec-json: the plan's recorded choice (L:F:H:P), distilled first and marked chosen")
     g.add_argument("--without-chosen", action="store_true",
                    help="only the --shapes (the chosen one distilled by another grid run, e.g. on another core)")
     q = sub.add_parser("proxy")
