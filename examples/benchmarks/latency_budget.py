@@ -177,12 +177,16 @@ def _plan_or_spec(args: argparse.Namespace) -> dict[str, Any]:
         return json.loads(path.read_text())
     if not args.spec_json:
         sys.exit(f"no plan at {path}: run `plan` for {args.budget:g} ms first, or restate its spec with --spec-json")
-    spec = LatencySpec(**json.loads(args.spec_json))
+    try:
+        spec = LatencySpec(**json.loads(args.spec_json))
+        chosen = args.chosen and _shape(args.chosen)
+    except (ValueError, TypeError) as exc:  # bad JSON, a field the spec refuses, a shape not L:F:H:P
+        sys.exit(f"--spec-json / --chosen: {' '.join(str(exc).split())}")
     if spec.latency_ms != args.budget or args.without_chosen == bool(args.chosen):
         sys.exit("--spec-json needs latency_ms equal to --budget, and either --without-chosen or the plan's recorded "
                  "choice as --chosen L:F:H:P")
     print(f"no plan at {path}: shapes taken as fitting {args.budget:g} ms by an earlier plan", file=sys.stderr)
-    return {"candidates": [], "chosen": args.chosen and _shape(args.chosen), "spec": spec.model_dump(mode="json")}
+    return {"candidates": [], "chosen": chosen, "spec": spec.model_dump(mode="json")}
 
 
 def _scored(*rows: dict[str, Any] | None) -> dict[str, Any] | None:
